@@ -1,0 +1,71 @@
+"""Per-sample merging coefficients: pure tensor functions, no model code.
+
+All inputs are logits of shape (batch, classes). Everything is computed from log-softmax so that
+exact zeros in the probabilities stay finite and CLIP's large logits (scale 100) stay stable.
+The maths always runs in float32 (or wider), whatever precision the models ran in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from tcube_lightning.errors import InputError
+
+LambdaWeights = Literal["pretrained", "expert"]
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, base: float | None = None) -> torch.Tensor:
+    """Jensen-Shannon divergence between softmax(logits_a) and softmax(logits_b), one value per row.
+
+    Natural log by default (range [0, ln 2]); ``base=2`` gives bits (range [0, 1]).
+    """
+    log_p, log_q = _log_probs(logits_a), _log_probs(logits_b)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    # xlogy-style: a term with p == 0 contributes 0, never 0 * -inf.
+    kl_pm = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = torch.where(log_q.isneginf(), 0.0, log_q.exp() * (log_q - log_m)).sum(-1)
+    js = (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
+    return js / math.log(base) if base is not None else js
+
+
+def t3_lambda(js: torch.Tensor, lambda_min: float = 0.0, lambda_max: float = 1.0, gamma: float = 0.5) -> torch.Tensor:
+    """T³'s mapping λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x))."""
+    return lambda_min + (lambda_max - lambda_min) * torch.sigmoid(gamma * js)
+
+
+def expert_weight(lam: torch.Tensor, lambda_weights: LambdaWeights) -> torch.Tensor:
+    """Convert λ into w, the weight on the expert in θ = (1−w)·θ_pt + w·θ_ft.
+
+    ``pretrained``: λ is the weight on the generalist (more disagreement → more generalist), w = 1 − λ.
+    ``expert``: λ is the weight on the expert (the convention of DaWin and WiSE-FT), w = λ.
+    """
+    if lambda_weights == "pretrained":
+        return 1.0 - lam
+    if lambda_weights == "expert":
+        return lam
+    raise InputError(f"lambda_weights must be 'pretrained' or 'expert', got {lambda_weights!r}")
+
+
+def batch_coefficient(weights: torch.Tensor) -> torch.Tensor:
+    """T³_B: one coefficient per batch, the mean of the per-sample coefficients."""
+    return weights.mean()
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits / temperature), one value per row."""
+    log_p = _log_probs(logits / temperature)
+    return -torch.where(log_p.isneginf(), 0.0, log_p.exp() * log_p).sum(-1)
+
+
+def dawin_entropy_ratio(
+    logits_pt: torch.Tensor, logits_ft: torch.Tensor, temperature_pt: float = 1.0, temperature_ft: float = 1.0
+) -> torch.Tensor:
+    """DaWin's weight on the expert: exp(−H_ft) / (exp(−H_pt) + exp(−H_ft)), i.e. σ(H_pt − H_ft)."""
+    return torch.sigmoid(entropy(logits_pt, temperature_pt) - entropy(logits_ft, temperature_ft))

@@ -1,0 +1,86 @@
+"""Coefficient maths against independent NumPy/SciPy evaluations of the published formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.special import softmax
+
+from tcube_lightning.coefficients import (
+    batch_coefficient,
+    dawin_entropy_ratio,
+    entropy,
+    expert_weight,
+    js_divergence,
+    t3_lambda,
+)
+
+
+@pytest.fixture
+def logits_pair():
+    g = torch.Generator().manual_seed(0)
+    return 3 * torch.randn(16, 7, generator=g, dtype=torch.float64), 3 * torch.randn(16, 7, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("base", [None, 2.0])
+def test_js_matches_scipy(logits_pair, base):
+    a, b = logits_pair
+    expected = jensenshannon(softmax(a.numpy(), -1), softmax(b.numpy(), -1), axis=-1, base=base) ** 2
+    np.testing.assert_allclose(js_divergence(a, b, base=base).numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_js_with_exact_zero_probabilities_matches_scipy():
+    # -inf logits give probabilities that are exactly 0.
+    a = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 0.0, -math.inf]], dtype=torch.float64)
+    b = torch.tensor([[-math.inf, 0.5, 1.0], [2.0, 0.0, -math.inf]], dtype=torch.float64)
+    js = js_divergence(a, b)
+    expected = jensenshannon(softmax(a.numpy(), -1), softmax(b.numpy(), -1), axis=-1) ** 2
+    assert torch.isfinite(js).all()
+    np.testing.assert_allclose(js.numpy(), expected, atol=1e-12)
+    assert js[1].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_js_is_finite_and_bounded_for_huge_logits():
+    a = torch.tensor([[1e4, -1e4, 0.0], [100.0, 0.0, 0.0]])
+    b = torch.tensor([[-1e4, 1e4, 0.0], [0.0, 100.0, 0.0]])
+    js = js_divergence(a, b)
+    assert torch.isfinite(js).all()
+    # Disjoint one-hot distributions: JS reaches its maximum ln 2.
+    assert js[0].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert js_divergence(a, b, base=2)[0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_js_runs_in_float32_for_half_inputs(logits_pair):
+    a, b = (x.to(torch.bfloat16) for x in logits_pair)
+    assert js_divergence(a, b).dtype == torch.float32
+
+
+def test_lambda_mapping_matches_formula():
+    js = np.array([0.0, 0.1, 0.4, math.log(2)])
+    expected = 0.2 + (0.9 - 0.2) / (1 + np.exp(-1.5 * js))
+    np.testing.assert_allclose(t3_lambda(torch.tensor(js), 0.2, 0.9, 1.5).numpy(), expected, rtol=1e-12)
+
+
+def test_expert_weight_conventions():
+    lam = torch.tensor([0.1, 0.7])
+    assert torch.allclose(expert_weight(lam, "expert"), lam)
+    assert torch.allclose(expert_weight(lam, "pretrained"), torch.tensor([0.9, 0.3]))
+    with pytest.raises(ValueError, match="lambda_weights"):
+        expert_weight(lam, "generalist")
+
+
+def test_batch_coefficient_is_the_mean():
+    w = torch.tensor([0.1, 0.2, 0.6])
+    assert batch_coefficient(w).item() == pytest.approx(np.mean([0.1, 0.2, 0.6]))
+
+
+def test_entropy_and_dawin_ratio_match_numpy(logits_pair):
+    a, b = logits_pair
+    t_pt, t_ft = 0.96, 1.0066
+    p, q = softmax(a.numpy() / t_pt, -1), softmax(b.numpy() / t_ft, -1)
+    h_pt, h_ft = -(p * np.log(p)).sum(-1), -(q * np.log(q)).sum(-1)
+    np.testing.assert_allclose(entropy(a, t_pt).numpy(), h_pt, rtol=1e-9)
+    expected = np.exp(-h_ft) / (np.exp(-h_pt) + np.exp(-h_ft))
+    np.testing.assert_allclose(dawin_entropy_ratio(a, b, t_pt, t_ft).numpy(), expected, rtol=1e-9)
