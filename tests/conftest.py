@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,11 +22,13 @@ CLASSNAMES = ["circle", "square", "triangle", "cross"]
 TEMPLATES = ["a photo of a {}.", "a medical image of a {}."]
 
 
-def make_expert_state_dict(pretrained: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.05) -> dict:
+def make_expert_state_dict(pretrained: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.1) -> dict:
     """An 'expert': every floating-point tensor of the pretrained state_dict plus seeded noise."""
     g = torch.Generator().manual_seed(seed)
     return {
-        k: v + scale * v.abs().mean().clamp_min(1e-3) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        k: v + scale * v.abs().mean().clamp_min(1e-3) * torch.randn(v.shape, generator=g)
+        if v.is_floating_point()
+        else v
         for k, v in pretrained.items()
     }
 
@@ -36,6 +39,7 @@ def clip_pair(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
     pretrained = open_clip.create_model(ARCH).state_dict()
+    pretrained["logit_scale"] = torch.tensor(math.log(100.0))  # CLIP's trained value: confident, distinct outputs
     expert = make_expert_state_dict(pretrained)
     torch.save(pretrained, folder / "pretrained.pt")
     torch.save(expert, folder / "expert.pt")

@@ -21,7 +21,9 @@ from tcube_lightning.coefficients import (
 @pytest.fixture
 def logits_pair():
     g = torch.Generator().manual_seed(0)
-    return 3 * torch.randn(16, 7, generator=g, dtype=torch.float64), 3 * torch.randn(16, 7, generator=g, dtype=torch.float64)
+    return 3 * torch.randn(16, 7, generator=g, dtype=torch.float64), 3 * torch.randn(
+        16, 7, generator=g, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("base", [None, 2.0])

@@ -27,6 +27,8 @@ def store(clip_pair):
     return FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
 
 
+# Tolerances: fp32, logits at CLIP's scale 100; rounding of θ_pt + w·Δ versus (1 − w)·θ_pt + w·θ_ft differs by
+# an ulp per parameter, which the scale turns into ~1e-5 on the logits.
 @pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0])
 def test_merged_forward_equals_interpolated_state_dict(store, clip_pair, w):
     pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
@@ -35,7 +37,7 @@ def test_merged_forward_equals_interpolated_state_dict(store, clip_pair, w):
     with torch.no_grad():
         model = store.merge(w)
         ours = clip_logits(model, images, zero_shot_head(model, tokens, len(CLASSNAMES)))
-    torch.testing.assert_close(ours, oracle_logits(pt_sd, ft_sd, w, images, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, oracle_logits(pt_sd, ft_sd, w, images, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_source_models_are_views_of_the_flat_buffers(store, clip_pair):

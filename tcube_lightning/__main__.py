@@ -1,0 +1,3 @@
+from tcube_lightning.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""The LightningModule: runs both models once per batch, derives λ, evaluates every method, logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from tcube_lightning.coefficients import LambdaWeights, expert_weight, js_divergence, t3_lambda
+from tcube_lightning.errors import InputError
+from tcube_lightning.merging import FusedParameterStore
+from tcube_lightning.methods import METHOD_NAMES, BatchContext, build_methods
+from tcube_lightning.models import (
+    check_architecture,
+    clip_logits,
+    load_clip,
+    register_model_config,
+    tokenize_prompts,
+    zero_shot_head,
+)
+from tcube_lightning.results import accuracy_table, write_results
+
+COEFFICIENT_STATS = {"lambda_min": MinMetric, "lambda_max": MaxMetric, "lambda_mean": MeanMetric, "js_mean": MeanMetric}
+
+
+class TCubeModule(L.LightningModule):
+    """T³ test-time merging of a pretrained generalist CLIP and a fine-tuned expert CLIP.
+
+    Args:
+        arch: open_clip architecture name shared by both models (e.g. ``ViT-B-16``).
+        pretrained_checkpoint: Local open_clip checkpoint of the generalist θ_pt.
+        expert_checkpoint: Local open_clip checkpoint of the fine-tuned expert θ_ft.
+        model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
+        methods: Methods to evaluate; default all of them.
+        lambda_min: λ_min of λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x)).
+        lambda_max: λ_max of the same mapping.
+        gamma: γ of the same mapping (>= 0).
+        lambda_weights: Which model λ weights: ``pretrained`` (w_expert = 1 − λ; more disagreement
+            → more generalist, as T³'s abstract describes) or ``expert`` (w_expert = λ, DaWin's convention).
+        js_base: Logarithm base of JS; None for natural log (range [0, ln 2]), 2 for bits (range [0, 1]).
+        wise_alpha: Expert weight of the fixed WiSE-FT interpolation.
+        min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
+        results_dir: Where results.json / results.md go; default the logger's run folder.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        pretrained_checkpoint: str,
+        expert_checkpoint: str,
+        model_config: str | None = None,
+        methods: list[str] | None = None,
+        lambda_min: float = 0.0,
+        lambda_max: float = 1.0,
+        gamma: float = 0.5,
+        lambda_weights: LambdaWeights = "pretrained",
+        js_base: float | None = None,
+        wise_alpha: float = 0.5,
+        min_lambda_spread: float = 0.05,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if lambda_min > lambda_max:
+            raise InputError(f"model.lambda_min ({lambda_min}) must not exceed model.lambda_max ({lambda_max})")
+        if gamma < 0:
+            raise InputError(f"model.gamma must be >= 0, got {gamma}")
+        if not 0.0 <= wise_alpha <= 1.0:
+            raise InputError(f"model.wise_alpha must lie in [0, 1], got {wise_alpha}")
+        if lambda_weights not in ("pretrained", "expert"):
+            raise InputError(f"model.lambda_weights must be 'pretrained' or 'expert', got {lambda_weights!r}")
+        unknown = sorted(set(methods or ()) - set(METHOD_NAMES))
+        if unknown:
+            raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_NAMES)}")
+        for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
+            if not Path(path).is_file():
+                raise InputError(f"model.{field}: file not found: {path}")
+        if model_config is not None:
+            register_model_config(model_config)
+        check_architecture(arch)
+        all_methods = build_methods(wise_alpha)
+        self.methods = {name: all_methods[name] for name in (methods or METHOD_NAMES)}
+        self.store: FusedParameterStore | None = None
+
+    # ----------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        """Load both models once the data module has checked its splits (Lightning calls it after)."""
+        if self.store is not None:
+            return
+        data = self.trainer.datamodule
+        self.split_names: list[str] = data.split_names
+        self.num_classes = len(data.classnames)
+        hp = self.hparams
+        self.store = FusedParameterStore(
+            load_clip(hp.arch, hp.pretrained_checkpoint), load_clip(hp.arch, hp.expert_checkpoint)
+        )
+        model_size = self.store.pretrained.visual.image_size
+        model_size = model_size[0] if isinstance(model_size, (tuple, list)) else model_size
+        if data.image_size != model_size:
+            raise InputError(f"data.image_size is {data.image_size} but {hp.arch} expects {model_size}-pixel images")
+        self.register_buffer(
+            "prompt_tokens", tokenize_prompts(hp.arch, data.classnames, data.templates), persistent=False
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                self._key(split, name): MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+                for split in self.split_names
+                for name in self.methods
+            }
+        )
+        self.coefficient_stats = nn.ModuleDict(
+            {self._key(split, stat): cls() for split in self.split_names for stat, cls in COEFFICIENT_STATS.items()}
+        )
+        self.sample_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
+
+    @staticmethod
+    def _key(split: str, name: str) -> str:
+        return f"{split}__{name}".replace(".", "_")
+
+    def on_test_start(self) -> None:
+        """Zero-shot heads of the two models and of every fixed merge, computed once on the device."""
+        self.batches_seen = dict.fromkeys(self.split_names, 0)
+        self.pt_head = zero_shot_head(self.store.pretrained, self.prompt_tokens, self.num_classes)
+        self.ft_head = zero_shot_head(self.store.expert, self.prompt_tokens, self.num_classes)
+        self.static_heads = {
+            m.static_weight: zero_shot_head(self.store.merge(m.static_weight), self.prompt_tokens, self.num_classes)
+            for m in self.methods.values()
+            if m.static_weight is not None
+        }
+
+    # ------------------------------------------------------------------ steps
+    def merged_logits(self, images: torch.Tensor, weight: float) -> torch.Tensor:
+        """Logits of the model merged with expert weight ``weight``; its text tower gives its own head."""
+        model = self.store.merge(weight)
+        head = self.static_heads.get(weight)
+        if head is None:
+            head = zero_shot_head(model, self.prompt_tokens, self.num_classes)
+        return clip_logits(model, images, head)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        split = self.split_names[dataloader_idx]
+        pt_logits = clip_logits(self.store.pretrained, images, self.pt_head)
+        ft_logits = clip_logits(self.store.expert, images, self.ft_head)
+        hp = self.hparams
+        js = js_divergence(pt_logits, ft_logits, base=hp.js_base)
+        lam = t3_lambda(js, hp.lambda_min, hp.lambda_max, hp.gamma)
+        ctx = BatchContext(images, pt_logits, ft_logits, expert_weight(lam, hp.lambda_weights), self.merged_logits)
+        for name, method in self.methods.items():
+            self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
+        self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
+        self._record_coefficients(split, js, lam)
+
+    def _record_coefficients(self, split: str, js: torch.Tensor, lam: torch.Tensor) -> None:
+        """Accumulate λ/JS statistics for the results and log this batch's λ and JS to the logger."""
+        for stat, values in (("lambda_min", lam), ("lambda_max", lam), ("lambda_mean", lam), ("js_mean", js)):
+            self.coefficient_stats[self._key(split, stat)].update(values)
+        step = self.batches_seen[split]
+        self.batches_seen[split] += 1
+        if self.logger is None:
+            return
+        scalars = {}
+        for name, values in (("lambda", lam), ("js", js)):
+            scalars.update(
+                {
+                    f"{split}/{name}_mean": values.mean(),
+                    f"{split}/{name}_min": values.min(),
+                    f"{split}/{name}_max": values.max(),
+                }
+            )
+        self.logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            self.logger.experiment.add_histogram(f"{split}/lambda", lam.float().cpu(), step)
+            self.logger.experiment.add_histogram(f"{split}/js", js.float().cpu(), step)
+
+    # -------------------------------------------------------------- reporting
+    def on_test_epoch_end(self) -> None:
+        """Compute (and, under DDP, reduce) every metric, then write the results files on rank 0."""
+        accuracy = {
+            s: {m: float(self.metrics[self._key(s, m)].compute()) for m in self.methods} for s in self.split_names
+        }
+        coefficients = {
+            s: {stat: float(self.coefficient_stats[self._key(s, stat)].compute()) for stat in COEFFICIENT_STATS}
+            for s in self.split_names
+        }
+        counts = {s: int(self.sample_counts[s].compute()) for s in self.split_names}
+        if not self.trainer.is_global_zero:
+            return
+        if self.logger is not None:
+            self.logger.log_metrics(
+                {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}, step=0
+            )
+        for split, stats in coefficients.items():
+            spread = stats["lambda_max"] - stats["lambda_min"]
+            if "t3" in self.methods and spread < self.hparams.min_lambda_spread:
+                rank_zero_warn(
+                    f"split {split!r}: λ only spans [{stats['lambda_min']:.4f}, {stats['lambda_max']:.4f}] "
+                    f"(spread {spread:.4f} < min_lambda_spread {self.hparams.min_lambda_spread}); T³ behaves almost "
+                    "like a fixed interpolation here. σ(γ·JS) lies in [0.5, σ(γ·ln 2)] by construction: raise gamma "
+                    "or narrow lambda_min/lambda_max to change that."
+                )
+        results = {
+            "accuracy": accuracy,
+            "coefficients": coefficients,
+            "num_samples": counts,
+            "methods": {m.name: m.description for m in self.methods.values()},
+            "config": {k: v for k, v in self.hparams.items()},
+        }
+        results_dir = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+        json_path, md_path = write_results(results_dir, results)
+        rank_zero_info(
+            "\nTop-1 accuracy (%)\n" + accuracy_table(accuracy) + f"\nResults written to {json_path} and {md_path}"
+        )

@@ -1,0 +1,166 @@
+"""The command line end to end on a tiny model pair and tiny npz splits, checked against independent oracles."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import ARCH, CLASSNAMES, TEMPLATES
+from PIL import Image
+from scipy.spatial.distance import jensenshannon
+from scipy.special import expit, softmax
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tcube_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = {"a": "tiny_a.npz", "b": "tiny_b.npz"}
+GAMMA = 20.0  # spreads λ widely on the tiny pair, so that sample-wise T³ is really tested
+
+
+def cli_args(clip_pair, npz_root, out, *extra):
+    return [
+        "test",
+        f"--model.arch={ARCH}",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        f"--data.root={npz_root}",
+        f"--data.splits={json.dumps(SPLITS)}",
+        f"--data.classnames={json.dumps(CLASSNAMES)}",
+        f"--data.templates={json.dumps(TEMPLATES)}",
+        "--data.image_size=28",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--seed_everything=0",
+        *extra,
+    ]
+
+
+def run_cli_in_process(args):
+    main(args)
+    (results,) = Path(args[[a.split("=")[0] for a in args].index("--trainer.default_root_dir")].split("=", 1)[1]).rglob(
+        "results.json"
+    )
+    return json.loads(results.read_text()), results.parent
+
+
+def run_cli_subprocess(args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "main.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def oracle_predictions(clip_pair, npz_root, split_file, weights):
+    """Per-sample predictions of open_clip models built from interpolated state_dicts (one per weight)."""
+    raw = np.load(npz_root / split_file)
+    transform = open_clip.image_transform(28, is_train=False)
+    images = torch.stack([transform(Image.fromarray(im).convert("RGB")) for im in raw["test_images"]])
+    tokenizer = open_clip.get_tokenizer(ARCH)
+    tokens = tokenizer([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
+    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
+    out = {}
+    for w in sorted(set(weights)):
+        model = open_clip.create_model(ARCH).eval()
+        model.load_state_dict({k: (1 - w) * pt_sd[k] + w * ft_sd[k] for k in pt_sd})
+        with torch.no_grad():
+            text = model.encode_text(tokens, normalize=True).reshape(len(CLASSNAMES), len(TEMPLATES), -1).mean(1)
+            text = text / text.norm(dim=-1, keepdim=True)
+            out[w] = (model.logit_scale.exp() * model.encode_image(images, normalize=True) @ text.T).numpy()
+    return out, raw["test_labels"][:, 0]
+
+
+@pytest.fixture(scope="module")
+def batch8_run(clip_pair, npz_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run8")
+    return run_cli_in_process(cli_args(clip_pair, npz_root, out, "--data.batch_size=8", f"--model.gamma={GAMMA}"))
+
+
+def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
+    results, _ = batch8_run
+    assert results["num_samples"] == {"a": 37, "b": 21}
+    for split, file in SPLITS.items():
+        logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.0, 0.5, 1.0])
+        p_pt, p_ft = softmax(logits[0.0], -1), softmax(logits[1.0], -1)
+        acc = results["accuracy"][split]
+        assert acc["zeroshot"] == pytest.approx(np.mean(logits[0.0].argmax(1) == labels), abs=1e-6)
+        assert acc["expert"] == pytest.approx(np.mean(logits[1.0].argmax(1) == labels), abs=1e-6)
+        assert acc["wise_ft"] == pytest.approx(np.mean(logits[0.5].argmax(1) == labels), abs=1e-6)
+        assert acc["ensemble"] == pytest.approx(np.mean((p_pt + p_ft).argmax(1) == labels), abs=1e-6)
+        # T³ sample-wise: λ from JS (λ in [0, 1] by default, λ weights the pretrained model by default).
+        lam = expit(GAMMA * jensenshannon(p_pt, p_ft, axis=-1) ** 2)
+        assert lam.max() - lam.min() > 0.05
+        w = np.round(1.0 - lam, 6)
+        per_weight, _ = oracle_predictions(clip_pair, npz_root, file, w.tolist())
+        t3_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w)])
+        assert acc["t3"] == pytest.approx(np.mean(t3_pred == labels), abs=1e-6)
+        stats = results["coefficients"][split]
+        assert stats["lambda_min"] == pytest.approx(lam.min(), abs=1e-5)
+        assert stats["lambda_max"] == pytest.approx(lam.max(), abs=1e-5)
+        assert stats["lambda_mean"] == pytest.approx(lam.mean(), abs=1e-5)
+
+
+def test_batch_size_does_not_change_sample_wise_results(batch8_run, clip_pair, npz_root, tmp_path):
+    results8, _ = batch8_run
+    results1, _ = run_cli_in_process(
+        cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.gamma={GAMMA}")
+    )
+    for split in SPLITS:
+        for method in ("zeroshot", "expert", "ensemble", "wise_ft", "t3"):
+            assert results1["accuracy"][split][method] == pytest.approx(results8["accuracy"][split][method], abs=1e-9)
+        # With one sample per batch, the batch mean is the sample's own λ: T³_B equals T³.
+        assert results1["accuracy"][split]["t3_batch"] == pytest.approx(results1["accuracy"][split]["t3"], abs=1e-9)
+
+
+def test_results_markdown_and_tensorboard_tags(batch8_run):
+    _, run_dir = batch8_run
+    markdown = (run_dir / "results.md").read_text()
+    assert "| method | a | b |" in markdown and "| t3_batch |" in markdown
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    for split, batches in (("a", 5), ("b", 3)):
+        for tag in ("lambda_mean", "lambda_min", "lambda_max", "js_mean", "js_min", "js_max"):
+            assert len(events.Scalars(f"{split}/{tag}")) == batches
+        assert {f"{split}/lambda", f"{split}/js"} <= histograms
+        assert f"{split}/accuracy/t3" in scalars
+
+
+def test_method_selection(clip_pair, npz_root, tmp_path):
+    results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot, t3_batch]"))
+    assert list(results["accuracy"]["a"]) == ["zeroshot", "t3_batch"]
+
+
+def test_help_and_print_config_list_the_options():
+    help_text = run_cli_subprocess(["test", "--help"]).stdout
+    for option in ("--model.lambda_weights", "--model.gamma", "--data.splits", "--data.templates"):
+        assert option in help_text
+    printed = run_cli_subprocess(["test", "--config", "configs/demo.yaml", "--print_config"])
+    assert printed.returncode == 0, printed.stderr
+    assert "lambda_weights: pretrained" in printed.stdout and "demo_in_domain.npz" in printed.stdout
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--model.pretrained_checkpoint=/nonexistent/pt.pt", "model.pretrained_checkpoint: file not found"),
+        ("--model.lambda_min=0.9", "model.lambda_min (0.9) must not exceed model.lambda_max (0.5)"),
+        ("--model.methods=[t3, magic]", "unknown method(s) ['magic']"),
+        ('--data.splits={"a": "missing.npz"}', "data file not found"),
+        ("--data.image_size=224", "data.image_size is 224 but tcube-tiny-clip expects 28-pixel images"),
+    ],
+    ids=["missing-checkpoint", "lambda-range", "unknown-method", "missing-data", "image-size"],
+)
+def test_bad_input_exits_with_a_message_and_no_traceback(clip_pair, npz_root, tmp_path, override, message):
+    args = cli_args(clip_pair, npz_root, tmp_path, "--model.lambda_max=0.5", override)
+    result = run_cli_subprocess(args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("results.json"))

@@ -1,0 +1,48 @@
+"""The embedded demo: its builder, and configs/demo.yaml run through the real command line."""
+
+import json
+
+import numpy as np
+import torch
+import yaml
+from test_cli import REPO, run_cli_subprocess
+
+from tcube_lightning import demo
+
+
+def test_demo_config_matches_the_builder():
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert config["data"]["classnames"] == list(demo.EXPERT_CLASSES)
+    assert config["model"]["arch"] == demo.ARCH
+    assert config["data"]["image_size"] == demo.IMAGE_SIZE
+
+
+def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path):
+    first, second = tmp_path / "demo1", tmp_path / "demo2"
+    for out in (first, second):
+        demo.main(["--out", str(out), "--generalist-steps", "3", "--expert-steps", "2", "--per-class", "5"])
+    assert demo.demo_is_built(first)
+    for name in ("generalist.pt", "expert.pt"):
+        a, b = torch.load(first / name, weights_only=True), torch.load(second / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("demo_in_domain.npz", "demo_shifted.npz"):
+        a, b = np.load(first / name), np.load(second / name)
+        assert a["test_images"].shape == (30, 28, 28, 3) and a["test_images"].dtype == np.uint8
+        np.testing.assert_array_equal(a["test_images"], b["test_images"])
+        np.testing.assert_array_equal(a["test_labels"][:, 0], np.repeat(np.arange(6), 5))
+    result = run_cli_subprocess(
+        [
+            "test", "--config", "configs/demo.yaml",
+            f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
+            f"--model.expert_checkpoint={first / 'expert.pt'}",
+            f"--data.root={first}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results_file,) = (tmp_path / "runs").rglob("results.json")
+    results = json.loads(results_file.read_text())
+    assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
+    assert set(results["accuracy"]["shifted"]) == {"zeroshot", "expert", "ensemble", "wise_ft", "t3", "t3_batch"}
+    assert "| t3 |" in result.stdout + result.stderr
