@@ -24,7 +24,9 @@ class BatchContext:
     expert_weights: torch.Tensor
     """T³'s per-sample weight on the expert, w(x), already converted from λ(x)."""
     merged_logits: Callable[[torch.Tensor, float], torch.Tensor]
-    """(images, w) → logits of the model (1−w)·θ_pt + w·θ_ft, zero-shot head from its own text tower."""
+    """(images, w) → logits of the model (1−w)·θ_pt + w·θ_ft."""
+    sample_merged_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """(images, weights) → logits where sample i runs through the model merged with weights[i]."""
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,8 @@ def output_ensemble(ctx: BatchContext) -> torch.Tensor:
 
 
 def per_sample_merge(ctx: BatchContext) -> torch.Tensor:
-    """Each sample through the model merged with its own weight (samples sharing a weight share a merge)."""
-    logits = torch.empty_like(ctx.pt_logits)
-    weights, group = torch.unique(ctx.expert_weights, return_inverse=True)
-    for k, weight in enumerate(weights.tolist()):
-        index = (group == k).nonzero().squeeze(1)
-        logits[index] = ctx.merged_logits(ctx.images[index], weight).to(logits.dtype)
-    return logits
+    """Each sample through the model merged with its own weight (T³)."""
+    return ctx.sample_merged_logits(ctx.images, ctx.expert_weights)
 
 
 def batch_merge(ctx: BatchContext) -> torch.Tensor:

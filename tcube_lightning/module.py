@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from tcube_lightning.models import (
     zero_shot_head,
 )
 from tcube_lightning.results import accuracy_table, write_results
+from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsupported_reason
 
 COEFFICIENT_STATS = {"lambda_min": MinMetric, "lambda_max": MaxMetric, "lambda_mean": MeanMetric, "js_mean": MeanMetric}
 
@@ -45,6 +47,12 @@ class TCubeModule(L.LightningModule):
             → more generalist, as T³'s abstract describes) or ``expert`` (w_expert = λ, DaWin's convention).
         js_base: Logarithm base of JS; None for natural log (range [0, ln 2]), 2 for bits (range [0, 1]).
         wise_alpha: Expert weight of the fixed WiSE-FT interpolation.
+        merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
+            reference code does). False keeps the pretrained model's head for every merged model: much
+            cheaper, and right for experts whose text tower was not fine-tuned.
+        samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
+            layer; fast on GPUs), ``loop`` (one fused merge per distinct weight; often as fast on CPUs) or
+            ``auto`` (vectorized on accelerators when the architecture allows it, else loop).
         min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
         results_dir: Where results.json / results.md go; default the logger's run folder.
     """
@@ -62,6 +70,8 @@ class TCubeModule(L.LightningModule):
         lambda_weights: LambdaWeights = "pretrained",
         js_base: float | None = None,
         wise_alpha: float = 0.5,
+        merge_text: bool = True,
+        samplewise: Literal["auto", "vectorized", "loop"] = "auto",
         min_lambda_spread: float = 0.05,
         results_dir: str | None = None,
     ) -> None:
@@ -73,6 +83,8 @@ class TCubeModule(L.LightningModule):
             raise InputError(f"model.gamma must be >= 0, got {gamma}")
         if not 0.0 <= wise_alpha <= 1.0:
             raise InputError(f"model.wise_alpha must lie in [0, 1], got {wise_alpha}")
+        if samplewise not in ("auto", "vectorized", "loop"):
+            raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
         if lambda_weights not in ("pretrained", "expert"):
             raise InputError(f"model.lambda_weights must be 'pretrained' or 'expert', got {lambda_weights!r}")
         unknown = sorted(set(methods or ()) - set(METHOD_NAMES))
@@ -87,6 +99,7 @@ class TCubeModule(L.LightningModule):
         all_methods = build_methods(wise_alpha)
         self.methods = {name: all_methods[name] for name in (methods or METHOD_NAMES)}
         self.store: FusedParameterStore | None = None
+        self.vectorized: SampleWiseCLIP | None = None
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -104,6 +117,10 @@ class TCubeModule(L.LightningModule):
         model_size = model_size[0] if isinstance(model_size, (tuple, list)) else model_size
         if data.image_size != model_size:
             raise InputError(f"data.image_size is {data.image_size} but {hp.arch} expects {model_size}-pixel images")
+        reason = unsupported_reason(self.store.pretrained)
+        if hp.samplewise == "vectorized" and reason is not None:
+            raise InputError(f"model.samplewise=vectorized cannot run {hp.arch}: {reason}; use loop or auto")
+        self.unsupported_reason = reason
         self.register_buffer(
             "prompt_tokens", tokenize_prompts(hp.arch, data.classnames, data.templates), persistent=False
         )
@@ -124,24 +141,45 @@ class TCubeModule(L.LightningModule):
         return f"{split}__{name}".replace(".", "_")
 
     def on_test_start(self) -> None:
-        """Zero-shot heads of the two models and of every fixed merge, computed once on the device."""
+        """Pick the sample-wise path; zero-shot heads of both models and every fixed merge, once, on the device."""
         self.batches_seen = dict.fromkeys(self.split_names, 0)
+        self._choose_samplewise_path()
         self.pt_head = zero_shot_head(self.store.pretrained, self.prompt_tokens, self.num_classes)
         self.ft_head = zero_shot_head(self.store.expert, self.prompt_tokens, self.num_classes)
         self.static_heads = {
-            m.static_weight: zero_shot_head(self.store.merge(m.static_weight), self.prompt_tokens, self.num_classes)
+            m.static_weight: self._merged_head(self.store.merge(m.static_weight))
             for m in self.methods.values()
             if m.static_weight is not None
         }
 
+    def _choose_samplewise_path(self) -> None:
+        mode, reason = self.hparams.samplewise, self.unsupported_reason
+        if mode == "auto":
+            mode = "vectorized" if self.device.type != "cpu" and reason is None else "loop"
+            why = "on CPU" if self.device.type == "cpu" else f"the architecture is not covered ({reason})"
+            if mode == "loop" and "t3" in self.methods:
+                rank_zero_info(f"T³ sample-wise: per-sample loop over the fused store ({why}).")
+        self.vectorized = SampleWiseCLIP(self.store.pretrained, self.store.expert) if mode == "vectorized" else None
+
+    def _merged_head(self, model: nn.Module) -> torch.Tensor:
+        """A merged model's zero-shot head: its own text tower's, or the pretrained one's without merge_text."""
+        if not self.hparams.merge_text:
+            return self.pt_head
+        return zero_shot_head(model, self.prompt_tokens, self.num_classes)
+
     # ------------------------------------------------------------------ steps
     def merged_logits(self, images: torch.Tensor, weight: float) -> torch.Tensor:
-        """Logits of the model merged with expert weight ``weight``; its text tower gives its own head."""
+        """Logits of the model merged with expert weight ``weight``."""
         model = self.store.merge(weight)
         head = self.static_heads.get(weight)
-        if head is None:
-            head = zero_shot_head(model, self.prompt_tokens, self.num_classes)
-        return clip_logits(model, images, head)
+        return clip_logits(model, images, head if head is not None else self._merged_head(model))
+
+    def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
+        if self.vectorized is None:
+            return per_sample_loop(self.merged_logits, images, weights)
+        fixed_head = None if self.hparams.merge_text else self.pt_head
+        return self.vectorized.logits(images, weights, self.prompt_tokens, self.num_classes, fixed_head)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
@@ -151,7 +189,8 @@ class TCubeModule(L.LightningModule):
         hp = self.hparams
         js = js_divergence(pt_logits, ft_logits, base=hp.js_base)
         lam = t3_lambda(js, hp.lambda_min, hp.lambda_max, hp.gamma)
-        ctx = BatchContext(images, pt_logits, ft_logits, expert_weight(lam, hp.lambda_weights), self.merged_logits)
+        weights = expert_weight(lam, hp.lambda_weights)
+        ctx = BatchContext(images, pt_logits, ft_logits, weights, self.merged_logits, self.sample_merged_logits)
         for name, method in self.methods.items():
             self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))

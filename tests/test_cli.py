@@ -57,8 +57,11 @@ def run_cli_subprocess(args, timeout=300):
     )
 
 
-def oracle_predictions(clip_pair, npz_root, split_file, weights):
-    """Per-sample predictions of open_clip models built from interpolated state_dicts (one per weight)."""
+def oracle_predictions(clip_pair, npz_root, split_file, weights, merge_text=True):
+    """Logits of open_clip models built from interpolated state_dicts (one per weight), for every sample.
+
+    Without ``merge_text`` the class embeddings come from the pretrained model's text tower.
+    """
     raw = np.load(npz_root / split_file)
     transform = open_clip.image_transform(28, is_train=False)
     images = torch.stack([transform(Image.fromarray(im).convert("RGB")) for im in raw["test_images"]])
@@ -69,8 +72,9 @@ def oracle_predictions(clip_pair, npz_root, split_file, weights):
     for w in sorted(set(weights)):
         model = open_clip.create_model(ARCH).eval()
         model.load_state_dict({k: (1 - w) * pt_sd[k] + w * ft_sd[k] for k in pt_sd})
+        text_model = model if merge_text else open_clip.create_model(ARCH, pretrained=str(clip_pair[0])).eval()
         with torch.no_grad():
-            text = model.encode_text(tokens, normalize=True).reshape(len(CLASSNAMES), len(TEMPLATES), -1).mean(1)
+            text = text_model.encode_text(tokens, normalize=True).reshape(len(CLASSNAMES), len(TEMPLATES), -1).mean(1)
             text = text / text.norm(dim=-1, keepdim=True)
             out[w] = (model.logit_scale.exp() * model.encode_image(images, normalize=True) @ text.T).numpy()
     return out, raw["test_labels"][:, 0]
@@ -164,3 +168,20 @@ def test_bad_input_exits_with_a_message_and_no_traceback(clip_pair, npz_root, tm
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.parametrize("merge_text", [True, False])
+def test_vectorized_and_loop_paths_agree_end_to_end(batch8_run, clip_pair, npz_root, tmp_path, merge_text):
+    runs = {}
+    for path in ("vectorized", "loop"):
+        extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", f"--model.samplewise={path}")
+        extra += (f"--model.merge_text={str(merge_text).lower()}",)
+        runs[path], _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / path, *extra))
+    for split, file in SPLITS.items():
+        assert runs["vectorized"]["accuracy"][split] == pytest.approx(runs["loop"]["accuracy"][split], abs=1e-9)
+        if merge_text:
+            assert runs["loop"]["accuracy"][split] == pytest.approx(batch8_run[0]["accuracy"][split], abs=1e-9)
+        else:
+            logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.5], merge_text=False)
+            expected = np.mean(logits[0.5].argmax(1) == labels)
+            assert runs["loop"]["accuracy"][split]["wise_ft"] == pytest.approx(expected, abs=1e-6)
