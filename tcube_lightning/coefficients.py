@@ -69,3 +69,20 @@ def dawin_entropy_ratio(
 ) -> torch.Tensor:
     """DaWin's weight on the expert: exp(−H_ft) / (exp(−H_pt) + exp(−H_ft)), i.e. σ(H_pt − H_ft)."""
     return torch.sigmoid(entropy(logits_pt, temperature_pt) - entropy(logits_ft, temperature_ft))
+
+
+def max_confidence_ratio(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> torch.Tensor:
+    """Weight on the expert from the two models' top probabilities: c_ft / (c_pt + c_ft)."""
+    c_pt = _log_probs(logits_pt).max(-1).values.exp()
+    c_ft = _log_probs(logits_ft).max(-1).values.exp()
+    return c_ft / (c_pt + c_ft)
+
+
+def cross_entropy_ratio(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> torch.Tensor:
+    """DaWin's X-entropy variant: exp(−CE_ft) / (exp(−CE_pt) + exp(−CE_ft)), i.e. σ(CE_pt − CE_ft).
+
+    CE_m is model m's cross-entropy against the pseudo label argmax(p_pt + p_ft) of the output ensemble.
+    """
+    log_pt, log_ft = _log_probs(logits_pt), _log_probs(logits_ft)
+    pseudo = torch.logaddexp(log_pt, log_ft).argmax(-1, keepdim=True)
+    return torch.sigmoid(log_ft.gather(-1, pseudo).squeeze(-1) - log_pt.gather(-1, pseudo).squeeze(-1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -23,34 +24,38 @@ class FusedParameterStore(nn.Module):
     def __init__(self, pretrained: nn.Module, expert: nn.Module) -> None:
         super().__init__()
         check_same_parameters(dict(pretrained.named_parameters()), dict(expert.named_parameters()))
-        names = [name for name, _ in pretrained.named_parameters()]
-        ft_params = dict(expert.named_parameters())
-        with torch.no_grad():
-            pt_flat = torch.cat([p.detach().reshape(-1) for p in pretrained.parameters()])
-            ft_flat = torch.cat([ft_params[n].detach().reshape(-1) for n in names]).to(pt_flat.dtype)
-        self.register_buffer("pt_flat", pt_flat, persistent=False)
-        self.register_buffer("ft_flat", ft_flat, persistent=False)
-        self.register_buffer("merged_flat", pt_flat.clone(), persistent=False)
+        self.names = [name for name, _ in pretrained.named_parameters()]
+        self.shapes = [p.shape for p in pretrained.parameters()]
+        sizes = [p.numel() for p in pretrained.parameters()]
+        self.segments: list[tuple[int, int]] = list(zip(itertools.accumulate(sizes, initial=0), sizes))
+        """(offset, numel) of every parameter tensor in the flat buffers, in ``named_parameters`` order."""
+        reference = next(pretrained.parameters())
+        for name in ("pt_flat", "ft_flat", "merged_flat"):
+            self.register_buffer(name, reference.new_empty(sum(sizes)), persistent=False)
         self.pretrained = pretrained.requires_grad_(False).eval()
         self.expert = expert.requires_grad_(False).eval()
-        self.working = copy.deepcopy(pretrained)
-        self._names = names
-        self.weight: float | None = 0.0
+        # Copy tensor by tensor, re-pointing each parameter as soon as it is copied, so that the
+        # originals are freed on the way: building the store never holds much more than three copies.
+        self._bind_views(copy_in=True)
+        self.working = _copy_without_parameters(self.pretrained)
         self._bind_views()
+        self.merged_flat.copy_(self.pt_flat)
+        self.weight: float | None = 0.0
 
-    def _bind_views(self) -> None:
-        """Point every parameter of the three models at its slice of the matching flat buffer."""
-        for model, flat in (
-            (self.pretrained, self.pt_flat),
-            (self.expert, self.ft_flat),
-            (self.working, self.merged_flat),
-        ):
+    def _models(self) -> list[tuple[nn.Module, torch.Tensor]]:
+        models = [(self.pretrained, self.pt_flat), (self.expert, self.ft_flat)]
+        return models + [(self.working, self.merged_flat)] if hasattr(self, "working") else models
+
+    @torch.no_grad()
+    def _bind_views(self, copy_in: bool = False) -> None:
+        """Point every parameter of the models at its slice of the matching flat buffer (copying it in first)."""
+        for model, flat in self._models():
             params = dict(model.named_parameters())
-            offset = 0
-            for name in self._names:
-                param = params[name]
-                param.data = flat[offset : offset + param.numel()].view_as(param)
-                offset += param.numel()
+            for name, shape, (offset, numel) in zip(self.names, self.shapes, self.segments):
+                view = flat[offset : offset + numel].view(shape)
+                if copy_in:
+                    view.copy_(params[name])
+                params[name].data = view
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # Moving to another device or dtype replaces the buffers: re-bind the views afterwards.
@@ -67,9 +72,29 @@ class FusedParameterStore(nn.Module):
             self.weight = w
         return self.working
 
+    @torch.no_grad()
+    def load(self, flat: torch.Tensor) -> nn.Module:
+        """Set the working model to a precomputed flat parameter vector (a static merge) and return it."""
+        self.merged_flat.copy_(flat)
+        self.weight = None
+        return self.working
+
     @property
     def num_parameters(self) -> int:
         return self.pt_flat.numel()
+
+
+def _copy_without_parameters(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are empty placeholders (to be re-pointed by the caller)."""
+    params = list(model.parameters())
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.new_empty(0)
+        return copy.deepcopy(model)
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
 
 
 def check_same_parameters(pt_params: dict[str, torch.Tensor], ft_params: dict[str, torch.Tensor]) -> None:
@@ -86,3 +111,50 @@ def check_same_parameters(pt_params: dict[str, torch.Tensor], ft_params: dict[st
             f"The pretrained and expert models do not have the same parameters ({len(problems)} differences); "
             f"they must share one architecture. First differences:\n  {shown}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Static merge rules: pure functions of the flat buffers, computed once per run. ``segments`` lists
+# (offset, numel) of every parameter tensor, for rules that work tensor by tensor.
+
+
+def ties(pt: torch.Tensor, ft: torch.Tensor, density: float, scale: float) -> torch.Tensor:
+    """TIES with one expert: keep the ``density`` fraction of Δ's entries largest in magnitude, then θ_pt + s·Δ.
+
+    With a single task vector TIES's sign election keeps every surviving entry, so trimming is the
+    whole effect. The trim is global over all parameters, as in the TIES paper's code.
+    """
+    delta = ft - pt
+    keep = max(1, round(density * delta.numel()))
+    if keep < delta.numel():
+        magnitude = delta.abs()
+        threshold = magnitude.kthvalue(delta.numel() - keep + 1).values
+        delta = torch.where(magnitude >= threshold, delta, 0.0)
+    return pt + scale * delta
+
+
+def dare(pt: torch.Tensor, ft: torch.Tensor, drop: float, scale: float, seed: int) -> torch.Tensor:
+    """DARE: drop each entry of Δ with probability p, rescale the rest by 1/(1 − p), then θ_pt + s·Δ."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(pt.numel(), generator=generator) >= drop).to(pt.device)
+    return pt + (scale / (1.0 - drop)) * torch.where(keep, ft - pt, 0.0)
+
+
+def slerp(
+    pt: torch.Tensor, ft: torch.Tensor, weight: float, segments: list[tuple[int, int]], eps: float = 1e-6
+) -> torch.Tensor:
+    """Spherical interpolation per parameter tensor; linear where the two tensors are (anti)parallel or tiny."""
+    out = torch.empty_like(pt)
+    for offset, numel in segments:
+        a, b = pt[offset : offset + numel], ft[offset : offset + numel]
+        norms = a.norm() * b.norm()
+        cos = (a @ b / norms).clamp(-1.0, 1.0) if norms > eps else a.new_tensor(1.0)
+        omega = torch.arccos(cos)
+        if omega.abs() < eps or (torch.pi - omega).abs() < eps:
+            torch.lerp(a, b, weight, out=out[offset : offset + numel])
+        else:
+            s = torch.sin(omega)
+            out[offset : offset + numel] = (torch.sin((1 - weight) * omega) / s) * a + (
+                torch.sin(weight * omega) / s
+            ) * b
+    return out

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tcube_lightning.coefficients import LambdaWeights, expert_weight, js_divergence, t3_lambda
 from tcube_lightning.errors import InputError
 from tcube_lightning.merging import FusedParameterStore
-from tcube_lightning.methods import METHOD_NAMES, BatchContext, build_methods
+from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, BatchContext, build_methods
 from tcube_lightning.models import (
     check_architecture,
     clip_logits,
@@ -39,14 +39,15 @@ class TCubeModule(L.LightningModule):
         pretrained_checkpoint: Local open_clip checkpoint of the generalist θ_pt.
         expert_checkpoint: Local open_clip checkpoint of the fine-tuned expert θ_ft.
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
-        methods: Methods to evaluate; default all of them.
+        methods: Method families to evaluate; default all of them (see README for the list).
+        baselines: Hyper-parameters of the baselines (WiSE-FT α values, SLERP, task arithmetic, TIES,
+            DARE, DaWin temperatures, the seed of the random ones).
         lambda_min: λ_min of λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x)).
         lambda_max: λ_max of the same mapping.
         gamma: γ of the same mapping (>= 0).
         lambda_weights: Which model λ weights: ``pretrained`` (w_expert = 1 − λ; more disagreement
             → more generalist, as T³'s abstract describes) or ``expert`` (w_expert = λ, DaWin's convention).
         js_base: Logarithm base of JS; None for natural log (range [0, ln 2]), 2 for bits (range [0, 1]).
-        wise_alpha: Expert weight of the fixed WiSE-FT interpolation.
         merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
             reference code does). False keeps the pretrained model's head for every merged model: much
             cheaper, and right for experts whose text tower was not fine-tuned.
@@ -64,12 +65,12 @@ class TCubeModule(L.LightningModule):
         expert_checkpoint: str,
         model_config: str | None = None,
         methods: list[str] | None = None,
+        baselines: BaselineSettings = BaselineSettings(),
         lambda_min: float = 0.0,
         lambda_max: float = 1.0,
         gamma: float = 0.5,
         lambda_weights: LambdaWeights = "pretrained",
         js_base: float | None = None,
-        wise_alpha: float = 0.5,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
         min_lambda_spread: float = 0.05,
@@ -81,23 +82,22 @@ class TCubeModule(L.LightningModule):
             raise InputError(f"model.lambda_min ({lambda_min}) must not exceed model.lambda_max ({lambda_max})")
         if gamma < 0:
             raise InputError(f"model.gamma must be >= 0, got {gamma}")
-        if not 0.0 <= wise_alpha <= 1.0:
-            raise InputError(f"model.wise_alpha must lie in [0, 1], got {wise_alpha}")
+        check_baselines(baselines)
         if samplewise not in ("auto", "vectorized", "loop"):
             raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
         if lambda_weights not in ("pretrained", "expert"):
             raise InputError(f"model.lambda_weights must be 'pretrained' or 'expert', got {lambda_weights!r}")
-        unknown = sorted(set(methods or ()) - set(METHOD_NAMES))
+        unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
         if unknown:
-            raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_NAMES)}")
+            raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
         for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
             if not Path(path).is_file():
                 raise InputError(f"model.{field}: file not found: {path}")
         if model_config is not None:
             register_model_config(model_config)
         check_architecture(arch)
-        all_methods = build_methods(wise_alpha)
-        self.methods = {name: all_methods[name] for name in (methods or METHOD_NAMES)}
+        families = set(methods or METHOD_FAMILIES)
+        self.methods = {n: m for n, m in build_methods(baselines, arch).items() if m.family in families}
         self.store: FusedParameterStore | None = None
         self.vectorized: SampleWiseCLIP | None = None
 
@@ -146,11 +146,8 @@ class TCubeModule(L.LightningModule):
         self._choose_samplewise_path()
         self.pt_head = zero_shot_head(self.store.pretrained, self.prompt_tokens, self.num_classes)
         self.ft_head = zero_shot_head(self.store.expert, self.prompt_tokens, self.num_classes)
-        self.static_heads = {
-            m.static_weight: self._merged_head(self.store.merge(m.static_weight))
-            for m in self.methods.values()
-            if m.static_weight is not None
-        }
+        self.static_params = {n: m.static_rule(self.store) for n, m in self.methods.items() if m.kind == "static"}
+        self.static_heads = {n: self._merged_head(self.store.load(flat)) for n, flat in self.static_params.items()}
 
     def _choose_samplewise_path(self) -> None:
         mode, reason = self.hparams.samplewise, self.unsupported_reason
@@ -171,8 +168,11 @@ class TCubeModule(L.LightningModule):
     def merged_logits(self, images: torch.Tensor, weight: float) -> torch.Tensor:
         """Logits of the model merged with expert weight ``weight``."""
         model = self.store.merge(weight)
-        head = self.static_heads.get(weight)
-        return clip_logits(model, images, head if head is not None else self._merged_head(model))
+        return clip_logits(model, images, self._merged_head(model))
+
+    def static_logits(self, images: torch.Tensor, name: str) -> torch.Tensor:
+        """Logits of the static method ``name``'s merged model (built once, in on_test_start)."""
+        return clip_logits(self.store.load(self.static_params[name]), images, self.static_heads[name])
 
     def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
@@ -190,7 +190,9 @@ class TCubeModule(L.LightningModule):
         js = js_divergence(pt_logits, ft_logits, base=hp.js_base)
         lam = t3_lambda(js, hp.lambda_min, hp.lambda_max, hp.gamma)
         weights = expert_weight(lam, hp.lambda_weights)
-        ctx = BatchContext(images, pt_logits, ft_logits, weights, self.merged_logits, self.sample_merged_logits)
+        ctx = BatchContext(
+            images, pt_logits, ft_logits, weights, self.merged_logits, self.sample_merged_logits, self.static_logits
+        )
         for name, method in self.methods.items():
             self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
@@ -256,3 +258,18 @@ class TCubeModule(L.LightningModule):
         rank_zero_info(
             "\nTop-1 accuracy (%)\n" + accuracy_table(accuracy) + f"\nResults written to {json_path} and {md_path}"
         )
+
+
+def check_baselines(settings: BaselineSettings) -> None:
+    """Reject baseline hyper-parameters outside their ranges, naming the option."""
+    problems = [f"wise_alphas {a} not in [0, 1]" for a in settings.wise_alphas if not 0.0 <= a <= 1.0]
+    if not 0.0 <= settings.slerp_alpha <= 1.0:
+        problems.append(f"slerp_alpha {settings.slerp_alpha} not in [0, 1]")
+    if not 0.0 < settings.ties_density <= 1.0:
+        problems.append(f"ties_density {settings.ties_density} not in (0, 1]")
+    if not 0.0 <= settings.dare_drop < 1.0:
+        problems.append(f"dare_drop {settings.dare_drop} not in [0, 1)")
+    if settings.dawin_temperatures is not None and min(settings.dawin_temperatures) <= 0:
+        problems.append(f"dawin_temperatures {settings.dawin_temperatures} must be > 0")
+    if problems:
+        raise InputError("model.baselines: " + "; ".join(problems))

@@ -95,7 +95,7 @@ def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
         acc = results["accuracy"][split]
         assert acc["zeroshot"] == pytest.approx(np.mean(logits[0.0].argmax(1) == labels), abs=1e-6)
         assert acc["expert"] == pytest.approx(np.mean(logits[1.0].argmax(1) == labels), abs=1e-6)
-        assert acc["wise_ft"] == pytest.approx(np.mean(logits[0.5].argmax(1) == labels), abs=1e-6)
+        assert acc["wise_ft@0.5"] == pytest.approx(np.mean(logits[0.5].argmax(1) == labels), abs=1e-6)
         assert acc["ensemble"] == pytest.approx(np.mean((p_pt + p_ft).argmax(1) == labels), abs=1e-6)
         # T³ sample-wise: λ from JS (λ in [0, 1] by default, λ weights the pretrained model by default).
         lam = expit(GAMMA * jensenshannon(p_pt, p_ft, axis=-1) ** 2)
@@ -116,7 +116,7 @@ def test_batch_size_does_not_change_sample_wise_results(batch8_run, clip_pair, n
         cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.gamma={GAMMA}")
     )
     for split in SPLITS:
-        for method in ("zeroshot", "expert", "ensemble", "wise_ft", "t3"):
+        for method in ("zeroshot", "expert", "ensemble", "wise_ft@0.5", "t3", "dawin", "ties"):
             assert results1["accuracy"][split][method] == pytest.approx(results8["accuracy"][split][method], abs=1e-9)
         # With one sample per batch, the batch mean is the sample's own λ: T³_B equals T³.
         assert results1["accuracy"][split]["t3_batch"] == pytest.approx(results1["accuracy"][split]["t3"], abs=1e-9)
@@ -184,4 +184,4 @@ def test_vectorized_and_loop_paths_agree_end_to_end(batch8_run, clip_pair, npz_r
         else:
             logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.5], merge_text=False)
             expected = np.mean(logits[0.5].argmax(1) == labels)
-            assert runs["loop"]["accuracy"][split]["wise_ft"] == pytest.approx(expected, abs=1e-6)
+            assert runs["loop"]["accuracy"][split]["wise_ft@0.5"] == pytest.approx(expected, abs=1e-6)

@@ -40,7 +40,7 @@ def setting(clip_pair):
 
 def context(images, weights, merged_logits, sample_merged_logits=None):
     logits = torch.zeros(len(images), len(CLASSNAMES))
-    return BatchContext(images, logits, logits, torch.tensor(weights), merged_logits, sample_merged_logits)
+    return BatchContext(images, logits, logits, torch.tensor(weights), merged_logits, sample_merged_logits, None)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_batch_merge_uses_the_mean_weight_for_every_sample(setting):
 def test_output_ensemble_is_the_log_of_the_mean_probability():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
-    ctx = BatchContext(torch.zeros(4), a, b, torch.zeros(4), lambda *_: None, lambda *_: None)
+    ctx = BatchContext(torch.zeros(4), a, b, torch.zeros(4), lambda *_: None, lambda *_: None, None)
     expected = np.log(0.5 * softmax(a.numpy(), -1) + 0.5 * softmax(b.numpy(), -1))
     np.testing.assert_allclose(output_ensemble(ctx).numpy(), expected, rtol=1e-5)
     assert math.isclose(output_ensemble(ctx).exp().sum(-1)[0].item(), 1.0, rel_tol=1e-5)
