@@ -250,17 +250,15 @@ def print_report(report: dict) -> None:
     text = "merged text tower" if report["merge_text"] else "fixed text head"
     precision = "bf16 autocast" if report["bf16"] else "fp32"
     device = report.get("device_name", report["device"])
-    print(
-        f"\n{report['arch']} on {device}, batch {report['batch_size']}, {report['classes']} classes, {precision}, {text}"
-    )
+    setting = f"batch {report['batch_size']}, {report['classes']} classes, {precision}, {text}"
+    print(f"\n{report['arch']} on {device}, {setting}")
     print(f"\nmerge of {merge['parameters']:,} parameters")
     print("| merge | ms | ratio |\n|---|---:|---:|")
     print(f"| fused store | {1e3 * fused:.3f} | 1.00 |")
     print(f"| reference (dict + load_state_dict) | {1e3 * reference:.3f} | {reference / fused:.1f}x slower |")
     print(f"| bandwidth floor (one torch.add) | {1e3 * floor:.3f} | fused = {fused / floor:.2f}x floor |")
-    print(
-        f"\nthroughput and peak memory (one model's parameters: {rows['zeroshot_forward']['param_bytes'] / 2**20:.1f} MiB)"
-    )
+    param_mib = rows["zeroshot_forward"]["param_bytes"] / 2**20
+    print(f"\nthroughput and peak memory (one model's parameters: {param_mib:.1f} MiB)")
     print("| path | images/s | vs T3_B | peak MiB | peak / params |\n|---|---:|---:|---:|---:|")
     batch_rate = rows["t3_batch"]["images_per_s"]
     for name, row in rows.items():

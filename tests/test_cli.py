@@ -17,6 +17,7 @@ from scipy.special import expit, softmax
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tcube_lightning.cli import main
+from tcube_lightning.methods import m3_weight
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = {"a": "tiny_a.npz", "b": "tiny_b.npz"}
@@ -104,6 +105,18 @@ def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
         per_weight, _ = oracle_predictions(clip_pair, npz_root, file, w.tolist())
         t3_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w)])
         assert acc["t3"] == pytest.approx(np.mean(t3_pred == labels), abs=1e-6)
+        # Static merges that are linear in θ: task arithmetic (scale 0.5 by default) and M³ (seeded weight).
+        assert acc["task_arithmetic"] == pytest.approx(acc["wise_ft@0.5"], abs=1e-9)
+        m3_logits, _ = oracle_predictions(clip_pair, npz_root, file, [m3_weight(0)])
+        assert acc["m3"] == pytest.approx(np.mean(m3_logits[m3_weight(0)].argmax(1) == labels), abs=1e-6)
+        # Confidence selection and DaWin's entropy ratio (temperatures 1 for this architecture).
+        pick_ft = p_ft.max(1) > p_pt.max(1)
+        assert acc["select"] == pytest.approx(np.mean(np.where(pick_ft, p_ft.argmax(1), p_pt.argmax(1)) == labels))
+        h_pt, h_ft = -(p_pt * np.log(p_pt)).sum(1), -(p_ft * np.log(p_ft)).sum(1)
+        w_dawin = np.round(np.exp(-h_ft) / (np.exp(-h_pt) + np.exp(-h_ft)), 6)
+        per_weight, _ = oracle_predictions(clip_pair, npz_root, file, w_dawin.tolist())
+        dawin_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w_dawin)])
+        assert acc["dawin"] == pytest.approx(np.mean(dawin_pred == labels), abs=1e-6)
         stats = results["coefficients"][split]
         assert stats["lambda_min"] == pytest.approx(lam.min(), abs=1e-5)
         assert stats["lambda_max"] == pytest.approx(lam.max(), abs=1e-5)
@@ -185,3 +198,19 @@ def test_vectorized_and_loop_paths_agree_end_to_end(batch8_run, clip_pair, npz_r
             logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.5], merge_text=False)
             expected = np.mean(logits[0.5].argmax(1) == labels)
             assert runs["loop"]["accuracy"][split]["wise_ft@0.5"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_forwards_are_shared_between_methods(clip_pair, npz_root, tmp_path, monkeypatch):
+    """Two model forwards per batch serve every method; each merged method adds exactly one forward."""
+    import tcube_lightning.module as module
+
+    calls = []
+    original = module.clip_logits
+    monkeypatch.setattr(module, "clip_logits", lambda *args: calls.append(1) or original(*args))
+    methods = "[zeroshot, expert, ensemble, select, wise_ft, task_arithmetic, t3_batch]"
+    results, _ = run_cli_in_process(
+        cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=8", f"--model.methods={methods}")
+    )
+    batches = 5 + 3  # 37 and 21 samples in batches of 8
+    assert len(results["accuracy"]["a"]) == 7
+    assert len(calls) == batches * (2 + 3)  # pt + ft, then wise_ft, task_arithmetic and t3_batch

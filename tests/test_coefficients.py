@@ -10,6 +10,8 @@ from scipy.special import softmax
 
 from tcube_lightning.coefficients import (
     batch_coefficient,
+    cross_entropy_ratio,
+    max_confidence_ratio,
     dawin_entropy_ratio,
     entropy,
     expert_weight,
@@ -86,3 +88,13 @@ def test_entropy_and_dawin_ratio_match_numpy(logits_pair):
     np.testing.assert_allclose(entropy(a, t_pt).numpy(), h_pt, rtol=1e-9)
     expected = np.exp(-h_ft) / (np.exp(-h_pt) + np.exp(-h_ft))
     np.testing.assert_allclose(dawin_entropy_ratio(a, b, t_pt, t_ft).numpy(), expected, rtol=1e-9)
+
+
+def test_max_confidence_and_cross_entropy_ratios_match_numpy(logits_pair):
+    a, b = logits_pair
+    p, q = softmax(a.numpy(), -1), softmax(b.numpy(), -1)
+    np.testing.assert_allclose(max_confidence_ratio(a, b).numpy(), q.max(-1) / (p.max(-1) + q.max(-1)), rtol=1e-9)
+    pseudo = (p + q).argmax(-1)
+    ce_pt, ce_ft = -np.log(p[np.arange(len(p)), pseudo]), -np.log(q[np.arange(len(q)), pseudo])
+    expected = np.exp(-ce_ft) / (np.exp(-ce_pt) + np.exp(-ce_ft))
+    np.testing.assert_allclose(cross_entropy_ratio(a, b).numpy(), expected, rtol=1e-9)
