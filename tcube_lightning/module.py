@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tcube_lightning.coefficients import LambdaWeights, expert_weight, js_divergence, t3_lambda
+from tcube_lightning.diagnostics import DecisionDiagnostics, lambda_spread_warning
 from tcube_lightning.errors import InputError
 from tcube_lightning.merging import FusedParameterStore
 from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, BatchContext, build_methods
@@ -135,6 +136,7 @@ class TCubeModule(L.LightningModule):
             {self._key(split, stat): cls() for split in self.split_names for stat, cls in COEFFICIENT_STATS.items()}
         )
         self.sample_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
+        self.diagnostics = nn.ModuleDict({split: DecisionDiagnostics() for split in self.split_names})
 
     @staticmethod
     def _key(split: str, name: str) -> str:
@@ -148,6 +150,11 @@ class TCubeModule(L.LightningModule):
         self.ft_head = zero_shot_head(self.store.expert, self.prompt_tokens, self.num_classes)
         self.static_params = {n: m.static_rule(self.store) for n, m in self.methods.items() if m.kind == "static"}
         self.static_heads = {n: self._merged_head(self.store.load(flat)) for n, flat in self.static_params.items()}
+        # The models at the two extreme values of λ, for the diagnostics, with their heads computed once.
+        hp = self.hparams
+        extremes = expert_weight(torch.tensor([hp.lambda_min, hp.lambda_max], dtype=torch.float64), hp.lambda_weights)
+        self.extreme_weights = [float(w) for w in extremes] if "t3" in self.methods else []
+        self.head_cache = {w: self._merged_head(self.store.merge(w)) for w in self.extreme_weights}
 
     def _choose_samplewise_path(self) -> None:
         mode, reason = self.hparams.samplewise, self.unsupported_reason
@@ -168,7 +175,8 @@ class TCubeModule(L.LightningModule):
     def merged_logits(self, images: torch.Tensor, weight: float) -> torch.Tensor:
         """Logits of the model merged with expert weight ``weight``."""
         model = self.store.merge(weight)
-        return clip_logits(model, images, self._merged_head(model))
+        head = self.head_cache.get(weight)
+        return clip_logits(model, images, head if head is not None else self._merged_head(model))
 
     def static_logits(self, images: torch.Tensor, name: str) -> torch.Tensor:
         """Logits of the static method ``name``'s merged model (built once, in on_test_start)."""
@@ -196,6 +204,8 @@ class TCubeModule(L.LightningModule):
         for name, method in self.methods.items():
             self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
+        extremes = tuple(self.merged_logits(images, w).argmax(-1) for w in self.extreme_weights) or None
+        self.diagnostics[split].update(pt_logits, ft_logits, labels, js, extremes)
         self._record_coefficients(split, js, lam)
 
     def _record_coefficients(self, split: str, js: torch.Tensor, lam: torch.Tensor) -> None:
@@ -222,42 +232,40 @@ class TCubeModule(L.LightningModule):
 
     # -------------------------------------------------------------- reporting
     def on_test_epoch_end(self) -> None:
-        """Compute (and, under DDP, reduce) every metric, then write the results files on rank 0."""
-        accuracy = {
-            s: {m: float(self.metrics[self._key(s, m)].compute()) for m in self.methods} for s in self.split_names
-        }
+        """Compute (and, under DDP, reduce) every metric on all ranks, then report on rank 0."""
+        splits = self.split_names
+        accuracy = {s: {m: float(self.metrics[self._key(s, m)].compute()) for m in self.methods} for s in splits}
         coefficients = {
             s: {stat: float(self.coefficient_stats[self._key(s, stat)].compute()) for stat in COEFFICIENT_STATS}
-            for s in self.split_names
+            for s in splits
         }
-        counts = {s: int(self.sample_counts[s].compute()) for s in self.split_names}
+        counts = {s: int(self.sample_counts[s].compute()) for s in splits}
+        diagnostics = {s: self.diagnostics[s].compute() for s in splits}
+        if not self.extreme_weights:  # not measured without T³
+            for diag in diagnostics.values():
+                del diag["flips_between_lambda_extremes"]
         if not self.trainer.is_global_zero:
             return
         if self.logger is not None:
-            self.logger.log_metrics(
-                {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}, step=0
-            )
-        for split, stats in coefficients.items():
-            spread = stats["lambda_max"] - stats["lambda_min"]
-            if "t3" in self.methods and spread < self.hparams.min_lambda_spread:
-                rank_zero_warn(
-                    f"split {split!r}: λ only spans [{stats['lambda_min']:.4f}, {stats['lambda_max']:.4f}] "
-                    f"(spread {spread:.4f} < min_lambda_spread {self.hparams.min_lambda_spread}); T³ behaves almost "
-                    "like a fixed interpolation here. σ(γ·JS) lies in [0.5, σ(γ·ln 2)] by construction: raise gamma "
-                    "or narrow lambda_min/lambda_max to change that."
-                )
+            flat = {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}
+            self.logger.log_metrics(flat, step=0)
+        if "t3" in self.methods:
+            for split, stats in coefficients.items():
+                warning = lambda_spread_warning(split, stats, self.hparams.min_lambda_spread)
+                if warning:
+                    rank_zero_warn(warning)
         results = {
             "accuracy": accuracy,
             "coefficients": coefficients,
+            "diagnostics": diagnostics,
             "num_samples": counts,
             "methods": {m.name: m.description for m in self.methods.values()},
-            "config": {k: v for k, v in self.hparams.items()},
+            "config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},
         }
         results_dir = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
         json_path, md_path = write_results(results_dir, results)
-        rank_zero_info(
-            "\nTop-1 accuracy (%)\n" + accuracy_table(accuracy) + f"\nResults written to {json_path} and {md_path}"
-        )
+        table = accuracy_table(accuracy)
+        rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
 
 
 def check_baselines(settings: BaselineSettings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -36,6 +37,13 @@ def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _jsonable(value: Any) -> Any:
+    """Dataclass settings (given in Python rather than through the CLI) as plain dicts."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Path, Path]:
     """``results.json`` (everything) and ``results.md`` (the accuracy table and λ summary)."""
     results_dir = Path(results_dir)
@@ -49,6 +57,15 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
             f"| {split} | {results['num_samples'][split]} | {stats['lambda_min']:.4f} | {stats['lambda_mean']:.4f} "
             f"| {stats['lambda_max']:.4f} | {stats['js_mean']:.4f} |\n"
         )
-    write_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    for split, diag in results.get("diagnostics", {}).items():
+        markdown += (
+            f"\n## Decision quadrants: {split}\n\n| pretrained / expert | samples | JS mean |\n|---|---:|---:|\n"
+        )
+        for quadrant, cell in diag["quadrants"].items():
+            markdown += f"| {quadrant} | {cell['count']} | {cell['js_mean']:.4f} |\n"
+        if "flips_between_lambda_extremes" in diag:
+            flips = diag["flips_between_lambda_extremes"]
+            markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"
+    write_atomic(json_path, json.dumps(results, indent=2, default=_jsonable) + "\n")
     write_atomic(md_path, markdown)
     return json_path, md_path

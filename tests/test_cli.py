@@ -117,6 +117,16 @@ def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
         per_weight, _ = oracle_predictions(clip_pair, npz_root, file, w_dawin.tolist())
         dawin_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w_dawin)])
         assert acc["dawin"] == pytest.approx(np.mean(dawin_pred == labels), abs=1e-6)
+        # Decision quadrants and the prediction flips between λ_min (w = 1: expert) and λ_max (w = 0: pretrained).
+        diag = results["diagnostics"][split]
+        js = jensenshannon(p_pt, p_ft, axis=-1) ** 2
+        pt_right, ft_right = p_pt.argmax(1) == labels, p_ft.argmax(1) == labels
+        for name, mask in (("both right", pt_right & ft_right), ("only expert right", ~pt_right & ft_right)):
+            assert diag["quadrants"][name]["count"] == int(mask.sum())
+            if mask.any():
+                assert diag["quadrants"][name]["js_mean"] == pytest.approx(js[mask].mean(), abs=1e-5)
+        assert sum(q["count"] for q in diag["quadrants"].values()) == len(labels)
+        assert diag["flips_between_lambda_extremes"] == int((p_pt.argmax(1) != p_ft.argmax(1)).sum())
         stats = results["coefficients"][split]
         assert stats["lambda_min"] == pytest.approx(lam.min(), abs=1e-5)
         assert stats["lambda_max"] == pytest.approx(lam.max(), abs=1e-5)
@@ -152,6 +162,7 @@ def test_results_markdown_and_tensorboard_tags(batch8_run):
 def test_method_selection(clip_pair, npz_root, tmp_path):
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot, t3_batch]"))
     assert list(results["accuracy"]["a"]) == ["zeroshot", "t3_batch"]
+    assert "flips_between_lambda_extremes" not in results["diagnostics"]["a"]
 
 
 def test_help_and_print_config_list_the_options():

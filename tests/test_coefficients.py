@@ -11,11 +11,11 @@ from scipy.special import softmax
 from tcube_lightning.coefficients import (
     batch_coefficient,
     cross_entropy_ratio,
-    max_confidence_ratio,
     dawin_entropy_ratio,
     entropy,
     expert_weight,
     js_divergence,
+    max_confidence_ratio,
     t3_lambda,
 )
 
