@@ -8,6 +8,7 @@ The maths always runs in float32 (or wider), whatever precision the models ran i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -86,3 +87,85 @@ def cross_entropy_ratio(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> tor
     log_pt, log_ft = _log_probs(logits_pt), _log_probs(logits_ft)
     pseudo = torch.logaddexp(log_pt, log_ft).argmax(-1, keepdim=True)
     return torch.sigmoid(log_ft.gather(-1, pseudo).squeeze(-1) - log_pt.gather(-1, pseudo).squeeze(-1))
+
+
+@dataclass(frozen=True)
+class BetaMixture:
+    """A fitted mixture of Beta distributions over coefficients in (0, 1)."""
+
+    weights: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    note: str = ""
+    """Why the fit was replaced by a fallback, if it was."""
+    point_masses: bool = False
+    """The fallback: each component is one exact value; samples go to the nearest."""
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.a / (self.a + self.b)
+
+    def log_likelihoods(self, x: torch.Tensor) -> torch.Tensor:
+        """log π_k + log Beta(x | a_k, b_k), shape (len(x), K)."""
+        x = x.detach().double().cpu().clamp(_BETA_EPS, 1 - _BETA_EPS)[:, None]
+        log_beta = torch.lgamma(self.a) + torch.lgamma(self.b) - torch.lgamma(self.a + self.b)
+        return self.weights.log() + (self.a - 1) * x.log() + (self.b - 1) * (1 - x).log() - log_beta
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Each coefficient's most likely component."""
+        if self.point_masses:
+            return (x.detach().double().cpu()[:, None] - self.means).abs().argmin(-1)
+        return self.log_likelihoods(x).argmax(-1)
+
+
+_BETA_EPS = 1e-6
+
+
+def _moment_match(x: torch.Tensor, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M-step: mixture weights, and Beta parameters whose mean and variance match the weighted moments."""
+    total = resp.sum(0).clamp_min(1e-12)
+    mean = (resp * x[:, None]).sum(0) / total
+    var = (resp * (x[:, None] - mean) ** 2).sum(0) / total
+    var = torch.minimum(var.clamp_min(1e-10), mean * (1 - mean) * 0.999)
+    common = mean * (1 - mean) / var - 1
+    return total / len(x), mean * common, (1 - mean) * common
+
+
+def fit_beta_mixture(
+    values: torch.Tensor, components: int = 3, iterations: int = 200, tol: float = 1e-8
+) -> BetaMixture:
+    """Fit a K-component Beta mixture by EM: k-means initialisation, moment-matching M-step (DaWin's recipe).
+
+    With no more distinct values than components, each distinct value becomes its own component
+    (exact, and said in ``note``): EM cannot fit a spread that is not there.
+    """
+    raw = values.detach().double().flatten().cpu()
+    distinct = torch.unique(raw)
+    if len(distinct) <= components:
+        counts = torch.stack([(raw == v).sum() for v in distinct]).double()
+        note = f"{len(distinct)} distinct coefficient value(s) for {components} components: one merge per value"
+        spread = torch.full_like(distinct, 1e6)
+        return BetaMixture(counts / counts.sum(), distinct * spread, (1 - distinct) * spread, note, point_masses=True)
+    x = raw.clamp(_BETA_EPS, 1 - _BETA_EPS)
+    centers = torch.quantile(x, torch.linspace(0.1, 0.9, components, dtype=torch.float64))
+    for _ in range(50):  # 1-D k-means
+        assignment = (x[:, None] - centers).abs().argmin(-1)
+        new = torch.stack(
+            [x[assignment == k].mean() if (assignment == k).any() else centers[k] for k in range(components)]
+        )
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    resp = torch.nn.functional.one_hot(assignment, components).double()
+    previous = -math.inf
+    for _ in range(iterations):
+        weights, a, b = _moment_match(x, resp)
+        mixture = BetaMixture(weights.clamp_min(1e-12), a, b)
+        log_lik = mixture.log_likelihoods(x)
+        total = torch.logsumexp(log_lik, -1)
+        resp = (log_lik - total[:, None]).exp()
+        if total.mean().item() - previous < tol:
+            break
+        previous = total.mean().item()
+    weights, a, b = _moment_match(x, resp)
+    return BetaMixture(weights.clamp_min(1e-12), a, b)

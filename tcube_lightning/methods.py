@@ -75,11 +75,14 @@ class Method:
     family: str
     """What ``--model.methods`` selects; a family may give several columns (WiSE-FT's α values)."""
     kind: str
-    """output (combines the two forwards), static (one merge per run), per_batch or per_sample."""
+    """output (combines the two forwards), static (one merge per run), per_batch, per_sample or clustered."""
     description: str
-    predict: Callable[[BatchContext], torch.Tensor]
+    predict: Callable[[BatchContext], torch.Tensor] | None
+    """Logits for the batch; None for clustered methods, which predict in a second pass."""
     static_rule: Callable[[FusedParameterStore], torch.Tensor] | None = None
     """Static methods: builds the merged flat parameters from the store, once per run."""
+    coefficient: Callable[[BatchContext], torch.Tensor] | None = None
+    """Clustered methods: the per-sample expert weight that pass 1 collects for the Beta mixture."""
 
 
 def output_ensemble(ctx: BatchContext) -> torch.Tensor:
@@ -126,6 +129,7 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
     s = settings
     t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch, (1.0, 1.0))
     m3 = m3_weight(s.seed)
+    dawin = lambda ctx: dawin_entropy_ratio(ctx.pt_logits, ctx.ft_logits, t_pt, t_ft)  # noqa: E731
     methods = [
         Method("zeroshot", "zeroshot", "output", "pretrained generalist alone", lambda ctx: ctx.pt_logits),
         Method("expert", "expert", "output", "fine-tuned expert alone", lambda ctx: ctx.ft_logits),
@@ -153,11 +157,17 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
         Method("t3", "t3", "per_sample", "T³: weights merged per sample with λ(x) from JS", per_sample_merge),
         Method("t3_batch", "t3_batch", "per_batch", "T³_B: one merge per batch at the batch's mean λ", batch_merge),
         Method("dawin", "dawin", "per_sample", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})",
-               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft))),
+               lambda ctx: ctx.sample_merged_logits(ctx.images, dawin(ctx))),
         Method("maxconf", "maxconf", "per_sample", "per-sample merge, max-confidence ratio",
                _sample_wise(max_confidence_ratio)),
         Method("xent", "xent", "per_sample", "per-sample merge, X-entropy ratio (ensemble pseudo labels)",
                _sample_wise(cross_entropy_ratio)),
+    ]  # fmt: skip
+    methods += [
+        Method("t3_cluster", "t3_cluster", "clustered", "T³ weights grouped by a Beta mixture, one merge per component",
+               None, coefficient=lambda ctx: ctx.t3_weights),
+        Method("dawin_cluster", "dawin_cluster", "clustered", "DaWin weights grouped by a Beta mixture",
+               None, coefficient=dawin),
     ]  # fmt: skip
     return {m.name: m for m in methods}
 

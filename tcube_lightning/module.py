@@ -13,7 +13,14 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from tcube_lightning.coefficients import LambdaWeights, expert_weight, js_divergence, t3_lambda
+from tcube_lightning.coefficients import (
+    BetaMixture,
+    LambdaWeights,
+    expert_weight,
+    fit_beta_mixture,
+    js_divergence,
+    t3_lambda,
+)
 from tcube_lightning.diagnostics import DecisionDiagnostics, lambda_spread_warning
 from tcube_lightning.errors import InputError
 from tcube_lightning.merging import FusedParameterStore
@@ -55,6 +62,8 @@ class TCubeModule(L.LightningModule):
         samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
             layer; fast on GPUs), ``loop`` (one fused merge per distinct weight; often as fast on CPUs) or
             ``auto`` (vectorized on accelerators when the architecture allows it, else loop).
+        clusters: Components of the Beta mixture that groups the coefficients of the clustered methods
+            (``t3_cluster``, ``dawin_cluster``): one merged model per component.
         min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
         results_dir: Where results.json / results.md go; default the logger's run folder.
     """
@@ -74,6 +83,7 @@ class TCubeModule(L.LightningModule):
         js_base: float | None = None,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
+        clusters: int = 3,
         min_lambda_spread: float = 0.05,
         results_dir: str | None = None,
     ) -> None:
@@ -84,6 +94,8 @@ class TCubeModule(L.LightningModule):
         if gamma < 0:
             raise InputError(f"model.gamma must be >= 0, got {gamma}")
         check_baselines(baselines)
+        if clusters < 1:
+            raise InputError(f"model.clusters must be >= 1, got {clusters}")
         if samplewise not in ("auto", "vectorized", "loop"):
             raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
         if lambda_weights not in ("pretrained", "expert"):
@@ -145,6 +157,9 @@ class TCubeModule(L.LightningModule):
     def on_test_start(self) -> None:
         """Pick the sample-wise path; zero-shot heads of both models and every fixed merge, once, on the device."""
         self.batches_seen = dict.fromkeys(self.split_names, 0)
+        self.clustered = {n: m for n, m in self.methods.items() if m.kind == "clustered"}
+        self.cluster_coefficients = {s: {n: [] for n in self.clustered} for s in self.split_names}
+        self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
         self._choose_samplewise_path()
         self.pt_head = zero_shot_head(self.store.pretrained, self.prompt_tokens, self.num_classes)
         self.ft_head = zero_shot_head(self.store.expert, self.prompt_tokens, self.num_classes)
@@ -202,7 +217,10 @@ class TCubeModule(L.LightningModule):
             images, pt_logits, ft_logits, weights, self.merged_logits, self.sample_merged_logits, self.static_logits
         )
         for name, method in self.methods.items():
-            self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
+            if method.predict is not None:
+                self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
+        for name, method in self.clustered.items():
+            self.cluster_coefficients[split][name].append(method.coefficient(ctx).detach())
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
         extremes = tuple(self.merged_logits(images, w).argmax(-1) for w in self.extreme_weights) or None
         self.diagnostics[split].update(pt_logits, ft_logits, labels, js, extremes)
@@ -231,8 +249,35 @@ class TCubeModule(L.LightningModule):
             self.logger.experiment.add_histogram(f"{split}/js", js.float().cpu(), step)
 
     # -------------------------------------------------------------- reporting
+    def _clustered_pass(self) -> None:
+        """Pass 2 of the clustered methods: fit a Beta mixture to each split's coefficients (all ranks'),
+        then run every sample through the model merged at its component's mean, one merge per component.
+        Pass 1's pretrained and expert forwards are not repeated."""
+        for index, split in enumerate(self.split_names):
+            assignments, means = {}, {}
+            for name in self.clustered:
+                local = torch.cat(self.cluster_coefficients[split][name])
+                mixture = fit_beta_mixture(gather_from_all_ranks(local), self.hparams.clusters)
+                assignments[name] = mixture.assign(local).to(self.device)
+                means[name] = [float(m) for m in mixture.means]
+                self.cluster_summaries[split][name] = mixture_summary(mixture)
+                if mixture.note:
+                    rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
+            offset = 0
+            for batch in self.trainer.test_dataloaders[index]:
+                images, labels = self.transfer_batch_to_device(batch, self.device, index)
+                rows = slice(offset, offset + len(labels))
+                for name in self.clustered:
+                    component = assignments[name][rows]
+                    weights = torch.tensor(means[name], device=self.device)[component]
+                    logits = per_sample_loop(self.merged_logits, images, weights)
+                    self.metrics[self._key(split, name)].update(logits, labels)
+                offset += len(labels)
+
     def on_test_epoch_end(self) -> None:
         """Compute (and, under DDP, reduce) every metric on all ranks, then report on rank 0."""
+        if self.clustered:
+            self._clustered_pass()
         splits = self.split_names
         accuracy = {s: {m: float(self.metrics[self._key(s, m)].compute()) for m in self.methods} for s in splits}
         coefficients = {
@@ -259,6 +304,7 @@ class TCubeModule(L.LightningModule):
             "coefficients": coefficients,
             "diagnostics": diagnostics,
             "num_samples": counts,
+            "clusters": self.cluster_summaries,
             "methods": {m.name: m.description for m in self.methods.values()},
             "config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},
         }
@@ -281,3 +327,19 @@ def check_baselines(settings: BaselineSettings) -> None:
         problems.append(f"dawin_temperatures {settings.dawin_temperatures} must be > 0")
     if problems:
         raise InputError("model.baselines: " + "; ".join(problems))
+
+
+def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Every process's ``values`` concatenated in rank order (the tensor itself without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values.cpu())
+    return torch.cat(parts)
+
+
+def mixture_summary(mixture: BetaMixture) -> dict:
+    """A fitted mixture as plain numbers for results.json."""
+    summary = {"means": mixture.means.tolist(), "weights": mixture.weights.tolist()}
+    summary.update(a=mixture.a.tolist(), b=mixture.b.tolist())
+    return summary | ({"note": mixture.note} if mixture.note else {})

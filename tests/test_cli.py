@@ -17,6 +17,7 @@ from scipy.special import expit, softmax
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tcube_lightning.cli import main
+from tcube_lightning.coefficients import fit_beta_mixture
 from tcube_lightning.methods import m3_weight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,13 @@ def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
         per_weight, _ = oracle_predictions(clip_pair, npz_root, file, w_dawin.tolist())
         dawin_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w_dawin)])
         assert acc["dawin"] == pytest.approx(np.mean(dawin_pred == labels), abs=1e-6)
+        # Clustered T³: the Beta mixture (tested on its own) groups the weights; one oracle model per component.
+        mixture = fit_beta_mixture(torch.tensor(1.0 - lam), components=3)
+        component_weights = mixture.means.numpy()[mixture.assign(torch.tensor(1.0 - lam)).numpy()]
+        per_component, _ = oracle_predictions(clip_pair, npz_root, file, component_weights.tolist())
+        cluster_pred = np.array([per_component[wi][i].argmax() for i, wi in enumerate(component_weights)])
+        assert acc["t3_cluster"] == pytest.approx(np.mean(cluster_pred == labels), abs=1e-6)
+        assert results["clusters"][split]["t3_cluster"]["means"] == pytest.approx(mixture.means.tolist(), abs=1e-6)
         # Decision quadrants and the prediction flips between λ_min (w = 1: expert) and λ_max (w = 0: pretrained).
         diag = results["diagnostics"][split]
         js = jensenshannon(p_pt, p_ft, axis=-1) ** 2
@@ -139,7 +147,7 @@ def test_batch_size_does_not_change_sample_wise_results(batch8_run, clip_pair, n
         cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.gamma={GAMMA}")
     )
     for split in SPLITS:
-        for method in ("zeroshot", "expert", "ensemble", "wise_ft@0.5", "t3", "dawin", "ties"):
+        for method in ("zeroshot", "expert", "ensemble", "wise_ft@0.5", "t3", "dawin", "ties", "t3_cluster"):
             assert results1["accuracy"][split][method] == pytest.approx(results8["accuracy"][split][method], abs=1e-9)
         # With one sample per batch, the batch mean is the sample's own λ: T³_B equals T³.
         assert results1["accuracy"][split]["t3_batch"] == pytest.approx(results1["accuracy"][split]["t3"], abs=1e-9)

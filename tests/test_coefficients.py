@@ -14,6 +14,7 @@ from tcube_lightning.coefficients import (
     dawin_entropy_ratio,
     entropy,
     expert_weight,
+    fit_beta_mixture,
     js_divergence,
     max_confidence_ratio,
     t3_lambda,
@@ -98,3 +99,23 @@ def test_max_confidence_and_cross_entropy_ratios_match_numpy(logits_pair):
     ce_pt, ce_ft = -np.log(p[np.arange(len(p)), pseudo]), -np.log(q[np.arange(len(q)), pseudo])
     expected = np.exp(-ce_ft) / (np.exp(-ce_pt) + np.exp(-ce_ft))
     np.testing.assert_allclose(cross_entropy_ratio(a, b).numpy(), expected, rtol=1e-9)
+
+
+def test_beta_mixture_recovers_known_components():
+    rng = np.random.default_rng(0)
+    samples = np.concatenate([rng.beta(2, 8, 3000), rng.beta(20, 20, 2000), rng.beta(9, 1.5, 3000)])
+    mixture = fit_beta_mixture(torch.tensor(rng.permutation(samples)), components=3)
+    order = torch.argsort(mixture.means)
+    np.testing.assert_allclose(mixture.means[order].numpy(), [0.2, 0.5, 9 / 10.5], atol=0.015)
+    np.testing.assert_allclose(mixture.weights[order].numpy(), [0.375, 0.25, 0.375], atol=0.03)
+    assert mixture.note == ""
+    # Samples far from a boundary go to the component that generated them.
+    assert mixture.assign(torch.tensor([0.15, 0.5, 0.9])).tolist() == order.tolist()
+
+
+def test_beta_mixture_without_spread_falls_back_to_the_distinct_values():
+    mixture = fit_beta_mixture(torch.tensor([0.0, 0.0, 1.0, 0.0]), components=3)
+    assert mixture.means.tolist() == [0.0, 1.0]
+    assert mixture.weights.tolist() == [0.75, 0.25]
+    assert "2 distinct coefficient value(s)" in mixture.note
+    assert mixture.assign(torch.tensor([0.0, 1.0])).tolist() == [0, 1]
