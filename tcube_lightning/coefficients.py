@@ -66,10 +66,25 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def dawin_entropy_ratio(
-    logits_pt: torch.Tensor, logits_ft: torch.Tensor, temperature_pt: float = 1.0, temperature_ft: float = 1.0
+    logits_pt: torch.Tensor,
+    logits_ft: torch.Tensor,
+    temperature_pt: float = 1.0,
+    temperature_ft: float = 1.0,
+    offset: bool = False,
 ) -> torch.Tensor:
-    """DaWin's weight on the expert: exp(−H_ft) / (exp(−H_pt) + exp(−H_ft)), i.e. σ(H_pt − H_ft)."""
-    return torch.sigmoid(entropy(logits_pt, temperature_pt) - entropy(logits_ft, temperature_ft))
+    """DaWin's weight on the expert: exp(−H_ft) / (exp(−H_pt) + exp(−H_ft)), i.e. σ(H_pt − H_ft).
+
+    ``offset`` applies DaWin's adjustment, whose statistics are taken over all the rows given (so pass
+    the whole evaluation set): b = (std(H_pt)/mean(H_pt) + std(H_ft)/mean(H_ft)) / 2,
+    c = (mean(H_pt) + mean(H_ft)) / mean(H_pt), w = (exp(−H_ft) + b/c) / (exp(−H_pt) + exp(−H_ft) + b).
+    Standard deviations are the unbiased (n − 1) ones.
+    """
+    h_pt, h_ft = entropy(logits_pt, temperature_pt), entropy(logits_ft, temperature_ft)
+    if not offset:
+        return torch.sigmoid(h_pt - h_ft)
+    b = (h_pt.std() / h_pt.mean() + h_ft.std() / h_ft.mean()) / 2
+    c = (h_pt.mean() + h_ft.mean()) / h_pt.mean()
+    return (torch.exp(-h_ft) + b / c) / (torch.exp(-h_pt) + torch.exp(-h_ft) + b)
 
 
 def max_confidence_ratio(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> torch.Tensor:

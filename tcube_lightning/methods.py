@@ -40,6 +40,8 @@ class BaselineSettings:
         dare_scale: s applied to the sparsified task vector.
         dawin_temperatures: Softmax temperatures (pretrained, expert) for DaWin; None picks DaWin's
             values for ViT-B-16, ViT-B-32 and ViT-L-14 and (1, 1) otherwise.
+        dawin_offset: Apply DaWin's offset adjustment in ``dawin_cluster`` (it needs statistics of the
+            whole split, which only the two-pass clustered mode has).
         seed: Seed of the random baselines (M³'s coefficient, DARE's mask).
     """
 
@@ -51,6 +53,7 @@ class BaselineSettings:
     dare_drop: float = 0.5
     dare_scale: float = 1.0
     dawin_temperatures: tuple[float, float] | None = None
+    dawin_offset: bool = False
     seed: int = 0
 
 
@@ -81,8 +84,8 @@ class Method:
     """Logits for the batch; None for clustered methods, which predict in a second pass."""
     static_rule: Callable[[FusedParameterStore], torch.Tensor] | None = None
     """Static methods: builds the merged flat parameters from the store, once per run."""
-    coefficient: Callable[[BatchContext], torch.Tensor] | None = None
-    """Clustered methods: the per-sample expert weight that pass 1 collects for the Beta mixture."""
+    coefficient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """Clustered methods: (pt logits, ft logits, T³ weights) of a whole split → per-sample expert weights."""
 
 
 def output_ensemble(ctx: BatchContext) -> torch.Tensor:
@@ -165,9 +168,10 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
     ]  # fmt: skip
     methods += [
         Method("t3_cluster", "t3_cluster", "clustered", "T³ weights grouped by a Beta mixture, one merge per component",
-               None, coefficient=lambda ctx: ctx.t3_weights),
-        Method("dawin_cluster", "dawin_cluster", "clustered", "DaWin weights grouped by a Beta mixture",
-               None, coefficient=dawin),
+               None, coefficient=lambda pt, ft, t3: t3),
+        Method("dawin_cluster", "dawin_cluster", "clustered",
+               f"DaWin weights{' with offset adjustment' if s.dawin_offset else ''} grouped by a Beta mixture",
+               None, coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset)),
     ]  # fmt: skip
     return {m.name: m for m in methods}
 

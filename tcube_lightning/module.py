@@ -158,7 +158,7 @@ class TCubeModule(L.LightningModule):
         """Pick the sample-wise path; zero-shot heads of both models and every fixed merge, once, on the device."""
         self.batches_seen = dict.fromkeys(self.split_names, 0)
         self.clustered = {n: m for n, m in self.methods.items() if m.kind == "clustered"}
-        self.cluster_coefficients = {s: {n: [] for n in self.clustered} for s in self.split_names}
+        self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
         self._choose_samplewise_path()
         self.pt_head = zero_shot_head(self.store.pretrained, self.prompt_tokens, self.num_classes)
@@ -219,8 +219,9 @@ class TCubeModule(L.LightningModule):
         for name, method in self.methods.items():
             if method.predict is not None:
                 self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
-        for name, method in self.clustered.items():
-            self.cluster_coefficients[split][name].append(method.coefficient(ctx).detach())
+        if self.clustered:
+            for key, values in (("pt", pt_logits), ("ft", ft_logits), ("t3", weights)):
+                self.cluster_cache[split][key].append(values.detach())
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
         extremes = tuple(self.merged_logits(images, w).argmax(-1) for w in self.extreme_weights) or None
         self.diagnostics[split].update(pt_logits, ft_logits, labels, js, extremes)
@@ -254,10 +255,15 @@ class TCubeModule(L.LightningModule):
         then run every sample through the model merged at its component's mean, one merge per component.
         Pass 1's pretrained and expert forwards are not repeated."""
         for index, split in enumerate(self.split_names):
+            cache = {key: torch.cat(values) for key, values in self.cluster_cache[split].items()}
+            local_rows = gather_from_all_ranks(torch.tensor([len(cache["t3"])]))
+            start = int(local_rows[: self.global_rank].sum())
+            everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
             assignments, means = {}, {}
-            for name in self.clustered:
-                local = torch.cat(self.cluster_coefficients[split][name])
-                mixture = fit_beta_mixture(gather_from_all_ranks(local), self.hparams.clusters)
+            for name, method in self.clustered.items():
+                coefficients = method.coefficient(everything["pt"], everything["ft"], everything["t3"])
+                mixture = fit_beta_mixture(coefficients, self.hparams.clusters)
+                local = coefficients[start : start + len(cache["t3"])]
                 assignments[name] = mixture.assign(local).to(self.device)
                 means[name] = [float(m) for m in mixture.means]
                 self.cluster_summaries[split][name] = mixture_summary(mixture)

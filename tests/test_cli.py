@@ -233,3 +233,19 @@ def test_forwards_are_shared_between_methods(clip_pair, npz_root, tmp_path, monk
     batches = 5 + 3  # 37 and 21 samples in batches of 8
     assert len(results["accuracy"]["a"]) == 7
     assert len(calls) == batches * (2 + 3)  # pt + ft, then wise_ft, task_arithmetic and t3_batch
+
+
+def test_dawin_cluster_with_offset_uses_whole_split_statistics(clip_pair, npz_root, tmp_path):
+    args = cli_args(
+        clip_pair, npz_root, tmp_path, "--model.methods=[dawin_cluster]", "--model.baselines.dawin_offset=true"
+    )
+    results, _ = run_cli_in_process(args)
+    assert "offset" in results["methods"]["dawin_cluster"]
+    logits, labels = oracle_predictions(clip_pair, npz_root, SPLITS["a"], [0.0, 1.0])
+    p_pt, p_ft = softmax(logits[0.0], -1), softmax(logits[1.0], -1)
+    h_pt, h_ft = -(p_pt * np.log(p_pt)).sum(1), -(p_ft * np.log(p_ft)).sum(1)
+    b = (h_pt.std(ddof=1) / h_pt.mean() + h_ft.std(ddof=1) / h_ft.mean()) / 2
+    c = (h_pt.mean() + h_ft.mean()) / h_pt.mean()
+    weights = (np.exp(-h_ft) + b / c) / (np.exp(-h_pt) + np.exp(-h_ft) + b)
+    expected = fit_beta_mixture(torch.tensor(weights), components=3).means.tolist()
+    assert results["clusters"]["a"]["dawin_cluster"]["means"] == pytest.approx(expected, abs=1e-5)

@@ -119,3 +119,13 @@ def test_beta_mixture_without_spread_falls_back_to_the_distinct_values():
     assert mixture.weights.tolist() == [0.75, 0.25]
     assert "2 distinct coefficient value(s)" in mixture.note
     assert mixture.assign(torch.tensor([0.0, 1.0])).tolist() == [0, 1]
+
+
+def test_dawin_offset_adjustment_matches_its_formula(logits_pair):
+    a, b = logits_pair
+    p, q = softmax(a.numpy() / 0.9, -1), softmax(b.numpy() / 1.1, -1)
+    h_pt, h_ft = -(p * np.log(p)).sum(-1), -(q * np.log(q)).sum(-1)
+    offset = (h_pt.std(ddof=1) / h_pt.mean() + h_ft.std(ddof=1) / h_ft.mean()) / 2
+    scale = (h_pt.mean() + h_ft.mean()) / h_pt.mean()
+    expected = (np.exp(-h_ft) + offset / scale) / (np.exp(-h_pt) + np.exp(-h_ft) + offset)
+    np.testing.assert_allclose(dawin_entropy_ratio(a, b, 0.9, 1.1, offset=True).numpy(), expected, rtol=1e-9)
