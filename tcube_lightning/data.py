@@ -9,8 +9,9 @@ import lightning as L
 import numpy as np
 import open_clip
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from tcube_lightning.errors import InputError
 
@@ -138,14 +139,27 @@ class MedMNISTDataModule(L.LightningDataModule):
             self.datasets[name] = ImageArrayDataset(images, labels, transform)
 
     def test_dataloader(self) -> list[DataLoader]:
+        """One loader per split. Under multi-process runs each process reads a disjoint share of every
+        split, without the padding of PyTorch's DistributedSampler that would count samples twice."""
         return [
             DataLoader(
                 self.datasets[name],
                 batch_size=self.batch_size,
-                shuffle=False,
+                sampler=self._sampler(name),
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.num_workers > 0,
             )
             for name in self.split_names
         ]
+
+    def _sampler(self, name: str) -> Sampler:
+        dataset = self.datasets[name]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if world_size == 1:
+            return SequentialSampler(dataset)
+        if len(dataset) < world_size:
+            raise InputError(f"split {name!r} has {len(dataset)} samples, fewer than the {world_size} processes")
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False
+        )

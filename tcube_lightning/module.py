@@ -109,8 +109,8 @@ class TCubeModule(L.LightningModule):
         if model_config is not None:
             register_model_config(model_config)
         check_architecture(arch)
-        families = set(methods or METHOD_FAMILIES)
-        self.methods = {n: m for n, m in build_methods(baselines, arch).items() if m.family in families}
+        self.method_families = list(methods or METHOD_FAMILIES)
+        self.baselines = baselines
         self.store: FusedParameterStore | None = None
         self.vectorized: SampleWiseCLIP | None = None
 
@@ -120,6 +120,10 @@ class TCubeModule(L.LightningModule):
         if self.store is not None:
             return
         data = self.trainer.datamodule
+        # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.
+        families = set(self.method_families)
+        built = build_methods(self.baselines, self.hparams.arch)
+        self.methods = {n: m for n, m in built.items() if m.family in families}
         self.split_names: list[str] = data.split_names
         self.num_classes = len(data.classnames)
         hp = self.hparams
@@ -295,6 +299,8 @@ class TCubeModule(L.LightningModule):
         if not self.extreme_weights:  # not measured without T³
             for diag in diagnostics.values():
                 del diag["flips_between_lambda_extremes"]
+        # trainer.log_dir is a collective call under DDP: every rank must ask.
+        results_dir = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
         if not self.trainer.is_global_zero:
             return
         if self.logger is not None:
@@ -314,7 +320,6 @@ class TCubeModule(L.LightningModule):
             "methods": {m.name: m.description for m in self.methods.values()},
             "config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},
         }
-        results_dir = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
         json_path, md_path = write_results(results_dir, results)
         table = accuracy_table(accuracy)
         rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
