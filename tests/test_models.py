@@ -46,3 +46,13 @@ def test_zero_shot_head_averages_normalised_template_embeddings(clip_pair):
 def test_templates_need_a_placeholder():
     with pytest.raises(InputError, match="one '\\{\\}'"):
         tokenize_prompts(ARCH, CLASSNAMES, ["a photo"])
+
+
+def test_safetensors_checkpoint_loads(clip_pair, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(clip_pair[1], weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "expert.safetensors")
+    model = load_clip(ARCH, tmp_path / "expert.safetensors")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], atol=0, rtol=0)
