@@ -6,7 +6,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from tcube_lightning.data import MedMNISTDataModule
+from tcube_lightning.data import EvaluationDataModule
 from tcube_lightning.errors import InputError
 from tcube_lightning.module import TCubeModule
 
@@ -25,7 +25,7 @@ def main(args: list[str] | None = None) -> TCubeCLI:
     try:
         return TCubeCLI(
             TCubeModule,
-            MedMNISTDataModule,
+            EvaluationDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": "T³ test-time merging of a generalist and an expert CLIP."},

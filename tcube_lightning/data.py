@@ -1,19 +1,29 @@
-"""MedMNIST-format test splits as CLIP-preprocessed tensors, and the LightningDataModule serving them."""
+"""The LightningDataModule: every test split of a modality (or of the user's own files), CLIP-preprocessed."""
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import open_clip
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.modalities import get_modality, modality_corruptions
+from tcube_lightning.readers import (
+    SEVERITIES,
+    CorruptedOnTheFly,
+    HFImages,
+    MedIMetaImages,
+    read_medmnist_npz,
+    read_medmnistc_file,
+)
+
+SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
 
 
 def medmnist_filename(flag: str, size: int = 28) -> str:
@@ -31,112 +41,162 @@ def medmnist_classnames(flag: str) -> list[str]:
     return [labels[str(i)] for i in range(len(labels))]
 
 
-def read_medmnist_npz(path: str | Path, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W[, 3]) uint8 and labels (N,) int64 of one split of a MedMNIST-format npz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file not found: {path} (expected a MedMNIST-format npz)")
-    wanted = (f"{split}_images", f"{split}_labels")
-    try:
-        with np.load(path) as npz:
-            keys = sorted(npz.files)
-            arrays = {k: npz[k] for k in wanted if k in keys}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise InputError(f"{path}: not a readable npz file ({err})") from err
-    missing = [k for k in wanted if k not in arrays]
-    if missing:
-        raise InputError(f"{path}: missing key(s) {missing}; the file has {keys}")
-    images, labels = arrays[wanted[0]], arrays[wanted[1]]
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-        raise InputError(
-            f"{path}: {split}_images must be uint8 of shape (N, H, W) or (N, H, W, 3), "
-            f"got {images.dtype} {images.shape}"
-        )
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise InputError(
-            f"{path}: {split}_labels must have shape (N,) or (N, 1) with N = {len(images)}, got {labels.shape}"
-        )
-    if len(images) == 0:
-        raise InputError(f"{path}: split {split!r} is empty")
-    return images, labels.astype(np.int64)
+def corrupted_split_name(corruption: str, severity: int) -> str:
+    return f"{corruption}@{severity}"
 
 
-class ImageArrayDataset(Dataset):
-    """uint8 image arrays → RGB PIL → a CLIP preprocessing transform; yields (image tensor, label)."""
+class Preprocessed(Dataset):
+    """A reader's (PIL image, label) samples through the CLIP preprocessing transform."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:  # noqa: ANN001 - any callable
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, base: Dataset, transform) -> None:  # noqa: ANN001 - any callable
+        self.base, self.transform = base, transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = Image.fromarray(self.images[index]).convert("RGB")
-        return self.transform(image), int(self.labels[index])
+        image, label = self.base[index]
+        return self.transform(image), label
 
 
-class MedMNISTDataModule(L.LightningDataModule):
-    """Named test splits, each a MedMNIST-format npz file, as one test dataloader per split.
+class EvaluationDataModule(L.LightningDataModule):
+    """Named test splits, one test dataloader each.
+
+    With a ``modality`` the splits follow the evaluation protocol, read from under ``root``:
+    ``in_domain`` (``{flag}_{size}.npz``), ``base_to_novel`` (``medimeta/{dataset}/``) and one split
+    ``{corruption}@{severity}`` per MedMNIST-C corruption and severity (``medmnistc/{flag}/...`` or
+    generated on the fly). ``sources`` overrides where a split is read from, or adds splits of your own:
+    an ``.npz`` path is read as MedMNIST npz, a folder as a Hugging Face dataset.
 
     Args:
-        root: Folder that the split files are relative to.
-        splits: Split name → npz file name, e.g. ``{in_domain: bloodmnist_224.npz}``. Order is kept.
-        flag: MedMNIST dataset flag; class names come from ``medmnist.INFO`` when ``classnames`` is not given.
-        classnames: Class names in label order (overrides ``flag``).
-        templates: Prompt templates, each with one ``{}`` for the class name; their embeddings are averaged.
-        split_key: Which split inside each npz file to read (``test``, ``val`` or ``train``).
+        root: Folder the data paths are relative to.
+        modality: One of the registered modalities (blood, breast, retina, oct, pneumonia).
+        splits: Which kinds of split to evaluate: in_domain, base_to_novel, corrupted (default: all).
+        sources: Split name → npz file or HF dataset folder (relative to root), e.g. ``{in_domain: x.npz}``.
+        corruptions: MedMNIST-C corruptions to evaluate (default: the modality's list).
+        severities: Corruption severities, each in 1..5.
+        corruption_source: ``files`` (pre-generated MedMNIST-C npz) or ``on_the_fly`` (medmnistc, seeded).
+        size: Image size of the MedMNIST file to read (28, 64, 128 or 224).
+        flag: MedMNIST flag for the class names when there is no modality.
+        classnames: Class names in label order for the non-MedIMeta splits (default: medmnist.INFO's).
+        templates: Prompt templates, each with one ``{}``; default: the modality's.
+        split_key: Split inside MedMNIST npz files (test, val or train); MedIMeta's split file of that name.
         image_size: Side of the CLIP input; images are resized (bicubic), center-cropped and normalised.
         batch_size: Test batch size.
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (faster host-to-GPU copies).
+        seed: Seed of the on-the-fly corruptions.
     """
 
     def __init__(
         self,
         root: str,
-        splits: dict[str, str],
+        modality: str | None = None,
+        splits: list[str] | None = None,
+        sources: dict[str, str] | None = None,
+        corruptions: list[str] | None = None,
+        severities: list[int] = list(SEVERITIES),
+        corruption_source: Literal["files", "on_the_fly"] = "files",
+        size: int = 224,
         flag: str | None = None,
         classnames: list[str] | None = None,
-        templates: tuple[str, ...] = ("a photo of a {}.",),
+        templates: list[str] | None = None,
         split_key: str = "test",
         image_size: int = 224,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        if not splits:
-            raise InputError("data.splits: give at least one split, e.g. {in_domain: bloodmnist.npz}")
-        if classnames is None and flag is None:
-            raise InputError("data: give either flag (a MedMNIST dataset, for its class names) or classnames")
+        self.modality = get_modality(modality) if modality is not None else None
+        unknown = sorted(set(splits or ()) - set(SPLIT_KINDS))
+        if unknown:
+            raise InputError(f"data.splits: unknown split kind(s) {unknown}; choose from {list(SPLIT_KINDS)}")
+        if self.modality is None and not sources:
+            raise InputError("data: give a modality, or sources (split name → file) for your own splits")
+        bad = [s for s in severities if s not in SEVERITIES]
+        if bad:
+            raise InputError(f"data.severities: {bad} outside 1..5")
+        if corruption_source not in ("files", "on_the_fly"):
+            raise InputError(f"data.corruption_source must be 'files' or 'on_the_fly', got {corruption_source!r}")
         if batch_size < 1:
             raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.root = Path(root)
-        self.splits = dict(splits)
+        flag = flag or (self.modality.medmnist_flag if self.modality else None)
+        if classnames is None and flag is None:
+            raise InputError("data: give classnames, or a flag / modality whose MedMNIST metadata names the classes")
+        self.root, self.flag, self.size = Path(root), flag, size
+        self.kinds = list(splits or SPLIT_KINDS) if self.modality else []
+        self.sources = dict(sources or {})
+        self.corruptions = list(corruptions) if corruptions is not None else None
+        self.severities, self.corruption_source, self.seed = list(severities), corruption_source, seed
         self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag)
-        self.templates = list(templates)
+        self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
+        if any("{}" not in t for t in self.templates):
+            raise InputError(f"data.templates: each template needs one '{{}}' for the class name, got {self.templates}")
         self.split_key, self.image_size = split_key, image_size
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
-        self.datasets: dict[str, ImageArrayDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.split_classnames: dict[str, list[str]] = {}
 
     @property
     def split_names(self) -> list[str]:
-        return list(self.splits)
+        return list(self.datasets)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check every split before any model is loaded (Lightning calls this hook first)."""
+        """Open and check every split before any model is loaded (Lightning calls this hook first)."""
+        if self.datasets:
+            return
         transform = open_clip.image_transform(self.image_size, is_train=False)
-        for name, filename in self.splits.items():
-            images, labels = read_medmnist_npz(self.root / filename, self.split_key)
-            bad = (labels < 0) | (labels >= len(self.classnames))
+        for name, (dataset, classnames) in self._read_splits().items():
+            labels = np.asarray(dataset.labels)
+            bad = (labels < 0) | (labels >= len(classnames))
             if bad.any():
                 raise InputError(
-                    f"{self.root / filename}: {int(bad.sum())} label(s) outside 0..{len(self.classnames) - 1} "
-                    f"for {len(self.classnames)} class names (first bad label: {int(labels[bad][0])})"
+                    f"split {name!r}: {int(bad.sum())} label(s) outside 0..{len(classnames) - 1} for "
+                    f"{len(classnames)} class names (first bad label: {int(labels[bad][0])})"
                 )
-            self.datasets[name] = ImageArrayDataset(images, labels, transform)
+            self.datasets[name] = Preprocessed(dataset, transform)
+            self.split_classnames[name] = classnames
+
+    def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
+        splits: dict[str, tuple[Dataset, list[str]]] = {}
+        if "in_domain" in self.kinds:
+            splits["in_domain"] = self._source("in_domain") or (self._in_domain(), self.classnames)
+        if "base_to_novel" in self.kinds:
+            splits["base_to_novel"] = self._source("base_to_novel") or self._base_to_novel()
+        if "corrupted" in self.kinds:
+            corruptions = self.corruptions or list(modality_corruptions(self.modality))
+            for corruption in corruptions:
+                for severity in self.severities:
+                    name = corrupted_split_name(corruption, severity)
+                    splits[name] = self._source(name) or (self._corrupted(corruption, severity), self.classnames)
+        for name in self.sources:
+            if name not in splits:
+                splits[name] = self._source(name)
+        return splits
+
+    def _source(self, name: str) -> tuple[Dataset, list[str]] | None:
+        if name not in self.sources:
+            return None
+        path = self.root / self.sources[name]
+        if path.suffix == ".npz" or not path.is_dir():
+            return read_medmnist_npz(path, self.split_key), self.classnames
+        dataset = HFImages(path, self.split_key)
+        return dataset, dataset.classnames or self.classnames
+
+    def _in_domain(self) -> Dataset:
+        return read_medmnist_npz(self.root / medmnist_filename(self.flag, self.size), self.split_key)
+
+    def _base_to_novel(self) -> tuple[Dataset, list[str]]:
+        m = self.modality
+        dataset = MedIMetaImages(self.root / "medimeta", m.medimeta_dataset, m.medimeta_task, self.split_key)
+        return dataset, dataset.classnames
+
+    def _corrupted(self, corruption: str, severity: int) -> Dataset:
+        if self.corruption_source == "files":
+            return read_medmnistc_file(self.root / "medmnistc", self.flag, corruption, severity)
+        return CorruptedOnTheFly(self._in_domain(), self.flag, corruption, severity, self.seed)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per split. Under multi-process runs each process reads a disjoint share of every

@@ -46,13 +46,19 @@ class DecisionDiagnostics(Metric):
         return {"quadrants": quadrants, "flips_between_lambda_extremes": int(self.flips)}
 
 
-def lambda_spread_warning(split: str, stats: dict[str, float], min_spread: float) -> str | None:
-    """A warning when λ barely moves on a split (T³ then acts like one fixed interpolation), else None."""
-    spread = stats["lambda_max"] - stats["lambda_min"]
-    if spread >= min_spread:
+def lambda_spread_warning(coefficients: dict[str, dict[str, float]], min_spread: float) -> str | None:
+    """One warning naming the splits where λ barely moves (T³ then acts like a fixed interpolation), or None."""
+    narrow = {
+        split: stats["lambda_max"] - stats["lambda_min"]
+        for split, stats in coefficients.items()
+        if stats["lambda_max"] - stats["lambda_min"] < min_spread
+    }
+    if not narrow:
         return None
+    listed = ", ".join(f"{split} ({spread:.4f})" for split, spread in list(narrow.items())[:8])
+    more = f" and {len(narrow) - 8} more" if len(narrow) > 8 else ""
     return (
-        f"split {split!r}: λ only spans [{stats['lambda_min']:.4f}, {stats['lambda_max']:.4f}] (spread {spread:.4f} "
-        f"< min_lambda_spread {min_spread}); T³ behaves almost like a fixed interpolation here. σ(γ·JS) lies in "
-        "[0.5, σ(γ·ln 2)] by construction: raise gamma or narrow lambda_min/lambda_max to change that."
+        f"λ spans less than min_lambda_spread={min_spread} on {len(narrow)} split(s): {listed}{more}. T³ behaves "
+        "almost like a fixed interpolation there. σ(γ·JS) lies in [0.5, σ(γ·ln 2)] by construction: raise gamma "
+        "or narrow lambda_min/lambda_max to change that."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -10,8 +11,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, MinMetric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from tcube_lightning.coefficients import (
     BetaMixture,
@@ -33,7 +34,7 @@ from tcube_lightning.models import (
     tokenize_prompts,
     zero_shot_head,
 )
-from tcube_lightning.results import accuracy_table, write_results
+from tcube_lightning.results import accuracy_table, corruption_errors, summary_rows, write_results, write_summary
 from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsupported_reason
 
 COEFFICIENT_STATS = {"lambda_min": MinMetric, "lambda_max": MaxMetric, "lambda_mean": MeanMetric, "js_mean": MeanMetric}
@@ -62,6 +63,7 @@ class TCubeModule(L.LightningModule):
         samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
             layer; fast on GPUs), ``loop`` (one fused merge per distinct weight; often as fast on CPUs) or
             ``auto`` (vectorized on accelerators when the architecture allows it, else loop).
+        mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
         clusters: Components of the Beta mixture that groups the coefficients of the clustered methods
             (``t3_cluster``, ``dawin_cluster``): one merged model per component.
         min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
@@ -83,6 +85,7 @@ class TCubeModule(L.LightningModule):
         js_base: float | None = None,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
+        mce_reference: str = "zeroshot",
         clusters: int = 3,
         min_lambda_spread: float = 0.05,
         results_dir: str | None = None,
@@ -125,7 +128,6 @@ class TCubeModule(L.LightningModule):
         built = build_methods(self.baselines, self.hparams.arch)
         self.methods = {n: m for n, m in built.items() if m.family in families}
         self.split_names: list[str] = data.split_names
-        self.num_classes = len(data.classnames)
         hp = self.hparams
         self.store = FusedParameterStore(
             load_clip(hp.arch, hp.pretrained_checkpoint), load_clip(hp.arch, hp.expert_checkpoint)
@@ -138,12 +140,23 @@ class TCubeModule(L.LightningModule):
         if hp.samplewise == "vectorized" and reason is not None:
             raise InputError(f"model.samplewise=vectorized cannot run {hp.arch}: {reason}; use loop or auto")
         self.unsupported_reason = reason
-        self.register_buffer(
-            "prompt_tokens", tokenize_prompts(hp.arch, data.classnames, data.templates), persistent=False
-        )
+        # Splits can differ in their classes (base-to-novel): one prompt set, and head, per class list.
+        class_sets = list(dict.fromkeys(tuple(data.split_classnames[s]) for s in self.split_names))
+        self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
+        self.class_counts = [len(names) for names in class_sets]
+        for index, names in enumerate(class_sets):
+            tokens = tokenize_prompts(hp.arch, list(names), data.templates)
+            self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
+        if any("@" in split for split in self.split_names):  # corrupted splits: CE needs the reference
+            if hp.mce_reference not in self.methods:
+                raise InputError(
+                    f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
+                )
         self.metrics = nn.ModuleDict(
             {
-                self._key(split, name): MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+                self._key(split, name): split_metrics(
+                    self.class_counts[self.split_class_set[split]], data.datasets[split].base.labels
+                )
                 for split in self.split_names
                 for name in self.methods
             }
@@ -165,15 +178,21 @@ class TCubeModule(L.LightningModule):
         self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
         self._choose_samplewise_path()
-        self.pt_head = zero_shot_head(self.store.pretrained, self.prompt_tokens, self.num_classes)
-        self.ft_head = zero_shot_head(self.store.expert, self.prompt_tokens, self.num_classes)
+        sets = range(len(self.class_counts))
+        self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
+        self.ft_heads = [self._head(self.store.expert, c) for c in sets]
         self.static_params = {n: m.static_rule(self.store) for n, m in self.methods.items() if m.kind == "static"}
-        self.static_heads = {n: self._merged_head(self.store.load(flat)) for n, flat in self.static_params.items()}
+        self.static_heads = {}
+        for name, flat in self.static_params.items():
+            model = self.store.load(flat)
+            self.static_heads[name] = [self._merged_head(model, c) for c in sets]
         # The models at the two extreme values of λ, for the diagnostics, with their heads computed once.
         hp = self.hparams
         extremes = expert_weight(torch.tensor([hp.lambda_min, hp.lambda_max], dtype=torch.float64), hp.lambda_weights)
         self.extreme_weights = [float(w) for w in extremes] if "t3" in self.methods else []
-        self.head_cache = {w: self._merged_head(self.store.merge(w)) for w in self.extreme_weights}
+        self.head_cache = {
+            (w, c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
+        }
 
     def _choose_samplewise_path(self) -> None:
         mode, reason = self.hparams.samplewise, self.unsupported_reason
@@ -184,52 +203,69 @@ class TCubeModule(L.LightningModule):
                 rank_zero_info(f"T³ sample-wise: per-sample loop over the fused store ({why}).")
         self.vectorized = SampleWiseCLIP(self.store.pretrained, self.store.expert) if mode == "vectorized" else None
 
-    def _merged_head(self, model: nn.Module) -> torch.Tensor:
+    def _tokens(self, class_set: int) -> torch.Tensor:
+        return getattr(self, f"prompt_tokens_{class_set}")
+
+    def _head(self, model: nn.Module, class_set: int) -> torch.Tensor:
+        return zero_shot_head(model, self._tokens(class_set), self.class_counts[class_set])
+
+    def _merged_head(self, model: nn.Module, class_set: int) -> torch.Tensor:
         """A merged model's zero-shot head: its own text tower's, or the pretrained one's without merge_text."""
         if not self.hparams.merge_text:
-            return self.pt_head
-        return zero_shot_head(model, self.prompt_tokens, self.num_classes)
+            return self.pt_heads[class_set]
+        return self._head(model, class_set)
 
     # ------------------------------------------------------------------ steps
-    def merged_logits(self, images: torch.Tensor, weight: float) -> torch.Tensor:
+    def merged_logits(self, images: torch.Tensor, weight: float, class_set: int = 0) -> torch.Tensor:
         """Logits of the model merged with expert weight ``weight``."""
         model = self.store.merge(weight)
-        head = self.head_cache.get(weight)
-        return clip_logits(model, images, head if head is not None else self._merged_head(model))
+        head = self.head_cache.get((weight, class_set))
+        return clip_logits(model, images, head if head is not None else self._merged_head(model, class_set))
 
-    def static_logits(self, images: torch.Tensor, name: str) -> torch.Tensor:
+    def static_logits(self, images: torch.Tensor, name: str, class_set: int = 0) -> torch.Tensor:
         """Logits of the static method ``name``'s merged model (built once, in on_test_start)."""
-        return clip_logits(self.store.load(self.static_params[name]), images, self.static_heads[name])
+        return clip_logits(self.store.load(self.static_params[name]), images, self.static_heads[name][class_set])
 
-    def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
         """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
         if self.vectorized is None:
-            return per_sample_loop(self.merged_logits, images, weights)
-        fixed_head = None if self.hparams.merge_text else self.pt_head
-        return self.vectorized.logits(images, weights, self.prompt_tokens, self.num_classes, fixed_head)
+            return per_sample_loop(partial(self.merged_logits, class_set=class_set), images, weights)
+        fixed_head = None if self.hparams.merge_text else self.pt_heads[class_set]
+        tokens, count = self._tokens(class_set), self.class_counts[class_set]
+        return self.vectorized.logits(images, weights, tokens, count, fixed_head)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         split = self.split_names[dataloader_idx]
-        pt_logits = clip_logits(self.store.pretrained, images, self.pt_head)
-        ft_logits = clip_logits(self.store.expert, images, self.ft_head)
+        c = self.split_class_set[split]
+        pt_logits = clip_logits(self.store.pretrained, images, self.pt_heads[c])
+        ft_logits = clip_logits(self.store.expert, images, self.ft_heads[c])
         hp = self.hparams
         js = js_divergence(pt_logits, ft_logits, base=hp.js_base)
         lam = t3_lambda(js, hp.lambda_min, hp.lambda_max, hp.gamma)
         weights = expert_weight(lam, hp.lambda_weights)
         ctx = BatchContext(
-            images, pt_logits, ft_logits, weights, self.merged_logits, self.sample_merged_logits, self.static_logits
+            images,
+            pt_logits,
+            ft_logits,
+            weights,
+            partial(self.merged_logits, class_set=c),
+            partial(self.sample_merged_logits, class_set=c),
+            partial(self.static_logits, class_set=c),
         )
         for name, method in self.methods.items():
             if method.predict is not None:
-                self.metrics[self._key(split, name)].update(method.predict(ctx), labels)
+                self._update_metrics(split, name, method.predict(ctx), labels)
         if self.clustered:
             for key, values in (("pt", pt_logits), ("ft", ft_logits), ("t3", weights)):
                 self.cluster_cache[split][key].append(values.detach())
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
-        extremes = tuple(self.merged_logits(images, w).argmax(-1) for w in self.extreme_weights) or None
+        extremes = tuple(ctx.merged_logits(images, w).argmax(-1) for w in self.extreme_weights) or None
         self.diagnostics[split].update(pt_logits, ft_logits, labels, js, extremes)
         self._record_coefficients(split, js, lam)
+
+    def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.metrics[self._key(split, method)].update(logits.float().softmax(-1), labels)
 
     def _record_coefficients(self, split: str, js: torch.Tensor, lam: torch.Tensor) -> None:
         """Accumulate λ/JS statistics for the results and log this batch's λ and JS to the logger."""
@@ -280,8 +316,9 @@ class TCubeModule(L.LightningModule):
                 for name in self.clustered:
                     component = assignments[name][rows]
                     weights = torch.tensor(means[name], device=self.device)[component]
-                    logits = per_sample_loop(self.merged_logits, images, weights)
-                    self.metrics[self._key(split, name)].update(logits, labels)
+                    c = self.split_class_set[split]
+                    logits = per_sample_loop(partial(self.merged_logits, class_set=c), images, weights)
+                    self._update_metrics(split, name, logits, labels)
                 offset += len(labels)
 
     def on_test_epoch_end(self) -> None:
@@ -289,7 +326,11 @@ class TCubeModule(L.LightningModule):
         if self.clustered:
             self._clustered_pass()
         splits = self.split_names
-        accuracy = {s: {m: float(self.metrics[self._key(s, m)].compute()) for m in self.methods} for s in splits}
+        metrics = {
+            s: {m: {k: float(v) for k, v in self.metrics[self._key(s, m)].compute().items()} for m in self.methods}
+            for s in splits
+        }
+        accuracy = {s: {m: values["top1"] for m, values in row.items()} for s, row in metrics.items()}
         coefficients = {
             s: {stat: float(self.coefficient_stats[self._key(s, stat)].compute()) for stat in COEFFICIENT_STATS}
             for s in splits
@@ -306,13 +347,12 @@ class TCubeModule(L.LightningModule):
         if self.logger is not None:
             flat = {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}
             self.logger.log_metrics(flat, step=0)
-        if "t3" in self.methods:
-            for split, stats in coefficients.items():
-                warning = lambda_spread_warning(split, stats, self.hparams.min_lambda_spread)
-                if warning:
-                    rank_zero_warn(warning)
+        warning = lambda_spread_warning(coefficients, self.hparams.min_lambda_spread)
+        if warning and "t3" in self.methods:
+            rank_zero_warn(warning)
         results = {
             "accuracy": accuracy,
+            "metrics": metrics,
             "coefficients": coefficients,
             "diagnostics": diagnostics,
             "num_samples": counts,
@@ -320,7 +360,11 @@ class TCubeModule(L.LightningModule):
             "methods": {m.name: m.description for m in self.methods.values()},
             "config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},
         }
+        errors = corruption_errors(accuracy, self.hparams.mce_reference)
+        if errors:
+            results["corruption_errors"] = {"reference": self.hparams.mce_reference, "ce": errors}
         json_path, md_path = write_results(results_dir, results)
+        write_summary(results_dir, summary_rows(accuracy, errors))
         table = accuracy_table(accuracy)
         rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
 
@@ -354,3 +398,14 @@ def mixture_summary(mixture: BetaMixture) -> dict:
     summary = {"means": mixture.means.tolist(), "weights": mixture.weights.tolist()}
     summary.update(a=mixture.a.tolist(), b=mixture.b.tolist())
     return summary | ({"note": mixture.note} if mixture.note else {})
+
+
+def split_metrics(num_classes: int, labels) -> MetricCollection:  # noqa: ANN001 - array-like
+    """Top-1, balanced accuracy (macro recall) and, where every class occurs in the split, macro AUC."""
+    metrics = {
+        "top1": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        "balanced_accuracy": MulticlassAccuracy(num_classes=num_classes, average="macro"),
+    }
+    if len(set(int(v) for v in labels)) == num_classes:
+        metrics["auc"] = MulticlassAUROC(num_classes=num_classes, average="macro")
+    return MetricCollection(metrics)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -69,3 +72,68 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
     write_atomic(json_path, json.dumps(results, indent=2, default=_jsonable) + "\n")
     write_atomic(md_path, markdown)
     return json_path, md_path
+
+
+def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> dict[str, dict[str, float]]:
+    """ImageNet-C style: CE_c = Σ_s E(method, c, s) / Σ_s E(reference, c, s) with E = 1 − top-1; mCE = mean_c CE_c.
+
+    Corrupted splits are those named ``{corruption}@{severity}``. Returns {method: {corruption: CE, "mCE": …}};
+    a CE whose reference makes no errors is NaN.
+    """
+    by_corruption: dict[str, list[str]] = {}
+    for split in accuracy:
+        if "@" in split:
+            by_corruption.setdefault(split.split("@")[0], []).append(split)
+    table: dict[str, dict[str, float]] = {}
+    for method in next(iter(accuracy.values()), {}):
+        row = {}
+        for corruption, splits in by_corruption.items():
+            reference_error = sum(1 - accuracy[s][reference] for s in splits)
+            error = sum(1 - accuracy[s][method] for s in splits)
+            row[corruption] = error / reference_error if reference_error > 0 else math.nan
+        if row:
+            row["mCE"] = sum(row.values()) / len(row)
+            table[method] = row
+    return table
+
+
+def summary_rows(accuracy: dict[str, dict[str, float]], errors: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
+    top-1 over the corrupted splits, and mCE."""
+    corrupted = [s for s in accuracy if "@" in s]
+    plain = [s for s in accuracy if "@" not in s]  # in_domain, base_to_novel and any split of the user's
+    rows = []
+    for method in next(iter(accuracy.values()), {}):
+        row: dict[str, Any] = {"method": method}
+        for split in plain:
+            row[split] = accuracy[split][method]
+        if corrupted:
+            row["corrupted_mean"] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
+            row["mCE"] = errors.get(method, {}).get("mCE", math.nan)
+        rows.append(row)
+    return rows
+
+
+def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """summary.md, summary.csv and summary.json (accuracies in percent in the Markdown table)."""
+    results_dir = Path(results_dir)
+    columns = list(rows[0]) if rows else ["method"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        cells = [row["method"]] + [_percent_or_ratio(c, row.get(c, math.nan)) for c in columns[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = [results_dir / "summary.md", results_dir / "summary.csv", results_dir / "summary.json"]
+    write_atomic(paths[0], "\n".join(lines) + "\n")
+    write_atomic(paths[1], buffer.getvalue())
+    write_atomic(paths[2], json.dumps(rows, indent=2) + "\n")
+    return paths
+
+
+def _percent_or_ratio(column: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if column == "mCE" else f"{100 * value:.2f}"

@@ -64,3 +64,47 @@ def npz_root(tmp_path_factory) -> Path:
     write_medmnist_npz(root / "tiny_a.npz", 37, len(CLASSNAMES), seed=0)
     write_medmnist_npz(root / "tiny_b.npz", 21, len(CLASSNAMES), rgb=False, seed=1)
     return root
+
+
+def write_medimeta(folder: Path, dataset_id: str, task: str, classnames: list[str], n: int, size: int = 28) -> None:
+    """A MedIMeta data set in its on-disk layout: info.yaml, images.hdf5, task_labels/, splits/."""
+    import h5py
+    import yaml
+
+    root = folder / dataset_id
+    (root / "task_labels").mkdir(parents=True)
+    (root / "splits").mkdir()
+    rng = np.random.default_rng(3)
+    total = n + 3  # three images that belong to the training split only
+    labels = np.arange(total) % len(classnames)
+    info = {
+        "id": dataset_id, "name": dataset_id.upper(), "domain": "test", "input_size": [3, size, size],
+        "tasks": [{"task_name": task, "task_target": "MULTICLASS_CLASSIFICATION",
+                   "labels": dict(enumerate(classnames))}],
+    }  # fmt: skip
+    (root / "info.yaml").write_text(yaml.safe_dump(info))
+    with h5py.File(root / "images.hdf5", "w") as h5:
+        h5.create_dataset("images", data=rng.integers(0, 256, (total, size, size, 3), dtype=np.uint8))
+    np.save(root / "task_labels" / f"{task}.npy", labels)
+    (root / "splits" / "train.txt").write_text("".join(f"images/{i:06d}.tiff\n" for i in range(3)))
+    (root / "splits" / "test.txt").write_text("".join(f"images/{i:06d}.tiff\n" for i in range(3, total)))
+
+
+def write_medmnistc_stacked(folder: Path, flag: str, corruption: str, n: int, num_classes: int, size: int = 28) -> None:
+    """medmnistc's own layout: {flag}/{corruption}.npz, the five severities stacked (severity k fills block k)."""
+    (folder / flag).mkdir(parents=True, exist_ok=True)
+    images = np.concatenate([np.full((n, size, size, 3), 40 * k, dtype=np.uint8) for k in range(1, 6)])
+    labels = np.tile(np.arange(n) % num_classes, 5)[:, None].astype(np.uint8)
+    np.savez_compressed(folder / flag / f"{corruption}.npz", test_images=images, test_labels=labels)
+
+
+def write_modality_data(root: Path, flag: str, medimeta: tuple[str, str], corruptions: list[str], n: int = 10) -> None:
+    """Every file a modality's protocol reads, at 28 px: MedMNIST npz, MedIMeta folder, MedMNIST-C files."""
+    import medmnist
+
+    num_classes = len(medmnist.INFO[flag]["label"])
+    root.mkdir(parents=True, exist_ok=True)
+    write_medmnist_npz(root / f"{flag}.npz", n, num_classes)
+    write_medimeta(root / "medimeta", medimeta[0], medimeta[1], [f"novel class {i}" for i in range(3)], n)
+    for corruption in corruptions:
+        write_medmnistc_stacked(root / "medmnistc", flag, corruption, n, num_classes)

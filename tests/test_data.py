@@ -7,7 +7,8 @@ import torch
 from conftest import CLASSNAMES, write_medmnist_npz
 from PIL import Image
 
-from tcube_lightning.data import MedMNISTDataModule, medmnist_classnames, medmnist_filename, read_medmnist_npz
+from tcube_lightning.data import EvaluationDataModule, medmnist_classnames, medmnist_filename
+from tcube_lightning.readers import read_medmnist_npz
 from tcube_lightning.errors import InputError
 
 
@@ -27,8 +28,8 @@ def test_class_names_come_from_medmnist_info():
 @pytest.mark.parametrize("size,rgb", [(28, False), (224, True)])
 def test_datamodule_yields_clip_preprocessed_batches(tmp_path, size, rgb):
     write_medmnist_npz(tmp_path / medmnist_filename("tinymnist", size), 10, 4, size=size, rgb=rgb)
-    data = MedMNISTDataModule(
-        root=str(tmp_path), splits={"in_domain": medmnist_filename("tinymnist", size)}, classnames=CLASSNAMES,
+    data = EvaluationDataModule(
+        root=str(tmp_path), sources={"in_domain": medmnist_filename("tinymnist", size)}, classnames=CLASSNAMES,
         image_size=size, batch_size=4,
     )  # fmt: skip
     data.setup("test")
@@ -44,7 +45,7 @@ def test_datamodule_yields_clip_preprocessed_batches(tmp_path, size, rgb):
 
 
 def test_missing_file_names_the_expected_path(tmp_path):
-    data = MedMNISTDataModule(root=str(tmp_path), splits={"x": "bloodmnist_224.npz"}, classnames=CLASSNAMES)
+    data = EvaluationDataModule(root=str(tmp_path), sources={"x": "bloodmnist_224.npz"}, classnames=CLASSNAMES)
     with pytest.raises(InputError, match=r"data file not found: .*bloodmnist_224\.npz"):
         data.setup("test")
 
@@ -65,7 +66,7 @@ def test_wrong_dtype_is_reported(tmp_path):
 
 def test_labels_out_of_range_are_reported(tmp_path):
     write_medmnist_npz(tmp_path / "six.npz", 12, 6)
-    data = MedMNISTDataModule(root=str(tmp_path), splits={"x": "six.npz"}, classnames=CLASSNAMES)
+    data = EvaluationDataModule(root=str(tmp_path), sources={"x": "six.npz"}, classnames=CLASSNAMES)
     with pytest.raises(InputError, match="label\\(s\\) outside 0..3 for 4 class names"):
         data.setup("test")
 

@@ -1,0 +1,79 @@
+"""The evaluation protocol per modality: one entry names every data set a modality is evaluated on.
+
+Class names are never typed here: in-domain ones come from ``medmnist.INFO``, base-to-novel ones from
+the MedIMeta task's ``info.yaml``. Adding a modality means adding one entry to ``MODALITIES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tcube_lightning.errors import InputError
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    medmnist_flag: str
+    """In-domain test split: the MedMNIST data set."""
+    medimeta_dataset: str
+    """Base-to-novel split: the MedIMeta data set id and task."""
+    medimeta_task: str
+    corruptions: tuple[str, ...] | None
+    """MedMNIST-C corruptions; None means every corruption medmnistc defines for the flag."""
+    templates: tuple[str, ...]
+    """Prompt templates; ``{}`` takes the class name."""
+
+
+MODALITIES = {
+    m.name: m
+    for m in (
+        Modality(
+            "blood", "bloodmnist", "pbc", "cell_class",
+            ("pixelate", "jpeg_compression", "defocus_blur", "motion_blur", "brightness_up", "brightness_down",
+             "contrast_up", "contrast_down", "saturate", "stain_deposit", "bubble"),
+            ("a microscopic image of a {} blood cell.", "a photo of a {}."),
+        ),
+        Modality(
+            "breast", "breastmnist", "mammo_mass", "pathology",
+            ("pixelate", "jpeg_compression", "speckle_noise", "motion_blur", "brightness_up", "brightness_down",
+             "contrast_down"),
+            ("a breast ultrasound image showing a {} finding.", "a photo of a {}."),
+        ),
+        Modality(
+            "retina", "retinamnist", "fundus", "disease_presence",
+            ("pixelate", "jpeg_compression", "gaussian_noise", "speckle_noise", "defocus_blur", "motion_blur",
+             "brightness_down", "contrast_down"),
+            ("a retinal fundus image showing {}.", "a photo of a {}."),
+        ),
+        Modality(
+            "oct", "octmnist", "oct", "disease_class",
+            ("pixelate", "jpeg_compression", "speckle_noise", "defocus_blur", "motion_blur", "contrast_down"),
+            ("a retinal OCT scan showing {}.", "a photo of a {}."),
+        ),
+        Modality(
+            "pneumonia", "pneumoniamnist", "pneumonia", "disease_class", None,
+            ("a chest X-ray showing {}.", "a photo of a {}."),
+        ),
+    )
+}  # fmt: skip
+
+
+def get_modality(name: str) -> Modality:
+    if name not in MODALITIES:
+        raise InputError(f"data.modality: unknown modality {name!r}; known: {sorted(MODALITIES)}")
+    return MODALITIES[name]
+
+
+def modality_corruptions(modality: Modality) -> tuple[str, ...]:
+    """The modality's corruption list, from medmnistc's registry where the entry leaves it open."""
+    if modality.corruptions is not None:
+        return modality.corruptions
+    try:
+        from medmnistc.corruptions.registry import CORRUPTIONS_DS
+    except ImportError as err:
+        raise InputError(
+            f"data.corruptions: modality {modality.name!r} takes its corruption list from medmnistc, which cannot "
+            f"be imported ({err}); install medmnistc (and ImageMagick's libmagickwand) or list data.corruptions"
+        ) from err
+    return tuple(CORRUPTIONS_DS[modality.medmnist_flag])

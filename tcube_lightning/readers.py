@@ -1,0 +1,229 @@
+"""Readers of every on-disk format a split can come in; each yields (RGB PIL image, label) samples.
+
+- MedMNIST npz (``{flag}_{size}.npz``, keys ``{split}_images`` / ``{split}_labels``);
+- MedMNIST-C pre-generated files: medmnistc's layout ``{flag}/{corruption}.npz`` (the five severities
+  stacked) or the T³ authors' ``{flag}/test/{corruption}_severity_{k}.npz``;
+- MedMNIST-C corruptions applied on the fly through ``medmnistc`` (seeded per sample);
+- MedIMeta's layout (``info.yaml``, ``images.hdf5``, ``task_labels/``, ``splits/``), with the HDF5 file
+  opened lazily in each DataLoader worker (h5py handles do not survive a fork);
+- Hugging Face ``datasets`` folders (``save_to_disk``, parquet files, or an image folder).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tcube_lightning.errors import InputError
+
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+class ImageArrays(Dataset):
+    """uint8 image arrays (N, H, W[, 3]) with integer labels, as RGB PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
+
+
+def read_medmnist_npz(path: str | Path, split: str = "test") -> ImageArrays:
+    """One split of a MedMNIST-format npz file, checked: uint8 images (N, H, W[, 3]), labels (N,) or (N, 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path} (expected a MedMNIST-format npz)")
+    wanted = (f"{split}_images", f"{split}_labels")
+    try:
+        with np.load(path) as npz:
+            keys = sorted(npz.files)
+            arrays = {k: npz[k] for k in wanted if k in keys}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise InputError(f"{path}: not a readable npz file ({err})") from err
+    missing = [k for k in wanted if k not in arrays]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {missing}; the file has {keys}")
+    return ImageArrays(*_checked_arrays(path, split, arrays[wanted[0]], arrays[wanted[1]]))
+
+
+def _checked_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+        expected = "uint8 of shape (N, H, W) or (N, H, W, 3)"
+        raise InputError(f"{path}: {split}_images must be {expected}, got {images.dtype} {images.shape}")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise InputError(
+            f"{path}: {split}_labels must have shape (N,) or (N, 1) with N = {len(images)}, got {labels.shape}"
+        )
+    if len(images) == 0:
+        raise InputError(f"{path}: split {split!r} is empty")
+    return images, labels.astype(np.int64)
+
+
+def read_medmnistc_file(folder: str | Path, flag: str, corruption: str, severity: int) -> ImageArrays:
+    """A pre-generated MedMNIST-C split, from medmnistc's layout or the T³ authors'."""
+    folder = Path(folder)
+    if severity not in SEVERITIES:
+        raise InputError(f"data.severities: severity {severity} is outside 1..5")
+    stacked = folder / flag / f"{corruption}.npz"
+    single = folder / flag / "test" / f"{corruption}_severity_{severity}.npz"
+    if single.is_file():
+        return read_medmnist_npz(single, "test")
+    if not stacked.is_file():
+        raise InputError(
+            f"MedMNIST-C split {corruption}@{severity} not found: expected {stacked} (medmnistc's layout, five "
+            f"severities stacked) or {single}; or set data.corruption_source=on_the_fly"
+        )
+    arrays = read_medmnist_npz(stacked, "test")
+    if len(arrays) % len(SEVERITIES):
+        raise InputError(f"{stacked}: {len(arrays)} images cannot be five equal severity blocks")
+    n = len(arrays) // len(SEVERITIES)
+    rows = slice((severity - 1) * n, severity * n)
+    return ImageArrays(arrays.images[rows], arrays.labels[rows])
+
+
+class CorruptedOnTheFly(Dataset):
+    """A MedMNIST-C corruption applied through medmnistc at load time, reproducibly.
+
+    medmnistc draws from NumPy's global generator, so it is re-seeded before every image from
+    (seed, corruption, severity, index): results do not depend on workers or processes.
+    """
+
+    def __init__(self, base: Dataset, flag: str, corruption: str, severity: int, seed: int = 0) -> None:
+        corruptors = medmnistc_corruptors(flag)
+        if corruption not in corruptors:
+            raise InputError(
+                f"data.corruptions: {corruption!r} is not a medmnistc corruption of {flag}; known: {sorted(corruptors)}"
+            )
+        if severity not in SEVERITIES:
+            raise InputError(f"data.severities: severity {severity} is outside 1..5")
+        self.base, self.corruptor, self.severity = base, corruptors[corruption], severity
+        self.labels = base.labels
+        self.key = [seed, sorted(corruptors).index(corruption), severity]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image, label = self.base[index]
+        if image.size != (224, 224):  # medmnistc's parameters are set for 224-px images
+            image = image.resize((224, 224), Image.BICUBIC)
+        np.random.seed(np.random.SeedSequence([*self.key, index]).generate_state(1)[0])
+        corrupted = np.asarray(self.corruptor.apply(image, self.severity - 1), dtype=np.uint8)
+        return Image.fromarray(corrupted).convert("RGB"), label
+
+
+def medmnistc_corruptors(flag: str) -> dict:
+    try:
+        from medmnistc.corruptions.registry import CORRUPTIONS_DS
+    except ImportError as err:
+        raise InputError(
+            f"data.corruption_source=on_the_fly needs medmnistc, which cannot be imported ({err}); it also "
+            "needs ImageMagick's libmagickwand (Debian: libmagickwand-6.q16-6)"
+        ) from err
+    if flag not in CORRUPTIONS_DS:
+        raise InputError(f"medmnistc defines no corruptions for {flag!r}; it does for {sorted(CORRUPTIONS_DS)}")
+    return CORRUPTIONS_DS[flag]
+
+
+class MedIMetaImages(Dataset):
+    """One split of a MedIMeta data set and task, read from its on-disk layout."""
+
+    def __init__(self, folder: str | Path, dataset_id: str, task: str, split: str = "test") -> None:
+        import yaml
+
+        root = Path(folder) / dataset_id
+        info_path = root / "info.yaml"
+        if not info_path.is_file():
+            found = sorted(p.parent.name for p in Path(folder).glob("*/info.yaml")) if Path(folder).is_dir() else []
+            raise InputError(
+                f"MedIMeta data set {dataset_id!r} not found: expected {info_path}; found {found or 'none'}"
+            )
+        info = yaml.safe_load(info_path.read_text())
+        tasks = {t["task_name"]: t for t in info.get("tasks", [])}
+        if task not in tasks:
+            raise InputError(f"{info_path}: no task {task!r}; tasks: {sorted(tasks)}")
+        labels_names = tasks[task]["labels"]
+        self.classnames = (
+            [labels_names[i] for i in sorted(labels_names)] if isinstance(labels_names, dict) else list(labels_names)
+        )
+        for needed in (root / "images.hdf5", root / "task_labels" / f"{task}.npy", root / "splits" / f"{split}.txt"):
+            if not needed.is_file():
+                raise InputError(f"MedIMeta {dataset_id}: missing {needed}")
+        labels = np.load(root / "task_labels" / f"{task}.npy")
+        lines = (root / "splits" / f"{split}.txt").read_text().split()
+        self.indices = [int(Path(line).stem) for line in lines]
+        if not self.indices:
+            raise InputError(f"MedIMeta {dataset_id}: split {split!r} is empty")
+        self.labels = labels.reshape(len(labels), -1)[:, 0].astype(np.int64)[self.indices]
+        self.hdf5_path = root / "images.hdf5"
+        self._images = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if self._images is None:  # opened on first use, inside the worker process
+            import h5py
+
+            self._images = h5py.File(self.hdf5_path, "r")["images"]
+        return Image.fromarray(self._images[self.indices[index]]).convert("RGB"), int(self.labels[index])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+
+class HFImages(Dataset):
+    """A Hugging Face ``datasets`` folder: saved with ``save_to_disk``, parquet files, or an image folder."""
+
+    def __init__(self, folder: str | Path, split: str = "test") -> None:
+        import datasets
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"HF dataset folder not found: {folder}")
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            data = datasets.load_from_disk(str(folder))
+        elif list(folder.rglob("*.parquet")):
+            data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
+        else:
+            data = datasets.load_dataset("imagefolder", data_dir=str(folder))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data and len(data) == 1:
+                split = next(iter(data))
+            if split not in data:
+                raise InputError(f"{folder}: no split {split!r}; splits: {sorted(data)}")
+            data = data[split]
+        self.image_column = _column(folder, data.column_names, ("image", "img", "pixel_values"))
+        self.label_column = _column(folder, data.column_names, ("label", "labels"))
+        feature = data.features[self.label_column]
+        self.classnames = list(feature.names) if hasattr(feature, "names") else None
+        self.data = data
+        self.labels = np.asarray(data[self.label_column])
+        if len(data) == 0:
+            raise InputError(f"{folder}: split {split!r} is empty")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        row = self.data[index]
+        image = row[self.image_column]
+        image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        return image.convert("RGB"), int(row[self.label_column])
+
+
+def _column(folder: Path, columns: list[str], candidates: tuple[str, ...]) -> str:
+    for name in candidates:
+        if name in columns:
+            return name
+    raise InputError(f"{folder}: none of the columns {list(candidates)} found; columns: {columns}")
