@@ -8,8 +8,8 @@ from conftest import CLASSNAMES, write_medmnist_npz
 from PIL import Image
 
 from tcube_lightning.data import EvaluationDataModule, medmnist_classnames, medmnist_filename
-from tcube_lightning.readers import read_medmnist_npz
 from tcube_lightning.errors import InputError
+from tcube_lightning.readers import read_medmnist_npz
 
 
 def test_official_file_names():
