@@ -165,6 +165,7 @@ class TCubeModule(L.LightningModule):
             {self._key(split, stat): cls() for split in self.split_names for stat, cls in COEFFICIENT_STATS.items()}
         )
         self.sample_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
+        self.nonfinite_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
         self.diagnostics = nn.ModuleDict({split: DecisionDiagnostics() for split in self.split_names})
 
     @staticmethod
@@ -241,7 +242,10 @@ class TCubeModule(L.LightningModule):
         pt_logits = clip_logits(self.store.pretrained, images, self.pt_heads[c])
         ft_logits = clip_logits(self.store.expert, images, self.ft_heads[c])
         hp = self.hparams
-        js = js_divergence(pt_logits, ft_logits, base=hp.js_base)
+        # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,
+        # which would poison every merge it takes part in; such samples are counted and reported.
+        finite = torch.isfinite(pt_logits).all(-1) & torch.isfinite(ft_logits).all(-1)
+        js = torch.where(finite, js_divergence(pt_logits, ft_logits, base=hp.js_base), 0.0)
         lam = t3_lambda(js, hp.lambda_min, hp.lambda_max, hp.gamma)
         weights = expert_weight(lam, hp.lambda_weights)
         ctx = BatchContext(
@@ -260,6 +264,7 @@ class TCubeModule(L.LightningModule):
             for key, values in (("pt", pt_logits), ("ft", ft_logits), ("t3", weights)):
                 self.cluster_cache[split][key].append(values.detach())
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
+        self.nonfinite_counts[split].update((~finite).sum().float())
         extremes = tuple(ctx.merged_logits(images, w).argmax(-1) for w in self.extreme_weights) or None
         self.diagnostics[split].update(pt_logits, ft_logits, labels, js, extremes)
         self._record_coefficients(split, js, lam)
@@ -336,6 +341,7 @@ class TCubeModule(L.LightningModule):
             for s in splits
         }
         counts = {s: int(self.sample_counts[s].compute()) for s in splits}
+        nonfinite = {s: int(self.nonfinite_counts[s].compute()) for s in splits}
         diagnostics = {s: self.diagnostics[s].compute() for s in splits}
         if not self.extreme_weights:  # not measured without T³
             for diag in diagnostics.values():
@@ -347,6 +353,12 @@ class TCubeModule(L.LightningModule):
         if self.logger is not None:
             flat = {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}
             self.logger.log_metrics(flat, step=0)
+        if any(nonfinite.values()):
+            affected = {s: n for s, n in nonfinite.items() if n}
+            rank_zero_warn(
+                f"non-finite logits from the pretrained or expert model for {sum(affected.values())} sample(s) "
+                f"(per split: {affected}); their JS was set to 0. Check the inputs and checkpoints."
+            )
         warning = lambda_spread_warning(coefficients, self.hparams.min_lambda_spread)
         if warning and "t3" in self.methods:
             rank_zero_warn(warning)
@@ -356,6 +368,7 @@ class TCubeModule(L.LightningModule):
             "coefficients": coefficients,
             "diagnostics": diagnostics,
             "num_samples": counts,
+            "nonfinite_samples": nonfinite,
             "clusters": self.cluster_summaries,
             "methods": {m.name: m.description for m in self.methods.values()},
             "config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},

@@ -249,3 +249,26 @@ def test_dawin_cluster_with_offset_uses_whole_split_statistics(clip_pair, npz_ro
     weights = (np.exp(-h_ft) + b / c) / (np.exp(-h_pt) + np.exp(-h_ft) + b)
     expected = fit_beta_mixture(torch.tensor(weights), components=3).means.tolist()
     assert results["clusters"]["a"]["dawin_cluster"]["means"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_non_finite_logits_are_counted_and_keep_lambda_finite(batch8_run, clip_pair, npz_root, tmp_path, monkeypatch):
+    import tcube_lightning.module as module
+
+    original = module.clip_logits
+
+    def first_row_nan(*args):
+        logits = original(*args).clone()
+        logits[0] = float("nan")
+        return logits
+
+    monkeypatch.setattr(module, "clip_logits", first_row_nan)
+    extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.methods=[zeroshot, wise_ft, t3_batch]")
+    with pytest.warns(UserWarning, match="non-finite logits .* for 8 sample"):
+        results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
+    assert results["nonfinite_samples"] == {"a": 5, "b": 3}  # row 0 of each batch
+    clean = batch8_run[0]
+    for split, n in (("a", 37), ("b", 21)):
+        # NaN JS would make λ, and every merge a batch's mean λ takes part in, NaN.
+        assert all(np.isfinite(v) for v in results["coefficients"][split].values())
+        batches = results["nonfinite_samples"][split]
+        assert abs(results["accuracy"][split]["wise_ft@0.5"] - clean["accuracy"][split]["wise_ft@0.5"]) <= batches / n
