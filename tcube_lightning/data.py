@@ -109,6 +109,7 @@ class EvaluationDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.modality = get_modality(modality) if modality is not None else None
         unknown = sorted(set(splits or ()) - set(SPLIT_KINDS))
         if unknown:
@@ -197,6 +198,11 @@ class EvaluationDataModule(L.LightningDataModule):
         if self.corruption_source == "files":
             return read_medmnistc_file(self.root / "medmnistc", self.flag, corruption, severity)
         return CorruptedOnTheFly(self._in_domain(), self.flag, corruption, severity, self.seed)
+
+    def drop_split(self, name: str) -> None:
+        """Leave out a split (one an earlier run already finished, when resuming)."""
+        self.datasets.pop(name, None)
+        self.split_classnames.pop(name, None)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per split. Under multi-process runs each process reads a disjoint share of every

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -34,9 +35,19 @@ from tcube_lightning.models import (
     tokenize_prompts,
     zero_shot_head,
 )
-from tcube_lightning.results import accuracy_table, corruption_errors, summary_rows, write_results, write_summary
+from tcube_lightning.results import (
+    accuracy_table,
+    corruption_errors,
+    jsonable,
+    summary_rows,
+    write_results,
+    write_summary,
+)
 from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsupported_reason
 
+SPLIT_RECORD_KEYS = (
+    "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters",
+)  # fmt: skip
 COEFFICIENT_STATS = {"lambda_min": MinMetric, "lambda_max": MaxMetric, "lambda_mean": MeanMetric, "js_mean": MeanMetric}
 
 
@@ -68,6 +79,8 @@ class TCubeModule(L.LightningModule):
             (``t3_cluster``, ``dawin_cluster``): one merged model per component.
         min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
         results_dir: Where results.json / results.md go; default the logger's run folder.
+        resume: Skip the splits that results_dir/results.json already holds from a run with the same
+            configuration (results are rewritten after every split, so an interrupted run keeps those).
     """
 
     def __init__(
@@ -89,6 +102,7 @@ class TCubeModule(L.LightningModule):
         clusters: int = 3,
         min_lambda_spread: float = 0.05,
         results_dir: str | None = None,
+        resume: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +111,8 @@ class TCubeModule(L.LightningModule):
         if gamma < 0:
             raise InputError(f"model.gamma must be >= 0, got {gamma}")
         check_baselines(baselines)
+        if resume and results_dir is None:
+            raise InputError("model.resume needs model.results_dir: the folder whose results.json to continue")
         if clusters < 1:
             raise InputError(f"model.clusters must be >= 1, got {clusters}")
         if samplewise not in ("auto", "vectorized", "loop"):
@@ -125,10 +141,17 @@ class TCubeModule(L.LightningModule):
         data = self.trainer.datamodule
         # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.
         families = set(self.method_families)
-        built = build_methods(self.baselines, self.hparams.arch)
-        self.methods = {n: m for n, m in built.items() if m.family in families}
-        self.split_names: list[str] = data.split_names
         hp = self.hparams
+        built = build_methods(self.baselines, hp.arch)
+        self.methods = {n: m for n, m in built.items() if m.family in families}
+        self.all_split_names = data.split_names
+        self.run_config = jsonable(
+            {"model": {k: v for k, v in hp.items() if k[0] != "_" and k != "resume"}, "data": data.hparams}
+        )
+        self.previous = self._load_previous() if hp.resume else {}
+        for split in self.previous:
+            data.drop_split(split)
+        self.split_names: list[str] = data.split_names
         self.store = FusedParameterStore(
             load_clip(hp.arch, hp.pretrained_checkpoint), load_clip(hp.arch, hp.expert_checkpoint)
         )
@@ -178,6 +201,10 @@ class TCubeModule(L.LightningModule):
         self.clustered = {n: m for n, m in self.methods.items() if m.kind == "clustered"}
         self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
+        self.current_split: int | None = None
+        self.completed: dict[str, dict] = {}
+        # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
+        self.results_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         self._choose_samplewise_path()
         sets = range(len(self.class_counts))
         self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
@@ -236,6 +263,10 @@ class TCubeModule(L.LightningModule):
         return self.vectorized.logits(images, weights, tokens, count, fixed_head)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx != self.current_split:  # splits run one after another: the previous one is done
+            if self.current_split is not None:
+                self._finish_split(self.current_split)
+            self.current_split = dataloader_idx
         images, labels = batch
         split = self.split_names[dataloader_idx]
         c = self.split_class_set[split]
@@ -295,89 +326,126 @@ class TCubeModule(L.LightningModule):
             self.logger.experiment.add_histogram(f"{split}/js", js.float().cpu(), step)
 
     # -------------------------------------------------------------- reporting
-    def _clustered_pass(self) -> None:
-        """Pass 2 of the clustered methods: fit a Beta mixture to each split's coefficients (all ranks'),
-        then run every sample through the model merged at its component's mean, one merge per component.
-        Pass 1's pretrained and expert forwards are not repeated."""
-        for index, split in enumerate(self.split_names):
-            cache = {key: torch.cat(values) for key, values in self.cluster_cache[split].items()}
-            local_rows = gather_from_all_ranks(torch.tensor([len(cache["t3"])]))
-            start = int(local_rows[: self.global_rank].sum())
-            everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
-            assignments, means = {}, {}
-            for name, method in self.clustered.items():
-                coefficients = method.coefficient(everything["pt"], everything["ft"], everything["t3"])
-                mixture = fit_beta_mixture(coefficients, self.hparams.clusters)
-                local = coefficients[start : start + len(cache["t3"])]
-                assignments[name] = mixture.assign(local).to(self.device)
-                means[name] = [float(m) for m in mixture.means]
-                self.cluster_summaries[split][name] = mixture_summary(mixture)
-                if mixture.note:
-                    rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
-            offset = 0
-            for batch in self.trainer.test_dataloaders[index]:
-                images, labels = self.transfer_batch_to_device(batch, self.device, index)
-                rows = slice(offset, offset + len(labels))
-                for name in self.clustered:
-                    component = assignments[name][rows]
-                    weights = torch.tensor(means[name], device=self.device)[component]
-                    c = self.split_class_set[split]
-                    logits = per_sample_loop(partial(self.merged_logits, class_set=c), images, weights)
-                    self._update_metrics(split, name, logits, labels)
-                offset += len(labels)
+    def _clustered_pass(self, index: int) -> None:
+        """Pass 2 of the clustered methods on split ``index``: fit a Beta mixture to the split's coefficients
+        (all ranks'), then run every sample through the model merged at its component's mean, one merge per
+        component. Pass 1's pretrained and expert forwards are not repeated."""
+        split = self.split_names[index]
+        cache = {key: torch.cat(values) for key, values in self.cluster_cache[split].items()}
+        local_rows = gather_from_all_ranks(torch.tensor([len(cache["t3"])]))
+        start = int(local_rows[: self.global_rank].sum())
+        everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
+        assignments, means = {}, {}
+        for name, method in self.clustered.items():
+            coefficients = method.coefficient(everything["pt"], everything["ft"], everything["t3"])
+            mixture = fit_beta_mixture(coefficients, self.hparams.clusters)
+            local = coefficients[start : start + len(cache["t3"])]
+            assignments[name] = mixture.assign(local).to(self.device)
+            means[name] = [float(m) for m in mixture.means]
+            self.cluster_summaries[split][name] = mixture_summary(mixture)
+            if mixture.note:
+                rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
+        merged_logits = partial(self.merged_logits, class_set=self.split_class_set[split])
+        offset = 0
+        for batch in self.trainer.test_dataloaders[index]:
+            images, labels = self.transfer_batch_to_device(batch, self.device, index)
+            rows = slice(offset, offset + len(labels))
+            for name in self.clustered:
+                weights = torch.tensor(means[name], device=self.device)[assignments[name][rows]]
+                self._update_metrics(split, name, per_sample_loop(merged_logits, images, weights), labels)
+            offset += len(labels)
+
+    def _finish_split(self, index: int) -> None:
+        """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
+        split = self.split_names[index]
+        if self.clustered:
+            self._clustered_pass(index)
+        metrics = {
+            m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
+        }
+        diagnostics = self.diagnostics[split].compute()
+        if not self.extreme_weights:  # not measured without T³
+            del diagnostics["flips_between_lambda_extremes"]
+        self.completed[split] = {
+            "accuracy": {m: values["top1"] for m, values in metrics.items()},
+            "metrics": metrics,
+            "coefficients": {
+                stat: float(self.coefficient_stats[self._key(split, stat)].compute()) for stat in COEFFICIENT_STATS
+            },
+            "diagnostics": diagnostics,
+            "num_samples": int(self.sample_counts[split].compute()),
+            "nonfinite_samples": int(self.nonfinite_counts[split].compute()),
+            "clusters": self.cluster_summaries[split],
+        }
+        if self.trainer.is_global_zero:
+            self._write_results()
+
+    def _load_previous(self) -> dict[str, dict]:
+        """With resume: the splits an earlier run with the same configuration finished, from its results.json."""
+        path = Path(self.hparams.results_dir) / "results.json"
+        if not path.is_file():
+            return {}
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"model.resume: {path} is not valid JSON ({err})") from err
+        if previous.get("config") != self.run_config:
+            old, new = previous.get("config", {}), self.run_config
+            differing = sorted(
+                f"{group}.{key}"
+                for group in ("model", "data")
+                for key in set(old.get(group, {})) | set(new[group])
+                if old.get(group, {}).get(key) != new[group].get(key)
+            )
+            raise InputError(
+                f"model.resume: {path} was written with another configuration (differs in {differing or 'layout'}); "
+                "use another model.results_dir or remove that file"
+            )
+        done = previous.get("accuracy", {})
+        rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {list(done)}")
+        return {split: {key: previous[key][split] for key in SPLIT_RECORD_KEYS} for split in done}
+
+    def _results(self) -> dict:
+        """Everything finished so far (this run's splits and, with resume, the earlier run's), per key."""
+        records = {**self.previous, **self.completed}
+        order = [s for s in self.all_split_names if s in records]
+        results = {key: {s: records[s][key] for s in order} for key in SPLIT_RECORD_KEYS}
+        results["methods"] = {m.name: m.description for m in self.methods.values()}
+        results["config"] = self.run_config
+        errors = corruption_errors(results["accuracy"], self.hparams.mce_reference)
+        if errors:
+            results["corruption_errors"] = {"reference": self.hparams.mce_reference, "ce": errors}
+        return results
+
+    def _write_results(self) -> tuple[Path, Path]:
+        results = self._results()
+        paths = write_results(self.results_dir, results)
+        write_summary(
+            self.results_dir, summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
+        )
+        return paths
 
     def on_test_epoch_end(self) -> None:
-        """Compute (and, under DDP, reduce) every metric on all ranks, then report on rank 0."""
-        if self.clustered:
-            self._clustered_pass()
-        splits = self.split_names
-        metrics = {
-            s: {m: {k: float(v) for k, v in self.metrics[self._key(s, m)].compute().items()} for m in self.methods}
-            for s in splits
-        }
-        accuracy = {s: {m: values["top1"] for m, values in row.items()} for s, row in metrics.items()}
-        coefficients = {
-            s: {stat: float(self.coefficient_stats[self._key(s, stat)].compute()) for stat in COEFFICIENT_STATS}
-            for s in splits
-        }
-        counts = {s: int(self.sample_counts[s].compute()) for s in splits}
-        nonfinite = {s: int(self.nonfinite_counts[s].compute()) for s in splits}
-        diagnostics = {s: self.diagnostics[s].compute() for s in splits}
-        if not self.extreme_weights:  # not measured without T³
-            for diag in diagnostics.values():
-                del diag["flips_between_lambda_extremes"]
-        # trainer.log_dir is a collective call under DDP: every rank must ask.
-        results_dir = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+        """Finish the last split, then report on rank 0."""
+        if self.current_split is not None:
+            self._finish_split(self.current_split)
         if not self.trainer.is_global_zero:
             return
+        results = self._results()
+        accuracy = results["accuracy"]
         if self.logger is not None:
             flat = {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}
             self.logger.log_metrics(flat, step=0)
-        if any(nonfinite.values()):
-            affected = {s: n for s, n in nonfinite.items() if n}
+        affected = {s: n for s, n in results["nonfinite_samples"].items() if n}
+        if affected:
             rank_zero_warn(
                 f"non-finite logits from the pretrained or expert model for {sum(affected.values())} sample(s) "
                 f"(per split: {affected}); their JS was set to 0. Check the inputs and checkpoints."
             )
-        warning = lambda_spread_warning(coefficients, self.hparams.min_lambda_spread)
+        warning = lambda_spread_warning(results["coefficients"], self.hparams.min_lambda_spread)
         if warning and "t3" in self.methods:
             rank_zero_warn(warning)
-        results = {
-            "accuracy": accuracy,
-            "metrics": metrics,
-            "coefficients": coefficients,
-            "diagnostics": diagnostics,
-            "num_samples": counts,
-            "nonfinite_samples": nonfinite,
-            "clusters": self.cluster_summaries,
-            "methods": {m.name: m.description for m in self.methods.values()},
-            "config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},
-        }
-        errors = corruption_errors(accuracy, self.hparams.mce_reference)
-        if errors:
-            results["corruption_errors"] = {"reference": self.hparams.mce_reference, "ce": errors}
-        json_path, md_path = write_results(results_dir, results)
-        write_summary(results_dir, summary_rows(accuracy, errors))
+        json_path, md_path = self._write_results()
         table = accuracy_table(accuracy)
         rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
 

@@ -40,11 +40,16 @@ def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(value: Any) -> Any:
+def _encode(value: Any) -> Any:
     """Dataclass settings (given in Python rather than through the CLI) as plain dicts."""
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a results file (tuples become lists, settings dicts)."""
+    return json.loads(json.dumps(value, default=_encode))
 
 
 def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Path, Path]:
@@ -69,7 +74,7 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
         if "flips_between_lambda_extremes" in diag:
             flips = diag["flips_between_lambda_extremes"]
             markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"
-    write_atomic(json_path, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    write_atomic(json_path, json.dumps(results, indent=2, default=_encode) + "\n")
     write_atomic(md_path, markdown)
     return json_path, md_path
 

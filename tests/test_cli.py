@@ -272,3 +272,37 @@ def test_non_finite_logits_are_counted_and_keep_lambda_finite(batch8_run, clip_p
         assert all(np.isfinite(v) for v in results["coefficients"][split].values())
         batches = results["nonfinite_samples"][split]
         assert abs(results["accuracy"][split]["wise_ft@0.5"] - clean["accuracy"][split]["wise_ft@0.5"]) <= batches / n
+
+
+def test_results_are_written_per_split_and_a_resumed_run_skips_finished_splits(clip_pair, npz_root, tmp_path):
+    out = tmp_path / "results"
+    extra = ("--data.batch_size=8", "--model.methods=[zeroshot, t3_batch, t3_cluster]", f"--model.results_dir={out}")
+    main(cli_args(clip_pair, npz_root, tmp_path / "full", *extra))
+    full = json.loads((out / "results.json").read_text())
+    # Keep only split "a", as if the run had been interrupted after it (results are rewritten per split).
+    partial = {k: ({"a": v["a"]} if isinstance(v, dict) and "a" in v else v) for k, v in full.items()}
+    partial.pop("corruption_errors", None)
+    partial["accuracy"]["a"]["zeroshot"] = 0.123  # a marker: a skipped split is not recomputed
+    (out / "results.json").write_text(json.dumps(partial))
+    main(cli_args(clip_pair, npz_root, tmp_path / "resumed", *extra, "--model.resume=true"))
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["num_samples"] == {"a": 37, "b": 21}
+    assert resumed["accuracy"]["a"] == {**full["accuracy"]["a"], "zeroshot": 0.123}
+    assert resumed["accuracy"]["b"] == full["accuracy"]["b"]
+    assert resumed["clusters"] == full["clusters"]
+    # Another configuration must not be mixed into these results.
+    other = run_cli_subprocess(
+        cli_args(clip_pair, npz_root, tmp_path / "other", *extra, "--model.resume=true", "--model.gamma=3")
+    )
+    assert other.returncode == 2 and "written with another configuration (differs in ['model.gamma'])" in other.stderr
+    assert run_cli_subprocess(cli_args(clip_pair, npz_root, tmp_path, "--model.resume=true")).returncode == 2
+
+
+def test_results_file_grows_split_by_split(clip_pair, npz_root, tmp_path, monkeypatch):
+    import tcube_lightning.module as module
+
+    seen = []
+    original = module.write_results
+    monkeypatch.setattr(module, "write_results", lambda d, r: seen.append(list(r["accuracy"])) or original(d, r))
+    run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=8", "--model.methods=[zeroshot]"))
+    assert seen[:2] == [["a"], ["a", "b"]]
