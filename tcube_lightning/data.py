@@ -21,6 +21,7 @@ from tcube_lightning.readers import (
     MedIMetaImages,
     read_medmnist_npz,
     read_medmnistc_file,
+    write_npz_atomic,
 )
 
 SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
@@ -86,6 +87,8 @@ class EvaluationDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (faster host-to-GPU copies).
         seed: Seed of the on-the-fly corruptions.
+        corruption_cache: With on-the-fly corruptions, a folder where each generated split is saved (in the
+            T³ authors' MedMNIST-C layout) the first time and read back on later runs.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class EvaluationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        corruption_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -131,6 +135,7 @@ class EvaluationDataModule(L.LightningDataModule):
         self.sources = dict(sources or {})
         self.corruptions = list(corruptions) if corruptions is not None else None
         self.severities, self.corruption_source, self.seed = list(severities), corruption_source, seed
+        self.corruption_cache = Path(corruption_cache) if corruption_cache is not None else None
         self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag)
         self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
         if any("{}" not in t for t in self.templates):
@@ -197,7 +202,13 @@ class EvaluationDataModule(L.LightningDataModule):
     def _corrupted(self, corruption: str, severity: int) -> Dataset:
         if self.corruption_source == "files":
             return read_medmnistc_file(self.root / "medmnistc", self.flag, corruption, severity)
-        return CorruptedOnTheFly(self._in_domain(), self.flag, corruption, severity, self.seed)
+        corrupted = CorruptedOnTheFly(self._in_domain(), self.flag, corruption, severity, self.seed)
+        if self.corruption_cache is None:
+            return corrupted
+        cached = self.corruption_cache / self.flag / "test" / f"{corruption}_severity_{severity}_seed_{self.seed}.npz"
+        if not cached.is_file():
+            write_npz_atomic(cached, corrupted)
+        return read_medmnist_npz(cached, "test")
 
     def drop_split(self, name: str) -> None:
         """Leave out a split (one an earlier run already finished, when resuming)."""

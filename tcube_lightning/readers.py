@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -120,6 +121,16 @@ class CorruptedOnTheFly(Dataset):
         np.random.seed(np.random.SeedSequence([*self.key, index]).generate_state(1)[0])
         corrupted = np.asarray(self.corruptor.apply(image, self.severity - 1), dtype=np.uint8)
         return Image.fromarray(corrupted).convert("RGB"), label
+
+
+def write_npz_atomic(path: Path, dataset: Dataset) -> None:
+    """Save every (image, label) of ``dataset`` as a MedMNIST-format npz (``test_`` keys), atomically."""
+    images = np.stack([np.asarray(dataset[i][0], dtype=np.uint8) for i in range(len(dataset))])
+    labels = np.asarray([dataset[i][1] for i in range(len(dataset))], dtype=np.int64)[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial.npz")
+    np.savez_compressed(partial, test_images=images, test_labels=labels)
+    os.replace(partial, path)
 
 
 def medmnistc_corruptors(flag: str) -> dict:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_medimeta, write_medmnist_npz, write_medmnistc_stacked, write_modality_data
 from PIL import Image
 from test_cli import REPO, run_cli_in_process
@@ -199,3 +200,24 @@ def test_on_the_fly_and_hf_sources_through_the_cli(clip_pair, tmp_path):
     assert results["num_samples"] == {"in_domain": 8, "speckle_noise@5": 8, "extra": 7}
     again, _ = run_cli_in_process([a.replace("runs", "runs2") for a in args])
     assert again["accuracy"] == results["accuracy"]  # seeded corruptions: same results
+
+
+def test_on_the_fly_corruptions_are_cached_when_asked(tmp_path):
+    write_medmnist_npz(tmp_path / "breastmnist.npz", 5, 2)
+    options = dict(
+        root=str(tmp_path), modality="breast", splits=["corrupted"], corruptions=["speckle_noise"], severities=[2],
+        size=28, image_size=28, corruption_source="on_the_fly", corruption_cache=str(tmp_path / "cache"),
+    )  # fmt: skip
+    first = EvaluationDataModule(**options)
+    first.setup("test")
+    cached = tmp_path / "cache" / "breastmnist" / "test" / "speckle_noise_severity_2_seed_0.npz"
+    assert cached.is_file()
+    fresh = CorruptedOnTheFly(read_medmnist_npz(tmp_path / "breastmnist.npz"), "breastmnist", "speckle_noise", 2)
+    with np.load(cached) as npz:
+        for i in range(5):
+            np.testing.assert_array_equal(npz["test_images"][i], np.asarray(fresh[i][0]))
+    stamp = cached.stat().st_mtime_ns
+    second = EvaluationDataModule(**options)
+    second.setup("test")
+    assert cached.stat().st_mtime_ns == stamp  # read back, not regenerated
+    torch.testing.assert_close(second.datasets["speckle_noise@2"][3][0], first.datasets["speckle_noise@2"][3][0])
