@@ -13,7 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.modalities import get_modality, modality_corruptions
+from tcube_lightning.modalities import get_modality, known_corruptions, modality_corruptions
 from tcube_lightning.readers import (
     SEVERITIES,
     CorruptedOnTheFly,
@@ -120,6 +120,11 @@ class EvaluationDataModule(L.LightningDataModule):
             raise InputError(f"data.splits: unknown split kind(s) {unknown}; choose from {list(SPLIT_KINDS)}")
         if self.modality is None and not sources:
             raise InputError("data: give a modality, or sources (split name → file) for your own splits")
+        if self.modality is not None and corruptions:
+            unknown = sorted(set(corruptions) - known_corruptions(self.modality))
+            if unknown:
+                known = sorted(known_corruptions(self.modality))
+                raise InputError(f"data.corruptions: unknown for {self.modality.name}: {unknown}; known: {known}")
         bad = [s for s in severities if s not in SEVERITIES]
         if bad:
             raise InputError(f"data.severities: {bad} outside 1..5")

@@ -77,3 +77,13 @@ def modality_corruptions(modality: Modality) -> tuple[str, ...]:
             f"be imported ({err}); install medmnistc (and ImageMagick's libmagickwand) or list data.corruptions"
         ) from err
     return tuple(CORRUPTIONS_DS[modality.medmnist_flag])
+
+
+def known_corruptions(modality: Modality) -> set[str]:
+    """Every corruption name accepted for the modality: its own list and medmnistc's for its flag."""
+    names = set(modality.corruptions or ())
+    try:
+        from medmnistc.corruptions.registry import CORRUPTIONS_DS
+    except ImportError:
+        return names
+    return names | set(CORRUPTIONS_DS.get(modality.medmnist_flag, ()))

@@ -43,7 +43,7 @@ def load_clip(arch: str, checkpoint: str | Path) -> nn.Module:
     check_architecture(arch)
     try:
         model = open_clip.create_model(arch, pretrained=str(path))
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError) as err:
+    except (RuntimeError, KeyError, ValueError, EOFError, OSError, AssertionError, pickle.UnpicklingError) as err:
         raise InputError(f"checkpoint {path} could not be loaded into open_clip architecture {arch!r}: {err}") from err
     return model.eval().requires_grad_(False)
 

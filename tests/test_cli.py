@@ -306,3 +306,65 @@ def test_results_file_grows_split_by_split(clip_pair, npz_root, tmp_path, monkey
     monkeypatch.setattr(module, "write_results", lambda d, r: seen.append(list(r["accuracy"])) or original(d, r))
     run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=8", "--model.methods=[zeroshot]"))
     assert seen[:2] == [["a"], ["a", "b"]]
+
+
+def write_bad_inputs(root):
+    """Files for the bad-input cases: an empty split, float images, out-of-range labels, a corrupt checkpoint,
+    and the checkpoint of a differently sized architecture."""
+    import numpy as np
+
+    root.mkdir(exist_ok=True)
+    np.savez(root / "empty.npz", test_images=np.zeros((0, 28, 28, 3), np.uint8), test_labels=np.zeros((0, 1), np.uint8))
+    np.savez(
+        root / "float.npz", test_images=np.zeros((4, 28, 28, 3), np.float32), test_labels=np.zeros((4, 1), np.uint8)
+    )
+    np.savez(
+        root / "labels.npz", test_images=np.zeros((4, 28, 28, 3), np.uint8), test_labels=np.full((4, 1), 9, np.uint8)
+    )
+    (root / "corrupt.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    config = {
+        "embed_dim": 32, "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }  # fmt: skip
+    (root / "other-arch.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / "other-arch.json")
+    torch.save(open_clip.create_model("other-arch").state_dict(), root / "other.pt")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--model.gamma=-1"], "model.gamma must be >= 0"),
+        (["--model.expert_checkpoint={bad}/corrupt.pt"], "could not be loaded into open_clip architecture"),
+        (["--model.expert_checkpoint={bad}/other.pt"], "could not be loaded into open_clip architecture 'tcube-tiny"),
+        (["--model.arch=ViT-Q-99"], "open_clip has no model config named 'ViT-Q-99'"),
+        (['--data.sources={{"e": "{bad}/empty.npz"}}'], "split 'test' is empty"),
+        (['--data.sources={{"f": "{bad}/float.npz"}}'], "test_images must be uint8"),
+        (['--data.sources={{"l": "{bad}/labels.npz"}}'], "4 label(s) outside 0..3 for 4 class names"),
+        (["--data.modality=skin"], "unknown modality 'skin'"),
+        (["--data.modality=breast", "--data.corruptions=[snow]"], "data.corruptions: unknown for breast: ['snow']"),
+        (["--data.modality=breast", "--data.severities=[6]"], "[6] outside 1..5"),
+        (["--model.baselines.dare_drop=1.0"], "dare_drop 1.0 not in [0, 1)"),
+        (["--model.clusters=0"], "model.clusters must be >= 1"),
+    ],
+    ids=["gamma", "corrupt-checkpoint", "architecture-mismatch", "unknown-arch", "empty-split", "image-dtype",
+         "labels-range", "unknown-modality", "unknown-corruption", "severity", "dare-drop", "clusters"],
+)  # fmt: skip
+def test_more_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, overrides, message):
+    bad = tmp_path / "bad"
+    write_bad_inputs(bad)
+    extra = [o.format(bad=bad) for o in overrides]
+    result = run_cli_subprocess(
+        cli_args(clip_pair, npz_root, tmp_path / "runs", f"--model.model_config={bad / 'other-arch.json'}", *extra)
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_same_config_and_seed_give_identical_results_files(clip_pair, npz_root, tmp_path):
+    extra = ("--data.batch_size=8", "--model.methods=[zeroshot, dare, m3, t3, t3_cluster]")
+    texts = []
+    for run in ("first", "second"):
+        _, run_dir = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / run, *extra))
+        texts.append((run_dir / "results.json").read_text())
+    assert texts[0] == texts[1]
