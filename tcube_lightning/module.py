@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -35,6 +36,7 @@ from tcube_lightning.models import (
     tokenize_prompts,
     zero_shot_head,
 )
+from tcube_lightning.plots import close_figures, run_figures, save_figures
 from tcube_lightning.results import (
     accuracy_table,
     corruption_errors,
@@ -79,6 +81,8 @@ class TCubeModule(L.LightningModule):
             (``t3_cluster``, ``dawin_cluster``): one merged model per component.
         min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
         results_dir: Where results.json / results.md go; default the logger's run folder.
+        plots: Draw λ histograms, accuracy against severity and the method × split heat map (PNG files in
+            results_dir/plots and TensorBoard images).
         resume: Skip the splits that results_dir/results.json already holds from a run with the same
             configuration (results are rewritten after every split, so an interrupted run keeps those).
     """
@@ -103,6 +107,7 @@ class TCubeModule(L.LightningModule):
         min_lambda_spread: float = 0.05,
         results_dir: str | None = None,
         resume: bool = False,
+        plots: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -202,6 +207,8 @@ class TCubeModule(L.LightningModule):
         self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
         self.current_split: int | None = None
+        self.lambda_values: dict[str, list[torch.Tensor]] = {s: [] for s in self.split_names}
+        self.lambda_arrays: dict[str, np.ndarray] = {}
         self.completed: dict[str, dict] = {}
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
         self.results_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
@@ -307,6 +314,8 @@ class TCubeModule(L.LightningModule):
         """Accumulate λ/JS statistics for the results and log this batch's λ and JS to the logger."""
         for stat, values in (("lambda_min", lam), ("lambda_max", lam), ("lambda_mean", lam), ("js_mean", js)):
             self.coefficient_stats[self._key(split, stat)].update(values)
+        if self.hparams.plots:
+            self.lambda_values[split].append(lam.detach().float())
         step = self.batches_seen[split]
         self.batches_seen[split] += 1
         if self.logger is None:
@@ -363,6 +372,8 @@ class TCubeModule(L.LightningModule):
         metrics = {
             m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
         }
+        if self.hparams.plots:
+            self.lambda_arrays[split] = gather_from_all_ranks(torch.cat(self.lambda_values[split])).cpu().numpy()
         diagnostics = self.diagnostics[split].compute()
         if not self.extreme_weights:  # not measured without T³
             del diagnostics["flips_between_lambda_extremes"]
@@ -425,6 +436,15 @@ class TCubeModule(L.LightningModule):
         )
         return paths
 
+    def _plot(self, accuracy: dict[str, dict[str, float]]) -> None:
+        """PNG files in results_dir/plots, and the same figures as TensorBoard images."""
+        figures = run_figures(accuracy, self.lambda_arrays)
+        save_figures(self.results_dir / "plots", figures)
+        if isinstance(self.logger, TensorBoardLogger):
+            for stem, figure in figures.items():
+                self.logger.experiment.add_figure(f"plots/{stem}", figure, close=False)
+        close_figures(figures)
+
     def on_test_epoch_end(self) -> None:
         """Finish the last split, then report on rank 0."""
         if self.current_split is not None:
@@ -446,6 +466,8 @@ class TCubeModule(L.LightningModule):
         if warning and "t3" in self.methods:
             rank_zero_warn(warning)
         json_path, md_path = self._write_results()
+        if self.hparams.plots:
+            self._plot(accuracy)
         table = accuracy_table(accuracy)
         rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
 

@@ -221,3 +221,29 @@ def test_on_the_fly_corruptions_are_cached_when_asked(tmp_path):
     second.setup("test")
     assert cached.stat().st_mtime_ns == stamp  # read back, not regenerated
     torch.testing.assert_close(second.datasets["speckle_noise@2"][3][0], first.datasets["speckle_noise@2"][3][0])
+
+
+def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_modality_data(tmp_path / "data", "breastmnist", ("mammo_mass", "pathology"), ["pixelate"])
+    args = [
+        "test", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, expert, t3]",
+        f"--data.root={tmp_path / 'data'}", "--data.modality=breast", "--data.size=28", "--data.image_size=28",
+        "--data.corruptions=[pixelate]", "--data.severities=[1, 2, 3]",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    _, run_dir = run_cli_in_process(args)
+    expected = {"accuracy_heatmap", "lambda_histograms", "severity_pixelate"}
+    assert {p.stem for p in (run_dir / "plots").glob("*.png")} == expected
+    for stem in expected:
+        with Image.open(run_dir / "plots" / f"{stem}.png") as image:
+            assert image.format == "PNG" and image.width >= 300 and image.height >= 200
+            pixels = np.asarray(image.convert("L"))
+            assert pixels.std() > 5  # something is drawn
+    with Image.open(run_dir / "plots" / "severity_pixelate.png") as image:
+        assert image.size == (600, 400)  # 6 × 4 inches at 100 dpi
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"plots/{stem}" for stem in expected} <= set(events.Tags()["images"])
