@@ -1,0 +1,44 @@
+"""The package as users install it: a wheel with its data files and console script, `python -m`, the Dockerfile."""
+
+import re
+import subprocess
+import sys
+import zipfile
+
+from test_cli import REPO
+
+
+def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("tcube_lightning-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "tcube_lightning/model_configs/tcube-tiny-clip.json" in names
+    assert "tcube_lightning/module.py" in names
+    assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli:main", entry_points)
+
+
+def test_python_dash_m_is_the_same_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "tcube_lightning", "test", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "--model.lambda_weights" in done.stdout and "--data.modality" in done.stdout
+
+
+def test_dockerfile_installs_the_pinned_files_and_copies_files_that_exist():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", dockerfile, flags=re.M):
+        for path in source.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which does not exist"
+    assert "pip install --no-cache-dir -r requirements.txt" in dockerfile
+    assert "pip install --no-cache-dir --no-deps ." in dockerfile
+    assert 'ENTRYPOINT ["python", "main.py"]' in dockerfile
