@@ -20,6 +20,7 @@ from tcube_lightning.coefficients import (
     dawin_entropy_ratio,
     max_confidence_ratio,
 )
+from tcube_lightning.errors import InputError
 from tcube_lightning.merging import FusedParameterStore, dare, slerp, ties
 
 # DaWin's calibrated softmax temperatures (pretrained, expert) for CLIP architectures, from its code.
@@ -55,6 +56,20 @@ class BaselineSettings:
     dawin_temperatures: tuple[float, float] | None = None
     dawin_offset: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject values outside their ranges, naming the option, before any work starts."""
+        problems = [f"wise_alphas {a} not in [0, 1]" for a in self.wise_alphas if not 0.0 <= a <= 1.0]
+        if not 0.0 <= self.slerp_alpha <= 1.0:
+            problems.append(f"slerp_alpha {self.slerp_alpha} not in [0, 1]")
+        if not 0.0 < self.ties_density <= 1.0:
+            problems.append(f"ties_density {self.ties_density} not in (0, 1]")
+        if not 0.0 <= self.dare_drop < 1.0:
+            problems.append(f"dare_drop {self.dare_drop} not in [0, 1)")
+        if self.dawin_temperatures is not None and min(self.dawin_temperatures) <= 0:
+            problems.append(f"dawin_temperatures {self.dawin_temperatures} must be > 0")
+        if problems:
+            raise InputError("model.baselines: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,12 @@ def check_architecture(arch: str) -> None:
         )
 
 
+def architecture_image_size(arch: str) -> int:
+    """The image side an open_clip architecture expects, from its config (no weights loaded)."""
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
 def load_clip(arch: str, checkpoint: str | Path) -> nn.Module:
     """An open_clip CLIP of architecture ``arch`` with weights from a local checkpoint file, in eval mode."""
     path = Path(checkpoint)

@@ -29,6 +29,7 @@ from tcube_lightning.errors import InputError
 from tcube_lightning.merging import FusedParameterStore
 from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, BatchContext, build_methods
 from tcube_lightning.models import (
+    architecture_image_size,
     check_architecture,
     clip_logits,
     load_clip,
@@ -115,7 +116,6 @@ class TCubeModule(L.LightningModule):
             raise InputError(f"model.lambda_min ({lambda_min}) must not exceed model.lambda_max ({lambda_max})")
         if gamma < 0:
             raise InputError(f"model.gamma must be >= 0, got {gamma}")
-        check_baselines(baselines)
         if resume and results_dir is None:
             raise InputError("model.resume needs model.results_dir: the folder whose results.json to continue")
         if clusters < 1:
@@ -157,13 +157,16 @@ class TCubeModule(L.LightningModule):
         for split in self.previous:
             data.drop_split(split)
         self.split_names: list[str] = data.split_names
+        model_size = architecture_image_size(hp.arch)
+        if data.image_size != model_size:
+            raise InputError(f"data.image_size is {data.image_size} but {hp.arch} expects {model_size}-pixel images")
+        if any("@" in split for split in self.split_names) and hp.mce_reference not in self.methods:
+            raise InputError(  # corrupted splits: CE needs the reference method
+                f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
+            )
         self.store = FusedParameterStore(
             load_clip(hp.arch, hp.pretrained_checkpoint), load_clip(hp.arch, hp.expert_checkpoint)
         )
-        model_size = self.store.pretrained.visual.image_size
-        model_size = model_size[0] if isinstance(model_size, (tuple, list)) else model_size
-        if data.image_size != model_size:
-            raise InputError(f"data.image_size is {data.image_size} but {hp.arch} expects {model_size}-pixel images")
         reason = unsupported_reason(self.store.pretrained)
         if hp.samplewise == "vectorized" and reason is not None:
             raise InputError(f"model.samplewise=vectorized cannot run {hp.arch}: {reason}; use loop or auto")
@@ -175,11 +178,6 @@ class TCubeModule(L.LightningModule):
         for index, names in enumerate(class_sets):
             tokens = tokenize_prompts(hp.arch, list(names), data.templates)
             self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
-        if any("@" in split for split in self.split_names):  # corrupted splits: CE needs the reference
-            if hp.mce_reference not in self.methods:
-                raise InputError(
-                    f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
-                )
         self.metrics = nn.ModuleDict(
             {
                 self._key(split, name): split_metrics(
@@ -470,21 +468,6 @@ class TCubeModule(L.LightningModule):
             self._plot(accuracy)
         table = accuracy_table(accuracy)
         rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
-
-
-def check_baselines(settings: BaselineSettings) -> None:
-    """Reject baseline hyper-parameters outside their ranges, naming the option."""
-    problems = [f"wise_alphas {a} not in [0, 1]" for a in settings.wise_alphas if not 0.0 <= a <= 1.0]
-    if not 0.0 <= settings.slerp_alpha <= 1.0:
-        problems.append(f"slerp_alpha {settings.slerp_alpha} not in [0, 1]")
-    if not 0.0 < settings.ties_density <= 1.0:
-        problems.append(f"ties_density {settings.ties_density} not in (0, 1]")
-    if not 0.0 <= settings.dare_drop < 1.0:
-        problems.append(f"dare_drop {settings.dare_drop} not in [0, 1)")
-    if settings.dawin_temperatures is not None and min(settings.dawin_temperatures) <= 0:
-        problems.append(f"dawin_temperatures {settings.dawin_temperatures} must be > 0")
-    if problems:
-        raise InputError("model.baselines: " + "; ".join(problems))
 
 
 def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
