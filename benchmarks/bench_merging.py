@@ -103,6 +103,9 @@ def run_row(args: argparse.Namespace) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in pt.parameters())
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     row = args.row
+    # --compile: the same functions through torch.compile (dynamic shapes: the loops vary the batch size).
+    compiled = (lambda fn: torch.compile(fn, dynamic=True)) if args.compile else (lambda fn: fn)  # noqa: E731
+    logits_of, head_fn = compiled(clip_logits), compiled(zero_shot_head)
 
     if row == "zeroshot_forward":
         del ft
@@ -117,39 +120,40 @@ def run_row(args: argparse.Namespace) -> dict:
         store = FusedParameterStore(pt, ft)
         models = (store.pretrained, store.expert)
     with torch.no_grad(), autocast:
-        heads = [zero_shot_head(m, tokens, args.classes) for m in models]
+        heads = [head_fn(m, tokens, args.classes) for m in models]
     fixed_head = heads[0] if args.fixed_head else None
 
     def head_of(model: torch.nn.Module) -> torch.Tensor:
-        return fixed_head if fixed_head is not None else zero_shot_head(model, tokens, args.classes)
+        return fixed_head if fixed_head is not None else head_fn(model, tokens, args.classes)
 
     def weights_from_js() -> torch.Tensor:
-        pt_logits = clip_logits(models[0], images, heads[0])
-        ft_logits = clip_logits(models[1], images, heads[1])
+        pt_logits = logits_of(models[0], images, heads[0])
+        ft_logits = logits_of(models[1], images, heads[1])
         js = js_divergence(pt_logits, ft_logits)
         # γ large enough that every sample gets its own weight, as with real disagreement.
         return expert_weight(t3_lambda(js, 0.0, 1.0, 50.0), "pretrained")
 
     def merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
         model = store.merge(w)
-        return clip_logits(model, batch, head_of(model))
+        return logits_of(model, batch, head_of(model))
 
     def reference_merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
         working.load_state_dict({k: w * sd_ft[k] + (1 - w) * sd_pt[k] for k in sd_pt})
-        return clip_logits(working, batch, head_of(working))
+        return logits_of(working, batch, head_of(working))
 
     if row in ("t3_vectorized", "t3_loop_fused"):
         vectorized = SampleWiseCLIP(store.pretrained, store.expert)
+        vectorized_logits = compiled(vectorized.logits)
 
     def step() -> torch.Tensor:
         with torch.no_grad(), autocast:
             if row == "zeroshot_forward":
-                return clip_logits(pt, images, heads[0])
+                return logits_of(pt, images, heads[0])
             weights = weights_from_js()
             if row == "t3_batch":
                 return merged_logits(images, float(weights.mean()))
             if row == "t3_vectorized":
-                return vectorized.logits(images, weights, tokens, args.classes, fixed_head)
+                return vectorized_logits(images, weights, tokens, args.classes, fixed_head)
             if row == "t3_loop_fused":
                 return per_sample_loop(merged_logits, images, weights)
             return per_sample_loop(reference_merged_logits, images, weights)
@@ -167,7 +171,7 @@ def run_row(args: argparse.Namespace) -> dict:
     result = {"row": row, "seconds_per_batch": seconds, "images_per_s": args.batch_size / seconds}
     result.update(peak_bytes=peak, param_bytes=param_bytes)
     if row == "t3_vectorized":
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             weights = weights_from_js()
             vec = vectorized.logits(images, weights, tokens, args.classes, fixed_head)
             loop = per_sample_loop(merged_logits, images, weights)
@@ -213,6 +217,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=8, help="classes (one prompt each) of the zero-shot head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="run the forwards under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="run the forwards through torch.compile")
     parser.add_argument(
         "--fixed-head", action="store_true", help="merge_text off: merged models keep the pretrained head"
     )
@@ -232,13 +237,18 @@ def main() -> None:
             sys.exit(f"row {row} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     report = {"arch": args.arch, "batch_size": args.batch_size, "device": args.device, "bf16": args.bf16}
+    report["compile"] = args.compile
     report.update(classes=args.classes, merge_text=not args.fixed_head)
     if args.device.startswith("cuda"):
         report["device_name"] = torch.cuda.get_device_name()
     report.update(merge=merge_times(args), rows=rows)
     print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("_bf16" if args.bf16 else "") + ("_fixedhead" if args.fixed_head else "")
+    suffix = (
+        ("_bf16" if args.bf16 else "")
+        + ("_compile" if args.compile else "")
+        + ("_fixedhead" if args.fixed_head else "")
+    )
     name = f"bench_{args.arch}_{args.device.replace(':', '')}_b{args.batch_size}{suffix}.json"
     (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.out / name}")
@@ -248,7 +258,7 @@ def print_report(report: dict) -> None:
     merge, rows = report["merge"], {r["row"]: r for r in report["rows"]}
     fused, reference, floor = merge["fused_s"], merge["reference_s"], merge["floor_s"]
     text = "merged text tower" if report["merge_text"] else "fixed text head"
-    precision = "bf16 autocast" if report["bf16"] else "fp32"
+    precision = ("bf16 autocast" if report["bf16"] else "fp32") + (", torch.compile" if report.get("compile") else "")
     device = report.get("device_name", report["device"])
     setting = f"batch {report['batch_size']}, {report['classes']} classes, {precision}, {text}"
     print(f"\n{report['arch']} on {device}, {setting}")
