@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -173,7 +174,7 @@ class EvaluationDataModule(L.LightningDataModule):
     def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
         splits: dict[str, tuple[Dataset, list[str]]] = {}
         if "in_domain" in self.kinds:
-            splits["in_domain"] = self._source("in_domain") or (self._in_domain(), self.classnames)
+            splits["in_domain"] = self._source("in_domain") or (self._in_domain, self.classnames)
         if "base_to_novel" in self.kinds:
             splits["base_to_novel"] = self._source("base_to_novel") or self._base_to_novel()
         if "corrupted" in self.kinds:
@@ -196,7 +197,9 @@ class EvaluationDataModule(L.LightningDataModule):
         dataset = HFImages(path, self.split_key)
         return dataset, dataset.classnames or self.classnames
 
+    @functools.cached_property
     def _in_domain(self) -> Dataset:
+        """Read once: the in-domain split, and the base of every on-the-fly corrupted split."""
         return read_medmnist_npz(self.root / medmnist_filename(self.flag, self.size), self.split_key)
 
     def _base_to_novel(self) -> tuple[Dataset, list[str]]:
@@ -207,7 +210,7 @@ class EvaluationDataModule(L.LightningDataModule):
     def _corrupted(self, corruption: str, severity: int) -> Dataset:
         if self.corruption_source == "files":
             return read_medmnistc_file(self.root / "medmnistc", self.flag, corruption, severity)
-        corrupted = CorruptedOnTheFly(self._in_domain(), self.flag, corruption, severity, self.seed)
+        corrupted = CorruptedOnTheFly(self._in_domain, self.flag, corruption, severity, self.seed)
         if self.corruption_cache is None:
             return corrupted
         cached = self.corruption_cache / self.flag / "test" / f"{corruption}_severity_{severity}_seed_{self.seed}.npz"

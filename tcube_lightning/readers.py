@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
 from pathlib import Path
@@ -70,7 +71,7 @@ def _checked_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarr
     return images, labels.astype(np.int64)
 
 
-def read_medmnistc_file(folder: str | Path, flag: str, corruption: str, severity: int) -> ImageArrays:
+def read_medmnistc_file(folder: str | Path, flag: str, corruption: str, severity: int) -> Dataset:
     """A pre-generated MedMNIST-C split, from medmnistc's layout or the T³ authors'."""
     folder = Path(folder)
     if severity not in SEVERITIES:
@@ -84,12 +85,44 @@ def read_medmnistc_file(folder: str | Path, flag: str, corruption: str, severity
             f"MedMNIST-C split {corruption}@{severity} not found: expected {stacked} (medmnistc's layout, five "
             f"severities stacked) or {single}; or set data.corruption_source=on_the_fly"
         )
-    arrays = read_medmnist_npz(stacked, "test")
-    if len(arrays) % len(SEVERITIES):
-        raise InputError(f"{stacked}: {len(arrays)} images cannot be five equal severity blocks")
-    n = len(arrays) // len(SEVERITIES)
-    rows = slice((severity - 1) * n, severity * n)
-    return ImageArrays(arrays.images[rows], arrays.labels[rows])
+    return StackedSeverity(stacked, severity)
+
+
+class StackedSeverity(Dataset):
+    """One severity block of a medmnistc file (five severities stacked), with its images read lazily.
+
+    Only the labels are read up front (to check them before any model loads). The images, large at 224
+    px, are decompressed on first use; a one-file cache per process lets the five severities of one
+    corruption share them, and the next corruption's file replaces them.
+    """
+
+    def __init__(self, path: Path, severity: int) -> None:
+        try:
+            with np.load(path) as npz:
+                keys = sorted(npz.files)
+                labels = npz["test_labels"] if "test_labels" in keys else None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            raise InputError(f"{path}: not a readable npz file ({err})") from err
+        if labels is None or "test_images" not in keys:
+            raise InputError(f"{path}: expected keys test_images and test_labels; the file has {keys}")
+        labels = labels.reshape(len(labels), -1)[:, 0].astype(np.int64)
+        if len(labels) == 0 or len(labels) % len(SEVERITIES):
+            raise InputError(f"{path}: {len(labels)} images cannot be five equal, non-empty severity blocks")
+        n = len(labels) // len(SEVERITIES)
+        self.path, self.rows = path, slice((severity - 1) * n, severity * n)
+        self.labels = labels[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image = _stacked_images(self.path)[self.rows][index]
+        return Image.fromarray(image).convert("RGB"), int(self.labels[index])
+
+
+@functools.lru_cache(maxsize=1)
+def _stacked_images(path: Path) -> np.ndarray:
+    return read_medmnist_npz(path, "test").images
 
 
 class CorruptedOnTheFly(Dataset):
