@@ -58,7 +58,11 @@ class FusedParameterStore(nn.Module):
                 params[name].data = view
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # Moving to another device or dtype replaces the buffers: re-bind the views afterwards.
+        # Moving to another device or dtype replaces the flat buffers. The parameters are only views:
+        # empty them first so that they are not copied one by one as well, then re-bind them.
+        for model, _ in self._models():
+            for param in model.parameters():
+                param.data = param.data.new_empty(0)
         super()._apply(fn, recurse)
         self._bind_views()
         return self
