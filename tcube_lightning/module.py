@@ -62,7 +62,9 @@ class TCubeModule(L.LightningModule):
         pretrained_checkpoint: Local open_clip checkpoint of the generalist θ_pt.
         expert_checkpoint: Local open_clip checkpoint of the fine-tuned expert θ_ft.
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
-        methods: Method families to evaluate; default all of them (see README for the list).
+        methods: Method families to evaluate, default all: zeroshot, expert, ensemble, select, wise_ft,
+            slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent, t3_cluster,
+            dawin_cluster.
         baselines: Hyper-parameters of the baselines (WiSE-FT α values, SLERP, task arithmetic, TIES,
             DARE, DaWin temperatures, the seed of the random ones).
         lambda_min: λ_min of λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x)).

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tcube_lightning.cli import main
 from tcube_lightning.coefficients import fit_beta_mixture
-from tcube_lightning.methods import m3_weight
+from tcube_lightning.methods import METHOD_FAMILIES, m3_weight
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = {"a": "tiny_a.npz", "b": "tiny_b.npz"}
@@ -177,6 +177,8 @@ def test_help_and_print_config_list_the_options():
     help_text = run_cli_subprocess(["test", "--help"]).stdout
     for option in ("--model.lambda_weights", "--model.gamma", "--data.splits", "--data.templates"):
         assert option in help_text
+    methods_help = help_text[help_text.index("--model.methods METHODS") :]
+    assert all(family in methods_help for family in METHOD_FAMILIES)  # the help lists every method
     printed = run_cli_subprocess(["test", "--config", "configs/demo.yaml", "--print_config"])
     assert printed.returncode == 0, printed.stderr
     assert "lambda_weights: pretrained" in printed.stdout and "demo_in_domain.npz" in printed.stdout
