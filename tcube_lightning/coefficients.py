@@ -152,9 +152,10 @@ def fit_beta_mixture(
     """Fit a K-component Beta mixture by EM: k-means initialisation, moment-matching M-step (DaWin's recipe).
 
     With no more distinct values than components, each distinct value becomes its own component
-    (exact, and said in ``note``): EM cannot fit a spread that is not there.
+    (exact, and said in ``note``): EM cannot fit a spread that is not there. The values are sorted first, so
+    the fit does not depend on their order (e.g. on how samples were spread over processes).
     """
-    raw = values.detach().double().flatten().cpu()
+    raw = values.detach().double().flatten().cpu().sort().values
     distinct = torch.unique(raw)
     if len(distinct) <= components:
         counts = torch.stack([(raw == v).sum() for v in distinct]).double()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -10,8 +11,7 @@ import lightning as L
 import numpy as np
 import open_clip
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.modalities import get_modality, known_corruptions, modality_corruptions
@@ -148,6 +148,8 @@ class EvaluationDataModule(L.LightningDataModule):
             raise InputError(f"data.templates: each template needs one '{{}}' for the class name, got {self.templates}")
         self.split_key, self.image_size = split_key, image_size
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        # WholeBatchSampler: with more processes than batches, some processes read none of a split.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.datasets: dict[str, Dataset] = {}
         self.split_classnames: dict[str, list[str]] = {}
 
@@ -224,8 +226,9 @@ class EvaluationDataModule(L.LightningDataModule):
         self.split_classnames.pop(name, None)
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One loader per split. Under multi-process runs each process reads a disjoint share of every
-        split, without the padding of PyTorch's DistributedSampler that would count samples twice."""
+        """One loader per split. Under multi-process runs each process reads whole batches of every split,
+        the same batches a one-process run reads, without the padding of PyTorch's DistributedSampler that
+        would count samples twice."""
         return [
             DataLoader(
                 self.datasets[name],
@@ -243,8 +246,26 @@ class EvaluationDataModule(L.LightningDataModule):
         world_size = self.trainer.world_size if self.trainer is not None else 1
         if world_size == 1:
             return SequentialSampler(dataset)
-        if len(dataset) < world_size:
-            raise InputError(f"split {name!r} has {len(dataset)} samples, fewer than the {world_size} processes")
-        return UnrepeatedDistributedSampler(
-            dataset, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False
-        )
+        return WholeBatchSampler(dataset, self.batch_size, num_replicas=world_size, rank=self.trainer.global_rank)
+
+
+class WholeBatchSampler(DistributedSampler):
+    """Deals whole batches to processes: rank r reads batches r, r + N, r + 2N, … of the one-process order.
+
+    Every batch is then the batch a one-process run sees (T³_B averages λ over the same samples, forwards see
+    the same inputs), and no sample is repeated or dropped. A process may get no batch of a small split.
+    A ``DistributedSampler`` so that Lightning does not replace it with its padding one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        size = len(dataset)
+        batches = range(rank, math.ceil(size / batch_size), num_replicas)
+        self.indices = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, size))]
+        self.num_samples = self.total_size = len(self.indices)
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of indices
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

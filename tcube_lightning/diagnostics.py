@@ -1,12 +1,15 @@
 """Per-split diagnostics of T³'s coefficient: the paper's decision quadrants and λ's reach.
 
-A torchmetrics ``Metric`` so that, under DDP, the counts are summed over processes in ``compute``.
+A torchmetrics ``Metric`` so that, under DDP, every process's samples are gathered in ``compute``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 QUADRANTS = ("both wrong", "only expert right", "only pretrained right", "both right")
 
@@ -19,8 +22,9 @@ class DecisionDiagnostics(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("counts", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("js_sums", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
+        # Per-sample quadrant and JS rather than running sums: exact means, whatever the split over processes.
+        self.add_state("quadrants", [], dist_reduce_fx="cat")
+        self.add_state("js", [], dist_reduce_fx="cat")
         self.add_state("flips", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
@@ -32,17 +36,18 @@ class DecisionDiagnostics(Metric):
         extreme_predictions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         quadrant = 2 * (pt_logits.argmax(-1) == labels).long() + (ft_logits.argmax(-1) == labels).long()
-        self.counts += torch.bincount(quadrant, minlength=4).to(self.counts.dtype)
-        self.js_sums += torch.zeros_like(self.js_sums).index_add_(0, quadrant, js.to(self.js_sums.dtype))
+        self.quadrants.append(quadrant)
+        self.js.append(js.detach().double())
         if extreme_predictions is not None:
             low, high = extreme_predictions
             self.flips += (low != high).sum().to(self.flips.dtype)
 
     def compute(self) -> dict:
-        means = torch.where(self.counts > 0, self.js_sums / self.counts.clamp_min(1), torch.nan)
-        quadrants = {
-            name: {"count": int(self.counts[i]), "js_mean": float(means[i])} for i, name in enumerate(QUADRANTS)
-        }
+        quadrant, js = (dim_zero_cat(state).cpu() for state in (self.quadrants, self.js))
+        quadrants = {}
+        for index, name in enumerate(QUADRANTS):
+            values = js[quadrant == index].tolist()
+            quadrants[name] = {"count": len(values), "js_mean": math.fsum(values) / len(values) if values else math.nan}
         return {"quadrants": quadrants, "flips_between_lambda_extremes": int(self.flips)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric, SumMetric
+from torchmetrics import CatMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from tcube_lightning.coefficients import (
@@ -51,7 +52,6 @@ from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsuppor
 SPLIT_RECORD_KEYS = (
     "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters",
 )  # fmt: skip
-COEFFICIENT_STATS = {"lambda_min": MinMetric, "lambda_max": MaxMetric, "lambda_mean": MeanMetric, "js_mean": MeanMetric}
 
 
 class TCubeModule(L.LightningModule):
@@ -189,8 +189,9 @@ class TCubeModule(L.LightningModule):
                 for name in self.methods
             }
         )
-        self.coefficient_stats = nn.ModuleDict(
-            {self._key(split, stat): cls() for split in self.split_names for stat, cls in COEFFICIENT_STATS.items()}
+        # Every sample's λ and JS (gathered from all processes): exact, order-free statistics and the λ plots.
+        self.coefficient_values = nn.ModuleDict(
+            {self._key(split, name): CatMetric() for split in self.split_names for name in ("lambda", "js")}
         )
         self.sample_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
         self.nonfinite_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
@@ -206,8 +207,7 @@ class TCubeModule(L.LightningModule):
         self.clustered = {n: m for n, m in self.methods.items() if m.kind == "clustered"}
         self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
-        self.current_split: int | None = None
-        self.lambda_values: dict[str, list[torch.Tensor]] = {s: [] for s in self.split_names}
+        self.finished_splits = 0
         self.lambda_arrays: dict[str, np.ndarray] = {}
         self.completed: dict[str, dict] = {}
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
@@ -270,10 +270,7 @@ class TCubeModule(L.LightningModule):
         return self.vectorized.logits(images, weights, tokens, count, fixed_head)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if dataloader_idx != self.current_split:  # splits run one after another: the previous one is done
-            if self.current_split is not None:
-                self._finish_split(self.current_split)
-            self.current_split = dataloader_idx
+        self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
         images, labels = batch
         split = self.split_names[dataloader_idx]
         c = self.split_class_set[split]
@@ -311,12 +308,11 @@ class TCubeModule(L.LightningModule):
         self.metrics[self._key(split, method)].update(logits.float().softmax(-1), labels)
 
     def _record_coefficients(self, split: str, js: torch.Tensor, lam: torch.Tensor) -> None:
-        """Accumulate λ/JS statistics for the results and log this batch's λ and JS to the logger."""
-        for stat, values in (("lambda_min", lam), ("lambda_max", lam), ("lambda_mean", lam), ("js_mean", js)):
-            self.coefficient_stats[self._key(split, stat)].update(values)
-        if self.hparams.plots:
-            self.lambda_values[split].append(lam.detach().float())
-        step = self.batches_seen[split]
+        """Keep every sample's λ and JS for the results and log this batch's λ and JS to the logger."""
+        self.coefficient_values[self._key(split, "lambda")].update(lam.detach())
+        self.coefficient_values[self._key(split, "js")].update(js.detach())
+        # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
+        step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
         self.batches_seen[split] += 1
         if self.logger is None:
             return
@@ -364,25 +360,46 @@ class TCubeModule(L.LightningModule):
                 self._update_metrics(split, name, per_sample_loop(merged_logits, images, weights), labels)
             offset += len(labels)
 
+    def _finish_splits_before(self, index: int) -> None:
+        """Finish every split before ``index``, in order, on every process, including those that got no batch
+        of a split: each finish reduces across processes, so all must take part."""
+        while self.finished_splits < index:
+            self._finish_split(self.finished_splits)
+            self.finished_splits += 1
+
+    def _take_part_without_batches(self, split: str) -> None:
+        """A process that read no batch of ``split`` joins its reductions with empty, correctly shaped states."""
+        classes = self.class_counts[self.split_class_set[split]]
+        no_logits = torch.empty(0, classes, device=self.device)
+        no_labels = torch.empty(0, dtype=torch.long, device=self.device)
+        for name in self.methods:  # the counting metrics need nothing; AUROC gathers (N, classes) scores
+            for metric in self.metrics[self._key(split, name)].values():
+                if isinstance(metric, MulticlassAUROC):
+                    metric.update(no_logits, no_labels)
+        for key, empty in (("pt", no_logits), ("ft", no_logits), ("t3", no_logits.new_empty(0))):
+            self.cluster_cache[split][key].append(empty)
+        self.diagnostics[split].update(no_logits, no_logits, no_labels, no_logits.new_empty(0))
+
     def _finish_split(self, index: int) -> None:
         """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
         split = self.split_names[index]
+        if self.batches_seen[split] == 0:
+            self._take_part_without_batches(split)
         if self.clustered:
             self._clustered_pass(index)
         metrics = {
             m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
         }
+        lam, js = (self.coefficient_values[self._key(split, name)].compute() for name in ("lambda", "js"))
         if self.hparams.plots:
-            self.lambda_arrays[split] = gather_from_all_ranks(torch.cat(self.lambda_values[split])).cpu().numpy()
+            self.lambda_arrays[split] = lam.cpu().numpy()
         diagnostics = self.diagnostics[split].compute()
         if not self.extreme_weights:  # not measured without T³
             del diagnostics["flips_between_lambda_extremes"]
         self.completed[split] = {
             "accuracy": {m: values["top1"] for m, values in metrics.items()},
             "metrics": metrics,
-            "coefficients": {
-                stat: float(self.coefficient_stats[self._key(split, stat)].compute()) for stat in COEFFICIENT_STATS
-            },
+            "coefficients": coefficient_statistics(lam, js),
             "diagnostics": diagnostics,
             "num_samples": int(self.sample_counts[split].compute()),
             "nonfinite_samples": int(self.nonfinite_counts[split].compute()),
@@ -446,9 +463,8 @@ class TCubeModule(L.LightningModule):
         close_figures(figures)
 
     def on_test_epoch_end(self) -> None:
-        """Finish the last split, then report on rank 0."""
-        if self.current_split is not None:
-            self._finish_split(self.current_split)
+        """Finish the last split(s), then report on rank 0."""
+        self._finish_splits_before(len(self.split_names))
         if not self.trainer.is_global_zero:
             return
         results = self._results()
@@ -479,6 +495,18 @@ def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
     parts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, values.cpu())
     return torch.cat(parts)
+
+
+def coefficient_statistics(lam: torch.Tensor, js: torch.Tensor) -> dict[str, float]:
+    """Range and means of a split's λ and JS. ``math.fsum`` rounds the exact sum once, so the means do not
+    depend on how the samples were spread over processes."""
+    lam, js = lam.flatten().tolist(), js.flatten().tolist()
+    return {
+        "lambda_min": min(lam),
+        "lambda_max": max(lam),
+        "lambda_mean": math.fsum(lam) / len(lam),
+        "js_mean": math.fsum(js) / len(js),
+    }
 
 
 def mixture_summary(mixture: BetaMixture) -> dict:
