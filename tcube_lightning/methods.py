@@ -145,7 +145,7 @@ def m3_weight(seed: int) -> float:
 def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "") -> dict[str, Method]:
     """Every available method, by column name, in the order results are reported."""
     s = settings
-    t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch, (1.0, 1.0))
+    t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch.removesuffix("-quickgelu"), (1.0, 1.0))
     m3 = m3_weight(s.seed)
     dawin = lambda ctx: dawin_entropy_ratio(ctx.pt_logits, ctx.ft_logits, t_pt, t_ft)  # noqa: E731
     methods = [

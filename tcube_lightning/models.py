@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -41,16 +43,83 @@ def architecture_image_size(arch: str) -> int:
     return size[0] if isinstance(size, (tuple, list)) else size
 
 
-def load_clip(arch: str, checkpoint: str | Path) -> nn.Module:
-    """An open_clip CLIP of architecture ``arch`` with weights from a local checkpoint file, in eval mode."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path} (expected an open_clip state_dict file for {arch!r})")
+def checkpoint_kind(arch: str, checkpoint: str | Path, field: str = "checkpoint") -> str:
+    """``"file"`` or ``"tag"`` (an open_clip pretrained tag of ``arch``), checked without loading anything."""
+    if Path(checkpoint).is_file():
+        return "file"
+    if open_clip.get_pretrained_cfg(arch, str(checkpoint)):
+        return "tag"
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    raise InputError(
+        f"{field}: file not found: {checkpoint} (expected an open_clip state_dict, safetensors or OpenAI "
+        f"TorchScript file, or a pretrained tag of {arch!r}: {tags or 'it has none'})"
+    )
+
+
+def load_clip(arch: str, checkpoint: str | Path, cache_dir: str | None = None) -> nn.Module:
+    """An open_clip CLIP of architecture ``arch`` in eval mode, with weights from ``checkpoint``: a local file
+    (open_clip or training-style state_dict, safetensors, OpenAI's TorchScript archive) or an open_clip
+    pretrained tag already in the local cache (``cache_dir``, default Hugging Face's)."""
     check_architecture(arch)
+    path = Path(checkpoint)
+    if checkpoint_kind(arch, checkpoint) == "file":
+        if is_torchscript_archive(path):
+            return _load_openai_archive(arch, path)
+        return _create(arch, str(path), f"checkpoint {path} could not be loaded into open_clip architecture {arch!r}")
+    tag = str(checkpoint)
+    _check_activation(arch, open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False), f"pretrained tag {tag!r}")
+    return _create(
+        arch,
+        tag,
+        f"open_clip pretrained tag {tag!r} of {arch!r} is not in the local cache ({cache_dir or 'HF_HOME'}); "
+        f'on a machine with internet run `python -c "import open_clip; open_clip.create_model({arch!r}, '
+        f'pretrained={tag!r})"` and copy its Hugging Face cache here, or give the file',
+        cache_dir,
+    )
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's released CLIP weights are TorchScript archives: zip files with a ``constants.pkl`` record."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+
+
+def _load_openai_archive(arch: str, path: Path) -> nn.Module:
+    """OpenAI's TorchScript archive converted as open_clip's ``load_openai_model`` does (its state_dict, less
+    the three metadata entries, into a QuickGELU CLIP, in float32), but into the architecture named ``arch``."""
+    _check_activation(arch, True, f"{path} (an OpenAI TorchScript archive)")
     try:
-        model = open_clip.create_model(arch, pretrained=str(path))
+        with warnings.catch_warnings():  # OpenAI ships only this format: torch's deprecation note is not actionable
+            warnings.simplefilter("ignore", FutureWarning)
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError as err:
+        raise InputError(f"checkpoint {path} is a zip archive but not a loadable TorchScript archive: {err}") from err
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state_dict.pop(key, None)
+    model = open_clip.create_model(arch)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise InputError(f"checkpoint {path} does not fit open_clip architecture {arch!r}: {err}") from err
+    return model.eval().requires_grad_(False)
+
+
+def _check_activation(arch: str, quick_gelu: bool, source: str) -> None:
+    """Weights trained with QuickGELU give wrong outputs under GELU (and the reverse) without any error."""
+    if bool(open_clip.get_model_config(arch).get("quick_gelu", False)) == quick_gelu:
+        return
+    wanted, variant = ("QuickGELU", f"{arch}-quickgelu") if quick_gelu else ("GELU", arch.removesuffix("-quickgelu"))
+    hint = f"use {variant!r}" if open_clip.get_model_config(variant) else f'set "quick_gelu": {str(quick_gelu).lower()}'
+    raise InputError(f"{source} was trained with {wanted} but architecture {arch!r} does not use it: {hint}")
+
+
+def _create(arch: str, pretrained: str, failure: str, cache_dir: str | None = None) -> nn.Module:
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
     except (RuntimeError, KeyError, ValueError, EOFError, OSError, AssertionError, pickle.UnpicklingError) as err:
-        raise InputError(f"checkpoint {path} could not be loaded into open_clip architecture {arch!r}: {err}") from err
+        raise InputError(f"{failure}: {err}") from err
     return model.eval().requires_grad_(False)
 
 

@@ -32,6 +32,7 @@ from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, BatchCont
 from tcube_lightning.models import (
     architecture_image_size,
     check_architecture,
+    checkpoint_kind,
     clip_logits,
     load_clip,
     register_model_config,
@@ -59,9 +60,12 @@ class TCubeModule(L.LightningModule):
 
     Args:
         arch: open_clip architecture name shared by both models (e.g. ``ViT-B-16``).
-        pretrained_checkpoint: Local open_clip checkpoint of the generalist θ_pt.
-        expert_checkpoint: Local open_clip checkpoint of the fine-tuned expert θ_ft.
+        pretrained_checkpoint: The generalist θ_pt: a checkpoint file (open_clip state_dict, training-style
+            ``{'state_dict': …}``, safetensors, OpenAI's TorchScript archive) or an open_clip pretrained tag of
+            ``arch`` (e.g. ``openai``) already in the local cache.
+        expert_checkpoint: The fine-tuned expert θ_ft, in the same forms.
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
+        cache_dir: Where open_clip looks for cached pretrained tags (default: the Hugging Face cache).
         methods: Method families to evaluate, default all: zeroshot, expert, ensemble, select, wise_ft,
             slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent, t3_cluster,
             dawin_cluster.
@@ -96,6 +100,7 @@ class TCubeModule(L.LightningModule):
         pretrained_checkpoint: str,
         expert_checkpoint: str,
         model_config: str | None = None,
+        cache_dir: str | None = None,
         methods: list[str] | None = None,
         baselines: BaselineSettings = BaselineSettings(),
         lambda_min: float = 0.0,
@@ -129,12 +134,11 @@ class TCubeModule(L.LightningModule):
         unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
         if unknown:
             raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
-        for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
-            if not Path(path).is_file():
-                raise InputError(f"model.{field}: file not found: {path}")
         if model_config is not None:
             register_model_config(model_config)
         check_architecture(arch)
+        for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
+            checkpoint_kind(arch, path, f"model.{field}")
         self.method_families = list(methods or METHOD_FAMILIES)
         self.baselines = baselines
         self.store: FusedParameterStore | None = None
@@ -167,7 +171,8 @@ class TCubeModule(L.LightningModule):
                 f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
             )
         self.store = FusedParameterStore(
-            load_clip(hp.arch, hp.pretrained_checkpoint), load_clip(hp.arch, hp.expert_checkpoint)
+            load_clip(hp.arch, hp.pretrained_checkpoint, hp.cache_dir),
+            load_clip(hp.arch, hp.expert_checkpoint, hp.cache_dir),
         )
         reason = unsupported_reason(self.store.pretrained)
         if hp.samplewise == "vectorized" and reason is not None:

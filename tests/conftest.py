@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -108,3 +109,12 @@ def write_modality_data(root: Path, flag: str, medimeta: tuple[str, str], corrup
     write_medimeta(root / "medimeta", medimeta[0], medimeta[1], [f"novel class {i}" for i in range(3)], n)
     for corruption in corruptions:
         write_medmnistc_stacked(root / "medmnistc", flag, corruption, n, num_classes)
+
+
+def write_hub_cache(cache: Path, repo: str, checkpoint: Path) -> None:
+    """Hugging Face's cache layout for one downloaded file: refs/main names the snapshot holding it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / "0123abc").mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abc")
+    shutil.copy(checkpoint, folder / "snapshots" / "0123abc" / "open_clip_pytorch_model.bin")

@@ -10,7 +10,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import ARCH, CLASSNAMES, TEMPLATES
+from conftest import ARCH, CLASSNAMES, TEMPLATES, write_hub_cache
 from PIL import Image
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
@@ -165,6 +165,19 @@ def test_results_markdown_and_tensorboard_tags(batch8_run):
             assert len(events.Scalars(f"{split}/{tag}")) == batches
         assert {f"{split}/lambda", f"{split}/js"} <= histograms
         assert f"{split}/accuracy/t3" in scalars
+
+
+def test_generalist_given_as_a_pretrained_tag_from_the_local_cache(
+    batch8_run, clip_pair, npz_root, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, ARCH, {"cached": {"hf_hub": "tcube/tiny-clip/"}})
+    write_hub_cache(tmp_path / "hub", "tcube/tiny-clip", clip_pair[0])
+    extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.methods=[zeroshot, t3]")
+    extra += ("--model.pretrained_checkpoint=cached", f"--model.cache_dir={tmp_path / 'hub'}")
+    results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "run", *extra))
+    for split in SPLITS:
+        for method in ("zeroshot", "t3"):
+            assert results["accuracy"][split][method] == batch8_run[0]["accuracy"][split][method]
 
 
 def test_method_selection(clip_pair, npz_root, tmp_path):
