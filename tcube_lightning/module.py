@@ -6,7 +6,7 @@ import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import lightning as L
 import numpy as np
@@ -83,6 +83,8 @@ class TCubeModule(L.LightningModule):
         samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
             layer; fast on GPUs), ``loop`` (one fused merge per distinct weight; often as fast on CPUs) or
             ``auto`` (vectorized on accelerators when the architecture allows it, else loop).
+        compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) through
+            ``torch.compile``: faster on long runs once compiled (see the benchmark), slower to start.
         mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
         clusters: Components of the Beta mixture that groups the coefficients of the clustered methods
             (``t3_cluster``, ``dawin_cluster``): one merged model per component.
@@ -110,6 +112,7 @@ class TCubeModule(L.LightningModule):
         js_base: float | None = None,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
+        compile: bool = False,
         mce_reference: str = "zeroshot",
         clusters: int = 3,
         min_lambda_spread: float = 0.05,
@@ -142,7 +145,6 @@ class TCubeModule(L.LightningModule):
         self.method_families = list(methods or METHOD_FAMILIES)
         self.baselines = baselines
         self.store: FusedParameterStore | None = None
-        self.vectorized: SampleWiseCLIP | None = None
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -217,6 +219,8 @@ class TCubeModule(L.LightningModule):
         self.completed: dict[str, dict] = {}
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
         self.results_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
+        self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
         self._choose_samplewise_path()
         sets = range(len(self.class_counts))
         self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
@@ -241,13 +245,20 @@ class TCubeModule(L.LightningModule):
             why = "on CPU" if self.device.type == "cpu" else f"the architecture is not covered ({reason})"
             if mode == "loop" and "t3" in self.methods:
                 rank_zero_info(f"T³ sample-wise: per-sample loop over the fused store ({why}).")
-        self.vectorized = SampleWiseCLIP(self.store.pretrained, self.store.expert) if mode == "vectorized" else None
+        self.vectorized_logits = None
+        if mode == "vectorized":
+            self.vectorized_logits = self._compiled(SampleWiseCLIP(self.store.pretrained, self.store.expert).logits)
+
+    def _compiled(self, function: Callable) -> Callable:
+        """``function`` through torch.compile when asked for; dynamic shapes, as batch sizes vary (last batch,
+        per-sample loop)."""
+        return torch.compile(function, dynamic=True) if self.hparams.compile else function
 
     def _tokens(self, class_set: int) -> torch.Tensor:
         return getattr(self, f"prompt_tokens_{class_set}")
 
     def _head(self, model: nn.Module, class_set: int) -> torch.Tensor:
-        return zero_shot_head(model, self._tokens(class_set), self.class_counts[class_set])
+        return self.text_head(model, self._tokens(class_set), self.class_counts[class_set])
 
     def _merged_head(self, model: nn.Module, class_set: int) -> torch.Tensor:
         """A merged model's zero-shot head: its own text tower's, or the pretrained one's without merge_text."""
@@ -260,27 +271,27 @@ class TCubeModule(L.LightningModule):
         """Logits of the model merged with expert weight ``weight``."""
         model = self.store.merge(weight)
         head = self.head_cache.get((weight, class_set))
-        return clip_logits(model, images, head if head is not None else self._merged_head(model, class_set))
+        return self.image_logits(model, images, head if head is not None else self._merged_head(model, class_set))
 
     def static_logits(self, images: torch.Tensor, name: str, class_set: int = 0) -> torch.Tensor:
         """Logits of the static method ``name``'s merged model (built once, in on_test_start)."""
-        return clip_logits(self.store.load(self.static_params[name]), images, self.static_heads[name][class_set])
+        return self.image_logits(self.store.load(self.static_params[name]), images, self.static_heads[name][class_set])
 
     def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
         """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
-        if self.vectorized is None:
+        if self.vectorized_logits is None:
             return per_sample_loop(partial(self.merged_logits, class_set=class_set), images, weights)
         fixed_head = None if self.hparams.merge_text else self.pt_heads[class_set]
         tokens, count = self._tokens(class_set), self.class_counts[class_set]
-        return self.vectorized.logits(images, weights, tokens, count, fixed_head)
+        return self.vectorized_logits(images, weights, tokens, count, fixed_head)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
         images, labels = batch
         split = self.split_names[dataloader_idx]
         c = self.split_class_set[split]
-        pt_logits = clip_logits(self.store.pretrained, images, self.pt_heads[c])
-        ft_logits = clip_logits(self.store.expert, images, self.ft_heads[c])
+        pt_logits = self.image_logits(self.store.pretrained, images, self.pt_heads[c])
+        ft_logits = self.image_logits(self.store.expert, images, self.ft_heads[c])
         hp = self.hparams
         # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,
         # which would poison every merge it takes part in; such samples are counted and reported.
@@ -355,6 +366,13 @@ class TCubeModule(L.LightningModule):
             self.cluster_summaries[split][name] = mixture_summary(mixture)
             if mixture.note:
                 rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
+        # Under the trainer's precision (e.g. bf16 autocast), like test_step: this pass may run from an epoch hook.
+        with self.trainer.precision_plugin.test_step_context():
+            self._clustered_predictions(index, assignments, means)
+
+    def _clustered_predictions(self, index: int, assignments: dict, means: dict) -> None:
+        """Every local sample through the model merged at its component's mean, and into the metrics."""
+        split = self.split_names[index]
         merged_logits = partial(self.merged_logits, class_set=self.split_class_set[split])
         offset = 0
         for batch in self.trainer.test_dataloaders[index]:

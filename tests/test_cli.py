@@ -16,9 +16,11 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tcube_lightning import module
 from tcube_lightning.cli import main
 from tcube_lightning.coefficients import fit_beta_mixture
 from tcube_lightning.methods import METHOD_FAMILIES, m3_weight
+from tcube_lightning.samplewise import per_sample_loop
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = {"a": "tiny_a.npz", "b": "tiny_b.npz"}
@@ -178,6 +180,40 @@ def test_generalist_given_as_a_pretrained_tag_from_the_local_cache(
     for split in SPLITS:
         for method in ("zeroshot", "t3"):
             assert results["accuracy"][split][method] == batch8_run[0]["accuracy"][split][method]
+
+
+def test_compiled_forwards_give_the_same_results(batch8_run, clip_pair, npz_root, tmp_path):
+    extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.methods=[zeroshot, t3, t3_batch]")
+    extra += ("--model.compile=true", "--model.samplewise=vectorized")
+    results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
+    for split in SPLITS:
+        for method in ("zeroshot", "t3", "t3_batch"):
+            assert results["accuracy"][split][method] == batch8_run[0]["accuracy"][split][method]
+        assert results["coefficients"][split] == pytest.approx(batch8_run[0]["coefficients"][split], abs=1e-5)
+
+
+def test_bf16_autocast_runs_every_path_with_coefficients_in_float32(
+    batch8_run, clip_pair, npz_root, tmp_path, monkeypatch
+):
+    autocast_states = []  # per-sample merges (T³ and pass 2 of t3_cluster, which may run from an epoch hook)
+
+    def recording_loop(*args):
+        autocast_states.append(torch.is_autocast_enabled("cpu"))
+        return per_sample_loop(*args)
+
+    monkeypatch.setattr(module, "per_sample_loop", recording_loop)
+    extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--trainer.precision=bf16-mixed")
+    extra += ("--model.methods=[zeroshot, expert, t3, t3_batch, t3_cluster, ties]",)
+    results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
+    assert len(autocast_states) == 2 * 8 and all(autocast_states)  # 5 + 3 batches, T³ and t3_cluster each
+    for split, file in SPLITS.items():
+        # bf16 logits move the coefficients by about bf16's resolution, not more; λ keeps its fp32 resolution
+        expected = batch8_run[0]["coefficients"][split]
+        assert results["coefficients"][split] == pytest.approx(expected, abs=0.02)
+        assert results["coefficients"][split]["lambda_mean"] != expected["lambda_mean"]  # autocast was on
+        logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.0])
+        agreement = results["accuracy"][split]["zeroshot"] - np.mean(logits[0.0].argmax(1) == labels)
+        assert abs(agreement) <= 2 / len(labels)  # at most two near-ties decided differently
 
 
 def test_method_selection(clip_pair, npz_root, tmp_path):
