@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -22,6 +23,8 @@ def main(args: list[str] | None = None) -> TCubeCLI:
 
     Bad input (``InputError``) ends the run with its message and exit status 2, not a traceback.
     """
+    # Lightning's own use of a torch API that torch 2.14 deprecates: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         return TCubeCLI(
             TCubeModule,

@@ -114,7 +114,7 @@ class EvaluationDataModule(L.LightningDataModule):
         corruption_cache: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged with the final metrics, by the module
         self.modality = get_modality(modality) if modality is not None else None
         unknown = sorted(set(splits or ()) - set(SPLIT_KINDS))
         if unknown:

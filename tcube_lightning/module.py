@@ -25,6 +25,7 @@ from tcube_lightning.coefficients import (
     js_divergence,
     t3_lambda,
 )
+from tcube_lightning.console import print_summary
 from tcube_lightning.diagnostics import DecisionDiagnostics, lambda_spread_warning
 from tcube_lightning.errors import InputError
 from tcube_lightning.merging import FusedParameterStore
@@ -41,7 +42,6 @@ from tcube_lightning.models import (
 )
 from tcube_lightning.plots import close_figures, run_figures, save_figures
 from tcube_lightning.results import (
-    accuracy_table,
     corruption_errors,
     jsonable,
     summary_rows,
@@ -121,7 +121,7 @@ class TCubeModule(L.LightningModule):
         plots: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged at the end, with the final metrics
         if lambda_min > lambda_max:
             raise InputError(f"model.lambda_min ({lambda_min}) must not exceed model.lambda_max ({lambda_max})")
         if gamma < 0:
@@ -471,10 +471,26 @@ class TCubeModule(L.LightningModule):
     def _write_results(self) -> tuple[Path, Path]:
         results = self._results()
         paths = write_results(self.results_dir, results)
-        write_summary(
-            self.results_dir, summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
-        )
+        write_summary(self.results_dir, self._summary_rows(results))
         return paths
+
+    @staticmethod
+    def _summary_rows(results: dict) -> list[dict]:
+        return summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
+
+    def _log_final_metrics(self, metrics: dict[str, dict[str, dict[str, float]]]) -> None:
+        """Every split's metrics per method as scalars ``{split}/{metric}/{method}``; with TensorBoard also in its
+        HPARAMS tab beside the run's configuration, so that runs (a γ sweep, say) can be compared there."""
+        final = {
+            f"{split}/{name}/{method}": value
+            for split, per_method in metrics.items()
+            for method, values in per_method.items()
+            for name, value in values.items()
+        }
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.log_hyperparams(self.run_config, metrics=final, step=0)
+        else:
+            self.logger.log_metrics(final, step=0)
 
     def _plot(self, accuracy: dict[str, dict[str, float]]) -> None:
         """PNG files in results_dir/plots, and the same figures as TensorBoard images."""
@@ -493,8 +509,7 @@ class TCubeModule(L.LightningModule):
         results = self._results()
         accuracy = results["accuracy"]
         if self.logger is not None:
-            flat = {f"{s}/accuracy/{m}": v for s, row in accuracy.items() for m, v in row.items()}
-            self.logger.log_metrics(flat, step=0)
+            self._log_final_metrics(results["metrics"])
         affected = {s: n for s, n in results["nonfinite_samples"].items() if n}
         if affected:
             rank_zero_warn(
@@ -507,8 +522,8 @@ class TCubeModule(L.LightningModule):
         json_path, md_path = self._write_results()
         if self.hparams.plots:
             self._plot(accuracy)
-        table = accuracy_table(accuracy)
-        rank_zero_info(f"\nTop-1 accuracy (%)\n{table}\nResults written to {json_path} and {md_path}")
+        print_summary(self._summary_rows(results), "Top-1 accuracy (%)")
+        rank_zero_info(f"Results written to {json_path}, {md_path} (every split) and summary.md/csv/json beside them")
 
 
 def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> list[P
     columns = list(rows[0]) if rows else ["method"]
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for row in rows:
-        cells = [row["method"]] + [_percent_or_ratio(c, row.get(c, math.nan)) for c in columns[1:]]
+        cells = [row["method"]] + [summary_cell(c, row.get(c, math.nan)) for c in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -138,7 +138,8 @@ def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> list[P
     return paths
 
 
-def _percent_or_ratio(column: str, value: float) -> str:
+def summary_cell(column: str, value: float) -> str:
+    """A summary value as shown to people: accuracies in percent, mCE as a ratio, n/a where undefined."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.3f}" if column == "mCE" else f"{100 * value:.2f}"

@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tcube_lightning import module
 from tcube_lightning.cli import main
@@ -161,12 +162,23 @@ def test_results_markdown_and_tensorboard_tags(batch8_run):
     assert "| method | a | b |" in markdown and "| t3_batch |" in markdown
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
-    scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    histograms = set(events.Tags()["histograms"])
     for split, batches in (("a", 5), ("b", 3)):
         for tag in ("lambda_mean", "lambda_min", "lambda_max", "js_mean", "js_min", "js_max"):
             assert len(events.Scalars(f"{split}/{tag}")) == batches
         assert {f"{split}/lambda", f"{split}/js"} <= histograms
-        assert f"{split}/accuracy/t3" in scalars
+        results = batch8_run[0]
+        for method, values in results["metrics"][split].items():
+            for name, value in values.items():
+                (event,) = events.Scalars(f"{split}/{name}/{method}")
+                assert event.value == pytest.approx(value)
+    # The HPARAMS tab: the run's configuration, and its final metrics as the columns to compare runs by.
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["model/gamma"].number_value == GAMMA
+    assert start.session_start_info.hparams["data/batch_size"].number_value == 8
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"a/top1/t3", "b/balanced_accuracy/t3_batch"} <= {m.name.tag for m in experiment.metric_infos}
 
 
 def test_generalist_given_as_a_pretrained_tag_from_the_local_cache(

@@ -1,6 +1,7 @@
 """The embedded demo: its builder, and configs/demo.yaml run through the real command line."""
 
 import json
+import re
 
 import numpy as np
 import torch
@@ -46,4 +47,7 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path):
     results = json.loads(results_file.read_text())
     assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
     assert list(results["accuracy"]["shifted"]) == list(build_methods(arch=demo.ARCH))
-    assert "| t3 |" in result.stdout + result.stderr
+    # the final table (rich): one row per method with both splits' top-1 in percent
+    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │", result.stdout)
+    expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted")]
+    assert t3_row is not None and list(t3_row.groups()) == expected, result.stdout[-2000:]

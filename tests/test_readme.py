@@ -1,0 +1,85 @@
+"""Every command in README.md's code blocks still matches the tool: options parse, files and targets exist.
+
+Commands that need real data, weights, GPUs or a Docker daemon are checked as far as this machine allows:
+their arguments go through the real parser (``--print_config`` stops before anything is loaded).
+"""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import REPO, run_cli_subprocess
+
+
+def readme_commands() -> list[str]:
+    """Each command of README.md's bash blocks, continuation lines joined and comments dropped."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            command = line.split(" #")[0].strip()
+            if command:
+                commands.append(command)
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def cli_arguments(command: str) -> list[str] | None:
+    """The arguments a command hands to main.py (directly, or as the Docker image's entrypoint)."""
+    words = shlex.split(command)
+    for start, word in enumerate(words):
+        if word.endswith("main.py"):
+            return words[start + 1 :]
+    if words[:2] == ["docker", "run"]:
+        return words[words.index("tcube-lightning") + 1 :]
+    return None
+
+
+CLI_COMMANDS = [c for c in COMMANDS if cli_arguments(c) is not None]
+
+
+def test_the_readme_has_the_commands_this_file_checks():
+    assert len(CLI_COMMANDS) >= 6
+    others = [c for c in COMMANDS if c not in CLI_COMMANDS]
+    assert others == [
+        "make test",
+        "make demo",
+        ".venv/bin/python benchmarks/bench_merging.py --arch ViT-B-16 --batch-size 8",
+        "docker build -t tcube-lightning .",
+    ]
+
+
+@pytest.mark.parametrize("command", CLI_COMMANDS)
+def test_readme_command_line_parses(command):
+    # "my.yaml" stands for the reader's own config: any modality config takes its place here.
+    arguments = [a.replace("my.yaml", "configs/blood.yaml") for a in cli_arguments(command)]
+    done = run_cli_subprocess([*arguments, "--print_config"], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lambda_min" in done.stdout
+
+
+def test_make_targets_run_what_the_readme_says():
+    for target, expected in (("test", "-m pytest -q"), ("demo", "main.py test --config configs/demo.yaml")):
+        done = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr
+
+
+def test_benchmark_command_options_exist():
+    (command,) = [c for c in COMMANDS if "bench_merging.py" in c]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_merging.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0
+    for option in re.findall(r"--[\w-]+", command):
+        assert option in done.stdout, option
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    done = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
