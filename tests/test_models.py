@@ -98,6 +98,7 @@ def openai_archive(tmp_path_factory):
     return folder / "ViT-tiny.pt"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # building the archive the way OpenAI did
 def test_openai_torchscript_archive_loads_as_open_clip_converts_it(openai_archive):
     model = load_clip("tcube-openai-style", openai_archive)
     oracle = open_clip.load_openai_model(str(openai_archive), precision="fp32", device="cpu")
@@ -110,6 +111,7 @@ def test_openai_torchscript_archive_loads_as_open_clip_converts_it(openai_archiv
         torch.testing.assert_close(model.encode_text(tokens), oracle.encode_text(tokens))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # building the archive the way OpenAI did
 def test_openai_archive_needs_a_quickgelu_architecture(openai_archive, tmp_path):
     config = {**OPENAI_STYLE, "quick_gelu": False}
     (tmp_path / "tcube-openai-gelu.json").write_text(json.dumps(config))
