@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from tcube_lightning.errors import InputError
@@ -84,6 +85,9 @@ class EvaluationDataModule(L.LightningDataModule):
         templates: Prompt templates, each with one ``{}``; default: the modality's.
         split_key: Split inside MedMNIST npz files (test, val or train); MedIMeta's split file of that name.
         image_size: Side of the CLIP input; images are resized (bicubic), center-cropped and normalised.
+        mean: Per-channel mean of the normalisation; default OpenAI CLIP's. Must be what the models were
+            trained with: the run stops if the generalist's pretrained tag or config says otherwise.
+        std: Per-channel standard deviation of the normalisation; default OpenAI CLIP's.
         batch_size: Test batch size.
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (faster host-to-GPU copies).
@@ -107,6 +111,8 @@ class EvaluationDataModule(L.LightningDataModule):
         templates: list[str] | None = None,
         split_key: str = "test",
         image_size: int = 224,
+        mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
+        std: tuple[float, float, float] = OPENAI_DATASET_STD,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -147,6 +153,7 @@ class EvaluationDataModule(L.LightningDataModule):
         if any("{}" not in t for t in self.templates):
             raise InputError(f"data.templates: each template needs one '{{}}' for the class name, got {self.templates}")
         self.split_key, self.image_size = split_key, image_size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         # WholeBatchSampler: with more processes than batches, some processes read none of a split.
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -161,7 +168,7 @@ class EvaluationDataModule(L.LightningDataModule):
         """Open and check every split before any model is loaded (Lightning calls this hook first)."""
         if self.datasets:
             return
-        transform = open_clip.image_transform(self.image_size, is_train=False)
+        transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
         for name, (dataset, classnames) in self._read_splits().items():
             labels = np.asarray(dataset.labels)
             bad = (labels < 0) | (labels >= len(classnames))

@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from tcube_lightning.errors import InputError
@@ -54,6 +55,16 @@ def checkpoint_kind(arch: str, checkpoint: str | Path, field: str = "checkpoint"
         f"{field}: file not found: {checkpoint} (expected an open_clip state_dict, safetensors or OpenAI "
         f"TorchScript file, or a pretrained tag of {arch!r}: {tags or 'it has none'})"
     )
+
+
+def expected_normalization(arch: str, checkpoint: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the weights were trained with: the pretrained tag's, else the architecture config's
+    ``preprocess_cfg``, else open_clip's default (OpenAI CLIP's). Known without loading any weights."""
+    config = open_clip.get_model_config(arch).get("preprocess_cfg", {})
+    if checkpoint_kind(arch, checkpoint) == "tag":
+        config = {**config, **open_clip.get_pretrained_cfg(arch, str(checkpoint))}
+    mean, std = config.get("mean", OPENAI_DATASET_MEAN), config.get("std", OPENAI_DATASET_STD)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def load_clip(arch: str, checkpoint: str | Path, cache_dir: str | None = None) -> nn.Module:

@@ -35,6 +35,7 @@ from tcube_lightning.models import (
     check_architecture,
     checkpoint_kind,
     clip_logits,
+    expected_normalization,
     load_clip,
     register_model_config,
     tokenize_prompts,
@@ -168,6 +169,12 @@ class TCubeModule(L.LightningModule):
         model_size = architecture_image_size(hp.arch)
         if data.image_size != model_size:
             raise InputError(f"data.image_size is {data.image_size} but {hp.arch} expects {model_size}-pixel images")
+        mean, std = expected_normalization(hp.arch, hp.pretrained_checkpoint)
+        if not (np.allclose(data.mean, mean) and np.allclose(data.std, std)):
+            raise InputError(
+                f"data.mean/data.std are {list(data.mean)}/{list(data.std)} but {hp.pretrained_checkpoint} was trained "
+                f"with mean {list(mean)} and std {list(std)}: give --data.mean '{list(mean)}' --data.std '{list(std)}'"
+            )
         if any("@" in split for split in self.split_names) and hp.mce_reference not in self.methods:
             raise InputError(  # corrupted splits: CE needs the reference method
                 f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"

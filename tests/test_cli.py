@@ -62,13 +62,13 @@ def run_cli_subprocess(args, timeout=300):
     )
 
 
-def oracle_predictions(clip_pair, npz_root, split_file, weights, merge_text=True):
+def oracle_predictions(clip_pair, npz_root, split_file, weights, merge_text=True, mean=None, std=None):
     """Logits of open_clip models built from interpolated state_dicts (one per weight), for every sample.
 
     Without ``merge_text`` the class embeddings come from the pretrained model's text tower.
     """
     raw = np.load(npz_root / split_file)
-    transform = open_clip.image_transform(28, is_train=False)
+    transform = open_clip.image_transform(28, is_train=False, mean=mean, std=std)
     images = torch.stack([transform(Image.fromarray(im).convert("RGB")) for im in raw["test_images"]])
     tokenizer = open_clip.get_tokenizer(ARCH)
     tokens = tokenizer([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
@@ -192,6 +192,23 @@ def test_generalist_given_as_a_pretrained_tag_from_the_local_cache(
     for split in SPLITS:
         for method in ("zeroshot", "t3"):
             assert results["accuracy"][split][method] == batch8_run[0]["accuracy"][split][method]
+
+
+def test_normalisation_must_match_the_pretrained_tag(clip_pair, npz_root, tmp_path, monkeypatch, capsys):
+    half = {"hf_hub": "tcube/tiny-clip/", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, ARCH, {"siglip_like": half})
+    write_hub_cache(tmp_path / "hub", "tcube/tiny-clip", clip_pair[0])
+    extra = ("--model.pretrained_checkpoint=siglip_like", f"--model.cache_dir={tmp_path / 'hub'}")
+    extra += ("--model.methods=[zeroshot]",)
+    with pytest.raises(SystemExit) as stop:
+        run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "default", *extra))
+    assert stop.value.code == 2
+    assert "trained with mean [0.5, 0.5, 0.5] and std [0.5, 0.5, 0.5]: give --data.mean" in capsys.readouterr().err
+    extra += ("--data.mean=[0.5, 0.5, 0.5]", "--data.std=[0.5, 0.5, 0.5]")
+    results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "matching", *extra))
+    for split, file in SPLITS.items():
+        logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.0], mean=half["mean"], std=half["std"])
+        assert results["accuracy"][split]["zeroshot"] == pytest.approx(np.mean(logits[0.0].argmax(1) == labels))
 
 
 def test_compiled_forwards_give_the_same_results(batch8_run, clip_pair, npz_root, tmp_path):
