@@ -269,7 +269,7 @@ class WholeBatchSampler(DistributedSampler):
         size = len(dataset)
         batches = range(rank, math.ceil(size / batch_size), num_replicas)
         self.indices = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, size))]
-        self.num_samples = self.total_size = len(self.indices)
+        self.num_samples = len(self.indices)
 
     def __iter__(self):  # noqa: ANN204 - an iterator of indices
         return iter(self.indices)

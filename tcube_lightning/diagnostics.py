@@ -43,12 +43,19 @@ class DecisionDiagnostics(Metric):
             self.flips += (low != high).sum().to(self.flips.dtype)
 
     def compute(self) -> dict:
+        """Quadrant counts and mean JS, flips, and the split's mean JS (``js_mean``; the per-sample JS is kept
+        here only). ``math.fsum`` rounds exact sums once: the means do not depend on the split over processes."""
         quadrant, js = (dim_zero_cat(state).cpu() for state in (self.quadrants, self.js))
         quadrants = {}
         for index, name in enumerate(QUADRANTS):
             values = js[quadrant == index].tolist()
             quadrants[name] = {"count": len(values), "js_mean": math.fsum(values) / len(values) if values else math.nan}
-        return {"quadrants": quadrants, "flips_between_lambda_extremes": int(self.flips)}
+        every = js.tolist()
+        return {
+            "quadrants": quadrants,
+            "flips_between_lambda_extremes": int(self.flips),
+            "js_mean": math.fsum(every) / len(every) if every else math.nan,
+        }
 
 
 def lambda_spread_warning(coefficients: dict[str, dict[str, float]], min_spread: float) -> str | None:

@@ -203,10 +203,9 @@ class TCubeModule(L.LightningModule):
                 for name in self.methods
             }
         )
-        # Every sample's λ and JS (gathered from all processes): exact, order-free statistics and the λ plots.
-        self.coefficient_values = nn.ModuleDict(
-            {self._key(split, name): CatMetric() for split in self.split_names for name in ("lambda", "js")}
-        )
+        # Every sample's λ (gathered from all processes): exact, order-free statistics and the λ plots.
+        # Per-sample JS lives in the diagnostics, which need it per quadrant.
+        self.lambda_values = nn.ModuleDict({split: CatMetric() for split in self.split_names})
         self.sample_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
         self.nonfinite_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
         self.diagnostics = nn.ModuleDict({split: DecisionDiagnostics() for split in self.split_names})
@@ -331,9 +330,8 @@ class TCubeModule(L.LightningModule):
         self.metrics[self._key(split, method)].update(logits.float().softmax(-1), labels)
 
     def _record_coefficients(self, split: str, js: torch.Tensor, lam: torch.Tensor) -> None:
-        """Keep every sample's λ and JS for the results and log this batch's λ and JS to the logger."""
-        self.coefficient_values[self._key(split, "lambda")].update(lam.detach())
-        self.coefficient_values[self._key(split, "js")].update(js.detach())
+        """Keep every sample's λ for the results and log this batch's λ and JS to the logger."""
+        self.lambda_values[split].update(lam.detach())
         # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
         step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
         self.batches_seen[split] += 1
@@ -420,16 +418,17 @@ class TCubeModule(L.LightningModule):
         metrics = {
             m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
         }
-        lam, js = (self.coefficient_values[self._key(split, name)].compute() for name in ("lambda", "js"))
+        lam = self.lambda_values[split].compute()
         if self.hparams.plots:
             self.lambda_arrays[split] = lam.cpu().numpy()
         diagnostics = self.diagnostics[split].compute()
+        js_mean = diagnostics.pop("js_mean")
         if not self.extreme_weights:  # not measured without T³
             del diagnostics["flips_between_lambda_extremes"]
         self.completed[split] = {
             "accuracy": {m: values["top1"] for m, values in metrics.items()},
             "metrics": metrics,
-            "coefficients": coefficient_statistics(lam, js),
+            "coefficients": {**lambda_statistics(lam), "js_mean": js_mean},
             "diagnostics": diagnostics,
             "num_samples": int(self.sample_counts[split].compute()),
             "nonfinite_samples": int(self.nonfinite_counts[split].compute()),
@@ -542,16 +541,11 @@ def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def coefficient_statistics(lam: torch.Tensor, js: torch.Tensor) -> dict[str, float]:
-    """Range and means of a split's λ and JS. ``math.fsum`` rounds the exact sum once, so the means do not
-    depend on how the samples were spread over processes."""
-    lam, js = lam.flatten().tolist(), js.flatten().tolist()
-    return {
-        "lambda_min": min(lam),
-        "lambda_max": max(lam),
-        "lambda_mean": math.fsum(lam) / len(lam),
-        "js_mean": math.fsum(js) / len(js),
-    }
+def lambda_statistics(lam: torch.Tensor) -> dict[str, float]:
+    """Range and mean of a split's λ. ``math.fsum`` rounds the exact sum once, so the mean does not depend on
+    how the samples were spread over processes."""
+    values = lam.flatten().tolist()
+    return {"lambda_min": min(values), "lambda_max": max(values), "lambda_mean": math.fsum(values) / len(values)}
 
 
 def mixture_summary(mixture: BetaMixture) -> dict:
