@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 demo: install
 	$(PY) -m tcube_lightning.demo --out artifacts/demo

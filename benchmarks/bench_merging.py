@@ -8,7 +8,8 @@ Prints and writes (JSON) three tables for one architecture with random weights:
   T³ row includes what T³ needs: the pretrained and expert forwards that give JS and λ;
 - the largest |logit difference| between vectorized and looped T³ (fp32).
 
-Each row runs in its own subprocess. Peak memory is measured while the row runs, models included:
+Each row runs in its own subprocess (``--no-isolate``: all in this one, quicker, with coarser peak memory on
+CPU). Peak memory is measured while the row runs, models included:
 on CUDA ``max_memory_allocated``; on CPU the peak resident set (VmHWM, reset after set-up) less the
 process's size after imports, which is coarser.
 
@@ -210,7 +211,7 @@ def merge_times(args: argparse.Namespace) -> dict:
     return {"parameters": n, **{f"{k}_s": v for k, v in times.items()}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="tcube-tiny-clip", help="open_clip architecture (random weights)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -224,18 +225,23 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds each measurement runs at least")
     parser.add_argument("--max-iters", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON table")
+    parser.add_argument(
+        "--no-isolate", action="store_true", help="run every row in this process (quicker; coarser peak memory)"
+    )
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row in a subprocess
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    with torch.no_grad():
+        run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    """Every row (or, with the internal ``--row``, one), the merge timings, the printed and written report."""
     if args.row:
         print(json.dumps(run_row(args)))
         return
-    rows = []
-    for row in ROWS:
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", row], capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"row {row} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [run_row(argparse.Namespace(**{**vars(args), "row": row})) if args.no_isolate else isolated_row(argv, row)
+            for row in ROWS]  # fmt: skip
     report = {"arch": args.arch, "batch_size": args.batch_size, "device": args.device, "bf16": args.bf16}
     report["compile"] = args.compile
     report.update(classes=args.classes, merge_text=not args.fixed_head)
@@ -252,6 +258,14 @@ def main() -> None:
     name = f"bench_{args.arch}_{args.device.replace(':', '')}_b{args.batch_size}{suffix}.json"
     (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.out / name}")
+
+
+def isolated_row(argv: list[str], row: str) -> dict:
+    """One row in a fresh process, so that its peak memory is its own."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--row", row], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"row {row} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def print_report(report: dict) -> None:

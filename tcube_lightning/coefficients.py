@@ -22,13 +22,23 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """log(½·p + ½·q) from log-probabilities: the output ensemble, and JS's midpoint distribution."""
+    return torch.logaddexp(log_p, log_q) - math.log(2.0)
+
+
+def top_probabilities(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each model's largest class probability per row (its confidence)."""
+    return _log_probs(logits_pt).max(-1).values.exp(), _log_probs(logits_ft).max(-1).values.exp()
+
+
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor, base: float | None = None) -> torch.Tensor:
     """Jensen-Shannon divergence between softmax(logits_a) and softmax(logits_b), one value per row.
 
     Natural log by default (range [0, ln 2]); ``base=2`` gives bits (range [0, 1]).
     """
     log_p, log_q = _log_probs(logits_a), _log_probs(logits_b)
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    log_m = log_mixture(log_p, log_q)
     # xlogy-style: a term with p == 0 contributes 0, never 0 * -inf.
     kl_pm = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_m)).sum(-1)
     kl_qm = torch.where(log_q.isneginf(), 0.0, log_q.exp() * (log_q - log_m)).sum(-1)
@@ -47,11 +57,45 @@ def expert_weight(lam: torch.Tensor, lambda_weights: LambdaWeights) -> torch.Ten
     ``pretrained``: λ is the weight on the generalist (more disagreement → more generalist), w = 1 − λ.
     ``expert``: λ is the weight on the expert (the convention of DaWin and WiSE-FT), w = λ.
     """
-    if lambda_weights == "pretrained":
-        return 1.0 - lam
-    if lambda_weights == "expert":
-        return lam
-    raise InputError(f"lambda_weights must be 'pretrained' or 'expert', got {lambda_weights!r}")
+    return 1.0 - lam if lambda_weights == "pretrained" else lam
+
+
+@dataclass(frozen=True)
+class LambdaMapping:
+    """T³'s settings: how a sample's JS divergence becomes its weight on the expert. Checked once, here, when
+    the run is configured, before any model loads."""
+
+    lambda_min: float = 0.0
+    lambda_max: float = 1.0
+    gamma: float = 0.5
+    lambda_weights: LambdaWeights = "pretrained"
+    js_base: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lambda_min > self.lambda_max:
+            raise InputError(
+                f"model.lambda_min ({self.lambda_min}) must not exceed model.lambda_max ({self.lambda_max})"
+            )
+        if self.gamma < 0:
+            raise InputError(f"model.gamma must be >= 0, got {self.gamma}")
+        if self.lambda_weights not in ("pretrained", "expert"):
+            raise InputError(f"model.lambda_weights must be 'pretrained' or 'expert', got {self.lambda_weights!r}")
+        if self.js_base is not None and (self.js_base <= 0 or self.js_base == 1):
+            raise InputError(f"model.js_base must be > 0 and not 1 (or null for natural log), got {self.js_base}")
+
+    def js(self, logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> torch.Tensor:
+        return js_divergence(logits_pt, logits_ft, base=self.js_base)
+
+    def lambdas(self, js: torch.Tensor) -> torch.Tensor:
+        return t3_lambda(js, self.lambda_min, self.lambda_max, self.gamma)
+
+    def expert_weights(self, lam: torch.Tensor) -> torch.Tensor:
+        return expert_weight(lam, self.lambda_weights)
+
+    def extreme_weights(self) -> tuple[float, float]:
+        """The expert weights at λ_min and at λ_max: how far T³ can move at all."""
+        extremes = self.expert_weights(torch.tensor([self.lambda_min, self.lambda_max], dtype=torch.float64))
+        return float(extremes[0]), float(extremes[1])
 
 
 def batch_coefficient(weights: torch.Tensor) -> torch.Tensor:
@@ -89,8 +133,7 @@ def dawin_entropy_ratio(
 
 def max_confidence_ratio(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> torch.Tensor:
     """Weight on the expert from the two models' top probabilities: c_ft / (c_pt + c_ft)."""
-    c_pt = _log_probs(logits_pt).max(-1).values.exp()
-    c_ft = _log_probs(logits_ft).max(-1).values.exp()
+    c_pt, c_ft = top_probabilities(logits_pt, logits_ft)
     return c_ft / (c_pt + c_ft)
 
 
@@ -100,7 +143,7 @@ def cross_entropy_ratio(logits_pt: torch.Tensor, logits_ft: torch.Tensor) -> tor
     CE_m is model m's cross-entropy against the pseudo label argmax(p_pt + p_ft) of the output ensemble.
     """
     log_pt, log_ft = _log_probs(logits_pt), _log_probs(logits_ft)
-    pseudo = torch.logaddexp(log_pt, log_ft).argmax(-1, keepdim=True)
+    pseudo = log_mixture(log_pt, log_ft).argmax(-1, keepdim=True)
     return torch.sigmoid(log_ft.gather(-1, pseudo).squeeze(-1) - log_pt.gather(-1, pseudo).squeeze(-1))
 
 

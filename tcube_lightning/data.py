@@ -25,6 +25,7 @@ from tcube_lightning.readers import (
     read_medmnistc_file,
     write_npz_atomic,
 )
+from tcube_lightning.splitnames import corrupted_split_name
 
 SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
 
@@ -42,10 +43,6 @@ def medmnist_classnames(flag: str) -> list[str]:
         raise InputError(f"flag: unknown MedMNIST dataset {flag!r}; known: {sorted(medmnist.INFO)}")
     labels = medmnist.INFO[flag]["label"]
     return [labels[str(i)] for i in range(len(labels))]
-
-
-def corrupted_split_name(corruption: str, severity: int) -> str:
-    return f"{corruption}@{severity}"
 
 
 class Preprocessed(Dataset):

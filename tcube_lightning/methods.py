@@ -8,7 +8,6 @@ means adding one entry to ``build_methods``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,10 +17,12 @@ from tcube_lightning.coefficients import (
     batch_coefficient,
     cross_entropy_ratio,
     dawin_entropy_ratio,
+    log_mixture,
     max_confidence_ratio,
+    top_probabilities,
 )
 from tcube_lightning.errors import InputError
-from tcube_lightning.merging import FusedParameterStore, dare, slerp, ties
+from tcube_lightning.merging import FusedParameterStore, dare, interpolate, slerp, task_arithmetic, ties
 
 # DaWin's calibrated softmax temperatures (pretrained, expert) for CLIP architectures, from its code.
 DAWIN_TEMPERATURES = {"ViT-B-16": (0.96, 1.0066), "ViT-B-32": (0.9576, 0.9733), "ViT-L-14": (1.0767, 0.9545)}
@@ -92,28 +93,40 @@ class Method:
     name: str
     family: str
     """What ``--model.methods`` selects; a family may give several columns (WiSE-FT's α values)."""
-    kind: str
-    """output (combines the two forwards), static (one merge per run), per_batch, per_sample or clustered."""
     description: str
-    predict: Callable[[BatchContext], torch.Tensor] | None
-    """Logits for the batch; None for clustered methods, which predict in a second pass."""
+    reference: str
+    """The paper or code the method follows."""
+    predict: Callable[[BatchContext], torch.Tensor] | None = None
+    """Logits for the batch from the shared forwards (output and dynamic methods)."""
     static_rule: Callable[[FusedParameterStore], torch.Tensor] | None = None
     """Static methods: builds the merged flat parameters from the store, once per run."""
     coefficient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    """Clustered methods: (pt logits, ft logits, T³ weights) of a whole split → per-sample expert weights."""
+    """Clustered methods: (pt logits, ft logits, T³ weights) of a whole split → per-sample expert weights; they
+    predict in a second pass, once the split's coefficients are all known."""
+
+    @property
+    def is_static(self) -> bool:
+        return self.static_rule is not None
+
+    @property
+    def is_clustered(self) -> bool:
+        return self.coefficient is not None
+
+    def logits(self, ctx: BatchContext) -> torch.Tensor | None:
+        """This batch's logits; None for clustered methods."""
+        if self.is_static:
+            return ctx.static_logits(ctx.images, self.name)
+        return None if self.predict is None else self.predict(ctx)
 
 
 def output_ensemble(ctx: BatchContext) -> torch.Tensor:
     """log(½·p_pt + ½·p_ft): the mixture of the two models' class distributions."""
-    log_p = torch.log_softmax(ctx.pt_logits.float(), -1)
-    log_q = torch.log_softmax(ctx.ft_logits.float(), -1)
-    return torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return log_mixture(torch.log_softmax(ctx.pt_logits.float(), -1), torch.log_softmax(ctx.ft_logits.float(), -1))
 
 
 def confidence_selection(ctx: BatchContext) -> torch.Tensor:
     """Per sample, the logits of whichever model is more confident (ties go to the pretrained model)."""
-    c_pt = torch.softmax(ctx.pt_logits.float(), -1).max(-1).values
-    c_ft = torch.softmax(ctx.ft_logits.float(), -1).max(-1).values
+    c_pt, c_ft = top_probabilities(ctx.pt_logits, ctx.ft_logits)
     return torch.where((c_ft > c_pt).unsqueeze(-1), ctx.ft_logits.float(), ctx.pt_logits.float())
 
 
@@ -133,13 +146,13 @@ def _sample_wise(
     return lambda ctx: ctx.sample_merged_logits(ctx.images, coefficient(ctx.pt_logits, ctx.ft_logits))
 
 
-def _static(name: str) -> Callable[[BatchContext], torch.Tensor]:
-    return lambda ctx: ctx.static_logits(ctx.images, name)
-
-
 def m3_weight(seed: int) -> float:
     """M³'s random interpolation weight λ ~ U(0, 1), drawn from its own seeded generator."""
     return float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
+
+
+T3 = "T³ (arXiv 2510.27265)"
+DAWIN = "DaWin (Oh et al., ICLR 2025)"
 
 
 def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "") -> dict[str, Method]:
@@ -147,46 +160,48 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
     s = settings
     t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch.removesuffix("-quickgelu"), (1.0, 1.0))
     m3 = m3_weight(s.seed)
-    dawin = lambda ctx: dawin_entropy_ratio(ctx.pt_logits, ctx.ft_logits, t_pt, t_ft)  # noqa: E731
     methods = [
-        Method("zeroshot", "zeroshot", "output", "pretrained generalist alone", lambda ctx: ctx.pt_logits),
-        Method("expert", "expert", "output", "fine-tuned expert alone", lambda ctx: ctx.ft_logits),
-        Method("ensemble", "ensemble", "output", "mean of the two models' probabilities", output_ensemble),
-        Method("select", "select", "output", "per sample, the more confident model", confidence_selection),
-    ]
+        Method("zeroshot", "zeroshot", "pretrained generalist alone", "CLIP zero-shot (Radford et al., ICML 2021)",
+               lambda ctx: ctx.pt_logits),
+        Method("expert", "expert", "fine-tuned expert alone", "the expert's own predictions", lambda ctx: ctx.ft_logits),
+        Method("ensemble", "ensemble", "mean of the two models' probabilities", f"output ensemble, a baseline of {DAWIN}",
+               output_ensemble),
+        Method("select", "select", "per sample, the more confident model", "confidence-based model selection",
+               confidence_selection),
+    ]  # fmt: skip
     for alpha in s.wise_alphas:
-        name = f"wise_ft@{alpha:g}"
-        rule = lambda store, a=alpha: torch.lerp(store.pt_flat, store.ft_flat, a)  # noqa: E731
-        methods.append(Method(name, "wise_ft", "static", f"WiSE-FT, expert weight {alpha:g}", _static(name), rule))
-    statics = [
-        ("slerp", f"per-tensor SLERP, weight {s.slerp_alpha:g}",
-         lambda store: slerp(store.pt_flat, store.ft_flat, s.slerp_alpha, store.segments)),
-        ("task_arithmetic", f"task arithmetic, scale {s.task_scale:g}",
-         lambda store: torch.lerp(store.pt_flat, store.ft_flat, s.task_scale)),
-        ("ties", f"TIES, density {s.ties_density:g}, scale {s.ties_scale:g}",
-         lambda store: ties(store.pt_flat, store.ft_flat, s.ties_density, s.ties_scale)),
-        ("dare", f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
-         lambda store: dare(store.pt_flat, store.ft_flat, s.dare_drop, s.dare_scale, s.seed)),
-        ("m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})",
-         lambda store: torch.lerp(store.pt_flat, store.ft_flat, m3)),
-    ]  # fmt: skip
-    methods += [Method(name, name, "static", text, _static(name), rule) for name, text, rule in statics]
+        methods.append(
+            Method(f"wise_ft@{alpha:g}", "wise_ft", f"WiSE-FT, expert weight {alpha:g}",
+                   "WiSE-FT (Wortsman et al., CVPR 2022)", static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.ft_flat, a))
+        )  # fmt: skip
     methods += [
-        Method("t3", "t3", "per_sample", "T³: weights merged per sample with λ(x) from JS", per_sample_merge),
-        Method("t3_batch", "t3_batch", "per_batch", "T³_B: one merge per batch at the batch's mean λ", batch_merge),
-        Method("dawin", "dawin", "per_sample", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})",
-               lambda ctx: ctx.sample_merged_logits(ctx.images, dawin(ctx))),
-        Method("maxconf", "maxconf", "per_sample", "per-sample merge, max-confidence ratio",
+        Method("slerp", "slerp", f"per-tensor SLERP, weight {s.slerp_alpha:g}", "SLERP per tensor (as in mergekit)",
+               static_rule=lambda st: slerp(st.pt_flat, st.ft_flat, s.slerp_alpha, st.segments)),
+        Method("task_arithmetic", "task_arithmetic", f"task arithmetic, scale {s.task_scale:g}",
+               "task arithmetic (Ilharco et al., ICLR 2023)",
+               static_rule=lambda st: task_arithmetic(st.pt_flat, st.ft_flat, s.task_scale)),
+        Method("ties", "ties", f"TIES, density {s.ties_density:g}, scale {s.ties_scale:g}",
+               "TIES-Merging (Yadav et al., NeurIPS 2023)",
+               static_rule=lambda st: ties(st.pt_flat, st.ft_flat, s.ties_density, s.ties_scale)),
+        Method("dare", "dare", f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
+               "DARE (Yu et al., ICML 2024)",
+               static_rule=lambda st: dare(st.pt_flat, st.ft_flat, s.dare_drop, s.dare_scale, s.seed)),
+        Method("m3", "m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})", "M³ Mixup Model Merge (Zhou et al., 2025)",
+               static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3)),
+        Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, per_sample_merge),
+        Method("t3_batch", "t3_batch", "T³_B: one merge per batch at the batch's mean λ", T3, batch_merge),
+        Method("dawin", "dawin", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})", DAWIN,
+               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft))),
+        Method("maxconf", "maxconf", "per-sample merge, max-confidence ratio", f"a variant in {DAWIN}",
                _sample_wise(max_confidence_ratio)),
-        Method("xent", "xent", "per_sample", "per-sample merge, X-entropy ratio (ensemble pseudo labels)",
+        Method("xent", "xent", "per-sample merge, X-entropy ratio (ensemble pseudo labels)", f"a variant in {DAWIN}",
                _sample_wise(cross_entropy_ratio)),
-    ]  # fmt: skip
-    methods += [
-        Method("t3_cluster", "t3_cluster", "clustered", "T³ weights grouped by a Beta mixture, one merge per component",
-               None, coefficient=lambda pt, ft, t3: t3),
-        Method("dawin_cluster", "dawin_cluster", "clustered",
+        Method("t3_cluster", "t3_cluster", "T³ weights grouped by a Beta mixture, one merge per component",
+               f"{T3} with the Beta-mixture clustering of {DAWIN}", coefficient=lambda pt, ft, t3: t3),
+        Method("dawin_cluster", "dawin_cluster",
                f"DaWin weights{' with offset adjustment' if s.dawin_offset else ''} grouped by a Beta mixture",
-               None, coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset)),
+               f"{DAWIN}, Beta-mixture clustering",
+               coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset)),
     ]  # fmt: skip
     return {m.name: m for m in methods}
 

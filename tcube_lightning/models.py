@@ -135,11 +135,10 @@ def _create(arch: str, pretrained: str, failure: str, cache_dir: str | None = No
 
 
 def tokenize_prompts(arch: str, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """Token ids of every (class, template) prompt, class-major: shape (classes × templates, context)."""
+    """Token ids of every (class, template) prompt, class-major: shape (classes × templates, context). The
+    templates were checked by the data module (each has one ``{}``)."""
     if not classnames:
         raise InputError("classnames: at least one class name is needed to build a zero-shot head")
-    if not templates or any("{}" not in t for t in templates):
-        raise InputError(f"templates: each prompt template needs one '{{}}' for the class name, got {templates!r}")
     tokenizer = open_clip.get_tokenizer(arch)
     return tokenizer([t.format(c) for c in classnames for t in templates])
 

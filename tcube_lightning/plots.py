@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from tcube_lightning.splitnames import parse_corrupted  # noqa: E402
+
 DPI = 100
 
 
@@ -40,9 +42,9 @@ def severity_curves(accuracy: dict[str, dict[str, float]]) -> dict[str, Figure]:
     """Per corruption: top-1 against severity, one line per method (splits named ``corruption@severity``)."""
     by_corruption: dict[str, list[tuple[int, str]]] = {}
     for split in accuracy:
-        if "@" in split:
-            corruption, severity = split.split("@")
-            by_corruption.setdefault(corruption, []).append((int(severity), split))
+        parsed = parse_corrupted(split)
+        if parsed is not None:
+            by_corruption.setdefault(parsed[0], []).append((parsed[1], split))
     figures = {}
     for corruption, points in by_corruption.items():
         points.sort()

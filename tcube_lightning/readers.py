@@ -74,8 +74,6 @@ def _checked_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarr
 def read_medmnistc_file(folder: str | Path, flag: str, corruption: str, severity: int) -> Dataset:
     """A pre-generated MedMNIST-C split, from medmnistc's layout or the T³ authors'."""
     folder = Path(folder)
-    if severity not in SEVERITIES:
-        raise InputError(f"data.severities: severity {severity} is outside 1..5")
     stacked = folder / flag / f"{corruption}.npz"
     single = folder / flag / "test" / f"{corruption}_severity_{severity}.npz"
     if single.is_file():
@@ -138,8 +136,6 @@ class CorruptedOnTheFly(Dataset):
             raise InputError(
                 f"data.corruptions: {corruption!r} is not a medmnistc corruption of {flag}; known: {sorted(corruptors)}"
             )
-        if severity not in SEVERITIES:
-            raise InputError(f"data.severities: severity {severity} is outside 1..5")
         self.base, self.corruptor, self.severity = base, corruptors[corruption], severity
         self.labels = base.labels
         self.key = [seed, sorted(corruptors).index(corruption), severity]

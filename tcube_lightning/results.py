@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tcube_lightning.splitnames import is_corrupted, parse_corrupted
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` in one step."""
@@ -87,8 +89,9 @@ def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> 
     """
     by_corruption: dict[str, list[str]] = {}
     for split in accuracy:
-        if "@" in split:
-            by_corruption.setdefault(split.split("@")[0], []).append(split)
+        parsed = parse_corrupted(split)
+        if parsed is not None:
+            by_corruption.setdefault(parsed[0], []).append(split)
     table: dict[str, dict[str, float]] = {}
     for method in next(iter(accuracy.values()), {}):
         row = {}
@@ -105,8 +108,8 @@ def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> 
 def summary_rows(accuracy: dict[str, dict[str, float]], errors: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
     top-1 over the corrupted splits, and mCE."""
-    corrupted = [s for s in accuracy if "@" in s]
-    plain = [s for s in accuracy if "@" not in s]  # in_domain, base_to_novel and any split of the user's
+    corrupted = [s for s in accuracy if is_corrupted(s)]
+    plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
     rows = []
     for method in next(iter(accuracy.values()), {}):
         row: dict[str, Any] = {"method": method}

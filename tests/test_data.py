@@ -4,7 +4,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import CLASSNAMES, write_medmnist_npz
+from helpers import CLASSNAMES, write_medmnist_npz
 from PIL import Image
 
 from tcube_lightning.data import EvaluationDataModule, medmnist_classnames, medmnist_filename

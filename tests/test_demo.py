@@ -6,7 +6,9 @@ import re
 import numpy as np
 import torch
 import yaml
-from test_cli import REPO, run_cli_subprocess
+from helpers import REPO
+
+from tcube_lightning.cli import main
 
 from tcube_lightning import demo
 from tcube_lightning.methods import build_methods
@@ -19,7 +21,7 @@ def test_demo_config_matches_the_builder():
     assert config["data"]["image_size"] == demo.IMAGE_SIZE
 
 
-def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path):
+def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys, monkeypatch):
     first, second = tmp_path / "demo1", tmp_path / "demo2"
     for out in (first, second):
         demo.main(["--out", str(out), "--generalist-steps", "3", "--expert-steps", "2", "--per-class", "5"])
@@ -32,7 +34,9 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path):
         assert a["test_images"].shape == (30, 28, 28, 3) and a["test_images"].dtype == np.uint8
         np.testing.assert_array_equal(a["test_images"], b["test_images"])
         np.testing.assert_array_equal(a["test_labels"][:, 0], np.repeat(np.arange(6), 5))
-    result = run_cli_subprocess(
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repository
+    capsys.readouterr()
+    main(
         [
             "test", "--config", "configs/demo.yaml",
             f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
@@ -42,12 +46,12 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path):
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         ]
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    printed = capsys.readouterr().out
     (results_file,) = (tmp_path / "runs").rglob("results.json")
     results = json.loads(results_file.read_text())
     assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
     assert list(results["accuracy"]["shifted"]) == list(build_methods(arch=demo.ARCH))
     # the final table (rich): one row per method with both splits' top-1 in percent
-    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │", result.stdout)
+    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │", printed)
     expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted")]
-    assert t3_row is not None and list(t3_row.groups()) == expected, result.stdout[-2000:]
+    assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]

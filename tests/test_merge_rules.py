@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH
+from helpers import ARCH
 
 from tcube_lightning.merging import FusedParameterStore, dare, slerp, ties
 from tcube_lightning.models import load_clip

@@ -1,77 +1,80 @@
-"""Methods against independent computations: per-sample merges against per-sample open_clip models."""
-
-import math
+"""The methods registry and the output/coefficient methods, against NumPy evaluations of their definitions."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, CLASSNAMES, TEMPLATES
+from helpers import rounding_atol
 from scipy.special import softmax
-from test_merging import oracle_logits
 
-from tcube_lightning.merging import FusedParameterStore
-from tcube_lightning.methods import BatchContext, batch_merge, output_ensemble, per_sample_merge
-from tcube_lightning.models import clip_logits, load_clip, tokenize_prompts, zero_shot_head
-from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop
-
-# fp32 logits at scale 100: the loop merges weights (as the oracle does); the vectorized pass mixes
-# activations instead, whose rounding differs more (the issue's bound for it: 1e-4).
-TOLERANCE = {"loop": 1e-5, "vectorized": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def setting(clip_pair):
-    store = FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
-    tokens = tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)
-
-    def merged_logits(images, w):
-        model = store.merge(w)
-        return clip_logits(model, images, zero_shot_head(model, tokens, len(CLASSNAMES)))
-
-    vectorized = SampleWiseCLIP(store.pretrained, store.expert)
-    paths = {
-        "loop": lambda images, w: per_sample_loop(merged_logits, images, w),
-        "vectorized": lambda images, w: vectorized.logits(images, w, tokens, len(CLASSNAMES)),
-    }
-    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
-    images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(3))
-    return merged_logits, paths, pt_sd, ft_sd, images, tokens
-
-
-def context(images, weights, merged_logits, sample_merged_logits=None):
-    logits = torch.zeros(len(images), len(CLASSNAMES))
-    return BatchContext(images, logits, logits, torch.tensor(weights), merged_logits, sample_merged_logits, None)
-
-
-@pytest.mark.parametrize(
-    "weights",
-    [[0.0, 0.1, 0.5, 0.9, 1.0, 0.37], [0.42] * 6, [0.0, 1.0, 0.0, 1.0, 0.2, 0.2]],
-    ids=["distinct", "all-equal", "extremes-and-repeats"],
+from tcube_lightning.methods import (
+    METHOD_FAMILIES,
+    BaselineSettings,
+    BatchContext,
+    batch_merge,
+    build_methods,
+    confidence_selection,
+    output_ensemble,
+    per_sample_merge,
 )
-@pytest.mark.parametrize("path", ["loop", "vectorized"])
-def test_per_sample_merge_equals_one_open_clip_model_per_sample(setting, weights, path):
-    merged_logits, paths, pt_sd, ft_sd, images, tokens = setting
-    with torch.no_grad():
-        ours = per_sample_merge(context(images, weights, merged_logits, paths[path]))
-    for i, w in enumerate(weights):
-        expected = oracle_logits(pt_sd, ft_sd, w, images[i : i + 1], tokens)
-        torch.testing.assert_close(ours[i : i + 1], expected, atol=TOLERANCE[path], rtol=1e-5)
 
 
-def test_batch_merge_uses_the_mean_weight_for_every_sample(setting):
-    merged_logits, _, pt_sd, ft_sd, images, tokens = setting
-    weights = [0.1, 0.2, 0.3, 0.9, 0.5, 0.0]
-    with torch.no_grad():
-        ours = batch_merge(context(images, weights, merged_logits))
-    torch.testing.assert_close(
-        ours, oracle_logits(pt_sd, ft_sd, float(np.mean(weights)), images, tokens), atol=1e-5, rtol=1e-5
+def context(pt_logits, ft_logits, weights=None, calls=None):
+    """A batch context whose model callables record what they were asked for."""
+    record = calls if calls is not None else []
+    return BatchContext(
+        torch.arange(len(pt_logits)),
+        pt_logits,
+        ft_logits,
+        torch.zeros(len(pt_logits)) if weights is None else torch.tensor(weights),
+        lambda images, w: record.append(("merged", w)) or torch.zeros(len(images), 2),
+        lambda images, w: record.append(("sample", w.tolist())) or torch.zeros(len(images), 2),
+        lambda images, name: record.append(("static", name)) or torch.zeros(len(images), 2),
     )
 
 
-def test_output_ensemble_is_the_log_of_the_mean_probability():
+@pytest.fixture
+def logits():
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
-    ctx = BatchContext(torch.zeros(4), a, b, torch.zeros(4), lambda *_: None, lambda *_: None, None)
-    expected = np.log(0.5 * softmax(a.numpy(), -1) + 0.5 * softmax(b.numpy(), -1))
-    np.testing.assert_allclose(output_ensemble(ctx).numpy(), expected, rtol=1e-5)
-    assert math.isclose(output_ensemble(ctx).exp().sum(-1)[0].item(), 1.0, rel_tol=1e-5)
+    return 4 * torch.randn(6, 5, generator=g), 4 * torch.randn(6, 5, generator=g)
+
+
+def test_output_ensemble_is_the_log_of_the_mean_probability(logits):
+    a, b = logits
+    expected = np.log(0.5 * softmax(a.double().numpy(), -1) + 0.5 * softmax(b.double().numpy(), -1))
+    np.testing.assert_allclose(output_ensemble(context(a, b)).numpy(), expected, atol=rounding_atol(float(torch.cat(logits).abs().max())), rtol=0)
+
+
+def test_confidence_selection_takes_the_more_confident_model(logits):
+    a, b = logits
+    p, q = softmax(a.double().numpy(), -1), softmax(b.double().numpy(), -1)
+    expected = np.where((q.max(-1) > p.max(-1))[:, None], b.numpy(), a.numpy())
+    assert 0 < (q.max(-1) > p.max(-1)).sum() < len(p)  # both models are chosen somewhere
+    np.testing.assert_array_equal(confidence_selection(context(a, b)).numpy(), expected)
+
+
+def test_t3_merges_per_sample_and_t3_batch_at_the_mean_weight(logits):
+    calls = []
+    ctx = context(*logits, weights=[0.1, 0.2, 0.3, 0.9, 0.5, 0.0], calls=calls)
+    per_sample_merge(ctx)
+    batch_merge(ctx)
+    assert calls[0] == ("sample", pytest.approx([0.1, 0.2, 0.3, 0.9, 0.5, 0.0]))
+    assert calls[1][0] == "merged" and calls[1][1] == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.9, 0.5, 0.0]))
+
+
+def test_registry_kinds_follow_from_what_each_method_defines(logits):
+    methods = build_methods()
+    assert tuple(dict.fromkeys(m.family for m in methods.values())) == METHOD_FAMILIES
+    static = {n for n, m in methods.items() if m.is_static}
+    assert static == {"wise_ft@0.5", "slerp", "task_arithmetic", "ties", "dare", "m3"}
+    assert {n for n, m in methods.items() if m.is_clustered} == {"t3_cluster", "dawin_cluster"}
+    assert all(m.reference for m in methods.values())
+    calls = []
+    ctx = context(*logits, calls=calls)
+    assert methods["ties"].logits(ctx) is not None and calls == [("static", "ties")]
+    assert methods["t3_cluster"].logits(ctx) is None  # predicts in the second pass
+    assert methods["zeroshot"].logits(ctx) is ctx.pt_logits
+
+
+def test_one_wise_ft_column_per_alpha():
+    names = [n for n in build_methods(BaselineSettings(wise_alphas=[0.2, 0.7])) if n.startswith("wise_ft")]
+    assert names == ["wise_ft@0.2", "wise_ft@0.7"]

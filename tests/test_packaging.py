@@ -1,11 +1,12 @@
 """The package as users install it: a wheel with its data files and console script, `python -m`, the Dockerfile."""
 
+import os
 import re
 import subprocess
 import sys
 import zipfile
 
-from test_cli import REPO
+from helpers import REPO, cli_args
 
 
 def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
@@ -23,15 +24,18 @@ def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
     assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli:main", entry_points)
 
 
-def test_python_dash_m_is_the_same_command_line():
+def test_python_dash_m_is_the_command_line_and_bad_input_exits_with_status_2(clip_pair, npz_root, tmp_path):
+    """The one end-to-end run in a fresh process of a failing command: exit status 2, the message, no
+    traceback, no results file. The other bad-input cases run in-process (same entry point, same handling)."""
+    args = cli_args(clip_pair, npz_root, tmp_path, "--model.pretrained_checkpoint=/nonexistent/pt.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "tcube_lightning", "test", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "tcube_lightning", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and "--model.lambda_weights" in done.stdout and "--data.modality" in done.stdout
+    assert done.returncode == 2
+    assert "tcube-lightning: error: model.pretrained_checkpoint: file not found" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.rglob("results.json"))
 
 
 def test_dockerfile_installs_the_pinned_files_and_copies_files_that_exist():

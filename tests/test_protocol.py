@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_medimeta, write_medmnist_npz, write_medmnistc_stacked, write_modality_data
+from helpers import write_medimeta, write_medmnist_npz, write_medmnistc_stacked, write_modality_data
 from PIL import Image
-from test_cli import REPO, run_cli_in_process
+from helpers import REPO, run_cli_in_process
 
 from tcube_lightning.data import EvaluationDataModule
 from tcube_lightning.errors import InputError
@@ -132,6 +132,7 @@ def test_datamodule_builds_every_split_of_a_modality(tmp_path):
         ({"modality": "breast", "splits": ["in_domain", "ood"]}, "unknown split kind\\(s\\) \\['ood'\\]"),
         ({"modality": "breast", "severities": [0, 6]}, "\\[0, 6\\] outside 1..5"),
         ({}, "give a modality, or sources"),
+        ({"modality": "breast", "templates": ["a photo"]}, "data.templates: each template needs one '\\{\\}'"),
     ],
 )
 def test_bad_data_options_are_named(tmp_path, kwargs, message):

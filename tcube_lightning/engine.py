@@ -1,0 +1,179 @@
+"""The model engine, in plain torch (it imports no Lightning): both CLIPs in a fused parameter store, the prompt
+tokens and every zero-shot head, the per-batch coefficients, and the logits of every model a method asks for.
+
+The LightningModule drives it (devices, metrics, splits); tests use it directly, without a Trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from tcube_lightning.coefficients import LambdaMapping
+from tcube_lightning.errors import InputError
+from tcube_lightning.merging import FusedParameterStore
+from tcube_lightning.methods import BatchContext
+from tcube_lightning.models import clip_logits, zero_shot_head
+from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsupported_reason
+
+SampleWisePath = Literal["auto", "vectorized", "loop"]
+StaticRule = Callable[[FusedParameterStore], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchCoefficients:
+    """One batch's shared forwards and T³'s coefficients."""
+
+    pt_logits: torch.Tensor
+    ft_logits: torch.Tensor
+    finite: torch.Tensor
+    """Rows whose pretrained and expert logits are all finite; the others get JS = 0."""
+    js: torch.Tensor
+    lam: torch.Tensor
+    weights: torch.Tensor
+    """T³'s weight on the expert per sample, from λ through ``lambda_weights``."""
+
+
+class TCubeEngine(nn.Module):
+    """Both models and everything computed from them.
+
+    Args:
+        pretrained: The generalist open_clip CLIP.
+        expert: The fine-tuned expert, of the same architecture.
+        prompt_tokens: Token ids of every (class, template) prompt, one tensor per class set (splits may differ
+            in their classes), class-major.
+        class_counts: Number of classes of each class set.
+        mapping: T³'s settings (λ range, γ, which model λ weights, JS's base).
+        merge_text: Merged models get their own text tower's zero-shot head; False keeps the pretrained head.
+        samplewise: ``vectorized``, ``loop`` or ``auto`` (vectorized on accelerators where the architecture
+            allows it); see ``prepare``.
+        compile: Run the forwards through ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        pretrained: nn.Module,
+        expert: nn.Module,
+        prompt_tokens: list[torch.Tensor],
+        class_counts: list[int],
+        mapping: LambdaMapping,
+        merge_text: bool = True,
+        samplewise: SampleWisePath = "auto",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.store = FusedParameterStore(pretrained, expert)
+        self.unsupported_reason = unsupported_reason(self.store.pretrained)
+        if samplewise == "vectorized" and self.unsupported_reason is not None:
+            raise InputError(f"model.samplewise=vectorized cannot run this model: {self.unsupported_reason}; use loop or auto")
+        for index, tokens in enumerate(prompt_tokens):
+            self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
+        self.class_counts = list(class_counts)
+        self.mapping, self.merge_text, self.samplewise, self.compile = mapping, merge_text, samplewise, compile
+
+    # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def prepare(self, static_rules: dict[str, StaticRule], extremes: bool) -> str:
+        """On the device, once per run: choose the sample-wise path, compile if asked, and compute the heads of
+        both models, of every static merge (``static_rules``, by method name) and, with ``extremes``, of the
+        models at λ_min and λ_max. Returns the chosen path (``vectorized`` or ``loop``)."""
+        # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
+        self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
+        path = self.samplewise
+        if path == "auto":
+            on_accelerator = self.store.pt_flat.device.type != "cpu"
+            path = "vectorized" if on_accelerator and self.unsupported_reason is None else "loop"
+        self.vectorized_logits = None
+        if path == "vectorized":
+            self.vectorized_logits = self._compiled(SampleWiseCLIP(self.store.pretrained, self.store.expert).logits)
+        sets = range(len(self.class_counts))
+        self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
+        self.ft_heads = [self._head(self.store.expert, c) for c in sets]
+        self.static_params = {name: rule(self.store) for name, rule in static_rules.items()}
+        self.static_heads = {
+            name: [self._merged_head(self.store.load(flat), c) for c in sets] for name, flat in self.static_params.items()
+        }
+        self.extreme_weights = list(self.mapping.extreme_weights()) if extremes else []
+        self.head_cache = {
+            (w, c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
+        }
+        return path
+
+    def _compiled(self, function: Callable) -> Callable:
+        """``function`` through torch.compile when asked for; dynamic shapes, as batch sizes vary (last batch,
+        per-sample loop)."""
+        return torch.compile(function, dynamic=True) if self.compile else function
+
+    def _tokens(self, class_set: int) -> torch.Tensor:
+        return getattr(self, f"prompt_tokens_{class_set}")
+
+    def _head(self, model: nn.Module, class_set: int) -> torch.Tensor:
+        return self.text_head(model, self._tokens(class_set), self.class_counts[class_set])
+
+    def _merged_head(self, model: nn.Module, class_set: int) -> torch.Tensor:
+        """A merged model's zero-shot head: its own text tower's, or the pretrained one's without merge_text."""
+        if not self.merge_text:
+            return self.pt_heads[class_set]
+        return self._head(model, class_set)
+
+    # ------------------------------------------------------------------ logits
+    @torch.no_grad()
+    def coefficients(self, images: torch.Tensor, class_set: int) -> BatchCoefficients:
+        """The pretrained and expert logits (one forward each, shared by every method), JS, λ and w."""
+        pt_logits = self.image_logits(self.store.pretrained, images, self.pt_heads[class_set])
+        ft_logits = self.image_logits(self.store.expert, images, self.ft_heads[class_set])
+        # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,
+        # which would poison every merge it takes part in; such samples are counted and reported.
+        finite = torch.isfinite(pt_logits).all(-1) & torch.isfinite(ft_logits).all(-1)
+        js = torch.where(finite, self.mapping.js(pt_logits, ft_logits), 0.0)
+        lam = self.mapping.lambdas(js)
+        return BatchCoefficients(pt_logits, ft_logits, finite, js, lam, self.mapping.expert_weights(lam))
+
+    def context(self, images: torch.Tensor, batch: BatchCoefficients, class_set: int) -> BatchContext:
+        """What every method's ``predict`` receives for this batch."""
+        return BatchContext(
+            images,
+            batch.pt_logits,
+            batch.ft_logits,
+            batch.weights,
+            partial(self.merged_logits, class_set=class_set),
+            partial(self.sample_merged_logits, class_set=class_set),
+            partial(self.static_logits, class_set=class_set),
+        )
+
+    @torch.no_grad()
+    def merged_logits(self, images: torch.Tensor, weight: float, class_set: int = 0) -> torch.Tensor:
+        """Logits of the model merged with expert weight ``weight``."""
+        model = self.store.merge(weight)
+        head = self.head_cache.get((weight, class_set))
+        return self.image_logits(model, images, head if head is not None else self._merged_head(model, class_set))
+
+    @torch.no_grad()
+    def static_logits(self, images: torch.Tensor, name: str, class_set: int = 0) -> torch.Tensor:
+        """Logits of the static method ``name``'s merged model (built once, in ``prepare``)."""
+        return self.image_logits(self.store.load(self.static_params[name]), images, self.static_heads[name][class_set])
+
+    @torch.no_grad()
+    def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
+        """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
+        if self.vectorized_logits is None:
+            return self.grouped_logits(images, weights, class_set)
+        fixed_head = None if self.merge_text else self.pt_heads[class_set]
+        tokens, count = self._tokens(class_set), self.class_counts[class_set]
+        return self.vectorized_logits(images, weights, tokens, count, fixed_head)
+
+    def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
+        """Like ``sample_merged_logits``, by one fused merge per distinct weight: the loop path, and the clustered
+        methods' second pass (a few components, so a few merges)."""
+        return per_sample_loop(partial(self.merged_logits, class_set=class_set), images, weights)
+
+    def extreme_predictions(self, images: torch.Tensor, class_set: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Predicted classes of the models at λ_min and λ_max (None unless ``prepare`` was asked for them)."""
+        if not self.extreme_weights:
+            return None
+        low, high = (self.merged_logits(images, w, class_set).argmax(-1) for w in self.extreme_weights)
+        return low, high

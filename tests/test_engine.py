@@ -1,0 +1,155 @@
+"""The torch engine without a Trainer, against open_clip models built from explicitly interpolated state_dicts."""
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    ARCH,
+    CLASSNAMES,
+    GAMMA,
+    JS_ATOL,
+    LOGITS_ATOL,
+    REPO,
+    TEMPLATES,
+    lambda_atol,
+    oracle_logits,
+    oracle_model,
+)
+from scipy.spatial.distance import jensenshannon
+from scipy.special import expit, softmax
+
+from tcube_lightning import engine as engine_module
+from tcube_lightning.coefficients import LambdaMapping
+from tcube_lightning.engine import TCubeEngine
+from tcube_lightning.merging import interpolate
+from tcube_lightning.models import load_clip, tokenize_prompts
+
+STATIC = {"wise": lambda store: interpolate(store.pt_flat, store.ft_flat, 0.3)}
+
+
+def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True):
+    engine = TCubeEngine(
+        load_clip(ARCH, clip_pair[0]),
+        load_clip(ARCH, clip_pair[1]),
+        [tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)],
+        [len(CLASSNAMES)],
+        LambdaMapping(gamma=GAMMA),
+        merge_text=merge_text,
+        samplewise=samplewise,
+    )
+    engine.prepare(STATIC, extremes=extremes)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def setting(clip_pair):
+    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
+    images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    return pt_sd, ft_sd, images, tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)
+
+
+@pytest.fixture(scope="module", params=["loop", "vectorized"])
+def engine(request, clip_pair):
+    return make_engine(clip_pair, samplewise=request.param)
+
+
+def test_coefficients_from_the_two_models(engine, setting):
+    pt_sd, ft_sd, images, tokens = setting
+    batch = engine.coefficients(images, 0)
+    pt, ft = (oracle_logits(pt_sd, ft_sd, w, images, tokens) for w in (0.0, 1.0))
+    torch.testing.assert_close(batch.pt_logits, pt, atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(batch.ft_logits, ft, atol=LOGITS_ATOL, rtol=0)
+    js = jensenshannon(softmax(pt.double().numpy(), -1), softmax(ft.double().numpy(), -1), axis=-1) ** 2
+    np.testing.assert_allclose(batch.js.numpy(), js, atol=JS_ATOL, rtol=0)
+    lam = expit(GAMMA * js)  # λ_min 0, λ_max 1
+    assert lam.max() - lam.min() > 0.05  # the pair disagrees enough for sample-wise merging to matter
+    np.testing.assert_allclose(batch.lam.numpy(), lam, atol=lambda_atol(GAMMA), rtol=0)
+    np.testing.assert_allclose(batch.weights.numpy(), 1 - batch.lam.numpy(), atol=0)  # λ weights the generalist
+    assert batch.finite.all()
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[0.0, 0.1, 0.5, 0.9, 1.0, 0.37], [0.42] * 6, [0.0, 1.0, 0.0, 1.0, 0.2, 0.2]],
+    ids=["distinct", "all-equal", "extremes-and-repeats"],
+)
+def test_each_sample_runs_through_its_own_merged_model(engine, setting, weights):
+    pt_sd, ft_sd, images, tokens = setting
+    ours = engine.sample_merged_logits(images, torch.tensor(weights), 0)
+    for i, w in enumerate(weights):
+        expected = oracle_logits(pt_sd, ft_sd, w, images[i : i + 1], tokens)
+        torch.testing.assert_close(ours[i : i + 1], expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_one_merged_model_for_the_batch(engine, setting):
+    pt_sd, ft_sd, images, tokens = setting
+    expected = oracle_logits(pt_sd, ft_sd, 0.3333, images, tokens)
+    torch.testing.assert_close(engine.merged_logits(images, 0.3333, 0), expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_static_merges_are_built_once_with_their_own_heads(engine, setting):
+    pt_sd, ft_sd, images, tokens = setting
+    expected = oracle_logits(pt_sd, ft_sd, 0.3, images, tokens)
+    torch.testing.assert_close(engine.static_logits(images, "wise", 0), expected, atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(engine.static_params["wise"], interpolate(engine.store.pt_flat, engine.store.ft_flat, 0.3))
+
+
+def test_models_at_the_lambda_extremes(engine, setting):
+    pt_sd, ft_sd, images, tokens = setting
+    low, high = engine.extreme_predictions(images, 0)
+    # λ_min = 0 and λ_max = 1 weight the generalist: expert weights 1 and 0.
+    assert engine.extreme_weights == [1.0, 0.0]
+    assert low.tolist() == oracle_logits(pt_sd, ft_sd, 1.0, images, tokens).argmax(-1).tolist()
+    assert high.tolist() == oracle_logits(pt_sd, ft_sd, 0.0, images, tokens).argmax(-1).tolist()
+
+
+def test_without_merge_text_every_merged_model_keeps_the_pretrained_head(clip_pair, setting):
+    pt_sd, ft_sd, images, tokens = setting
+    fixed = make_engine(clip_pair, merge_text=False, extremes=False)
+    pretrained_text = oracle_model(pt_sd, ft_sd, 0.0)
+    for weight in (0.25, 0.8):
+        expected = oracle_logits(pt_sd, ft_sd, weight, images, tokens, text_model=pretrained_text)
+        torch.testing.assert_close(fixed.merged_logits(images, weight, 0), expected, atol=LOGITS_ATOL, rtol=0)
+    assert fixed.extreme_predictions(images, 0) is None
+
+
+def test_no_head_is_computed_twice(clip_pair, setting, monkeypatch):
+    calls = []
+    original = engine_module.zero_shot_head
+    monkeypatch.setattr(engine_module, "zero_shot_head", lambda *args: calls.append(1) or original(*args))
+    engine = make_engine(clip_pair, extremes=True)
+    # pretrained, expert, one static merge and the two λ extremes: one text pass each, in prepare
+    assert len(calls) == 5
+    images = setting[2]
+    engine.extreme_predictions(images, 0)
+    engine.static_logits(images, "wise", 0)
+    assert len(calls) == 5
+    engine.merged_logits(images, 0.5, 0)  # a new weight needs its own merged text tower
+    assert len(calls) == 6
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module a file imports, at any depth of its body."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_engine_imports_no_lightning():
+    """The engine and every package module it pulls in, followed through the package's own imports."""
+    package = REPO / "tcube_lightning"
+    seen, todo = set(), ["tcube_lightning.engine"]
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        imports = imported_modules(package / f"{module.split('.')[1]}.py")
+        assert not {m for m in imports if m.split(".")[0] in ("lightning", "pytorch_lightning", "torchmetrics")}, module
+        todo += [m for m in imports if m.startswith("tcube_lightning.") and m not in seen]
+    assert "tcube_lightning.samplewise" in seen and "tcube_lightning.methods" in seen

@@ -1,0 +1,91 @@
+"""Results files, the summary layout, CE/mCE, split names and the run report, against hand-written values."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from tcube_lightning.errors import InputError
+from tcube_lightning.report import SPLIT_RECORD_KEYS, RunReport, load_previous
+from tcube_lightning.results import corruption_errors, summary_rows, write_atomic, write_summary
+from tcube_lightning.splitnames import corrupted_split_name, is_corrupted, parse_corrupted
+
+ACCURACY = {
+    "in_domain": {"zeroshot": 0.8, "t3": 0.9},
+    "blur@1": {"zeroshot": 0.6, "t3": 0.7},
+    "blur@2": {"zeroshot": 0.4, "t3": 0.6},
+    "noise@1": {"zeroshot": 1.0, "t3": 0.5},
+}
+
+
+def test_split_names_are_formed_and_read_in_one_place():
+    assert corrupted_split_name("motion_blur", 3) == "motion_blur@3"
+    assert parse_corrupted("motion_blur@3") == ("motion_blur", 3)
+    for plain in ("in_domain", "hospital@b", "@2", "x@"):
+        assert parse_corrupted(plain) is None and not is_corrupted(plain)
+
+
+def test_corruption_errors_follow_the_imagenet_c_formula():
+    errors = corruption_errors(ACCURACY, "zeroshot")
+    blur = ((1 - 0.7) + (1 - 0.6)) / ((1 - 0.6) + (1 - 0.4))
+    assert errors["t3"]["blur"] == pytest.approx(blur)
+    assert math.isnan(errors["t3"]["noise"])  # the reference makes no error there
+    assert math.isnan(errors["t3"]["mCE"])
+    assert errors["zeroshot"]["blur"] == pytest.approx(1.0)
+    assert corruption_errors({"in_domain": ACCURACY["in_domain"]}, "zeroshot") == {}
+
+
+def test_summary_rows_and_files(tmp_path):
+    rows = summary_rows(ACCURACY, {"t3": {"mCE": 0.75}, "zeroshot": {"mCE": 1.0}})
+    assert rows[1] == {"method": "t3", "in_domain": 0.9, "corrupted_mean": pytest.approx(0.6), "mCE": 0.75}
+    write_summary(tmp_path, rows)
+    with open(tmp_path / "summary.csv") as handle:
+        read = list(csv.DictReader(handle))
+    assert [r["method"] for r in read] == ["zeroshot", "t3"] and float(read[1]["corrupted_mean"]) == pytest.approx(0.6)
+    assert "| t3 | 90.00 | 60.00 | 0.750 |" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())[0]["mCE"] == 1.0
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "results.json"
+    write_atomic(path, "good\n")
+    with pytest.raises(TypeError):
+        write_atomic(path, 42)  # fails while writing
+    assert path.read_text() == "good\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def record(accuracy: dict[str, float]) -> dict:
+    base = {key: {} for key in SPLIT_RECORD_KEYS}
+    base.update(accuracy=accuracy, num_samples=10, nonfinite_samples=0)
+    base["coefficients"] = {"lambda_min": 0.4, "lambda_mean": 0.5, "lambda_max": 0.6, "js_mean": 0.1}
+    base["diagnostics"] = {"quadrants": {}}
+    return base
+
+
+def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
+    config = {"model": {"gamma": 0.5}, "data": {"root": "x"}}
+    report = RunReport(tmp_path, ["in_domain", "blur@1", "blur@2"], {"zeroshot": "alone"}, config, "zeroshot")
+    report.add_split("blur@2", record({"zeroshot": 0.4}))
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert list(first["accuracy"]) == ["blur@2"] and first["config"] == config
+    report.add_split("in_domain", record({"zeroshot": 0.8}))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert list(written["accuracy"]) == ["in_domain", "blur@2"]  # protocol order, not finishing order
+    assert written["corruption_errors"]["ce"]["zeroshot"]["blur"] == pytest.approx(1.0)
+    assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "corruption_errors"}
+    # An earlier run's records, read back for resume, are the ones written.
+    previous = load_previous(tmp_path, config)
+    assert previous["in_domain"]["accuracy"] == {"zeroshot": 0.8} and list(previous) == ["in_domain", "blur@2"]
+
+
+def test_resume_refuses_another_configuration_and_a_broken_file(tmp_path):
+    report = RunReport(tmp_path, ["a"], {}, {"model": {"gamma": 0.5}, "data": {}}, "zeroshot")
+    report.add_split("a", record({"zeroshot": 0.5}))
+    with pytest.raises(InputError, match=r"another configuration \(differs in \['model.gamma'\]\)"):
+        load_previous(tmp_path, {"model": {"gamma": 2.0}, "data": {}})
+    assert load_previous(tmp_path / "elsewhere", {}) == {}
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(InputError, match="results.json is not valid JSON"):
+        load_previous(tmp_path, {"model": {}, "data": {}})
