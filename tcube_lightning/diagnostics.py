@@ -71,6 +71,6 @@ def lambda_spread_warning(coefficients: dict[str, dict[str, float]], min_spread:
     more = f" and {len(narrow) - 8} more" if len(narrow) > 8 else ""
     return (
         f"λ spans less than min_lambda_spread={min_spread} on {len(narrow)} split(s): {listed}{more}. T³ behaves "
-        "almost like a fixed interpolation there. σ(γ·JS) lies in [0.5, σ(γ·ln 2)] by construction: raise gamma "
-        "or narrow lambda_min/lambda_max to change that."
+        "almost like a fixed interpolation there. σ(γ·JS) lies in [0.5, σ(γ·ln 2)] by construction: a larger gamma "
+        "or a wider range [lambda_min, lambda_max] widens the spread of λ."
     )

@@ -31,7 +31,7 @@ from tcube_lightning.models import (
     tokenize_prompts,
 )
 from tcube_lightning.report import RunReport, lambda_statistics, load_previous, mixture_summary
-from tcube_lightning.results import jsonable
+from tcube_lightning.results import check_results_dir, jsonable
 from tcube_lightning.splitnames import is_corrupted
 
 
@@ -74,6 +74,7 @@ class TCubeModule(L.LightningModule):
             results_dir/plots and TensorBoard images).
         resume: Skip the splits that results_dir/results.json already holds from a run with the same
             configuration (results are rewritten after every split, so an interrupted run keeps those).
+        overwrite: Replace the results a results_dir already holds; without it (or resume) such a run is refused.
     """
 
     def __init__(
@@ -99,12 +100,15 @@ class TCubeModule(L.LightningModule):
         results_dir: str | None = None,
         resume: bool = False,
         plots: bool = True,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged at the end, with the final metrics
         self.mapping = LambdaMapping(lambda_min, lambda_max, gamma, lambda_weights, js_base)
         if resume and results_dir is None:
             raise InputError("model.resume needs model.results_dir: the folder whose results.json to continue")
+        if results_dir is not None:
+            check_results_dir(results_dir, resume, overwrite)
         if clusters < 1:
             raise InputError(f"model.clusters must be >= 1, got {clusters}")
         if samplewise not in ("auto", "vectorized", "loop"):
@@ -119,6 +123,12 @@ class TCubeModule(L.LightningModule):
             checkpoint_kind(arch, path, f"model.{field}")
         self.method_families = list(methods or METHOD_FAMILIES)
         self.baselines = baselines
+        names = [n for n, m in build_methods(baselines, arch).items() if m.family in self.method_families]
+        if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
+            rank_zero_warn(
+                f"model.mce_reference: {mce_reference!r} is not among the evaluated methods {names}; corrupted "
+                "splits (CE, mCE) will be refused"
+            )
         self.engine: TCubeEngine | None = None
 
     # ----------------------------------------------------------------- set-up
@@ -132,9 +142,8 @@ class TCubeModule(L.LightningModule):
         families = set(self.method_families)
         self.methods = {n: m for n, m in build_methods(self.baselines, hp.arch).items() if m.family in families}
         self.all_split_names = data.split_names
-        self.run_config = jsonable(
-            {"model": {k: v for k, v in hp.items() if k[0] != "_" and k != "resume"}, "data": data.hparams}
-        )
+        run_keys = {k: v for k, v in hp.items() if k[0] != "_" and k not in ("resume", "overwrite")}
+        self.run_config = jsonable({"model": run_keys, "data": data.hparams})
         self.previous = load_previous(hp.results_dir, self.run_config) if hp.resume else {}
         for split in self.previous:
             data.drop_split(split)

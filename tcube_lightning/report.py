@@ -101,11 +101,14 @@ class RunReport:
         self.write()
 
     def results(self) -> dict[str, Any]:
-        """Everything finished so far, per key, splits in protocol order."""
+        """Everything finished so far, per key, splits in protocol order; ``complete`` and ``missing_splits`` say
+        what an interrupted run still lacks."""
         order = [s for s in self.split_order if s in self.records]
         results: dict[str, Any] = {key: {s: self.records[s][key] for s in order} for key in SPLIT_RECORD_KEYS}
         results["methods"] = dict(self.methods)
         results["config"] = self.run_config
+        results["missing_splits"] = [s for s in self.split_order if s not in self.records]
+        results["complete"] = not results["missing_splits"]
         errors = corruption_errors(results["accuracy"], self.mce_reference)
         if errors:
             results["corruption_errors"] = {"reference": self.mce_reference, "ce": errors}

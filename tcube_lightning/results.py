@@ -12,15 +12,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tcube_lightning.errors import InputError
 from tcube_lightning.splitnames import is_corrupted, parse_corrupted
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` in one step."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` in one step. The file gets
+    the permissions of any newly created file (0644 under the usual umask), not ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -29,6 +32,30 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def check_results_dir(results_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Before any model loads: ``results_dir`` can be written, and holds no earlier run's results unless the run
+    continues them (resume) or was asked to replace them (overwrite)."""
+    path = Path(results_dir)
+    if resume and overwrite:
+        raise InputError("model.resume and model.overwrite exclude each other: continue the results or replace them")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"model.results_dir: {existing} exists and is not a folder, so {path} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"model.results_dir: {existing} is not writable")
+    if (path / "results.json").exists() and not (resume or overwrite):
+        raise InputError(
+            f"model.results_dir: {path} already holds results.json from an earlier run; give --model.resume true to "
+            "continue it, --model.overwrite true to replace it, or another folder"
+        )
 
 
 def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:

@@ -19,6 +19,7 @@ from helpers import (
     run_cli_expecting_error,
     run_cli_in_process,
     write_hub_cache,
+    write_medmnist_npz,
 )
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
@@ -370,3 +371,39 @@ def test_same_config_and_seed_give_identical_results_files(clip_pair, npz_root, 
         _, run_dir = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / run, *extra))
         texts.append((run_dir / "results.json").read_text())
     assert texts[0] == texts[1]
+
+
+def test_existing_results_are_not_replaced_unless_asked(clip_pair, npz_root, tmp_path, capsys):
+    out = tmp_path / "results"
+    extra = ("--data.batch_size=8", "--model.methods=[zeroshot]", f"--model.results_dir={out}")
+    main(cli_args(clip_pair, npz_root, tmp_path / "first", *extra, '--data.sources={"a": "tiny_a.npz"}'))
+    first = (out / "results.json").read_text()
+    again = cli_args(clip_pair, npz_root, tmp_path / "second", *extra)
+    assert "already holds results.json from an earlier run" in run_cli_expecting_error(again, capsys)
+    assert (out / "results.json").read_text() == first
+    both = [*again, "--model.resume=true", "--model.overwrite=true"]
+    assert "model.resume and model.overwrite exclude each other" in run_cli_expecting_error(both, capsys)
+    main([*again, "--model.overwrite=true"])
+    assert list(json.loads((out / "results.json").read_text())["accuracy"]) == ["a", "b"]
+
+
+def test_settings_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tcube_lightning.module.load_clip", lambda *a: pytest.fail("a model was loaded"))
+    (tmp_path / "a_file").write_text("")
+    args = cli_args(clip_pair, npz_root, tmp_path / "runs", f"--model.results_dir={tmp_path / 'a_file' / 'results'}")
+    assert "a_file exists and is not a folder" in run_cli_expecting_error(args, capsys)
+    # A reference method that is not evaluated: said at once; an error where corrupted splits need it.
+    write_medmnist_npz(tmp_path / "breastmnist.npz", 4, 2)
+    corrupted = [
+        "test", f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, t3]", "--model.mce_reference=ensemble",
+        f"--data.root={tmp_path}", "--data.modality=breast", "--data.splits=[in_domain, corrupted]", "--data.size=28",
+        "--data.image_size=28", "--data.corruption_source=on_the_fly", "--data.corruptions=[pixelate]",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="'ensemble' is not among the evaluated methods"):
+        message = run_cli_expecting_error(corrupted, capsys)
+    assert "model.mce_reference: 'ensemble' is not among the evaluated methods" in message
+    assert "unrecognized arguments: --model.gamm" in run_cli_expecting_error(
+        cli_args(clip_pair, npz_root, tmp_path / "runs", "--model.gamm=2"), capsys
+    )

@@ -36,4 +36,5 @@ def test_the_lambda_spread_warning_names_the_narrow_splits():
     stats = {"a": {"lambda_min": 0.50, "lambda_max": 0.51}, "b": {"lambda_min": 0.2, "lambda_max": 0.9}}
     warning = lambda_spread_warning(stats, 0.05)
     assert "on 1 split(s): a (0.0100)" in warning and "b (" not in warning
+    assert "a larger gamma or a wider range [lambda_min, lambda_max] widens the spread" in warning
     assert lambda_spread_warning(stats, 0.005) is None

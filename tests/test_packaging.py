@@ -1,9 +1,12 @@
 """The package as users install it: a wheel with its data files and console script, `python -m`, the Dockerfile."""
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 from helpers import REPO, cli_args
@@ -46,3 +49,23 @@ def test_dockerfile_installs_the_pinned_files_and_copies_files_that_exist():
     assert "pip install --no-cache-dir -r requirements.txt" in dockerfile
     assert "pip install --no-cache-dir --no-deps ." in dockerfile
     assert 'ENTRYPOINT ["python", "main.py"]' in dockerfile
+
+
+def test_sigterm_stops_the_run_with_a_failing_exit_status(clip_pair, npz_root, tmp_path):
+    """A scheduler's preemption: the finished split stays in results.json, which names the missing one."""
+    out = tmp_path / "results"
+    args = cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.results_dir={out}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.Popen(
+        [sys.executable, "main.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "results.json").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # split "a" (37 batches) is written; split "b" (21) is under way
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["accuracy"]) == ["a"]
+    assert results["complete"] is False and results["missing_splits"] == ["b"]

@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import os
+import stat
 
 import pytest
 
@@ -47,6 +49,15 @@ def test_summary_rows_and_files(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())[0]["mCE"] == 1.0
 
 
+def test_results_files_are_readable_like_other_files(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "results.json", "{}\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
+
+
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     path = tmp_path / "results.json"
     write_atomic(path, "good\n")
@@ -74,7 +85,8 @@ def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
     written = json.loads((tmp_path / "results.json").read_text())
     assert list(written["accuracy"]) == ["in_domain", "blur@2"]  # protocol order, not finishing order
     assert written["corruption_errors"]["ce"]["zeroshot"]["blur"] == pytest.approx(1.0)
-    assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "corruption_errors"}
+    assert written["missing_splits"] == ["blur@1"] and written["complete"] is False
+    assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "missing_splits", "complete", "corruption_errors"}
     # An earlier run's records, read back for resume, are the ones written.
     previous = load_previous(tmp_path, config)
     assert previous["in_domain"]["accuracy"] == {"zeroshot": 0.8} and list(previous) == ["in_domain", "blur@2"]
