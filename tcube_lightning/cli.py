@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-import warnings
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tcube_lightning.data import EvaluationDataModule
 from tcube_lightning.errors import InputError
 from tcube_lightning.module import TCubeModule
+from tcube_lightning.quiet import quiet_lightning
+
+
+class RunFolder(SaveConfigCallback):
+    """config.yaml is saved once testing starts, and a run stopped before that (bad input found in ``setup``,
+    before any model loads) leaves no empty ``version_N/`` behind: Lightning makes the logger's folder, with an
+    empty event file, before ``setup`` runs."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pass
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "test")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.already_saved or not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        folder = Path(trainer.logger.log_dir)
+        for own in folder.glob("events.out.tfevents.*"):  # the logger's empty start; nothing else is removed
+            own.unlink()
+        with contextlib.suppress(OSError):  # not empty: something else is in there, keep it
+            folder.rmdir()
 
 
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"test": {"model", "dataloaders", "datamodule"}}
+        """Only ``test``, without the arguments this tool sets itself (model, data) or does not use (a checkpoint
+        of a trained LightningModule: the models come from model.*_checkpoint)."""
+        return {"test": {"model", "dataloaders", "datamodule", "ckpt_path"}}
 
 
 def main(args: list[str] | None = None) -> TCubeCLI:
@@ -26,14 +52,15 @@ def main(args: list[str] | None = None) -> TCubeCLI:
     Bad input (``InputError``) ends the run with its message and exit status 2, not a traceback. A run stopped by
     SIGTERM (a scheduler's preemption) exits 143: Lightning ends it with a ``SystemExit`` that would say 0.
     """
-    # Lightning's own use of a torch API that torch 2.14 deprecates: nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    quiet_lightning()
     try:
         return TCubeCLI(
             TCubeModule,
             EvaluationDataModule,
             args=args,
+            save_config_callback=RunFolder,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # it never trains: no --optimizer / --lr_scheduler
             # No abbreviated options: `--model.gamm 2` must be an error, not gamma = 2.
             parser_kwargs={"description": "T³ test-time merging of a generalist and an expert CLIP.", "allow_abbrev": False},
         )

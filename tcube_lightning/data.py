@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import lightning as L
 import numpy as np
@@ -78,7 +78,9 @@ class EvaluationDataModule(L.LightningDataModule):
         corruption_source: ``files`` (pre-generated MedMNIST-C npz) or ``on_the_fly`` (medmnistc, seeded).
         size: Image size of the MedMNIST file to read (28, 64, 128 or 224).
         flag: MedMNIST flag for the class names when there is no modality.
-        classnames: Class names in label order for the non-MedIMeta splits (default: medmnist.INFO's).
+        classnames: Class names in label order for the non-MedIMeta splits (default: medmnist.INFO's). A Hugging
+            Face source that names its classes (ClassLabel, image folder) uses its own names; given names that
+            disagree with them stop the run.
         templates: Prompt templates, each with one ``{}``; default: the modality's.
         split_key: Split inside MedMNIST npz files (test, val or train); MedIMeta's split file of that name.
         image_size: Side of the CLIP input; images are resized (bicubic), center-cropped and normalised.
@@ -145,6 +147,7 @@ class EvaluationDataModule(L.LightningDataModule):
         self.corruptions = list(corruptions) if corruptions is not None else None
         self.severities, self.corruption_source, self.seed = list(severities), corruption_source, seed
         self.corruption_cache = Path(corruption_cache) if corruption_cache is not None else None
+        self.classnames_given = classnames is not None
         self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag)
         self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
         if any("{}" not in t for t in self.templates):
@@ -168,6 +171,13 @@ class EvaluationDataModule(L.LightningDataModule):
         transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
         for name, (dataset, classnames) in self._read_splits().items():
             labels = np.asarray(dataset.labels)
+            if not np.issubdtype(labels.dtype, np.integer):
+                fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+                if fractional.any():
+                    raise InputError(
+                        f"split {name!r}: {int(fractional.sum())} label(s) are not whole class indices (first: "
+                        f"{labels[fractional][0]}); labels must be integers 0..{len(classnames) - 1}"
+                    )
             bad = (labels < 0) | (labels >= len(classnames))
             if bad.any():
                 raise InputError(
@@ -178,21 +188,34 @@ class EvaluationDataModule(L.LightningDataModule):
             self.split_classnames[name] = classnames
 
     def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
-        splits: dict[str, tuple[Dataset, list[str]]] = {}
+        """Every split, or one error listing every split that cannot be read (all missing files at once)."""
+        readers: dict[str, Callable[[], tuple[Dataset, list[str]] | None]] = {}
         if "in_domain" in self.kinds:
-            splits["in_domain"] = self._source("in_domain") or (self._in_domain, self.classnames)
+            readers["in_domain"] = lambda: self._source("in_domain") or (self._in_domain, self.classnames)
         if "base_to_novel" in self.kinds:
-            splits["base_to_novel"] = self._source("base_to_novel") or self._base_to_novel()
+            readers["base_to_novel"] = lambda: self._source("base_to_novel") or self._base_to_novel()
         if "corrupted" in self.kinds:
-            corruptions = self.corruptions or list(modality_corruptions(self.modality))
-            for corruption in corruptions:
+            for corruption in self.corruptions or list(modality_corruptions(self.modality)):
                 for severity in self.severities:
                     name = corrupted_split_name(corruption, severity)
-                    splits[name] = self._source(name) or (self._corrupted(corruption, severity), self.classnames)
+                    readers[name] = functools.partial(self._corrupted_split, name, corruption, severity)
         for name in self.sources:
-            if name not in splits:
-                splits[name] = self._source(name)
+            readers.setdefault(name, functools.partial(self._source, name))
+        splits, problems = {}, []
+        for name, read in readers.items():
+            try:
+                splits[name] = read()
+            except InputError as err:
+                problems.append(str(err))
+        problems = list(dict.fromkeys(problems))  # on-the-fly splits share the in-domain file's problem
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        if problems:
+            raise InputError(f"{len(problems)} problems with the data:\n  - " + "\n  - ".join(problems))
         return splits
+
+    def _corrupted_split(self, name: str, corruption: str, severity: int) -> tuple[Dataset, list[str]]:
+        return self._source(name) or (self._corrupted(corruption, severity), self.classnames)
 
     def _source(self, name: str) -> tuple[Dataset, list[str]] | None:
         if name not in self.sources:
@@ -201,7 +224,15 @@ class EvaluationDataModule(L.LightningDataModule):
         if path.suffix == ".npz" or not path.is_dir():
             return read_medmnist_npz(path, self.split_key), self.classnames
         dataset = HFImages(path, self.split_key)
-        return dataset, dataset.classnames or self.classnames
+        own = dataset.classnames  # a ClassLabel's names, or an image folder's (its subfolders, alphabetical)
+        if own is None:
+            return dataset, self.classnames
+        if self.classnames_given and list(own) != self.classnames:
+            raise InputError(
+                f"split {name!r}: data.classnames {self.classnames} disagree with the class names {path} carries "
+                f"{list(own)}; give names that match its labels, or leave data.classnames out to use the data's own"
+            )
+        return dataset, list(own)
 
     @functools.cached_property
     def _in_domain(self) -> Dataset:

@@ -117,9 +117,16 @@ def _to_clip_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train_clip(
-    model: torch.nn.Module, classes: tuple[str, ...], conditions: tuple[str, ...], steps: int, lr: float, seed: int
+    model: torch.nn.Module,
+    classes: tuple[str, ...],
+    conditions: tuple[str, ...],
+    steps: int,
+    lr: float,
+    seed: int,
+    name: str = "model",
 ) -> torch.nn.Module:
-    """Train image and text towers to match each image with its class caption (one random template per step)."""
+    """Train image and text towers to match each image with its class caption (one random template per step).
+    Says how far it got every tenth of the steps: on a loaded machine this takes many minutes."""
     g = torch.Generator().manual_seed(seed)
     tokenizer = open_clip.get_tokenizer(ARCH)
     tokens = tokenizer([t.format(c) for c in classes for t in TRAIN_TEMPLATES]).view(
@@ -129,7 +136,8 @@ def train_clip(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in range(steps):
+    report_every = max(1, steps // 10)
+    for step in range(1, steps + 1):
         labels = torch.randint(len(classes), (128,), generator=g)
         picked = torch.randint(len(conditions), (128,), generator=g).tolist()
         images = _to_clip_input(synthesize(class_ids[labels], [conditions[i] for i in picked], g))
@@ -141,6 +149,8 @@ def train_clip(
         loss.backward()
         optimizer.step()
         schedule.step()
+        if step % report_every == 0 or step == steps:
+            print(f"demo: training the {name}, step {step}/{steps}, loss {loss.item():.3f}", flush=True)
     return model.eval()
 
 
@@ -161,9 +171,11 @@ def build_demo(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    generalist = train_clip(open_clip.create_model(ARCH), CLASSES, CONDITIONS, generalist_steps, 2e-3, seed)
+    generalist = train_clip(
+        open_clip.create_model(ARCH), CLASSES, CONDITIONS, generalist_steps, 2e-3, seed, name="generalist"
+    )
     torch.save(generalist.state_dict(), out / "generalist.pt")
-    expert = train_clip(generalist, EXPERT_CLASSES, (EXPERT_CONDITION,), expert_steps, 1e-3, seed + 1)
+    expert = train_clip(generalist, EXPERT_CLASSES, (EXPERT_CONDITION,), expert_steps, 1e-3, seed + 1, name="expert")
     torch.save(expert.state_dict(), out / "expert.pt")
     write_split(out / "demo_in_domain.npz", EXPERT_CLASSES, (EXPERT_CONDITION,), per_class, seed + 2)
     write_split(out / "demo_shifted.npz", EXPERT_CLASSES, SHIFTED_CONDITIONS, per_class, seed + 3)

@@ -89,6 +89,14 @@ def load_clip(arch: str, checkpoint: str | Path, cache_dir: str | None = None) -
     )
 
 
+def looks_like_a_checkpoint(path: Path) -> bool:
+    """By its first bytes: a torch zip archive, a (legacy) pickle, or safetensors (an 8-byte header length, then
+    a JSON header)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
+
+
 def is_torchscript_archive(path: Path) -> bool:
     """OpenAI's released CLIP weights are TorchScript archives: zip files with a ``constants.pkl`` record."""
     if not zipfile.is_zipfile(path):
@@ -130,6 +138,12 @@ def _create(arch: str, pretrained: str, failure: str, cache_dir: str | None = No
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
     except (RuntimeError, KeyError, ValueError, EOFError, OSError, AssertionError, pickle.UnpicklingError) as err:
+        path = Path(pretrained)
+        if path.is_file() and not looks_like_a_checkpoint(path):
+            raise InputError(
+                f"checkpoint {path} is not a checkpoint file: neither a torch zip archive, a pickle nor safetensors "
+                "(expected an open_clip state_dict, a training checkpoint, safetensors or OpenAI's TorchScript file)"
+            ) from err
         raise InputError(f"{failure}: {err}") from err
     return model.eval().requires_grad_(False)
 

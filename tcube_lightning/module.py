@@ -30,9 +30,12 @@ from tcube_lightning.models import (
     register_model_config,
     tokenize_prompts,
 )
+from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.report import RunReport, lambda_statistics, load_previous, mixture_summary
 from tcube_lightning.results import check_results_dir, jsonable
 from tcube_lightning.splitnames import is_corrupted
+
+quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
 
 
 class TCubeModule(L.LightningModule):
@@ -84,7 +87,7 @@ class TCubeModule(L.LightningModule):
         expert_checkpoint: str,
         model_config: str | None = None,
         cache_dir: str | None = None,
-        methods: list[str] | None = None,
+        methods: list[str] | str | None = None,
         baselines: BaselineSettings = BaselineSettings(),
         lambda_min: float = 0.0,
         lambda_max: float = 1.0,
@@ -113,6 +116,7 @@ class TCubeModule(L.LightningModule):
             raise InputError(f"model.clusters must be >= 1, got {clusters}")
         if samplewise not in ("auto", "vectorized", "loop"):
             raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
+        methods = [methods] if isinstance(methods, str) else methods  # `--model.methods t3`: one family
         unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
         if unknown:
             raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
@@ -148,8 +152,14 @@ class TCubeModule(L.LightningModule):
         for split in self.previous:
             data.drop_split(split)
         self.split_names: list[str] = data.split_names
+        if not self.split_names:  # resuming a finished run: Lightning runs no hook without a split, report here
+            rank_zero_info(f"Every split is already in {hp.results_dir}/results.json: nothing left to evaluate.")
+            if self.trainer.is_global_zero:
+                self._new_report(Path(hp.results_dir)).finish(self.logger, hp.plots, self._spread_threshold())
+            return
         self._check_data_fits(data)
         # Splits can differ in their classes (base-to-novel): one prompt set, and head, per class list.
+        self.split_classnames = {s: list(data.split_classnames[s]) for s in self.split_names}
         class_sets = list(dict.fromkeys(tuple(data.split_classnames[s]) for s in self.split_names))
         self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
         self.class_counts = [len(names) for names in class_sets]
@@ -208,19 +218,23 @@ class TCubeModule(L.LightningModule):
         self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
         self.finished_splits = 0
-        self.lambda_arrays: dict[str, np.ndarray] = {}
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
-        results_dir = Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-        descriptions = {m.name: m.description for m in self.methods.values()}
-        self.report = RunReport(
-            results_dir, self.all_split_names, descriptions, self.run_config, hp.mce_reference, self.previous
-        )
+        self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
         static_rules = {n: m.static_rule for n, m in self.methods.items() if m.is_static}
         path = self.engine.prepare(static_rules, extremes="t3" in self.methods)
         if hp.samplewise == "auto" and path == "loop" and "t3" in self.methods:
             reason = self.engine.unsupported_reason
             why = "on CPU" if self.device.type == "cpu" else f"the architecture is not covered ({reason})"
             rank_zero_info(f"T³ sample-wise: per-sample loop over the fused store ({why}).")
+
+    def _new_report(self, results_dir: Path) -> RunReport:
+        descriptions = {m.name: m.description for m in self.methods.values()}
+        hp = self.hparams
+        return RunReport(results_dir, self.all_split_names, descriptions, self.run_config, hp.mce_reference, self.previous)
+
+    def _spread_threshold(self) -> float | None:
+        """The λ-spread warning's threshold where T³ is evaluated, else None (no warning)."""
+        return self.hparams.min_lambda_spread if "t3" in self.methods else None
 
     # ------------------------------------------------------------------ steps
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -336,8 +350,6 @@ class TCubeModule(L.LightningModule):
             m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
         }
         lam = self.lambda_values[split].compute()
-        if self.hparams.plots:
-            self.lambda_arrays[split] = lam.cpu().numpy()
         diagnostics = self.diagnostics[split].compute()
         js_mean = diagnostics.pop("js_mean")
         if not self.engine.extreme_weights:  # not measured without T³
@@ -350,17 +362,16 @@ class TCubeModule(L.LightningModule):
             "num_samples": int(self.sample_counts[split].compute()),
             "nonfinite_samples": int(self.nonfinite_counts[split].compute()),
             "clusters": self.cluster_summaries[split],
+            "classnames": self.split_classnames[split],
         }
         if self.trainer.is_global_zero:
-            self.report.add_split(split, record)
+            self.report.add_split(split, record, lam.cpu().numpy())
 
     def on_test_epoch_end(self) -> None:
         """Finish the last split(s), then report on rank 0."""
         self._finish_splits_before(len(self.split_names))
         if self.trainer.is_global_zero:
-            hp = self.hparams
-            spread = hp.min_lambda_spread if "t3" in self.methods else None
-            self.report.finish(self.logger, self.lambda_arrays if hp.plots else None, spread)
+            self.report.finish(self.logger, self.hparams.plots, self._spread_threshold())
 
 
 def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:

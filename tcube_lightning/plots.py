@@ -31,6 +31,7 @@ def lambda_histograms(lambdas: dict[str, np.ndarray], columns: int = 4) -> Figur
         ax.hist(values, bins=30, range=(low - pad, high + pad), color="tab:blue")
         ax.set_title(split, fontsize=9)
         ax.set_xlabel("λ", fontsize=8)
+        ax.set_ylabel("samples", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(lambdas) :]:
         ax.axis("off")
@@ -48,16 +49,26 @@ def severity_curves(accuracy: dict[str, dict[str, float]]) -> dict[str, Figure]:
     figures = {}
     for corruption, points in by_corruption.items():
         points.sort()
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=DPI)
-        for method in accuracy[points[0][1]]:
-            ax.plot(
-                [s for s, _ in points], [100 * accuracy[split][method] for _, split in points], marker="o", label=method
-            )
+        fig, ax = plt.subplots(figsize=(8, 4), dpi=DPI)
+        for method, style in zip(accuracy[points[0][1]], line_styles()):
+            values = [100 * accuracy[split][method] for _, split in points]
+            ax.plot([s for s, _ in points], values, label=method, **style)
         ax.set(title=corruption, xlabel="severity", ylabel="top-1 (%)", xticks=[s for s, _ in points])
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # outside the axes
         fig.tight_layout()
         figures[corruption] = fig
     return figures
+
+
+def line_styles():  # noqa: ANN201 - an endless iterator of keyword dicts
+    """A distinct (colour, line style, marker) for every line: 10 colours × 4 dash patterns × 6 markers, so
+    that 17 methods (and more) stay apart even where colours repeat or lines overlap."""
+    colours = plt.get_cmap("tab10").colors
+    dashes, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")
+    index = 0
+    while True:
+        yield {"color": colours[index % 10], "linestyle": dashes[(index // 10) % 4], "marker": markers[index % 6]}
+        index += 1
 
 
 def accuracy_heatmap(accuracy: dict[str, dict[str, float]]) -> Figure:
@@ -70,16 +81,11 @@ def accuracy_heatmap(accuracy: dict[str, dict[str, float]]) -> Figure:
     ax.set_xticks(range(len(splits)), splits, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(methods)), methods, fontsize=7)
     if values.size <= 400:
+        # Cell text in the colour that contrasts with its cell: black on viridis's light half, white on the dark.
+        low, high = float(values.min()), float(values.max())
         for (i, j), value in np.ndenumerate(values):
-            ax.text(
-                j,
-                i,
-                f"{value:.1f}",
-                ha="center",
-                va="center",
-                fontsize=6,
-                color="white" if value < values.mean() else "black",
-            )
+            light = high > low and (value - low) / (high - low) > 0.55
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="black" if light else "white")
     fig.colorbar(image, ax=ax, label="top-1 (%)")
     fig.tight_layout()
     return fig

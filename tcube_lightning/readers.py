@@ -68,7 +68,7 @@ def _checked_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarr
         )
     if len(images) == 0:
         raise InputError(f"{path}: split {split!r} is empty")
-    return images, labels.astype(np.int64)
+    return images, labels  # checked to be whole numbers in range by the data module, for every format
 
 
 def read_medmnistc_file(folder: str | Path, flag: str, corruption: str, severity: int) -> Dataset:
@@ -231,12 +231,16 @@ class HFImages(Dataset):
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"HF dataset folder not found: {folder}")
-        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-            data = datasets.load_from_disk(str(folder))
-        elif list(folder.rglob("*.parquet")):
-            data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
-        else:
-            data = datasets.load_dataset("imagefolder", data_dir=str(folder))
+        try:
+            if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+                data = datasets.load_from_disk(str(folder))
+            elif list(folder.rglob("*.parquet")):
+                data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
+            else:
+                data = datasets.load_dataset("imagefolder", data_dir=str(folder))
+        except (IndexError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+            # datasets raises IndexError for a saved dataset of 0 rows, EmptyDatasetError for a folder without data
+            raise InputError(f"{folder}: split {split!r} is empty (no rows or no data files could be read: {err!r})")
         if isinstance(data, datasets.DatasetDict):
             if split not in data and len(data) == 1:
                 split = next(iter(data))

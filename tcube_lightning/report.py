@@ -21,10 +21,17 @@ from tcube_lightning.console import print_summary
 from tcube_lightning.diagnostics import lambda_spread_warning
 from tcube_lightning.errors import InputError
 from tcube_lightning.plots import close_figures, run_figures, save_figures
-from tcube_lightning.results import corruption_errors, summary_rows, write_results, write_summary
+from tcube_lightning.results import (
+    corruption_errors,
+    npz_bytes,
+    summary_rows,
+    write_atomic,
+    write_results,
+    write_summary,
+)
 
 SPLIT_RECORD_KEYS = (
-    "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters",
+    "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters", "classnames",
 )  # fmt: skip
 """What results.json holds per split, each key mapping split → value."""
 
@@ -43,30 +50,86 @@ def mixture_summary(mixture: BetaMixture) -> dict:
     return summary | ({"note": mixture.note} if mixture.note else {})
 
 
+RESUME_IGNORES = {
+    "model": ("results_dir", "plots", "samplewise", "compile", "cache_dir", "min_lambda_spread"),
+    "data": ("num_workers", "pin_memory", "corruption_cache"),
+}
+"""Settings that do not change a run's numbers (where files go, how fast, what is drawn or warned about; the
+sample-wise paths and compiled forwards agree to float rounding): resume accepts an earlier run that differs in
+these. Every other model and data setting must be the same."""
+
+
+def resume_relevant(config: dict) -> dict:
+    """The part of a run's configuration that resume compares: without ``RESUME_IGNORES``, data.root resolved."""
+    relevant = {}
+    for group, ignored in RESUME_IGNORES.items():
+        relevant[group] = {k: v for k, v in config.get(group, {}).items() if k not in ignored}
+    if relevant["data"].get("root") is not None:
+        relevant["data"]["root"] = str(Path(relevant["data"]["root"]).resolve())
+    return relevant
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """An earlier run's results.json, checked to hold what resume needs; a clear error naming the file if not."""
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"model.resume: {path} is not valid JSON ({err})") from err
+    if not isinstance(results, dict):
+        raise InputError(f"model.resume: {path} holds a {type(results).__name__}, not a tcube-lightning results object")
+    missing = [key for key in ("config", *SPLIT_RECORD_KEYS) if not isinstance(results.get(key), dict)]
+    if missing:
+        raise InputError(f"model.resume: {path} lacks {missing}: it was not written by a tcube-lightning run")
+    incomplete = [f"{key}[{split!r}]" for split in results["accuracy"] for key in SPLIT_RECORD_KEYS
+                  if split not in results[key]]  # fmt: skip
+    if incomplete:
+        raise InputError(f"model.resume: {path} lacks {incomplete[:5]}: the file was edited or cut")
+    return results
+
+
 def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
-    """For resume: the split records an earlier run with the same configuration wrote to results.json."""
+    """For resume: the split records (and per-sample λ, for the plots) of an earlier run with the same numbers-
+    relevant configuration, from results.json and lambdas.npz in ``results_dir``."""
     path = Path(results_dir) / "results.json"
     if not path.is_file():
         return {}
-    try:
-        previous = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"model.resume: {path} is not valid JSON ({err})") from err
-    if previous.get("config") != run_config:
-        old, new = previous.get("config", {}), run_config
+    previous = read_results(path)
+    old, new = resume_relevant(previous["config"]), resume_relevant(run_config)
+    if old != new:
         differing = sorted(
             f"{group}.{key}"
             for group in ("model", "data")
-            for key in set(old.get(group, {})) | set(new[group])
-            if old.get(group, {}).get(key) != new[group].get(key)
+            for key in set(old[group]) | set(new[group])
+            if old[group].get(key) != new[group].get(key)
         )
         raise InputError(
-            f"model.resume: {path} was written with another configuration (differs in {differing or 'layout'}); "
+            f"model.resume: {path} was written with another configuration (differs in {differing}); "
             "use another model.results_dir or remove that file"
         )
-    done = previous.get("accuracy", {})
-    rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {list(done)}")
-    return {split: {key: previous[key][split] for key in SPLIT_RECORD_KEYS} for split in done}
+    done = list(previous["accuracy"])
+    rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {done}")
+    lambdas = read_lambdas(Path(results_dir) / LAMBDAS_FILE)
+    return {split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, lambdas.get(split))
+            for split in done}  # fmt: skip
+
+
+LAMBDAS_FILE = "lambdas.npz"
+"""Every finished split's per-sample λ, beside results.json: the plots of a resumed run cover every split."""
+
+
+def read_lambdas(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        return {}
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+class Previous(dict):
+    """A split record read back for resume, with the split's per-sample λ (None if lambdas.npz lacked it)."""
+
+    def __init__(self, record: dict, lambdas: np.ndarray | None) -> None:
+        super().__init__(record)
+        self.lambdas = lambdas
 
 
 class RunReport:
@@ -93,11 +156,13 @@ class RunReport:
         self.results_dir, self.split_order, self.methods = results_dir, split_order, methods
         self.run_config, self.mce_reference = run_config, mce_reference
         self.records: dict[str, dict] = dict(previous or {})
+        self.lambdas = {s: r.lambdas for s, r in (previous or {}).items() if getattr(r, "lambdas", None) is not None}
 
-    def add_split(self, split: str, record: dict[str, Any]) -> None:
-        """A split is finished: keep its record and rewrite the results files (atomically), so that an
-        interrupted run keeps every split it finished."""
+    def add_split(self, split: str, record: dict[str, Any], lambdas: np.ndarray) -> None:
+        """A split is finished: keep its record and per-sample λ and rewrite the results files (atomically), so
+        that an interrupted run keeps every split it finished."""
         self.records[split] = record
+        self.lambdas[split] = lambdas
         self.write()
 
     def results(self) -> dict[str, Any]:
@@ -118,20 +183,18 @@ class RunReport:
         results = self.results()
         paths = write_results(self.results_dir, results)
         write_summary(self.results_dir, self.summary_rows(results))
+        order = [s for s in self.split_order if s in self.lambdas]
+        write_atomic(self.results_dir / LAMBDAS_FILE, npz_bytes({s: self.lambdas[s] for s in order}))
         return paths
 
     @staticmethod
     def summary_rows(results: dict) -> list[dict]:
         return summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
 
-    def finish(
-        self,
-        logger: Logger | None,
-        lambda_arrays: dict[str, np.ndarray] | None,
-        min_lambda_spread: float | None,
-    ) -> None:
-        """The end of the run: final metrics to the logger, warnings, plots (with ``lambda_arrays``, the split's
-        per-sample λ), the console table. ``min_lambda_spread`` None skips the λ-spread check (no T³)."""
+    def finish(self, logger: Logger | None, plots: bool, min_lambda_spread: float | None) -> None:
+        """The end of the run: final metrics to the logger, warnings, plots (λ histograms of every split with
+        per-sample λ, a resumed run's earlier splits included), the console table. ``min_lambda_spread`` None
+        skips the λ-spread check (no T³)."""
         results = self.results()
         if logger is not None:
             log_final_metrics(logger, results["metrics"], self.run_config)
@@ -145,8 +208,9 @@ class RunReport:
             warning = lambda_spread_warning(results["coefficients"], min_lambda_spread)
             if warning:
                 rank_zero_warn(warning)
-        if lambda_arrays is not None:
-            plot(self.results_dir / "plots", logger, results["accuracy"], lambda_arrays)
+        if plots:
+            lambdas = {s: self.lambdas[s] for s in results["accuracy"] if s in self.lambdas}
+            plot(self.results_dir / "plots", logger, results["accuracy"], lambdas)
         print_summary(self.summary_rows(results), "Top-1 accuracy (%)")
         rank_zero_info(
             f"Results written to {self.results_dir / 'results.json'}, {self.results_dir / 'results.md'} "

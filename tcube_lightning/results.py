@@ -12,11 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tcube_lightning.errors import InputError
 from tcube_lightning.splitnames import is_corrupted, parse_corrupted
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path: str | Path, text: str | bytes) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` in one step. The file gets
     the permissions of any newly created file (0644 under the usual umask), not ``mkstemp``'s private 0600."""
     path = Path(path)
@@ -24,7 +26,8 @@ def write_atomic(path: str | Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        mode, encoding = ("wb", None) if isinstance(text, bytes) else ("w", "utf-8")
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -32,6 +35,13 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an npz file (for ``write_atomic``)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def current_umask() -> int:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     ARCH,
+    CLASSNAMES,
     REPO,
     FRACTION_ATOL,
     GAMMA,
@@ -21,6 +22,7 @@ from helpers import (
     write_hub_cache,
     write_medmnist_npz,
 )
+from PIL import Image
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -38,6 +40,7 @@ LAMBDA_ATOL = lambda_atol(GAMMA)
 def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
     results, _ = batch8_run
     assert results["num_samples"] == {"a": 37, "b": 21}
+    assert results["classnames"] == {"a": CLASSNAMES, "b": CLASSNAMES}
     for split, file in SPLITS.items():
         logits, labels = oracle_predictions(clip_pair, npz_root, file, [0.0, 0.5, 1.0])
         p_pt, p_ft = softmax(logits[0.0], -1), softmax(logits[1.0], -1)
@@ -190,10 +193,13 @@ def test_bf16_autocast_runs_every_path_with_coefficients_in_float32(
         assert abs(agreement) <= 2 / len(labels)  # at most two near-ties decided differently
 
 
-def test_method_selection(clip_pair, npz_root, tmp_path):
+def test_method_selection(clip_pair, npz_root, tmp_path, caplog):
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot, t3_batch]"))
     assert list(results["accuracy"]["a"]) == ["zeroshot", "t3_batch"]
     assert "flips_between_lambda_extremes" not in results["diagnostics"]["a"]
+    one, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "one", "--model.methods=zeroshot"))
+    assert list(one["accuracy"]["a"]) == ["zeroshot"]  # one family without brackets
+    assert not [r for r in caplog.records if r.getMessage().startswith("💡 Tip")]  # Lightning's advertisements
 
 
 def test_help_and_print_config_list_the_options(capsys, monkeypatch):
@@ -203,6 +209,8 @@ def test_help_and_print_config_list_the_options(capsys, monkeypatch):
     help_text = capsys.readouterr().out
     for option in ("--model.lambda_weights", "--model.gamma", "--data.splits", "--data.templates"):
         assert option in help_text
+    for absent in ("--optimizer", "--lr_scheduler", "--ckpt_path"):  # nothing is trained or restored
+        assert absent not in help_text
     methods_help = help_text[help_text.index("--model.methods METHODS") :]
     assert all(family in methods_help for family in METHOD_FAMILIES)  # the help lists every method
     monkeypatch.chdir(REPO)
@@ -279,24 +287,37 @@ def test_non_finite_logits_are_counted_and_keep_lambda_finite(batch8_run, clip_p
         assert abs(results["accuracy"][split]["wise_ft@0.5"] - clean["accuracy"][split]["wise_ft@0.5"]) <= batches / n
 
 
-def test_results_are_written_per_split_and_a_resumed_run_skips_finished_splits(clip_pair, npz_root, tmp_path, capsys):
-    out = tmp_path / "results"
-    extra = ("--data.batch_size=8", "--model.methods=[zeroshot, t3_batch, t3_cluster]", f"--model.results_dir={out}")
-    main(cli_args(clip_pair, npz_root, tmp_path / "full", *extra))
-    full = json.loads((out / "results.json").read_text())
+def test_a_run_resumes_from_its_default_folder_given_by_a_relative_path(
+    clip_pair, npz_root, tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    extra = ("--data.batch_size=8", "--model.methods=[zeroshot, t3, t3_batch, t3_cluster]")
+    full, run_dir = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "runs", *extra))
+    folder = str(run_dir.relative_to(tmp_path))  # runs/lightning_logs/version_0
     # Keep only split "a", as if the run had been interrupted after it (results are rewritten per split).
     partial = {k: ({"a": v["a"]} if isinstance(v, dict) and "a" in v else v) for k, v in full.items()}
-    partial.pop("corruption_errors", None)
+    partial.update(complete=False, missing_splits=["b"])
     partial["accuracy"]["a"]["zeroshot"] = 0.123  # a marker: a skipped split is not recomputed
-    (out / "results.json").write_text(json.dumps(partial))
-    main(cli_args(clip_pair, npz_root, tmp_path / "resumed", *extra, "--model.resume=true"))
-    resumed = json.loads((out / "results.json").read_text())
-    assert resumed["num_samples"] == {"a": 37, "b": 21}
+    (run_dir / "results.json").write_text(json.dumps(partial))
+    resume = ("--model.resume=true", f"--model.results_dir={folder}", "--data.num_workers=0", "--model.plots=true")
+    main(cli_args(clip_pair, npz_root, tmp_path / "again", *extra, *resume))
+    resumed = json.loads((run_dir / "results.json").read_text())
     assert resumed["accuracy"]["a"] == {**full["accuracy"]["a"], "zeroshot": 0.123}
-    assert resumed["accuracy"]["b"] == full["accuracy"]["b"]
-    assert resumed["clusters"] == full["clusters"]
+    assert resumed["accuracy"]["b"] == full["accuracy"]["b"] and resumed["clusters"] == full["clusters"]
+    assert resumed["complete"] is True and resumed["missing_splits"] == []
+    with np.load(run_dir / "lambdas.npz") as lambdas:  # what the λ histograms of every split are drawn from
+        assert lambdas.files == ["a", "b"] and len(lambdas["b"]) == 21
+    # Resuming the finished run evaluates nothing and still reports: the table, every split's plots.
+    capsys.readouterr()
+    (run_dir / "plots" / "lambda_histograms.png").unlink()
+    main(cli_args(clip_pair, npz_root, tmp_path / "third", *extra, *resume))
+    printed = capsys.readouterr()
+    assert any("nothing left to evaluate" in record.getMessage() for record in caplog.records)
+    assert "Top-1 accuracy" in printed.out
+    assert "│ zeroshot" in printed.out and "12.30" in printed.out  # the marker, from the file
+    assert (run_dir / "plots" / "lambda_histograms.png").is_file()
     # Another configuration must not be mixed into these results.
-    other = cli_args(clip_pair, npz_root, tmp_path / "other", *extra, "--model.resume=true", "--model.gamma=3")
+    other = cli_args(clip_pair, npz_root, tmp_path / "other", *extra, *resume, "--model.gamma=3")
     assert "written with another configuration (differs in ['model.gamma'])" in run_cli_expecting_error(other, capsys)
     no_folder = cli_args(clip_pair, npz_root, tmp_path, "--model.resume=true")
     assert "model.resume needs model.results_dir" in run_cli_expecting_error(no_folder, capsys)
@@ -314,7 +335,18 @@ def test_results_file_grows_split_by_split(clip_pair, npz_root, tmp_path, monkey
 def bad(tmp_path_factory):
     """Files for the bad-input cases: an empty split, float images, out-of-range labels, a corrupt checkpoint,
     and the checkpoint of a differently sized architecture."""
+    import datasets
+
     root = tmp_path_factory.mktemp("bad")
+    labels = np.array([[0.0], [1.5], [2.0], [1.0]])
+    np.savez(root / "fractional.npz", test_images=np.zeros((4, 28, 28, 3), np.uint8), test_labels=labels)
+    (root / "notes.txt").write_text("not a checkpoint at all\n")
+    (root / "no_data").mkdir()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=features).save_to_disk(str(root / "hf_empty"))
+    image = Image.fromarray(np.zeros((28, 28, 3), np.uint8))
+    named = datasets.Dataset.from_dict({"image": [image] * 2, "label": [0, 1]}, features=features)
+    named.save_to_disk(str(root / "hf_named"))
     np.savez(root / "empty.npz", test_images=np.zeros((0, 28, 28, 3), np.uint8), test_labels=np.zeros((0, 1), np.uint8))
     np.savez(
         root / "float.npz", test_images=np.zeros((4, 28, 28, 3), np.float32), test_labels=np.zeros((4, 1), np.uint8)
@@ -352,16 +384,27 @@ def bad(tmp_path_factory):
         (["--data.modality=breast", "--data.severities=[6]"], "[6] outside 1..5"),
         (["--model.baselines.dare_drop=1.0"], "dare_drop 1.0 not in [0, 1)"),
         (["--model.clusters=0"], "model.clusters must be >= 1"),
+        (['--data.sources={{"f": "{bad}/fractional.npz"}}'], "1 label(s) are not whole class indices (first: 1.5)"),
+        (['--data.sources={{"h": "{bad}/hf_empty"}}'], "hf_empty: split 'test' is empty"),
+        (['--data.sources={{"h": "{bad}/no_data"}}'], "no_data: split 'test' is empty"),
+        (["--model.expert_checkpoint={bad}/notes.txt"], "notes.txt is not a checkpoint file"),
+        (['--data.sources={{"h": "{bad}/hf_named"}}'], "data.classnames ['circle', 'square', 'triangle', 'cross'] "
+                                                        "disagree with the class names"),
+        (["--data.root={bad}", "--data.modality=breast", "--data.splits=[in_domain, base_to_novel]"],
+         "4 problems with the data:\n  - data file not found: {bad}/breastmnist_224.npz"),
     ],
     ids=["lambda-range", "unknown-method", "missing-data", "image-size", "gamma", "corrupt-checkpoint",
          "architecture-mismatch", "unknown-arch", "empty-split", "image-dtype",
-         "labels-range", "unknown-modality", "unknown-corruption", "severity", "dare-drop", "clusters"],
+         "labels-range", "unknown-modality", "unknown-corruption", "severity", "dare-drop", "clusters",
+         "fractional-labels", "empty-hf-dataset", "empty-hf-folder", "not-a-checkpoint", "classnames-disagree",
+         "every-missing-file"],
 )  # fmt: skip
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
     extra = [o.format(bad=bad) for o in overrides]
     args = cli_args(clip_pair, npz_root, tmp_path, f"--model.model_config={bad / 'other-arch.json'}", *extra)
-    assert message in run_cli_expecting_error(args, capsys)
+    assert message.format(bad=bad) in run_cli_expecting_error(args, capsys)
     assert not list(tmp_path.rglob("results.json"))
+    assert not list(tmp_path.rglob("version_*"))  # no empty run folder left behind
 
 
 def test_same_config_and_seed_give_identical_results_files(clip_pair, npz_root, tmp_path):

@@ -49,3 +49,5 @@ def test_two_processes_write_the_same_results_as_one(arguments, single, tmp_path
     expected = '"num_samples": {\n    "in_domain": 8,\n    "speckle_noise@5": 8,\n    "pixelate@5": 8,\n    "few": 3\n  }'
     assert expected in (single / "results.json").read_text()
     assert result.stdout.count("Top-1 accuracy") + result.stderr.count("Top-1 accuracy") == 1
+    for quietened in ("LeafSpec", "💡 Tip"):  # silenced in every process, ddp_spawn's too
+        assert quietened not in result.stderr + result.stdout

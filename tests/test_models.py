@@ -28,8 +28,11 @@ def test_missing_and_corrupt_checkpoints_are_reported(tmp_path):
     with pytest.raises(InputError, match="checkpoint: file not found"):
         load_clip(ARCH, tmp_path / "nothing.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(InputError, match="could not be loaded into open_clip architecture 'tcube-tiny-clip'"):
+    with pytest.raises(InputError, match="junk.pt is not a checkpoint file"):
         load_clip(ARCH, tmp_path / "junk.pt")
+    (tmp_path / "cut.pt").write_bytes(b"\x80\x02 a pickle cut short")  # looks like one, does not load
+    with pytest.raises(InputError, match="could not be loaded into open_clip architecture 'tcube-tiny-clip'"):
+        load_clip(ARCH, tmp_path / "cut.pt")
 
 
 def test_zero_shot_head_averages_normalised_template_embeddings(clip_pair):

@@ -42,3 +42,22 @@ def test_no_lambda_histogram_without_lambdas():
     figures = run_figures(ACCURACY, {})
     assert "lambda_histograms" not in figures
     close_figures(figures)
+
+
+def test_severity_curves_tell_seventeen_methods_apart():
+    methods = [f"method{i}" for i in range(17)]
+    accuracy = {f"blur@{k}": {m: 0.5 for m in methods} for k in (1, 2)}  # every line on top of the others
+    (figure,) = severity_curves(accuracy).values()
+    axes = figure.axes[0]
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in axes.get_lines()}
+    assert len(styles) == 17 and len({line.get_color() for line in axes.get_lines()}) == 10
+    figure.canvas.draw()
+    legend_box = axes.get_legend().get_window_extent()
+    assert legend_box.x0 >= axes.get_window_extent().x1  # the legend does not cover the lines
+    close_figures({"blur": figure})
+
+
+def test_histograms_have_axis_labels():
+    figure = lambda_histograms({"a": np.linspace(0, 1, 9)})
+    assert figure.axes[0].get_xlabel() == "λ" and figure.axes[0].get_ylabel() == "samples"
+    close_figures({"h": figure})

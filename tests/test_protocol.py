@@ -244,7 +244,7 @@ def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
             pixels = np.asarray(image.convert("L"))
             assert pixels.std() > 5  # something is drawn
     with Image.open(run_dir / "plots" / "severity_pixelate.png") as image:
-        assert image.size == (600, 400)  # 6 × 4 inches at 100 dpi
+        assert image.size == (800, 400)  # 8 × 4 inches at 100 dpi: the axes, and the legend beside them
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     assert {f"plots/{stem}" for stem in expected} <= set(events.Tags()["images"])

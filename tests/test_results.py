@@ -6,6 +6,7 @@ import math
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from tcube_lightning.errors import InputError
@@ -78,26 +79,50 @@ def record(accuracy: dict[str, float]) -> dict:
 def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
     config = {"model": {"gamma": 0.5}, "data": {"root": "x"}}
     report = RunReport(tmp_path, ["in_domain", "blur@1", "blur@2"], {"zeroshot": "alone"}, config, "zeroshot")
-    report.add_split("blur@2", record({"zeroshot": 0.4}))
+    report.add_split("blur@2", record({"zeroshot": 0.4}), np.array([0.4, 0.6]))
     first = json.loads((tmp_path / "results.json").read_text())
     assert list(first["accuracy"]) == ["blur@2"] and first["config"] == config
-    report.add_split("in_domain", record({"zeroshot": 0.8}))
+    report.add_split("in_domain", record({"zeroshot": 0.8}), np.array([0.5]))
     written = json.loads((tmp_path / "results.json").read_text())
     assert list(written["accuracy"]) == ["in_domain", "blur@2"]  # protocol order, not finishing order
     assert written["corruption_errors"]["ce"]["zeroshot"]["blur"] == pytest.approx(1.0)
     assert written["missing_splits"] == ["blur@1"] and written["complete"] is False
     assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "missing_splits", "complete", "corruption_errors"}
-    # An earlier run's records, read back for resume, are the ones written.
+    # An earlier run's records, and each split's per-sample λ, read back for resume, are the ones written.
     previous = load_previous(tmp_path, config)
     assert previous["in_domain"]["accuracy"] == {"zeroshot": 0.8} and list(previous) == ["in_domain", "blur@2"]
+    assert previous["blur@2"].lambdas.tolist() == [0.4, 0.6]
 
 
-def test_resume_refuses_another_configuration_and_a_broken_file(tmp_path):
-    report = RunReport(tmp_path, ["a"], {}, {"model": {"gamma": 0.5}, "data": {}}, "zeroshot")
-    report.add_split("a", record({"zeroshot": 0.5}))
+def test_resume_compares_only_what_changes_the_numbers(tmp_path, monkeypatch):
+    config = {
+        "model": {"gamma": 0.5, "results_dir": str(tmp_path), "plots": True},
+        "data": {"root": "data", "num_workers": 0},
+    }
+    RunReport(tmp_path, ["a"], {}, config, "zeroshot").add_split("a", record({"zeroshot": 0.5}), np.array([0.5]))
+    monkeypatch.chdir(tmp_path)
+    moved = {
+        "model": {"gamma": 0.5, "results_dir": "elsewhere", "plots": False},
+        "data": {"root": str(tmp_path / "data"), "num_workers": 4},  # the same root, given absolute
+    }
+    assert list(load_previous(tmp_path, moved)) == ["a"]
     with pytest.raises(InputError, match=r"another configuration \(differs in \['model.gamma'\]\)"):
-        load_previous(tmp_path, {"model": {"gamma": 2.0}, "data": {}})
-    assert load_previous(tmp_path / "elsewhere", {}) == {}
-    (tmp_path / "results.json").write_text("{not json")
-    with pytest.raises(InputError, match="results.json is not valid JSON"):
+        load_previous(tmp_path, {**moved, "model": {**moved["model"], "gamma": 2.0}})
+    assert load_previous(tmp_path / "elsewhere", moved) == {}
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[1, 2]", "holds a list, not a tcube-lightning results object"),
+        ('{"config": {}, "accuracy": {}}', r"lacks \['metrics'"),
+        ('{"config": {}, "accuracy": {"a": {}}' + "".join(f', "{k}": {{}}' for k in SPLIT_RECORD_KEYS[1:]) + "}",
+         r"lacks \[\"metrics\['a'\]\""),
+        ("{not json", "is not valid JSON"),
+    ],
+    ids=["list", "missing-keys", "missing-split", "not-json"],
+)  # fmt: skip
+def test_resume_reads_only_a_results_file_it_understands(tmp_path, content, message):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(InputError, match=message):
         load_previous(tmp_path, {"model": {}, "data": {}})
