@@ -342,6 +342,8 @@ def bad(tmp_path_factory):
     np.savez(root / "fractional.npz", test_images=np.zeros((4, 28, 28, 3), np.uint8), test_labels=labels)
     (root / "notes.txt").write_text("not a checkpoint at all\n")
     (root / "no_data").mkdir()
+    (root / "malformed").mkdir()
+    (root / "malformed" / "results.json").write_text("[1, 2]")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
     datasets.Dataset.from_dict({"image": [], "label": []}, features=features).save_to_disk(str(root / "hf_empty"))
     image = Image.fromarray(np.zeros((28, 28, 3), np.uint8))
@@ -392,12 +394,14 @@ def bad(tmp_path_factory):
                                                         "disagree with the class names"),
         (["--data.root={bad}", "--data.modality=breast", "--data.splits=[in_domain, base_to_novel]"],
          "4 problems with the data:\n  - data file not found: {bad}/breastmnist_224.npz"),
+        (["--model.resume=true", "--model.results_dir={bad}/malformed"],
+         "model.resume: {bad}/malformed/results.json holds a list, not a tcube-lightning results object"),
     ],
     ids=["lambda-range", "unknown-method", "missing-data", "image-size", "gamma", "corrupt-checkpoint",
          "architecture-mismatch", "unknown-arch", "empty-split", "image-dtype",
          "labels-range", "unknown-modality", "unknown-corruption", "severity", "dare-drop", "clusters",
          "fractional-labels", "empty-hf-dataset", "empty-hf-folder", "not-a-checkpoint", "classnames-disagree",
-         "every-missing-file"],
+         "every-missing-file", "malformed-results"],
 )  # fmt: skip
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
     extra = [o.format(bad=bad) for o in overrides]
