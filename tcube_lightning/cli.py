@@ -62,7 +62,10 @@ def main(args: list[str] | None = None) -> TCubeCLI:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # it never trains: no --optimizer / --lr_scheduler
             # No abbreviated options: `--model.gamm 2` must be an error, not gamma = 2.
-            parser_kwargs={"description": "T³ test-time merging of a generalist and an expert CLIP.", "allow_abbrev": False},
+            parser_kwargs={
+                "description": "T³ test-time merging of a generalist and an expert CLIP.",
+                "allow_abbrev": False,
+            },
         )
     except InputError as err:
         print(f"tcube-lightning: error: {err}", file=sys.stderr)

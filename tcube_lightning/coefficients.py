@@ -92,6 +92,13 @@ class LambdaMapping:
     def expert_weights(self, lam: torch.Tensor) -> torch.Tensor:
         return expert_weight(lam, self.lambda_weights)
 
+    def weight_range(self) -> tuple[float, float]:
+        """The expert weights T³ can merge at, lowest first: JS lies in [0, ln 2] (in its base), so λ in
+        [λ_min + Δ·σ(0), λ_min + Δ·σ(γ·JS_max)] with Δ = λ_max − λ_min."""
+        js_max = math.log(2.0) / (math.log(self.js_base) if self.js_base is not None else 1.0)
+        weights = self.expert_weights(self.lambdas(torch.tensor([0.0, js_max], dtype=torch.float64)))
+        return float(weights.min()), float(weights.max())
+
     def extreme_weights(self) -> tuple[float, float]:
         """The expert weights at λ_min and at λ_max: how far T³ can move at all."""
         extremes = self.expert_weights(torch.tensor([self.lambda_min, self.lambda_max], dtype=torch.float64))

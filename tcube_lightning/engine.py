@@ -15,12 +15,14 @@ from torch import nn
 
 from tcube_lightning.coefficients import LambdaMapping
 from tcube_lightning.errors import InputError
+from tcube_lightning.heads import HeadInterpolant, fit_head_interpolant
 from tcube_lightning.merging import FusedParameterStore
 from tcube_lightning.methods import BatchContext
 from tcube_lightning.models import clip_logits, zero_shot_head
 from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsupported_reason
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
+HeadMode = Literal["interpolated", "exact"]
 StaticRule = Callable[[FusedParameterStore], torch.Tensor]
 
 
@@ -52,6 +54,9 @@ class TCubeEngine(nn.Module):
         samplewise: ``vectorized``, ``loop`` or ``auto`` (vectorized on accelerators where the architecture
             allows it); see ``prepare``.
         compile: Run the forwards through ``torch.compile``.
+        heads: ``interpolated``: the zero-shot heads of merged text towers come from an interpolant in w fitted
+            once per run (``heads.py``); ``exact``: a text pass over every class prompt per merged weight.
+        head_tolerance: The largest change of a logit the interpolated heads may cause at the check points.
     """
 
     def __init__(
@@ -64,23 +69,30 @@ class TCubeEngine(nn.Module):
         merge_text: bool = True,
         samplewise: SampleWisePath = "auto",
         compile: bool = False,
+        heads: HeadMode = "interpolated",
+        head_tolerance: float = 1e-4,
     ) -> None:
         super().__init__()
         self.store = FusedParameterStore(pretrained, expert)
         self.unsupported_reason = unsupported_reason(self.store.pretrained)
         if samplewise == "vectorized" and self.unsupported_reason is not None:
-            raise InputError(f"model.samplewise=vectorized cannot run this model: {self.unsupported_reason}; use loop or auto")
+            reason = self.unsupported_reason
+            raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
         for index, tokens in enumerate(prompt_tokens):
             self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
         self.class_counts = list(class_counts)
         self.mapping, self.merge_text, self.samplewise, self.compile = mapping, merge_text, samplewise, compile
+        self.head_mode, self.head_tolerance = heads, head_tolerance
 
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
-    def prepare(self, static_rules: dict[str, StaticRule], extremes: bool) -> str:
+    def prepare(
+        self, static_rules: dict[str, StaticRule], extremes: bool, weight_range: tuple[float, float] | None = None
+    ) -> str:
         """On the device, once per run: choose the sample-wise path, compile if asked, and compute the heads of
-        both models, of every static merge (``static_rules``, by method name) and, with ``extremes``, of the
-        models at λ_min and λ_max. Returns the chosen path (``vectorized`` or ``loop``)."""
+        both models, of every static merge (``static_rules``, by method name), with ``extremes`` of the models
+        at λ_min and λ_max, and the head interpolants over ``weight_range`` (the weights the dynamic methods
+        can merge at). Returns the chosen path (``vectorized`` or ``loop``)."""
         # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
         self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
         path = self.samplewise
@@ -95,13 +107,28 @@ class TCubeEngine(nn.Module):
         self.ft_heads = [self._head(self.store.expert, c) for c in sets]
         self.static_params = {name: rule(self.store) for name, rule in static_rules.items()}
         self.static_heads = {
-            name: [self._merged_head(self.store.load(flat), c) for c in sets] for name, flat in self.static_params.items()
+            name: [self._merged_head(self.store.load(flat), c) for c in sets]
+            for name, flat in self.static_params.items()
         }
         self.extreme_weights = list(self.mapping.extreme_weights()) if extremes else []
         self.head_cache = {
             (w, c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
         }
+        self.interpolants: list[HeadInterpolant | None] = [None] * len(sets)
+        self.head_summary: dict = {"mode": self.head_mode if self.merge_text else "fixed (merge_text false)"}
+        if self.merge_text and self.head_mode == "interpolated" and weight_range is not None:
+            scale = float(torch.maximum(self.store.pretrained.logit_scale, self.store.expert.logit_scale).exp())
+            head_at = [partial(self._float32_head, class_set=c) for c in sets]
+            fits = [fit_head_interpolant(head_at[c], *weight_range, self.head_tolerance, scale) for c in sets]
+            self.interpolants = [interpolant for interpolant, _ in fits]
+            self.head_summary["class_sets"] = [summary for _, summary in fits]
         return path
+
+    def _float32_head(self, weight: float, class_set: int) -> torch.Tensor:
+        """The direct head at ``weight`` in float32 even under mixed precision: the interpolant's tolerance is
+        about interpolation, not bf16 rounding, and node heads are few."""
+        with torch.autocast(self.store.pt_flat.device.type, enabled=False):
+            return self._head(self.store.merge(weight), class_set).float()
 
     def _compiled(self, function: Callable) -> Callable:
         """``function`` through torch.compile when asked for; dynamic shapes, as batch sizes vary (last batch,
@@ -149,8 +176,17 @@ class TCubeEngine(nn.Module):
     def merged_logits(self, images: torch.Tensor, weight: float, class_set: int = 0) -> torch.Tensor:
         """Logits of the model merged with expert weight ``weight``."""
         model = self.store.merge(weight)
+        return self.image_logits(model, images, self._head_at(model, weight, class_set))
+
+    def _head_at(self, model: nn.Module, weight: float, class_set: int) -> torch.Tensor:
+        """The merged model's head: computed once already, interpolated, or (outside the interpolant) direct."""
         head = self.head_cache.get((weight, class_set))
-        return self.image_logits(model, images, head if head is not None else self._merged_head(model, class_set))
+        if head is not None:
+            return head
+        interpolant = self.interpolants[class_set]
+        if interpolant is not None and interpolant.covers(weight):
+            return interpolant(torch.tensor([weight]))[0]
+        return self._merged_head(model, class_set)
 
     @torch.no_grad()
     def static_logits(self, images: torch.Tensor, name: str, class_set: int = 0) -> torch.Tensor:
@@ -163,8 +199,13 @@ class TCubeEngine(nn.Module):
         if self.vectorized_logits is None:
             return self.grouped_logits(images, weights, class_set)
         fixed_head = None if self.merge_text else self.pt_heads[class_set]
+        interpolant = self.interpolants[class_set]
+        row_heads = None
+        covered = interpolant is not None and all(interpolant.covers(w) for w in weights.tolist())
+        if fixed_head is None and covered:
+            row_heads = interpolant(weights)
         tokens, count = self._tokens(class_set), self.class_counts[class_set]
-        return self.vectorized_logits(images, weights, tokens, count, fixed_head)
+        return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
 
     def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
         """Like ``sample_merged_logits``, by one fused merge per distinct weight: the loop path, and the clustered

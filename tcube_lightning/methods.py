@@ -9,7 +9,7 @@ means adding one entry to ``build_methods``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -103,6 +103,9 @@ class Method:
     coefficient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """Clustered methods: (pt logits, ft logits, T³ weights) of a whole split → per-sample expert weights; they
     predict in a second pass, once the split's coefficients are all known."""
+    weight_source: Literal["t3", "ratio"] | None = None
+    """Dynamic methods: where their merge weights come from, T³'s λ mapping or a ratio in [0, 1] (the range
+    the zero-shot heads are interpolated over)."""
 
     @property
     def is_static(self) -> bool:
@@ -188,20 +191,24 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
                static_rule=lambda st: dare(st.pt_flat, st.ft_flat, s.dare_drop, s.dare_scale, s.seed)),
         Method("m3", "m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})", "M³ Mixup Model Merge (Zhou et al., 2025)",
                static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3)),
-        Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, per_sample_merge),
-        Method("t3_batch", "t3_batch", "T³_B: one merge per batch at the batch's mean λ", T3, batch_merge),
+        Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, per_sample_merge,
+               weight_source="t3"),
+        Method("t3_batch", "t3_batch", "T³_B: one merge per batch at the batch's mean λ", T3, batch_merge,
+               weight_source="t3"),
         Method("dawin", "dawin", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})", DAWIN,
-               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft))),
+               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft)), weight_source="ratio"),
         Method("maxconf", "maxconf", "per-sample merge, max-confidence ratio", f"a variant in {DAWIN}",
-               _sample_wise(max_confidence_ratio)),
+               _sample_wise(max_confidence_ratio), weight_source="ratio"),
         Method("xent", "xent", "per-sample merge, X-entropy ratio (ensemble pseudo labels)", f"a variant in {DAWIN}",
-               _sample_wise(cross_entropy_ratio)),
+               _sample_wise(cross_entropy_ratio), weight_source="ratio"),
         Method("t3_cluster", "t3_cluster", "T³ weights grouped by a Beta mixture, one merge per component",
-               f"{T3} with the Beta-mixture clustering of {DAWIN}", coefficient=lambda pt, ft, t3: t3),
+               f"{T3} with the Beta-mixture clustering of {DAWIN}", coefficient=lambda pt, ft, t3: t3,
+               weight_source="t3"),
         Method("dawin_cluster", "dawin_cluster",
                f"DaWin weights{' with offset adjustment' if s.dawin_offset else ''} grouped by a Beta mixture",
                f"{DAWIN}, Beta-mixture clustering",
-               coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset)),
+               coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset),
+               weight_source="ratio"),
     ]  # fmt: skip
     return {m.name: m for m in methods}
 

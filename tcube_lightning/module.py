@@ -13,13 +13,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import CatMetric, MetricCollection, SumMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
+from torchmetrics import CatMetric, SumMetric
+from torchmetrics.classification import MulticlassAUROC
 
 from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture
 from tcube_lightning.diagnostics import DecisionDiagnostics
 from tcube_lightning.engine import TCubeEngine
 from tcube_lightning.errors import InputError
+from tcube_lightning.metrics import gather_from_all_ranks, split_metrics
 from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, build_methods
 from tcube_lightning.models import (
     architecture_image_size,
@@ -78,6 +79,14 @@ class TCubeModule(L.LightningModule):
         resume: Skip the splits that results_dir/results.json already holds from a run with the same
             configuration (results are rewritten after every split, so an interrupted run keeps those).
         overwrite: Replace the results a results_dir already holds; without it (or resume) such a run is refused.
+        heads: With merge_text, where merged models' zero-shot heads come from: ``interpolated`` (default) from
+            heads at a few Chebyshev nodes in the expert weight, fitted once per run, or ``exact``: a text pass
+            over every class prompt per merged weight (per sample for the sample-wise methods).
+        head_tolerance: The largest change of a logit interpolated heads may cause (checked against direct
+            text passes at seeded points; the node count grows until it holds, else exact heads are used).
+        diagnose_extremes: With T³, also run every batch through the models at λ_min and λ_max and count the
+            predictions that differ (how much λ could change at all): two more merged forwards per batch, about
+            2 % of the demo's full evaluation (benchmarks/bench_demo.py); turn it off for lean T³-only runs.
     """
 
     def __init__(
@@ -104,6 +113,9 @@ class TCubeModule(L.LightningModule):
         resume: bool = False,
         plots: bool = True,
         overwrite: bool = False,
+        heads: Literal["interpolated", "exact"] = "interpolated",
+        head_tolerance: float = 1e-4,
+        diagnose_extremes: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged at the end, with the final metrics
@@ -114,6 +126,8 @@ class TCubeModule(L.LightningModule):
             check_results_dir(results_dir, resume, overwrite)
         if clusters < 1:
             raise InputError(f"model.clusters must be >= 1, got {clusters}")
+        if heads not in ("interpolated", "exact") or head_tolerance <= 0:
+            raise InputError(f"model.heads {heads!r} (interpolated or exact) or head_tolerance {head_tolerance} (> 0)")
         if samplewise not in ("auto", "vectorized", "loop"):
             raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
         methods = [methods] if isinstance(methods, str) else methods  # `--model.methods t3`: one family
@@ -172,6 +186,8 @@ class TCubeModule(L.LightningModule):
             hp.merge_text,
             hp.samplewise,
             hp.compile,
+            hp.heads,
+            hp.head_tolerance,
         )
         self.metrics = nn.ModuleDict(
             {
@@ -221,7 +237,9 @@ class TCubeModule(L.LightningModule):
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
         self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
         static_rules = {n: m.static_rule for n, m in self.methods.items() if m.is_static}
-        path = self.engine.prepare(static_rules, extremes="t3" in self.methods)
+        extremes = hp.diagnose_extremes and "t3" in self.methods
+        path = self.engine.prepare(static_rules, extremes=extremes, weight_range=self._weight_range())
+        self.report.details["heads"] = self.engine.head_summary
         if hp.samplewise == "auto" and path == "loop" and "t3" in self.methods:
             reason = self.engine.unsupported_reason
             why = "on CPU" if self.device.type == "cpu" else f"the architecture is not covered ({reason})"
@@ -229,8 +247,16 @@ class TCubeModule(L.LightningModule):
 
     def _new_report(self, results_dir: Path) -> RunReport:
         descriptions = {m.name: m.description for m in self.methods.values()}
-        hp = self.hparams
-        return RunReport(results_dir, self.all_split_names, descriptions, self.run_config, hp.mce_reference, self.previous)
+        settings = (self.all_split_names, descriptions, self.run_config, self.hparams.mce_reference, self.previous)
+        return RunReport(results_dir, *settings)
+
+    def _weight_range(self) -> tuple[float, float] | None:
+        """The expert weights the dynamic methods can merge at (a little wider, for float32 rounding of λ)."""
+        ranges = [self.mapping.weight_range() if m.weight_source == "t3" else (0.0, 1.0)
+                  for m in self.methods.values() if m.weight_source is not None]  # fmt: skip
+        if not ranges:
+            return None
+        return min(low for low, _ in ranges) - 1e-6, max(high for _, high in ranges) + 1e-6
 
     def _spread_threshold(self) -> float | None:
         """The λ-spread warning's threshold where T³ is evaluated, else None (no warning)."""
@@ -372,23 +398,3 @@ class TCubeModule(L.LightningModule):
         self._finish_splits_before(len(self.split_names))
         if self.trainer.is_global_zero:
             self.report.finish(self.logger, self.hparams.plots, self._spread_threshold())
-
-
-def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Every process's ``values`` concatenated in rank order (the tensor itself without DDP)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, values.cpu())
-    return torch.cat(parts)
-
-
-def split_metrics(num_classes: int, labels) -> MetricCollection:  # noqa: ANN001 - array-like
-    """Top-1, balanced accuracy (macro recall) and, where every class occurs in the split, macro AUC."""
-    metrics = {
-        "top1": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-        "balanced_accuracy": MulticlassAccuracy(num_classes=num_classes, average="macro"),
-    }
-    if len(set(int(v) for v in labels)) == num_classes:
-        metrics["auc"] = MulticlassAUROC(num_classes=num_classes, average="macro")
-    return MetricCollection(metrics)

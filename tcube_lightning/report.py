@@ -156,6 +156,8 @@ class RunReport:
         self.results_dir, self.split_order, self.methods = results_dir, split_order, methods
         self.run_config, self.mce_reference = run_config, mce_reference
         self.records: dict[str, dict] = dict(previous or {})
+        self.details: dict[str, Any] = {}
+        """Run-level facts for results.json (e.g. how the zero-shot heads were computed)."""
         self.lambdas = {s: r.lambdas for s, r in (previous or {}).items() if getattr(r, "lambdas", None) is not None}
 
     def add_split(self, split: str, record: dict[str, Any], lambdas: np.ndarray) -> None:
@@ -172,6 +174,7 @@ class RunReport:
         results: dict[str, Any] = {key: {s: self.records[s][key] for s in order} for key in SPLIT_RECORD_KEYS}
         results["methods"] = dict(self.methods)
         results["config"] = self.run_config
+        results.update(self.details)
         results["missing_splits"] = [s for s in self.split_order if s not in self.records]
         results["complete"] = not results["missing_splits"]
         errors = corruption_errors(results["accuracy"], self.mce_reference)

@@ -195,11 +195,15 @@ class SampleWiseCLIP:
         prompt_tokens: torch.Tensor | None,
         num_classes: int,
         fixed_head: torch.Tensor | None = None,
+        row_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Zero-shot logits with per-sample merged towers; ``fixed_head`` skips merging the text tower."""
+        """Zero-shot logits with per-sample merged towers; ``fixed_head`` skips merging the text tower, and
+        ``row_heads`` (rows, classes, dim) gives each row's merged head (interpolated) instead of text passes."""
         features = self.encode_image(images, weights)
         if fixed_head is not None:
             scores = features @ fixed_head.T
+        elif row_heads is not None:
+            scores = torch.einsum("bd,bcd->bc", features, row_heads.to(features.dtype))
         else:
             unique, group = torch.unique(weights, return_inverse=True)
             heads = self.zero_shot_heads(prompt_tokens, unique, num_classes)

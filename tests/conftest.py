@@ -52,4 +52,5 @@ def npz_root(tmp_path_factory) -> Path:
 def batch8_run(clip_pair, npz_root, tmp_path_factory) -> tuple[dict, Path]:
     """Every method through the command line, batches of 8, γ = 20: (results.json, run folder)."""
     out = tmp_path_factory.mktemp("run8")
-    return run_cli_in_process(cli_args(clip_pair, npz_root, out, "--data.batch_size=8", f"--model.gamma={GAMMA}"))
+    extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.diagnose_extremes=true")
+    return run_cli_in_process(cli_args(clip_pair, npz_root, out, *extra))

@@ -193,6 +193,18 @@ def test_bf16_autocast_runs_every_path_with_coefficients_in_float32(
         assert abs(agreement) <= 2 / len(labels)  # at most two near-ties decided differently
 
 
+def test_exact_and_interpolated_heads_give_the_same_results(batch8_run, clip_pair, npz_root, tmp_path):
+    extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.methods=[t3, t3_batch, dawin, xent]")
+    exact, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra, "--model.heads=exact"))
+    for split in SPLITS:
+        for method in ("t3", "t3_batch", "dawin", "xent"):
+            assert exact["accuracy"][split][method] == batch8_run[0]["accuracy"][split][method]
+    assert exact["heads"] == {"mode": "exact"}
+    (fit,) = batch8_run[0]["heads"]["class_sets"]  # one class set; ratio methods: w in [0, 1]
+    assert fit["interval"] == pytest.approx([0.0, 1.0], abs=1e-5) and fit["max_logit_deviation"] <= 1e-4
+    assert fit["nodes"] in (5, 9, 17, 33) and fit["text_passes"] >= fit["nodes"]
+
+
 def test_method_selection(clip_pair, npz_root, tmp_path, caplog):
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot, t3_batch]"))
     assert list(results["accuracy"]["a"]) == ["zeroshot", "t3_batch"]

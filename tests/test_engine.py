@@ -30,7 +30,7 @@ from tcube_lightning.models import load_clip, tokenize_prompts
 STATIC = {"wise": lambda store: interpolate(store.pt_flat, store.ft_flat, 0.3)}
 
 
-def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True):
+def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True, heads="exact"):
     engine = TCubeEngine(
         load_clip(ARCH, clip_pair[0]),
         load_clip(ARCH, clip_pair[1]),
@@ -39,9 +39,14 @@ def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True):
         LambdaMapping(gamma=GAMMA),
         merge_text=merge_text,
         samplewise=samplewise,
+        heads=heads,
+        head_tolerance=HEAD_TOLERANCE,
     )
-    engine.prepare(STATIC, extremes=extremes)
+    engine.prepare(STATIC, extremes=extremes, weight_range=(0.0, 1.0))
     return engine
+
+
+HEAD_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +99,8 @@ def test_static_merges_are_built_once_with_their_own_heads(engine, setting):
     pt_sd, ft_sd, images, tokens = setting
     expected = oracle_logits(pt_sd, ft_sd, 0.3, images, tokens)
     torch.testing.assert_close(engine.static_logits(images, "wise", 0), expected, atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(engine.static_params["wise"], interpolate(engine.store.pt_flat, engine.store.ft_flat, 0.3))
+    expected_params = interpolate(engine.store.pt_flat, engine.store.ft_flat, 0.3)
+    torch.testing.assert_close(engine.static_params["wise"], expected_params)
 
 
 def test_models_at_the_lambda_extremes(engine, setting):
@@ -129,6 +135,26 @@ def test_no_head_is_computed_twice(clip_pair, setting, monkeypatch):
     assert len(calls) == 5
     engine.merged_logits(images, 0.5, 0)  # a new weight needs its own merged text tower
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("samplewise", ["loop", "vectorized"])
+def test_interpolated_heads_serve_every_sample_without_text_passes(clip_pair, setting, monkeypatch, samplewise):
+    pt_sd, ft_sd, images, tokens = setting
+    calls = []
+    original = engine_module.zero_shot_head
+    monkeypatch.setattr(engine_module, "zero_shot_head", lambda *args: calls.append(1) or original(*args))
+    engine = make_engine(clip_pair, samplewise=samplewise, extremes=False, heads="interpolated")
+    (summary,) = engine.head_summary["class_sets"]
+    assert summary["max_logit_deviation"] <= HEAD_TOLERANCE and summary["nodes"] in (5, 9, 17, 33)
+    assert len(calls) == 3 + summary["text_passes"]  # pretrained, expert, the static merge, then the fit's
+    weights = [0.0, 0.1, 0.5, 0.9, 1.0, 0.37]
+    before = len(calls)
+    ours = engine.sample_merged_logits(images, torch.tensor(weights), 0)
+    assert len(calls) == before  # no text pass per sample
+    for i, w in enumerate(weights):
+        expected = oracle_logits(pt_sd, ft_sd, w, images[i : i + 1], tokens)
+        torch.testing.assert_close(ours[i : i + 1], expected, atol=LOGITS_ATOL + HEAD_TOLERANCE, rtol=0)
+        assert ours[i].argmax() == expected[0].argmax()
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,0 +1,69 @@
+"""The embedded demo's full evaluation (every method, both splits) end to end, in images per second, with
+today's defaults and with the settings they replaced, side by side in one run (a benchmark, not a test).
+
+- ``before``: exact zero-shot heads (a text pass over every class prompt per merged weight, so per sample for
+  the sample-wise methods), as before heads were interpolated;
+- ``now``: the defaults (heads from an interpolant in w fitted once per run);
+- ``now, no λ-extremes diagnostic``: what its two merged forwards per batch cost.
+
+Each setting runs ``--repeats`` times through the real command line in this process; the best time counts.
+Accuracies of every setting are compared with ``before`` (they should be identical).
+
+    python benchmarks/bench_demo.py            # builds the demo first if artifacts/demo lacks it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tcube_lightning import demo  # noqa: E402
+from tcube_lightning.cli import main as cli_main  # noqa: E402
+
+SETTINGS = {
+    "before": ["--model.heads=exact"],
+    "now": [],
+    "now, no λ-extremes diagnostic": ["--model.diagnose_extremes=false"],
+}
+
+
+def evaluate(extra: list[str], folder: Path) -> tuple[float, dict]:
+    """Seconds for one full evaluation of the demo, and its results."""
+    args = ["test", "--config", "configs/demo.yaml", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--model.results_dir={folder}", "--model.plots=false", "--model.overwrite=true", *extra]  # fmt: skip
+    start = time.perf_counter()
+    cli_main(args)
+    seconds = time.perf_counter() - start
+    return seconds, json.loads((folder / "results.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the fastest counts")
+    args = parser.parse_args(argv)
+    if not demo.demo_is_built(Path("artifacts/demo")):
+        demo.main(["--out", "artifacts/demo"])
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in SETTINGS.items():
+            runs = [evaluate(extra, Path(tmp) / name) for _ in range(args.repeats)]
+            seconds, results = min(runs, key=lambda run: run[0])
+            rows[name] = {"seconds": seconds, "images": sum(results["num_samples"].values()), "results": results}
+    base = rows["before"]
+    print("\n| setting | s | images/s | vs before | accuracies as before |\n|---|---:|---:|---:|---|")
+    for name, row in rows.items():
+        rate = row["images"] / row["seconds"]
+        same = row["results"]["accuracy"] == base["results"]["accuracy"]  # the diagnostic changes no accuracy
+        print(f"| {name} | {row['seconds']:.1f} | {rate:.1f} | {base['seconds'] / row['seconds']:.2f}x | {same} |")
+    heads = rows["now"]["results"]["heads"]
+    print(f"\nheads: {json.dumps(heads)}")
+
+
+if __name__ == "__main__":
+    main()
