@@ -31,12 +31,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcube_lightning.coefficients import expert_weight, js_divergence, t3_lambda  # noqa: E402
+from tcube_lightning.coefficients import LambdaMapping  # noqa: E402
+from tcube_lightning.heads import fit_head_interpolant  # noqa: E402
 from tcube_lightning.merging import FusedParameterStore  # noqa: E402
 from tcube_lightning.models import clip_logits, zero_shot_head  # noqa: E402
 from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop  # noqa: E402
 
-ROWS = ("zeroshot_forward", "t3_batch", "t3_vectorized", "t3_loop_fused", "t3_loop_reference")
+ROWS = (
+    "zeroshot_forward", "t3_batch", "t3_vectorized", "t3_loop_fused", "t3_batch_interpolated",
+    "t3_vectorized_interpolated", "t3_loop_interpolated", "t3_loop_reference",
+)  # fmt: skip
+"""Rows ending in ``_interpolated`` take merged models' zero-shot heads from an interpolant in w fitted once
+(untimed, as a run does in its set-up); the others run a text pass per merged weight (``--model.heads exact``)."""
+MAPPING = LambdaMapping(gamma=50.0)
+"""γ large enough that every sample gets its own weight, as with real disagreement."""
 
 
 def build_pair(arch: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -130,9 +138,7 @@ def run_row(args: argparse.Namespace) -> dict:
     def weights_from_js() -> torch.Tensor:
         pt_logits = logits_of(models[0], images, heads[0])
         ft_logits = logits_of(models[1], images, heads[1])
-        js = js_divergence(pt_logits, ft_logits)
-        # γ large enough that every sample gets its own weight, as with real disagreement.
-        return expert_weight(t3_lambda(js, 0.0, 1.0, 50.0), "pretrained")
+        return MAPPING.expert_weights(MAPPING.lambdas(MAPPING.js(pt_logits, ft_logits)))
 
     def merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
         model = store.merge(w)
@@ -142,7 +148,19 @@ def run_row(args: argparse.Namespace) -> dict:
         working.load_state_dict({k: w * sd_ft[k] + (1 - w) * sd_pt[k] for k in sd_pt})
         return logits_of(working, batch, head_of(working))
 
-    if row in ("t3_vectorized", "t3_loop_fused"):
+    interpolant = None
+    if row.endswith("_interpolated") and fixed_head is None:  # heads from an interpolant, fitted once (untimed)
+        scale = float(torch.maximum(pt.logit_scale, ft.logit_scale).exp())
+        head_at = lambda w: head_fn(store.merge(w), tokens, args.classes).float()  # noqa: E731
+        with torch.no_grad():
+            interpolant, _ = fit_head_interpolant(head_at, *MAPPING.weight_range(), 1e-4, scale)
+
+    def interpolated_merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
+        model = store.merge(w)
+        head = interpolant(torch.tensor([w]))[0] if interpolant is not None else head_of(model)
+        return logits_of(model, batch, head)
+
+    if row.startswith("t3_vectorized"):
         vectorized = SampleWiseCLIP(store.pretrained, store.expert)
         vectorized_logits = compiled(vectorized.logits)
 
@@ -153,10 +171,17 @@ def run_row(args: argparse.Namespace) -> dict:
             weights = weights_from_js()
             if row == "t3_batch":
                 return merged_logits(images, float(weights.mean()))
+            if row == "t3_batch_interpolated":
+                return interpolated_merged_logits(images, float(weights.mean()))
             if row == "t3_vectorized":
                 return vectorized_logits(images, weights, tokens, args.classes, fixed_head)
+            if row == "t3_vectorized_interpolated":
+                row_heads = interpolant(weights) if interpolant is not None else None
+                return vectorized_logits(images, weights, tokens, args.classes, fixed_head, row_heads)
             if row == "t3_loop_fused":
                 return per_sample_loop(merged_logits, images, weights)
+            if row == "t3_loop_interpolated":
+                return per_sample_loop(interpolated_merged_logits, images, weights)
             return per_sample_loop(reference_merged_logits, images, weights)
 
     gc.collect()
@@ -178,6 +203,14 @@ def run_row(args: argparse.Namespace) -> dict:
             loop = per_sample_loop(merged_logits, images, weights)
         result["max_abs_logit_diff_vs_loop"] = float((vec.float() - loop.float()).abs().max())
         result["distinct_weights"] = int(torch.unique(weights).numel())
+    if row.endswith("_interpolated"):  # against the same path with exact heads
+        with torch.no_grad(), autocast:
+            ours = step()
+            weights = weights_from_js()
+            exact = merged_logits(images, float(weights.mean())) if row == "t3_batch_interpolated" else (
+                per_sample_loop(merged_logits, images, weights))  # fmt: skip
+        result["max_abs_logit_diff_vs_exact_heads"] = float((ours.float() - exact.float()).abs().max())
+        result["argmax_as_exact_heads"] = bool(torch.equal(ours.argmax(-1), exact.argmax(-1)))
     return result
 
 
@@ -294,6 +327,15 @@ def print_report(report: dict) -> None:
     best = max(vec["images_per_s"], loop["images_per_s"])
     print(f"\nT3 best path vs reference per-sample loop: {best / ref['images_per_s']:.2f}x")
     print(f"T3 best path vs T3_B: {best / batch_rate:.2f}x")
+    interpolated = [rows[r] for r in ("t3_vectorized_interpolated", "t3_loop_interpolated")]
+    best_interpolated = max(r["images_per_s"] for r in interpolated)
+    print(f"T3 best path vs T3_B, both with interpolated heads: "
+          f"{best_interpolated / rows['t3_batch_interpolated']['images_per_s']:.2f}x")  # fmt: skip
+    print(f"T3 best path with interpolated heads vs T3_B with exact heads: {best_interpolated / batch_rate:.2f}x")
+    for name, row in rows.items():
+        if "max_abs_logit_diff_vs_exact_heads" in row:
+            print(f"{name}: max |logit diff| vs exact heads {row['max_abs_logit_diff_vs_exact_heads']:.2e}, "
+                  f"argmax identical: {row['argmax_as_exact_heads']}")
     diff, distinct = vec["max_abs_logit_diff_vs_loop"], vec["distinct_weights"]
     print(f"max |logit diff| vectorized vs loop: {diff:.2e} ({distinct} distinct weights)")
 

@@ -10,13 +10,13 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassAUROC
 
 from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture
+from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.diagnostics import DecisionDiagnostics
 from tcube_lightning.engine import TCubeEngine
 from tcube_lightning.errors import InputError
@@ -32,7 +32,13 @@ from tcube_lightning.models import (
     tokenize_prompts,
 )
 from tcube_lightning.quiet import quiet_lightning
-from tcube_lightning.report import RunReport, lambda_statistics, load_previous, mixture_summary
+from tcube_lightning.report import (
+    RunReport,
+    lambda_statistics,
+    load_previous,
+    log_batch_coefficients,
+    mixture_summary,
+)
 from tcube_lightning.results import check_results_dir, jsonable
 from tcube_lightning.splitnames import is_corrupted
 
@@ -65,8 +71,8 @@ class TCubeModule(L.LightningModule):
             reference code does). False keeps the pretrained model's head for every merged model: much
             cheaper, and right for experts whose text tower was not fine-tuned.
         samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
-            layer; fast on GPUs), ``loop`` (one fused merge per distinct weight; often as fast on CPUs) or
-            ``auto`` (vectorized on accelerators when the architecture allows it, else loop).
+            layer), ``loop`` (one fused merge per distinct weight) or ``auto``: vectorized where the architecture
+            allows it, except on CPU with exact heads (measured: there the loop is faster on ViT-B-16).
         compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) through
             ``torch.compile``: faster on long runs once compiled (see the benchmark), slower to start.
         mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
@@ -230,6 +236,7 @@ class TCubeModule(L.LightningModule):
         """The engine's heads and fixed merges, once, on the device; the report of this run."""
         hp = self.hparams
         self.batches_seen = dict.fromkeys(self.split_names, 0)
+        self.cost = CostMeter(self.device)
         self.clustered = {n: m for n, m in self.methods.items() if m.is_clustered}
         self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
@@ -242,7 +249,7 @@ class TCubeModule(L.LightningModule):
         self.report.details["heads"] = self.engine.head_summary
         if hp.samplewise == "auto" and path == "loop" and "t3" in self.methods:
             reason = self.engine.unsupported_reason
-            why = "on CPU" if self.device.type == "cpu" else f"the architecture is not covered ({reason})"
+            why = "on CPU with exact heads" if reason is None else f"the architecture is not covered ({reason})"
             rank_zero_info(f"T³ sample-wise: per-sample loop over the fused store ({why}).")
 
     def _new_report(self, results_dir: Path) -> RunReport:
@@ -268,18 +275,21 @@ class TCubeModule(L.LightningModule):
         images, labels = batch
         split = self.split_names[dataloader_idx]
         class_set = self.split_class_set[split]
-        shared = self.engine.coefficients(images, class_set)
+        with self.cost.measure(SHARED, len(labels)):
+            shared = self.engine.coefficients(images, class_set)
         ctx = self.engine.context(images, shared, class_set)
         for name, method in self.methods.items():
-            logits = method.logits(ctx)
-            if logits is not None:
+            if not method.is_clustered:  # those predict in the second pass
+                with self.cost.measure(name, len(labels)):
+                    logits = method.logits(ctx)
                 self._update_metrics(split, name, logits, labels)
         if self.clustered:
             for key, values in (("pt", shared.pt_logits), ("ft", shared.ft_logits), ("t3", shared.weights)):
                 self.cluster_cache[split][key].append(values.detach())
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
         self.nonfinite_counts[split].update((~shared.finite).sum().float())
-        extremes = self.engine.extreme_predictions(images, class_set)
+        with self.cost.measure(DIAGNOSTICS, len(labels)):
+            extremes = self.engine.extreme_predictions(images, class_set)
         self.diagnostics[split].update(shared.pt_logits, shared.ft_logits, labels, shared.js, extremes)
         self._record_coefficients(split, shared.js, shared.lam)
 
@@ -292,21 +302,8 @@ class TCubeModule(L.LightningModule):
         # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
         step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
         self.batches_seen[split] += 1
-        if self.logger is None:
-            return
-        scalars = {}
-        for name, values in (("lambda", lam), ("js", js)):
-            scalars.update(
-                {
-                    f"{split}/{name}_mean": values.mean(),
-                    f"{split}/{name}_min": values.min(),
-                    f"{split}/{name}_max": values.max(),
-                }
-            )
-        self.logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            self.logger.experiment.add_histogram(f"{split}/lambda", lam.float().cpu(), step)
-            self.logger.experiment.add_histogram(f"{split}/js", js.float().cpu(), step)
+        if self.logger is not None:
+            log_batch_coefficients(self.logger, split, step, {"lambda": lam, "js": js}, self.trainer.is_global_zero)
 
     # ------------------------------------------------------------- split ends
     def _clustered_pass(self, index: int) -> None:
@@ -342,7 +339,9 @@ class TCubeModule(L.LightningModule):
             rows = slice(offset, offset + len(labels))
             for name in self.clustered:
                 weights = torch.tensor(means[name], device=self.device)[assignments[name][rows]]
-                self._update_metrics(split, name, self.engine.grouped_logits(images, weights, class_set), labels)
+                with self.cost.measure(name, len(labels)):
+                    logits = self.engine.grouped_logits(images, weights, class_set)
+                self._update_metrics(split, name, logits, labels)
             offset += len(labels)
 
     def _finish_splits_before(self, index: int) -> None:
@@ -397,4 +396,4 @@ class TCubeModule(L.LightningModule):
         """Finish the last split(s), then report on rank 0."""
         self._finish_splits_before(len(self.split_names))
         if self.trainer.is_global_zero:
-            self.report.finish(self.logger, self.hparams.plots, self._spread_threshold())
+            self.report.finish(self.logger, self.hparams.plots, self._spread_threshold(), self.cost.table())

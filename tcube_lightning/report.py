@@ -194,13 +194,21 @@ class RunReport:
     def summary_rows(results: dict) -> list[dict]:
         return summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
 
-    def finish(self, logger: Logger | None, plots: bool, min_lambda_spread: float | None) -> None:
+    def finish(
+        self, logger: Logger | None, plots: bool, min_lambda_spread: float | None, cost: dict | None = None
+    ) -> None:
         """The end of the run: final metrics to the logger, warnings, plots (λ histograms of every split with
-        per-sample λ, a resumed run's earlier splits included), the console table. ``min_lambda_spread`` None
-        skips the λ-spread check (no T³)."""
+        per-sample λ, a resumed run's earlier splits included), what each method cost (``cost``: cost.json, the
+        logger, a column of the table), the console table. ``min_lambda_spread`` None skips the λ-spread check."""
         results = self.results()
         if logger is not None:
             log_final_metrics(logger, results["metrics"], self.run_config)
+        rows = self.summary_rows(results)
+        if cost:
+            write_atomic(self.results_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
+            if logger is not None:
+                logger.log_metrics({f"cost/{part}/{k}": v for part, row in cost.items() for k, v in row.items()}, step=0)
+            rows = [{**row, "ms/img": cost.get(row["method"], {}).get("ms_per_image", math.nan)} for row in rows]
         affected = {s: n for s, n in results["nonfinite_samples"].items() if n}
         if affected:
             rank_zero_warn(
@@ -214,11 +222,24 @@ class RunReport:
         if plots:
             lambdas = {s: self.lambdas[s] for s in results["accuracy"] if s in self.lambdas}
             plot(self.results_dir / "plots", logger, results["accuracy"], lambdas)
-        print_summary(self.summary_rows(results), "Top-1 accuracy (%)")
+        print_summary(rows, "Top-1 accuracy (%)")
         rank_zero_info(
             f"Results written to {self.results_dir / 'results.json'}, {self.results_dir / 'results.md'} "
             "(every split) and summary.md/csv/json beside them"
         )
+
+
+def log_batch_coefficients(
+    logger: Logger, split: str, step: int, values: dict[str, torch.Tensor], histograms: bool
+) -> None:
+    """A batch's λ and JS as ``{split}/{name}_{mean,min,max}`` scalars at ``step`` (the batch's index in the
+    one-process order) and, with TensorBoard and ``histograms`` (rank 0), as histograms."""
+    scalars = {f"{split}/{name}_{stat}": float(getattr(v, stat)()) for name, v in values.items()
+               for stat in ("mean", "min", "max")}  # fmt: skip
+    logger.log_metrics(scalars, step=step)
+    if isinstance(logger, TensorBoardLogger) and histograms:
+        for name, v in values.items():
+            logger.experiment.add_histogram(f"{split}/{name}", v.float().cpu(), step)
 
 
 def log_final_metrics(logger: Logger, metrics: dict[str, dict[str, dict[str, float]]], run_config: dict) -> None:

@@ -182,4 +182,6 @@ def summary_cell(column: str, value: float) -> str:
     """A summary value as shown to people: accuracies in percent, mCE as a ratio, n/a where undefined."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    if column == "ms/img":
+        return f"{value:.2f}"
     return f"{value:.3f}" if column == "mCE" else f"{100 * value:.2f}"

@@ -31,6 +31,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tcube_lightning import engine, report
 from tcube_lightning.cli import main
 from tcube_lightning.coefficients import fit_beta_mixture
+from tcube_lightning.cost import DIAGNOSTICS, SHARED
 from tcube_lightning.methods import METHOD_FAMILIES, m3_weight
 from tcube_lightning.samplewise import per_sample_loop
 
@@ -106,6 +107,10 @@ def test_batch_size_does_not_change_sample_wise_results(batch8_run, clip_pair, n
 
 def test_results_markdown_and_tensorboard_tags(batch8_run):
     _, run_dir = batch8_run
+    cost = json.loads((run_dir / "cost.json").read_text())  # what each method cost, beside the results
+    assert set(batch8_run[0]["accuracy"]["a"]) | {SHARED, DIAGNOSTICS} == set(cost)
+    assert cost[SHARED]["forward_equivalents"] == pytest.approx(2.0)
+    assert all(row["ms_per_image"] > 0 for row in cost.values())
     markdown = (run_dir / "results.md").read_text()
     assert "| method | a | b |" in markdown and "| t3_batch |" in markdown
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
@@ -127,6 +132,8 @@ def test_results_markdown_and_tensorboard_tags(batch8_run):
     assert start.session_start_info.hparams["data/batch_size"].number_value == 8
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {"a/top1/t3", "b/balanced_accuracy/t3_batch"} <= {m.name.tag for m in experiment.metric_infos}
+    (event,) = events.Scalars("cost/t3/forward_equivalents")
+    assert event.value == pytest.approx(cost["t3"]["forward_equivalents"])
 
 
 def test_generalist_given_as_a_pretrained_tag_from_the_local_cache(
@@ -180,7 +187,7 @@ def test_bf16_autocast_runs_every_path_with_coefficients_in_float32(
 
     monkeypatch.setattr(engine, "per_sample_loop", recording_loop)
     extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--trainer.precision=bf16-mixed")
-    extra += ("--model.methods=[zeroshot, expert, t3, t3_batch, t3_cluster, ties]",)
+    extra += ("--model.methods=[zeroshot, expert, t3, t3_batch, t3_cluster, ties]", "--model.samplewise=loop")
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
     assert len(autocast_states) == 2 * 8 and all(autocast_states)  # 5 + 3 batches, T³ and t3_cluster each
     for split, file in SPLITS.items():
@@ -235,8 +242,8 @@ def test_help_and_print_config_list_the_options(capsys, monkeypatch):
 
 @pytest.mark.parametrize("merge_text", [True, False])
 def test_vectorized_and_loop_paths_agree_end_to_end(batch8_run, clip_pair, npz_root, tmp_path, merge_text):
-    runs = {"loop": batch8_run[0]} if merge_text else {}  # batch8_run took the loop (samplewise auto, on CPU)
-    for path in ("vectorized", "loop")[: 2 - len(runs)]:
+    runs = {"vectorized": batch8_run[0]} if merge_text else {}  # batch8_run: samplewise auto, interpolated heads
+    for path in ("loop", "vectorized")[: 2 - len(runs)]:
         extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", f"--model.samplewise={path}")
         extra += (f"--model.merge_text={str(merge_text).lower()}",)
         runs[path], _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / path, *extra))

@@ -54,6 +54,6 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
     assert list(results["accuracy"]["shifted"]) == list(build_methods(arch=demo.ARCH))
     # the final table (rich): one row per method with both splits' top-1 in percent
-    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │", printed)
+    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │ +\d+\.\d\d │", printed)  # then ms/img
     expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted")]
     assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]

@@ -8,6 +8,7 @@ import stat
 
 import numpy as np
 import pytest
+import torch
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.report import SPLIT_RECORD_KEYS, RunReport, load_previous
@@ -126,3 +127,16 @@ def test_resume_reads_only_a_results_file_it_understands(tmp_path, content, mess
     (tmp_path / "results.json").write_text(content)
     with pytest.raises(InputError, match=message):
         load_previous(tmp_path, {"model": {}, "data": {}})
+
+
+def test_cost_per_image_and_forward_equivalents_from_measured_seconds():
+    from tcube_lightning.cost import SHARED, CostMeter
+
+    meter = CostMeter(torch.device("cpu"))
+    with meter.measure("t3", 5):
+        pass
+    meter.seconds.update({SHARED: 2.0, "t3": 3.0})  # as if measured: 10 images each
+    meter.images.update({SHARED: 10, "t3": 10})
+    table = meter.table()
+    assert table[SHARED] == {"ms_per_image": pytest.approx(200.0), "forward_equivalents": pytest.approx(2.0)}
+    assert table["t3"] == {"ms_per_image": pytest.approx(300.0), "forward_equivalents": pytest.approx(3.0)}

@@ -1,0 +1,47 @@
+"""What each method costs in a run, measured where it runs: wall time per image (synchronised on CUDA) and
+forward-equivalents (that time over the time of one model's forward, from the shared pretrained and expert
+forwards). Timings differ from run to run, so they go to cost.json, the console and the logger, never into
+results.json, which stays byte-identical across repeats and process counts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from time import perf_counter
+from typing import Iterator
+
+import torch
+
+SHARED = "shared: pretrained + expert forwards, JS, λ"
+DIAGNOSTICS = "diagnostics: models at λ_min and λ_max"
+
+
+class CostMeter:
+    """Seconds and images per named part of a run (methods, the shared forwards, the diagnostics)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.images: dict[str, int] = defaultdict(int)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return perf_counter()
+
+    @contextmanager
+    def measure(self, name: str, images: int) -> Iterator[None]:
+        start = self._now()
+        yield
+        self.seconds[name] += self._now() - start
+        self.images[name] += images
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Per part: milliseconds per image and forward-equivalents per image (one forward = half the shared
+        part, which runs the two models)."""
+        per_image = {name: self.seconds[name] / self.images[name] for name in self.seconds if self.images[name]}
+        forward = per_image.get(SHARED, 0.0) / 2
+        return {
+            name: {"ms_per_image": 1e3 * value, "forward_equivalents": value / forward if forward else float("nan")}
+            for name, value in per_image.items()
+        }
