@@ -166,16 +166,18 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
     methods = [
         Method("zeroshot", "zeroshot", "pretrained generalist alone", "CLIP zero-shot (Radford et al., ICML 2021)",
                lambda ctx: ctx.pt_logits),
-        Method("expert", "expert", "fine-tuned expert alone", "the expert's own predictions", lambda ctx: ctx.ft_logits),
-        Method("ensemble", "ensemble", "mean of the two models' probabilities", f"output ensemble, a baseline of {DAWIN}",
-               output_ensemble),
+        Method("expert", "expert", "fine-tuned expert alone", "the expert's own predictions",
+               lambda ctx: ctx.ft_logits),
+        Method("ensemble", "ensemble", "mean of the two models' probabilities",
+               f"output ensemble, a baseline of {DAWIN}", output_ensemble),
         Method("select", "select", "per sample, the more confident model", "confidence-based model selection",
                confidence_selection),
     ]  # fmt: skip
     for alpha in s.wise_alphas:
         methods.append(
             Method(f"wise_ft@{alpha:g}", "wise_ft", f"WiSE-FT, expert weight {alpha:g}",
-                   "WiSE-FT (Wortsman et al., CVPR 2022)", static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.ft_flat, a))
+                   "WiSE-FT (Wortsman et al., CVPR 2022)",
+                   static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.ft_flat, a))
         )  # fmt: skip
     methods += [
         Method("slerp", "slerp", f"per-tensor SLERP, weight {s.slerp_alpha:g}", "SLERP per tensor (as in mergekit)",
@@ -189,7 +191,8 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
         Method("dare", "dare", f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
                "DARE (Yu et al., ICML 2024)",
                static_rule=lambda st: dare(st.pt_flat, st.ft_flat, s.dare_drop, s.dare_scale, s.seed)),
-        Method("m3", "m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})", "M³ Mixup Model Merge (Zhou et al., 2025)",
+        Method("m3", "m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})",
+               "M³ Mixup Model Merge (Zhou et al., 2025)",
                static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3)),
         Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, per_sample_merge,
                weight_source="t3"),

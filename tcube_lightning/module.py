@@ -20,8 +20,8 @@ from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.diagnostics import DecisionDiagnostics
 from tcube_lightning.engine import TCubeEngine
 from tcube_lightning.errors import InputError
-from tcube_lightning.metrics import gather_from_all_ranks, split_metrics
 from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, build_methods
+from tcube_lightning.metrics import gather_from_all_ranks, split_metrics
 from tcube_lightning.models import (
     architecture_image_size,
     check_architecture,

@@ -207,7 +207,8 @@ class RunReport:
         if cost:
             write_atomic(self.results_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
             if logger is not None:
-                logger.log_metrics({f"cost/{part}/{k}": v for part, row in cost.items() for k, v in row.items()}, step=0)
+                scalars = {f"cost/{part}/{key}": value for part, row in cost.items() for key, value in row.items()}
+                logger.log_metrics(scalars, step=0)
             rows = [{**row, "ms/img": cost.get(row["method"], {}).get("ms_per_image", math.nan)} for row in rows]
         affected = {s: n for s, n in results["nonfinite_samples"].items() if n}
         if affected:

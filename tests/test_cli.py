@@ -9,10 +9,10 @@ import torch
 from helpers import (
     ARCH,
     CLASSNAMES,
-    REPO,
     FRACTION_ATOL,
     GAMMA,
     JS_ATOL,
+    REPO,
     SPLITS,
     cli_args,
     lambda_atol,

@@ -8,9 +8,8 @@ import torch
 import yaml
 from helpers import REPO
 
-from tcube_lightning.cli import main
-
 from tcube_lightning import demo
+from tcube_lightning.cli import main
 from tcube_lightning.methods import build_methods
 
 

@@ -1,6 +1,5 @@
 """The decision quadrants and the λ-spread warning, against NumPy counts."""
 
-import numpy as np
 import pytest
 import torch
 from helpers import rounding_atol

@@ -41,7 +41,8 @@ def logits():
 def test_output_ensemble_is_the_log_of_the_mean_probability(logits):
     a, b = logits
     expected = np.log(0.5 * softmax(a.double().numpy(), -1) + 0.5 * softmax(b.double().numpy(), -1))
-    np.testing.assert_allclose(output_ensemble(context(a, b)).numpy(), expected, atol=rounding_atol(float(torch.cat(logits).abs().max())), rtol=0)
+    atol = rounding_atol(float(torch.cat(logits).abs().max()))
+    np.testing.assert_allclose(output_ensemble(context(a, b)).numpy(), expected, atol=atol, rtol=0)
 
 
 def test_confidence_selection_takes_the_more_confident_model(logits):

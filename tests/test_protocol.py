@@ -5,9 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import write_medimeta, write_medmnist_npz, write_medmnistc_stacked, write_modality_data
+from helpers import (
+    REPO,
+    run_cli_in_process,
+    write_medimeta,
+    write_medmnist_npz,
+    write_medmnistc_stacked,
+    write_modality_data,
+)
 from PIL import Image
-from helpers import REPO, run_cli_in_process
 
 from tcube_lightning.data import EvaluationDataModule
 from tcube_lightning.errors import InputError

@@ -6,7 +6,7 @@ import math
 import open_clip
 import pytest
 import torch
-from helpers import EMBEDDING_ATOL, LOGIT_SCALE, rounding_atol, make_expert_state_dict, oracle_model
+from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
 
 from tcube_lightning.merging import FusedParameterStore
 from tcube_lightning.samplewise import SampleWiseCLIP, unsupported_reason
