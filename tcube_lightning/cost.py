@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 from time import perf_counter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -16,18 +16,24 @@ SHARED = "shared: pretrained + expert forwards, JS, λ"
 DIAGNOSTICS = "diagnostics: models at λ_min and λ_max"
 
 
+def synchronized_clock(device: torch.device) -> Callable[[], float]:
+    """``perf_counter`` that first waits for the device's queued work (CUDA runs asynchronously)."""
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return perf_counter()
+
+    return now
+
+
 class CostMeter:
     """Seconds and images per named part of a run (methods, the shared forwards, the diagnostics)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
+        self._now = synchronized_clock(device)
         self.seconds: dict[str, float] = defaultdict(float)
         self.images: dict[str, int] = defaultdict(int)
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return perf_counter()
 
     @contextmanager
     def measure(self, name: str, images: int) -> Iterator[None]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tcube_lightning.coefficients import LambdaMapping
+from tcube_lightning.cost import synchronized_clock
 from tcube_lightning.errors import InputError
 from tcube_lightning.heads import HeadInterpolant, fit_head_interpolant
 from tcube_lightning.merging import FusedParameterStore
@@ -100,8 +101,9 @@ class TCubeEngine(nn.Module):
             text_passes = self.merge_text and self.head_mode == "exact"
             cheap_here = self.store.pt_flat.device.type != "cpu" or not text_passes
             path = "vectorized" if cheap_here and self.unsupported_reason is None else "loop"
-        self.vectorized_logits = None
-        if path == "vectorized":
+        self.path = path
+        self.vectorized_logits = None  # built wherever it may run: ``time_paths`` may choose it
+        if self.unsupported_reason is None and self.samplewise != "loop":
             self.vectorized_logits = self._compiled(SampleWiseCLIP(self.store.pretrained, self.store.expert).logits)
         sets = range(len(self.class_counts))
         self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
@@ -197,7 +199,7 @@ class TCubeEngine(nn.Module):
     @torch.no_grad()
     def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
         """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
-        if self.vectorized_logits is None:
+        if self.path == "loop":
             return self.grouped_logits(images, weights, class_set)
         fixed_head = None if self.merge_text else self.pt_heads[class_set]
         interpolant = self.interpolants[class_set]
@@ -207,6 +209,20 @@ class TCubeEngine(nn.Module):
             row_heads = interpolant(weights)
         tokens, count = self._tokens(class_set), self.class_counts[class_set]
         return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
+
+    def time_paths(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> dict[str, float]:
+        """Seconds of one call of each sample-wise path on ``images`` with ``weights``, after a warm-up call of
+        each, synchronised on CUDA: what ``samplewise: auto`` chooses by. The engine's path is left as it was."""
+        chosen, seconds = self.path, {}
+        clock = synchronized_clock(self.store.pt_flat.device)
+        for path in ("vectorized", "loop") if self.vectorized_logits is not None else ("loop",):
+            self.path = path
+            self.sample_merged_logits(images, weights, class_set)
+            start = clock()
+            self.sample_merged_logits(images, weights, class_set)
+            seconds[path] = clock() - start
+        self.path = chosen
+        return seconds
 
     def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
         """Like ``sample_merged_logits``, by one fused merge per distinct weight: the loop path, and the clustered

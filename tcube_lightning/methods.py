@@ -106,6 +106,8 @@ class Method:
     weight_source: Literal["t3", "ratio"] | None = None
     """Dynamic methods: where their merge weights come from, T³'s λ mapping or a ratio in [0, 1] (the range
     the zero-shot heads are interpolated over)."""
+    per_sample: bool = False
+    """Merges per sample (through ``sample_merged_logits``): the methods the sample-wise path serves."""
 
     @property
     def is_static(self) -> bool:
@@ -195,15 +197,16 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
                "M³ Mixup Model Merge (Zhou et al., 2025)",
                static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3)),
         Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, per_sample_merge,
-               weight_source="t3"),
+               weight_source="t3", per_sample=True),
         Method("t3_batch", "t3_batch", "T³_B: one merge per batch at the batch's mean λ", T3, batch_merge,
                weight_source="t3"),
         Method("dawin", "dawin", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})", DAWIN,
-               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft)), weight_source="ratio"),
+               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft)), weight_source="ratio",
+               per_sample=True),
         Method("maxconf", "maxconf", "per-sample merge, max-confidence ratio", f"a variant in {DAWIN}",
-               _sample_wise(max_confidence_ratio), weight_source="ratio"),
+               _sample_wise(max_confidence_ratio), weight_source="ratio", per_sample=True),
         Method("xent", "xent", "per-sample merge, X-entropy ratio (ensemble pseudo labels)", f"a variant in {DAWIN}",
-               _sample_wise(cross_entropy_ratio), weight_source="ratio"),
+               _sample_wise(cross_entropy_ratio), weight_source="ratio", per_sample=True),
         Method("t3_cluster", "t3_cluster", "T³ weights grouped by a Beta mixture, one merge per component",
                f"{T3} with the Beta-mixture clustering of {DAWIN}", coefficient=lambda pt, ft, t3: t3,
                weight_source="t3"),

@@ -67,6 +67,23 @@ def expected_normalization(arch: str, checkpoint: str | Path) -> tuple[tuple[flo
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def check_preprocessing(
+    arch: str, checkpoint: str | Path, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """Before any weights load: the data's image size and normalisation are those the generalist expects."""
+    model_size = architecture_image_size(arch)
+    if image_size != model_size:
+        raise InputError(f"data.image_size is {image_size} but {arch} expects {model_size}-pixel images")
+    expected_mean, expected_std = expected_normalization(arch, checkpoint)
+    close = all(abs(a - b) <= 1e-6 for a, b in zip((*mean, *std), (*expected_mean, *expected_std)))
+    if not close:
+        raise InputError(
+            f"data.mean/data.std are {list(mean)}/{list(std)} but {checkpoint} was trained with mean "
+            f"{list(expected_mean)} and std {list(expected_std)}: give --data.mean '{list(expected_mean)}' "
+            f"--data.std '{list(expected_std)}'"
+        )
+
+
 def load_clip(arch: str, checkpoint: str | Path, cache_dir: str | None = None) -> nn.Module:
     """An open_clip CLIP of architecture ``arch`` in eval mode, with weights from ``checkpoint``: a local file
     (open_clip or training-style state_dict, safetensors, OpenAI's TorchScript archive) or an open_clip

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -23,10 +22,9 @@ from tcube_lightning.errors import InputError
 from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, build_methods
 from tcube_lightning.metrics import gather_from_all_ranks, split_metrics
 from tcube_lightning.models import (
-    architecture_image_size,
     check_architecture,
+    check_preprocessing,
     checkpoint_kind,
-    expected_normalization,
     load_clip,
     register_model_config,
     tokenize_prompts,
@@ -71,8 +69,8 @@ class TCubeModule(L.LightningModule):
             reference code does). False keeps the pretrained model's head for every merged model: much
             cheaper, and right for experts whose text tower was not fine-tuned.
         samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
-            layer), ``loop`` (one fused merge per distinct weight) or ``auto``: vectorized where the architecture
-            allows it, except on CPU with exact heads (measured: there the loop is faster on ViT-B-16).
+            layer), ``loop`` (one fused merge per distinct weight) or ``auto``: both timed on a probe batch on
+            this device, the faster taken (with compile, untimed: vectorized unless exact heads on CPU).
         compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) through
             ``torch.compile``: faster on long runs once compiled (see the benchmark), slower to start.
         mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
@@ -90,9 +88,8 @@ class TCubeModule(L.LightningModule):
             over every class prompt per merged weight (per sample for the sample-wise methods).
         head_tolerance: The largest change of a logit interpolated heads may cause (checked against direct
             text passes at seeded points; the node count grows until it holds, else exact heads are used).
-        diagnose_extremes: With T³, also run every batch through the models at λ_min and λ_max and count the
-            predictions that differ (how much λ could change at all): two more merged forwards per batch, about
-            2 % of the demo's full evaluation (benchmarks/bench_demo.py); turn it off for lean T³-only runs.
+        diagnose_extremes: With T³, count prediction flips between the models at λ_min and λ_max: two more merged
+            forwards per batch, about 2 % of the demo's full evaluation (benchmarks/bench_demo.py).
     """
 
     def __init__(
@@ -214,15 +211,7 @@ class TCubeModule(L.LightningModule):
     def _check_data_fits(self, data: L.LightningDataModule) -> None:
         """What only the data and the model settings together can tell, checked before any model loads."""
         hp = self.hparams
-        model_size = architecture_image_size(hp.arch)
-        if data.image_size != model_size:
-            raise InputError(f"data.image_size is {data.image_size} but {hp.arch} expects {model_size}-pixel images")
-        mean, std = expected_normalization(hp.arch, hp.pretrained_checkpoint)
-        if not (np.allclose(data.mean, mean) and np.allclose(data.std, std)):
-            raise InputError(
-                f"data.mean/data.std are {list(data.mean)}/{list(data.std)} but {hp.pretrained_checkpoint} was trained "
-                f"with mean {list(mean)} and std {list(std)}: give --data.mean '{list(mean)}' --data.std '{list(std)}'"
-            )
+        check_preprocessing(hp.arch, hp.pretrained_checkpoint, data.image_size, data.mean, data.std)
         if any(is_corrupted(split) for split in self.split_names) and hp.mce_reference not in self.methods:
             raise InputError(  # corrupted splits: CE needs the reference method
                 f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
@@ -247,10 +236,22 @@ class TCubeModule(L.LightningModule):
         extremes = hp.diagnose_extremes and "t3" in self.methods
         path = self.engine.prepare(static_rules, extremes=extremes, weight_range=self._weight_range())
         self.report.details["heads"] = self.engine.head_summary
-        if hp.samplewise == "auto" and path == "loop" and "t3" in self.methods:
-            reason = self.engine.unsupported_reason
-            why = "on CPU with exact heads" if reason is None else f"the architecture is not covered ({reason})"
-            rank_zero_info(f"T³ sample-wise: per-sample loop over the fused store ({why}).")
+        measurable = hp.samplewise == "auto" and self.engine.vectorized_logits is not None and not hp.compile
+        if measurable and any(m.per_sample for m in self.methods.values()):
+            self._measure_samplewise_paths()
+        elif hp.samplewise == "auto" and path == "loop" and "t3" in self.methods:
+            rank_zero_info(f"T³ sample-wise: the loop ({self.engine.unsupported_reason or 'exact heads on CPU'}).")
+
+    def _measure_samplewise_paths(self) -> None:
+        """``samplewise: auto``: time both sample-wise paths on a seeded probe batch, on this device; every
+        process takes rank 0's choice (the two agree to float rounding)."""
+        data, low_high = self.trainer.datamodule, self._weight_range() or (0.0, 1.0)
+        size, count = data.image_size, min(data.batch_size, 16)
+        probe = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        seconds = self.engine.time_paths(probe, torch.linspace(*low_high, count, device=self.device))
+        self.engine.path = self.trainer.strategy.broadcast(min(seconds, key=seconds.get), src=0)
+        measured = ", ".join(f"{path} {1e3 * value:.1f} ms" for path, value in seconds.items())
+        rank_zero_info(f"T³ sample-wise: the {self.engine.path} path (measured on a probe batch: {measured}).")
 
     def _new_report(self, results_dir: Path) -> RunReport:
         descriptions = {m.name: m.description for m in self.methods.values()}

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tcube_lightning.coefficients import BetaMixture
 from tcube_lightning.console import print_summary
+from tcube_lightning.cost import SHARED
 from tcube_lightning.diagnostics import lambda_spread_warning
 from tcube_lightning.errors import InputError
 from tcube_lightning.plots import close_figures, run_figures, save_figures
@@ -224,6 +225,11 @@ class RunReport:
             lambdas = {s: self.lambdas[s] for s in results["accuracy"] if s in self.lambdas}
             plot(self.results_dir / "plots", logger, results["accuracy"], lambdas)
         print_summary(rows, "Top-1 accuracy (%)")
+        if cost and SHARED in cost:
+            rank_zero_info(
+                f"ms/img: each method's own time, beyond the shared pretrained and expert forwards with JS and λ "
+                f"({cost[SHARED]['ms_per_image']:.2f} ms/img); forward-equivalents in {self.results_dir / 'cost.json'}"
+            )
         rank_zero_info(
             f"Results written to {self.results_dir / 'results.json'}, {self.results_dir / 'results.md'} "
             "(every split) and summary.md/csv/json beside them"

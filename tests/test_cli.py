@@ -212,6 +212,13 @@ def test_exact_and_interpolated_heads_give_the_same_results(batch8_run, clip_pai
     assert fit["nodes"] in (5, 9, 17, 33) and fit["text_passes"] >= fit["nodes"]
 
 
+def test_auto_takes_the_sample_wise_path_measured_faster(clip_pair, npz_root, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(engine.TCubeEngine, "time_paths", lambda self, *args: {"vectorized": 2.0, "loop": 1.0})
+    main(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[t3]", '--data.sources={"a": "tiny_a.npz"}'))
+    assert any("the loop path (measured on a probe batch: vectorized 2000.0 ms, loop 1000.0 ms)" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
 def test_method_selection(clip_pair, npz_root, tmp_path, caplog):
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot, t3_batch]"))
     assert list(results["accuracy"]["a"]) == ["zeroshot", "t3_batch"]
@@ -431,7 +438,8 @@ def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, o
 
 
 def test_same_config_and_seed_give_identical_results_files(clip_pair, npz_root, tmp_path):
-    extra = ("--data.batch_size=8", "--model.methods=[zeroshot, dare, m3, t3, t3_cluster]")
+    # The sample-wise path named: auto chooses by timing, and the two paths agree only to float rounding.
+    extra = ("--data.batch_size=8", "--model.methods=[zeroshot, dare, m3, t3, t3_cluster]", "--model.samplewise=loop")
     texts = []
     for run in ("first", "second"):
         _, run_dir = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / run, *extra))

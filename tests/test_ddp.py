@@ -23,7 +23,7 @@ def arguments(clip_pair, tmp_path_factory):
     write_medmnist_npz(root / "few.npz", 3, 2, seed=5)
     return [
         "test", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20",
+        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20", "--model.samplewise=vectorized",
         f"--data.root={root}", "--data.modality=breast", "--data.splits=[in_domain, corrupted]",
         "--data.size=28", "--data.image_size=28", "--data.corruption_source=on_the_fly", "--data.batch_size=3",
         "--data.corruptions=[speckle_noise, pixelate]", "--data.severities=[5]", '--data.sources={"few": "few.npz"}',

@@ -157,6 +157,14 @@ def test_interpolated_heads_serve_every_sample_without_text_passes(clip_pair, se
         assert ours[i].argmax() == expected[0].argmax()
 
 
+def test_both_sample_wise_paths_are_timed_and_the_engine_keeps_its_own(clip_pair, setting):
+    engine = make_engine(clip_pair, samplewise="auto", extremes=False, heads="interpolated")
+    chosen = engine.path
+    seconds = engine.time_paths(setting[2], torch.tensor([0.1, 0.5, 0.9, 0.2, 0.3, 0.4]))
+    assert set(seconds) == {"vectorized", "loop"} and all(value > 0 for value in seconds.values())
+    assert engine.path == chosen
+
+
 def imported_modules(path: Path) -> set[str]:
     """Top-level names of every module a file imports, at any depth of its body."""
     names = set()

@@ -68,6 +68,7 @@ def test_registry_kinds_follow_from_what_each_method_defines(logits):
     static = {n for n, m in methods.items() if m.is_static}
     assert static == {"wise_ft@0.5", "slerp", "task_arithmetic", "ties", "dare", "m3"}
     assert {n for n, m in methods.items() if m.is_clustered} == {"t3_cluster", "dawin_cluster"}
+    assert {n for n, m in methods.items() if m.per_sample} == {"t3", "dawin", "maxconf", "xent"}
     assert all(m.reference for m in methods.values())
     calls = []
     ctx = context(*logits, calls=calls)
