@@ -68,7 +68,9 @@ class LambdaMapping:
     lambda_min: float = 0.0
     lambda_max: float = 1.0
     gamma: float = 0.5
-    lambda_weights: LambdaWeights = "pretrained"
+    lambda_weights: LambdaWeights = "expert"
+    """Which model λ weights. ``expert`` (default): the reading of T³'s Figure 4 caption and of the DaWin code its
+    code reuses; ``pretrained``: the abstract's reading."""
     js_base: float | None = None
 
     def __post_init__(self) -> None:

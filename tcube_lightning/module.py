@@ -62,8 +62,8 @@ class TCubeModule(L.LightningModule):
         lambda_min: λ_min of λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x)).
         lambda_max: λ_max of the same mapping.
         gamma: γ of the same mapping (>= 0).
-        lambda_weights: Which model λ weights: ``pretrained`` (w_expert = 1 − λ; more disagreement
-            → more generalist, as T³'s abstract describes) or ``expert`` (w_expert = λ, DaWin's convention).
+        lambda_weights: Which model λ weights: ``expert`` (default, w_expert = λ: T³'s Figure 4 and the DaWin
+            code it reuses) or ``pretrained`` (w_expert = 1 − λ: the reading of T³'s abstract).
         js_base: Logarithm base of JS; None for natural log (range [0, ln 2]), 2 for bits (range [0, 1]).
         merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
             reference code does). False keeps the pretrained model's head for every merged model: much
@@ -104,7 +104,7 @@ class TCubeModule(L.LightningModule):
         lambda_min: float = 0.0,
         lambda_max: float = 1.0,
         gamma: float = 0.5,
-        lambda_weights: LambdaWeights = "pretrained",
+        lambda_weights: LambdaWeights = "expert",
         js_base: float | None = None,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",

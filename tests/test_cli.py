@@ -53,7 +53,7 @@ def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
         # T³ sample-wise: λ from JS (λ in [0, 1] by default, λ weights the pretrained model by default).
         lam = expit(GAMMA * jensenshannon(p_pt, p_ft, axis=-1) ** 2)
         assert lam.max() - lam.min() > 0.05
-        w = np.round(1.0 - lam, 6)
+        w = np.round(lam, 6)  # λ weights the expert by default (T³'s Figure 4 and code)
         per_weight, _ = oracle_predictions(clip_pair, npz_root, file, w.tolist())
         t3_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w)])
         assert acc["t3"] == pytest.approx(np.mean(t3_pred == labels), abs=FRACTION_ATOL)
@@ -70,14 +70,14 @@ def test_results_match_open_clip_oracles(batch8_run, clip_pair, npz_root):
         dawin_pred = np.array([per_weight[wi][i].argmax() for i, wi in enumerate(w_dawin)])
         assert acc["dawin"] == pytest.approx(np.mean(dawin_pred == labels), abs=FRACTION_ATOL)
         # Clustered T³: the Beta mixture (tested on its own) groups the weights; one oracle model per component.
-        mixture = fit_beta_mixture(torch.tensor(1.0 - lam), components=3)
-        component_weights = mixture.means.numpy()[mixture.assign(torch.tensor(1.0 - lam)).numpy()]
+        mixture = fit_beta_mixture(torch.tensor(lam), components=3)
+        component_weights = mixture.means.numpy()[mixture.assign(torch.tensor(lam)).numpy()]
         per_component, _ = oracle_predictions(clip_pair, npz_root, file, component_weights.tolist())
         cluster_pred = np.array([per_component[wi][i].argmax() for i, wi in enumerate(component_weights)])
         assert acc["t3_cluster"] == pytest.approx(np.mean(cluster_pred == labels), abs=FRACTION_ATOL)
         means = results["clusters"][split]["t3_cluster"]["means"]
         assert means == pytest.approx(mixture.means.tolist(), abs=LAMBDA_ATOL)
-        # Decision quadrants and the prediction flips between λ_min (w = 1: expert) and λ_max (w = 0: pretrained).
+        # Decision quadrants and the prediction flips between λ_min (w = 0: pretrained) and λ_max (w = 1: expert).
         diag = results["diagnostics"][split]
         js = jensenshannon(p_pt, p_ft, axis=-1) ** 2
         pt_right, ft_right = p_pt.argmax(1) == labels, p_ft.argmax(1) == labels
@@ -244,7 +244,7 @@ def test_help_and_print_config_list_the_options(capsys, monkeypatch):
         main(["test", "--config", "configs/demo.yaml", "--print_config"])
     printed = capsys.readouterr().out
     assert done.value.code == 0
-    assert "lambda_weights: pretrained" in printed and "demo_in_domain.npz" in printed
+    assert "lambda_weights: expert" in printed and "demo_in_domain.npz" in printed
 
 
 @pytest.mark.parametrize("merge_text", [True, False])
@@ -481,3 +481,20 @@ def test_settings_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, 
     assert "unrecognized arguments: --model.gamm" in run_cli_expecting_error(
         cli_args(clip_pair, npz_root, tmp_path / "runs", "--model.gamm=2"), capsys
     )
+
+
+def test_lambda_weights_the_expert_by_default_as_t3s_figure_and_code_do():
+    import inspect
+
+    from tcube_lightning.module import TCubeModule
+
+    assert inspect.signature(TCubeModule).parameters["lambda_weights"].default == "expert"
+    readme = (REPO / "README.md").read_text()
+    for quote in (
+        "Higher disagreement (larger JS divergence) increases the expert model's influence",  # Figure 4
+        "`(1-alpha)*w_zs +\n  alpha*w_ft`",  # DaWin's code, which T³'s code reuses
+        "defers to generalist robustness under drift",  # the abstract: lambda_weights: pretrained
+    ):
+        assert quote in readme, quote
+    for config in ("configs/demo.yaml", "configs/base/model.yaml"):
+        assert "lambda_weights: expert" in (REPO / config).read_text()

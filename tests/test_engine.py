@@ -72,7 +72,7 @@ def test_coefficients_from_the_two_models(engine, setting):
     lam = expit(GAMMA * js)  # λ_min 0, λ_max 1
     assert lam.max() - lam.min() > 0.05  # the pair disagrees enough for sample-wise merging to matter
     np.testing.assert_allclose(batch.lam.numpy(), lam, atol=lambda_atol(GAMMA), rtol=0)
-    np.testing.assert_allclose(batch.weights.numpy(), 1 - batch.lam.numpy(), atol=0)  # λ weights the generalist
+    np.testing.assert_allclose(batch.weights.numpy(), batch.lam.numpy(), atol=0)  # λ weights the expert (default)
     assert batch.finite.all()
 
 
@@ -104,10 +104,10 @@ def test_static_merges_are_built_once_with_their_own_heads(engine, setting):
 def test_models_at_the_lambda_extremes(engine, setting):
     pt_sd, ft_sd, images, tokens = setting
     low, high = engine.extreme_predictions(images, 0)
-    # λ_min = 0 and λ_max = 1 weight the generalist: expert weights 1 and 0.
-    assert engine.extreme_weights == [1.0, 0.0]
-    assert low.tolist() == oracle_logits(pt_sd, ft_sd, 1.0, images, tokens).argmax(-1).tolist()
-    assert high.tolist() == oracle_logits(pt_sd, ft_sd, 0.0, images, tokens).argmax(-1).tolist()
+    # λ_min = 0 and λ_max = 1 weight the expert (the default): expert weights 0 and 1.
+    assert engine.extreme_weights == [0.0, 1.0]
+    assert low.tolist() == oracle_logits(pt_sd, ft_sd, 0.0, images, tokens).argmax(-1).tolist()
+    assert high.tolist() == oracle_logits(pt_sd, ft_sd, 1.0, images, tokens).argmax(-1).tolist()
 
 
 def test_without_merge_text_every_merged_model_keeps_the_pretrained_head(clip_pair, setting):
