@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import CatMetric, SumMetric
-from torchmetrics.classification import MulticlassAUROC
 
 from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture
 from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
@@ -20,7 +19,7 @@ from tcube_lightning.diagnostics import DecisionDiagnostics
 from tcube_lightning.engine import TCubeEngine
 from tcube_lightning.errors import InputError
 from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, build_methods
-from tcube_lightning.metrics import gather_from_all_ranks, split_metrics
+from tcube_lightning.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
 from tcube_lightning.models import (
     check_architecture,
     check_preprocessing,
@@ -357,9 +356,9 @@ class TCubeModule(L.LightningModule):
         classes = self.class_counts[self.split_class_set[split]]
         no_logits = torch.empty(0, classes, device=self.device)
         no_labels = torch.empty(0, dtype=torch.long, device=self.device)
-        for name in self.methods:  # the counting metrics need nothing; AUROC gathers (N, classes) scores
+        for name in self.methods:  # the counting metrics need nothing; the others gather per-sample states
             for metric in self.metrics[self._key(split, name)].values():
-                if isinstance(metric, MulticlassAUROC):
+                if isinstance(metric, PER_SAMPLE_STATES):
                     metric.update(no_logits, no_labels)
         for key, empty in (("pt", no_logits), ("ft", no_logits), ("t3", no_logits.new_empty(0))):
             self.cluster_cache[split][key].append(empty)

@@ -6,8 +6,10 @@ The two-process runs go through the command line in a subprocess: DDP inside pyt
 """
 
 import json
+import os
 
 import pytest
+import torch
 from helpers import run_cli_in_process, run_cli_subprocess, write_medmnist_npz
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
@@ -34,9 +36,16 @@ def arguments(clip_pair, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(arguments, tmp_path_factory):
-    """The one-process reference, in-process (nothing about it needs a fresh process)."""
-    out = tmp_path_factory.mktemp("one")
-    return run_cli_in_process([*arguments, "--trainer.devices=1", f"--trainer.default_root_dir={out}"])[1]
+    """The one-process reference, in-process (nothing about it needs a fresh process), with the one torch thread
+    each of the two processes gets (Lightning gives each cores // processes): the same arithmetic, so that even
+    probabilities (calibration metrics) agree to the bit, not only predictions."""
+    out, threads = tmp_path_factory.mktemp("one"), torch.get_num_threads()
+    per_process = os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // 2)  # Lightning's rule
+    torch.set_num_threads(int(per_process))
+    try:
+        return run_cli_in_process([*arguments, "--trainer.devices=1", f"--trainer.default_root_dir={out}"])[1]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])

@@ -54,7 +54,8 @@ def test_dockerfile_installs_the_pinned_files_and_copies_files_that_exist():
 def test_sigterm_stops_the_run_with_a_failing_exit_status(clip_pair, npz_root, tmp_path):
     """A scheduler's preemption: the finished split stays in results.json, which names the missing one."""
     out = tmp_path / "results"
-    args = cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.results_dir={out}")
+    args = cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.results_dir={out}",
+                    "--model.methods=[zeroshot, t3, t3_batch]")  # split b: 21 batches, far longer than one poll
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.Popen(
         [sys.executable, "main.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
