@@ -36,11 +36,13 @@ class CostMeter:
         self.images: dict[str, int] = defaultdict(int)
 
     @contextmanager
-    def measure(self, name: str, images: int) -> Iterator[None]:
+    def measure(self, name: str | None, images: int) -> Iterator[None]:
+        """Time the block as part ``name``; None records nothing (a part that does not run in this run)."""
         start = self._now()
         yield
-        self.seconds[name] += self._now() - start
-        self.images[name] += images
+        if name is not None:
+            self.seconds[name] += self._now() - start
+            self.images[name] += images
 
     def table(self) -> dict[str, dict[str, float]]:
         """Per part: milliseconds per image and forward-equivalents per image (one forward = half the shared

@@ -52,8 +52,8 @@ class TCubeEngine(nn.Module):
         class_counts: Number of classes of each class set.
         mapping: T³'s settings (λ range, γ, which model λ weights, JS's base).
         merge_text: Merged models get their own text tower's zero-shot head; False keeps the pretrained head.
-        samplewise: ``vectorized``, ``loop`` or ``auto`` (vectorized on accelerators where the architecture
-            allows it); see ``prepare``.
+        samplewise: ``vectorized``, ``loop`` or ``auto`` (``prepare``'s rule: vectorized where the architecture
+            allows it unless exact heads on CPU; the module may then time both with ``time_paths``).
         compile: Run the forwards through ``torch.compile``.
         heads: ``interpolated``: the zero-shot heads of merged text towers come from an interpolant in w fitted
             once per run (``heads.py``); ``exact``: a text pass over every class prompt per merged weight.

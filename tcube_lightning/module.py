@@ -288,7 +288,7 @@ class TCubeModule(L.LightningModule):
                 self.cluster_cache[split][key].append(values.detach())
         self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
         self.nonfinite_counts[split].update((~shared.finite).sum().float())
-        with self.cost.measure(DIAGNOSTICS, len(labels)):
+        with self.cost.measure(DIAGNOSTICS if self.engine.extreme_weights else None, len(labels)):
             extremes = self.engine.extreme_predictions(images, class_set)
         self.diagnostics[split].update(shared.pt_logits, shared.ft_logits, labels, shared.js, extremes)
         self._record_coefficients(split, shared.js, shared.lam)

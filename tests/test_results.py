@@ -135,8 +135,11 @@ def test_cost_per_image_and_forward_equivalents_from_measured_seconds():
     meter = CostMeter(torch.device("cpu"))
     with meter.measure("t3", 5):
         pass
+    with meter.measure(None, 5):  # a part that does not run: not in the table
+        pass
     meter.seconds.update({SHARED: 2.0, "t3": 3.0})  # as if measured: 10 images each
     meter.images.update({SHARED: 10, "t3": 10})
     table = meter.table()
     assert table[SHARED] == {"ms_per_image": pytest.approx(200.0), "forward_equivalents": pytest.approx(2.0)}
     assert table["t3"] == {"ms_per_image": pytest.approx(300.0), "forward_equivalents": pytest.approx(3.0)}
+    assert set(table) == {SHARED, "t3"}
