@@ -8,7 +8,7 @@ The maths always runs in float32 (or wider), whatever precision the models ran i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -94,17 +94,60 @@ class LambdaMapping:
     def expert_weights(self, lam: torch.Tensor) -> torch.Tensor:
         return expert_weight(lam, self.lambda_weights)
 
-    def weight_range(self) -> tuple[float, float]:
-        """The expert weights T³ can merge at, lowest first: JS lies in [0, ln 2] (in its base), so λ in
+    def lambda_range(self) -> tuple[float, float]:
+        """The λ these settings can give: JS lies in [0, ln 2] (in its base), so λ in
         [λ_min + Δ·σ(0), λ_min + Δ·σ(γ·JS_max)] with Δ = λ_max − λ_min."""
         js_max = math.log(2.0) / (math.log(self.js_base) if self.js_base is not None else 1.0)
-        weights = self.expert_weights(self.lambdas(torch.tensor([0.0, js_max], dtype=torch.float64)))
+        low, high = self.lambdas(torch.tensor([0.0, js_max], dtype=torch.float64)).tolist()
+        return low, high
+
+    def weight_range(self) -> tuple[float, float]:
+        """The expert weights T³ can merge at, lowest first."""
+        weights = self.expert_weights(torch.tensor(self.lambda_range(), dtype=torch.float64))
         return float(weights.min()), float(weights.max())
 
     def extreme_weights(self) -> tuple[float, float]:
         """The expert weights at λ_min and at λ_max: how far T³ can move at all."""
         extremes = self.expert_weights(torch.tensor([self.lambda_min, self.lambda_max], dtype=torch.float64))
         return float(extremes[0]), float(extremes[1])
+
+
+@dataclass(frozen=True)
+class T3Setting:
+    """One entry of ``model.grid``: T³ settings evaluated beside the run's own, on the same batches and the same
+    pretrained and expert forwards. Fields left unset keep the run's value; the set ones name the columns
+    (``t3[gamma=4]``)."""
+
+    gamma: float | None = None
+    lambda_min: float | None = None
+    lambda_max: float | None = None
+    lambda_weights: LambdaWeights | None = None
+
+    def overrides(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def label(self) -> str:
+        """The set fields as ``name=value``, comma-separated, in field order: ``gamma=4,lambda_max=0.8``."""
+        return ",".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}" for k, v in self.overrides().items())
+
+
+def grid_mappings(run: LambdaMapping, grid: list[T3Setting]) -> dict[str, LambdaMapping]:
+    """Each ``model.grid`` setting applied to the run's own mapping, by label; checked like the run's own settings,
+    the error naming the entry."""
+    mappings: dict[str, LambdaMapping] = {}
+    for index, setting in enumerate(grid):
+        if not setting.overrides():
+            raise InputError(f"model.grid[{index}] sets none of {[f.name for f in fields(T3Setting)]}")
+        if setting.label in mappings:
+            raise InputError(f"model.grid[{index}] repeats the setting {setting.label!r}")
+        try:
+            mappings[setting.label] = replace(run, **setting.overrides())
+        except InputError as err:
+            raise InputError(f"model.grid[{index}] ({setting.label}): {err}") from err
+        if mappings[setting.label] == run:
+            raise InputError(f"model.grid[{index}] ({setting.label}) is the run's own setting: its columns repeat")
+    return mappings
 
 
 def batch_coefficient(weights: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tcube_lightning.results import summary_cell
 
@@ -17,7 +18,8 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        table.add_row(row["method"], *(summary_cell(column, row.get(column)) for column in columns[1:]))
+        # Text, not a markup string: grid columns are named like "t3[gamma=8]", which rich would read as a style.
+        table.add_row(Text(row["method"]), *(summary_cell(column, row.get(column)) for column in columns[1:]))
     return table
 
 

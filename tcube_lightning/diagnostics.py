@@ -1,65 +1,60 @@
-"""Per-split diagnostics of T³'s coefficient: the paper's decision quadrants and λ's reach.
-
-A torchmetrics ``Metric`` so that, under DDP, every process's samples are gathered in ``compute``.
-"""
+"""Per-split diagnostics of T³'s coefficient from the split's per-sample table (``samples.py``): the paper's decision
+quadrants with their JS and the correlation of JS with DaWin's entropy ratio, and λ's reach."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+import numpy as np
 
 QUADRANTS = ("both wrong", "only expert right", "only pretrained right", "both right")
 
 
-class DecisionDiagnostics(Metric):
-    """Counts and mean JS per quadrant (pretrained right/wrong × expert right/wrong), and how many
-    samples change prediction between the models merged at the two extreme values of λ."""
+def quadrant_indices(table: dict[str, np.ndarray]) -> np.ndarray:
+    """Each sample's quadrant, an index into ``QUADRANTS``: 2·(pretrained right) + (expert right)."""
+    label = table["label"]
+    return 2 * (table["pred/zeroshot"] == label).astype(int) + (table["pred/expert"] == label).astype(int)
 
-    full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
-        # Per-sample quadrant and JS rather than running sums: exact means, whatever the split over processes.
-        self.add_state("quadrants", [], dist_reduce_fx="cat")
-        self.add_state("js", [], dist_reduce_fx="cat")
-        self.add_state("flips", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's ρ in float64; None where it is undefined (fewer than two samples, or a constant variable)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2:
+        return None
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy) / denominator if denominator > 0 else None
 
-    def update(
-        self,
-        pt_logits: torch.Tensor,
-        ft_logits: torch.Tensor,
-        labels: torch.Tensor,
-        js: torch.Tensor,
-        extreme_predictions: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        quadrant = 2 * (pt_logits.argmax(-1) == labels).long() + (ft_logits.argmax(-1) == labels).long()
-        self.quadrants.append(quadrant)
-        self.js.append(js.detach().double())
-        if extreme_predictions is not None:
-            low, high = extreme_predictions
-            self.flips += (low != high).sum().to(self.flips.dtype)
 
-    def compute(self) -> dict:
-        """Quadrant counts and mean JS, flips, and the split's mean JS (``js_mean``; the per-sample JS is kept
-        here only). ``math.fsum`` rounds exact sums once: the means do not depend on the split over processes."""
-        quadrant, js = (dim_zero_cat(state).cpu() for state in (self.quadrants, self.js))
-        quadrants = {}
-        for index, name in enumerate(QUADRANTS):
-            values = js[quadrant == index].tolist()
-            quadrants[name] = {"count": len(values), "js_mean": math.fsum(values) / len(values) if values else math.nan}
-        every = js.tolist()
-        return {
-            "quadrants": quadrants,
-            "flips_between_lambda_extremes": int(self.flips),
-            "js_mean": math.fsum(every) / len(every) if every else math.nan,
+def mean(values: np.ndarray) -> float:
+    """The mean from the exactly rounded sum (``math.fsum``): independent of the order samples arrived in."""
+    return math.fsum(values.tolist()) / len(values) if len(values) else math.nan
+
+
+def decision_diagnostics(table: dict[str, np.ndarray]) -> dict:
+    """Per quadrant (pretrained right/wrong × expert right/wrong): the count, mean JS and Pearson's ρ between JS
+    and DaWin's entropy ratio (the paper's Figure 2); with the λ-extremes diagnostic, how many samples change
+    prediction between the models merged at λ_min and λ_max."""
+    quadrant = quadrant_indices(table)
+    quadrants = {}
+    for index, name in enumerate(QUADRANTS):
+        rows = quadrant == index
+        quadrants[name] = {
+            "count": int(rows.sum()),
+            "js_mean": mean(table["js"][rows]),
+            "pearson_js_dawin": pearson(table["js"][rows], table["w/dawin"][rows]),
         }
+    diagnostics: dict = {"quadrants": quadrants}
+    if "flip" in table:
+        diagnostics["flips_between_lambda_extremes"] = int(table["flip"].sum())
+    return diagnostics
 
 
-def lambda_spread_warning(coefficients: dict[str, dict[str, float]], min_spread: float) -> str | None:
-    """One warning naming the splits where λ barely moves (T³ then acts like a fixed interpolation), or None."""
+def lambda_spread_warning(
+    coefficients: dict[str, dict[str, float]], min_spread: float, reachable: tuple[float, float]
+) -> str | None:
+    """One warning naming the splits where λ barely moves (T³ then acts like a fixed interpolation), or None.
+    ``reachable`` is the λ range the run's settings allow at all."""
     narrow = {
         split: stats["lambda_max"] - stats["lambda_min"]
         for split, stats in coefficients.items()
@@ -71,6 +66,8 @@ def lambda_spread_warning(coefficients: dict[str, dict[str, float]], min_spread:
     more = f" and {len(narrow) - 8} more" if len(narrow) > 8 else ""
     return (
         f"λ spans less than min_lambda_spread={min_spread} on {len(narrow)} split(s): {listed}{more}. T³ behaves "
-        "almost like a fixed interpolation there. σ(γ·JS) lies in [0.5, σ(γ·ln 2)] by construction: a larger gamma "
-        "or a wider range [lambda_min, lambda_max] widens the spread of λ."
+        f"almost like a fixed interpolation there: with these settings λ can only move within [{reachable[0]:.4f}, "
+        f"{reachable[1]:.4f}], as σ(γ·JS) lies in [0.5, σ(γ·ln 2)]. A larger gamma or a wider range [lambda_min, "
+        "lambda_max] widens it; model.grid evaluates several settings in one pass, on the same forwards "
+        "(e.g. --model.grid='[{gamma: 4}, {gamma: 16}]')."
     )

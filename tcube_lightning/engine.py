@@ -36,9 +36,10 @@ class BatchCoefficients:
     finite: torch.Tensor
     """Rows whose pretrained and expert logits are all finite; the others get JS = 0."""
     js: torch.Tensor
-    lam: torch.Tensor
-    weights: torch.Tensor
-    """T³'s weight on the expert per sample, from λ through ``lambda_weights``."""
+    lambdas: dict[str, torch.Tensor]
+    """λ per sample for each T³ setting: ``""`` the run's own, the others by ``model.grid`` label."""
+    weights: dict[str, torch.Tensor]
+    """T³'s weight on the expert per sample for each setting, from λ through ``lambda_weights``."""
 
 
 class TCubeEngine(nn.Module):
@@ -51,6 +52,7 @@ class TCubeEngine(nn.Module):
             in their classes), class-major.
         class_counts: Number of classes of each class set.
         mapping: T³'s settings (λ range, γ, which model λ weights, JS's base).
+        grid: Further T³ settings by label (``model.grid``), computed from the same JS.
         merge_text: Merged models get their own text tower's zero-shot head; False keeps the pretrained head.
         samplewise: ``vectorized``, ``loop`` or ``auto`` (``prepare``'s rule: vectorized where the architecture
             allows it unless exact heads on CPU; the module may then time both with ``time_paths``).
@@ -67,6 +69,7 @@ class TCubeEngine(nn.Module):
         prompt_tokens: list[torch.Tensor],
         class_counts: list[int],
         mapping: LambdaMapping,
+        grid: dict[str, LambdaMapping] | None = None,
         merge_text: bool = True,
         samplewise: SampleWisePath = "auto",
         compile: bool = False,
@@ -83,6 +86,7 @@ class TCubeEngine(nn.Module):
             self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
         self.class_counts = list(class_counts)
         self.mapping, self.merge_text, self.samplewise, self.compile = mapping, merge_text, samplewise, compile
+        self.settings = {"": mapping, **(grid or {})}
         self.head_mode, self.head_tolerance = heads, head_tolerance
 
     # ------------------------------------------------------------------ set-up
@@ -153,23 +157,27 @@ class TCubeEngine(nn.Module):
     # ------------------------------------------------------------------ logits
     @torch.no_grad()
     def coefficients(self, images: torch.Tensor, class_set: int) -> BatchCoefficients:
-        """The pretrained and expert logits (one forward each, shared by every method), JS, λ and w."""
+        """The pretrained and expert logits (one forward each, shared by every method and setting), JS, and λ and w
+        of every T³ setting."""
         pt_logits = self.image_logits(self.store.pretrained, images, self.pt_heads[class_set])
         ft_logits = self.image_logits(self.store.expert, images, self.ft_heads[class_set])
         # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,
         # which would poison every merge it takes part in; such samples are counted and reported.
         finite = torch.isfinite(pt_logits).all(-1) & torch.isfinite(ft_logits).all(-1)
         js = torch.where(finite, self.mapping.js(pt_logits, ft_logits), 0.0)
-        lam = self.mapping.lambdas(js)
-        return BatchCoefficients(pt_logits, ft_logits, finite, js, lam, self.mapping.expert_weights(lam))
+        lambdas = {label: mapping.lambdas(js) for label, mapping in self.settings.items()}
+        weights = {label: self.settings[label].expert_weights(lam) for label, lam in lambdas.items()}
+        return BatchCoefficients(pt_logits, ft_logits, finite, js, lambdas, weights)
 
-    def context(self, images: torch.Tensor, batch: BatchCoefficients, class_set: int) -> BatchContext:
-        """What every method's ``predict`` receives for this batch."""
+    def context(
+        self, images: torch.Tensor, batch: BatchCoefficients, class_set: int, setting: str = ""
+    ) -> BatchContext:
+        """What every method's ``predict`` receives for this batch, with the T³ weights of ``setting``."""
         return BatchContext(
             images,
             batch.pt_logits,
             batch.ft_logits,
-            batch.weights,
+            batch.weights[setting],
             partial(self.merged_logits, class_set=class_set),
             partial(self.sample_merged_logits, class_set=class_set),
             partial(self.static_logits, class_set=class_set),

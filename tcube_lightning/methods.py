@@ -8,7 +8,7 @@ means adding one entry to ``build_methods``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
@@ -108,6 +108,10 @@ class Method:
     the zero-shot heads are interpolated over)."""
     per_sample: bool = False
     """Merges per sample (through ``sample_merged_logits``): the methods the sample-wise path serves."""
+    merge_weights: Callable[[BatchContext], torch.Tensor] | None = None
+    """Dynamic methods of one pass: the expert weight each sample of the batch is merged with."""
+    setting: str = ""
+    """Methods merging with T³'s weights: the T³ setting, ``""`` the run's own or a ``model.grid`` label."""
 
     @property
     def is_static(self) -> bool:
@@ -135,20 +139,24 @@ def confidence_selection(ctx: BatchContext) -> torch.Tensor:
     return torch.where((c_ft > c_pt).unsqueeze(-1), ctx.ft_logits.float(), ctx.pt_logits.float())
 
 
-def per_sample_merge(ctx: BatchContext) -> torch.Tensor:
-    """Each sample through the model merged with its own T³ weight."""
-    return ctx.sample_merged_logits(ctx.images, ctx.t3_weights)
-
-
 def batch_merge(ctx: BatchContext) -> torch.Tensor:
     """The whole batch through one model merged with the batch's mean T³ weight (T³_B)."""
     return ctx.merged_logits(ctx.images, float(batch_coefficient(ctx.t3_weights)))
 
 
-def _sample_wise(
-    coefficient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> Callable[[BatchContext], torch.Tensor]:
-    return lambda ctx: ctx.sample_merged_logits(ctx.images, coefficient(ctx.pt_logits, ctx.ft_logits))
+def batch_weights(ctx: BatchContext) -> torch.Tensor:
+    """T³_B's weight, the batch's mean, for every sample of the batch."""
+    return batch_coefficient(ctx.t3_weights).expand(len(ctx.t3_weights))
+
+
+def _sample_wise(weights: Callable[[BatchContext], torch.Tensor]) -> dict:
+    """A method merging each sample with its own weight ``weights(ctx)[i]``: its ``Method`` fields."""
+    predict = lambda ctx: ctx.sample_merged_logits(ctx.images, weights(ctx))  # noqa: E731
+    return {"predict": predict, "merge_weights": weights, "per_sample": True}
+
+
+def _ratio(coefficient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[BatchContext], torch.Tensor]:
+    return lambda ctx: coefficient(ctx.pt_logits, ctx.ft_logits)
 
 
 def m3_weight(seed: int) -> float:
@@ -196,17 +204,16 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
         Method("m3", "m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})",
                "M³ Mixup Model Merge (Zhou et al., 2025)",
                static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3)),
-        Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, per_sample_merge,
-               weight_source="t3", per_sample=True),
+        Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, weight_source="t3",
+               **_sample_wise(lambda ctx: ctx.t3_weights)),
         Method("t3_batch", "t3_batch", "T³_B: one merge per batch at the batch's mean λ", T3, batch_merge,
-               weight_source="t3"),
+               weight_source="t3", merge_weights=batch_weights),
         Method("dawin", "dawin", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})", DAWIN,
-               _sample_wise(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft)), weight_source="ratio",
-               per_sample=True),
+               weight_source="ratio", **_sample_wise(_ratio(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft)))),
         Method("maxconf", "maxconf", "per-sample merge, max-confidence ratio", f"a variant in {DAWIN}",
-               _sample_wise(max_confidence_ratio), weight_source="ratio", per_sample=True),
+               weight_source="ratio", **_sample_wise(_ratio(max_confidence_ratio))),
         Method("xent", "xent", "per-sample merge, X-entropy ratio (ensemble pseudo labels)", f"a variant in {DAWIN}",
-               _sample_wise(cross_entropy_ratio), weight_source="ratio", per_sample=True),
+               weight_source="ratio", **_sample_wise(_ratio(cross_entropy_ratio))),
         Method("t3_cluster", "t3_cluster", "T³ weights grouped by a Beta mixture, one merge per component",
                f"{T3} with the Beta-mixture clustering of {DAWIN}", coefficient=lambda pt, ft, t3: t3,
                weight_source="t3"),
@@ -217,6 +224,18 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
                weight_source="ratio"),
     ]  # fmt: skip
     return {m.name: m for m in methods}
+
+
+def with_grid(methods: dict[str, Method], labels: list[str]) -> dict[str, Method]:
+    """``methods`` with, after each one that merges with T³'s weights, a copy per ``model.grid`` setting, named
+    ``t3[gamma=4]``: the same method on that setting's weights."""
+    expanded = {}
+    for name, method in methods.items():
+        expanded[name] = method
+        for label in labels if method.weight_source == "t3" else ():
+            copy = f"{name}[{label}]"
+            expanded[copy] = replace(method, name=copy, description=f"{method.description} ({label})", setting=label)
+    return expanded
 
 
 METHOD_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in build_methods().values()))

@@ -48,13 +48,18 @@ PER_SAMPLE_STATES = (MulticlassAUROC, ExactCalibrationError, NegativeLogLikeliho
 tensors, so that every process takes part in the gather."""
 
 
+def gather_objects(value: object) -> list:
+    """Every process's ``value``, in rank order (``[value]`` without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, value)
+    return parts
+
+
 def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
     """Every process's ``values`` concatenated in rank order (the tensor itself without DDP)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, values.cpu())
-    return torch.cat(parts)
+    return torch.cat(gather_objects(values.cpu())).to(values.device)
 
 
 def split_metrics(num_classes: int, labels) -> MetricCollection:  # noqa: ANN001 - array-like

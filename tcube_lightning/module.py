@@ -11,32 +11,26 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import CatMetric, SumMetric
 
-from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture
+from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, T3Setting, fit_beta_mixture, grid_mappings
 from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
-from tcube_lightning.diagnostics import DecisionDiagnostics
-from tcube_lightning.engine import TCubeEngine
+from tcube_lightning.diagnostics import decision_diagnostics
+from tcube_lightning.engine import BatchCoefficients, TCubeEngine
 from tcube_lightning.errors import InputError
-from tcube_lightning.methods import METHOD_FAMILIES, BaselineSettings, build_methods
+from tcube_lightning.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
-from tcube_lightning.models import (
-    check_architecture,
-    check_preprocessing,
-    checkpoint_kind,
-    load_clip,
-    register_model_config,
-    tokenize_prompts,
-)
+from tcube_lightning.models import check_preprocessing, load_clip, tokenize_prompts
+from tcube_lightning.options import check_model_files, check_run_options, method_families
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.report import (
     RunReport,
-    lambda_statistics,
+    coefficient_statistics,
     load_previous,
     log_batch_coefficients,
     mixture_summary,
 )
-from tcube_lightning.results import check_results_dir, jsonable
+from tcube_lightning.results import jsonable
+from tcube_lightning.samples import SampleTable, lambda_column, prediction_columns
 from tcube_lightning.splitnames import is_corrupted
 
 quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
@@ -64,6 +58,9 @@ class TCubeModule(L.LightningModule):
         lambda_weights: Which model λ weights: ``expert`` (default, w_expert = λ: T³'s Figure 4 and the DaWin
             code it reuses) or ``pretrained`` (w_expert = 1 − λ: the reading of T³'s abstract).
         js_base: Logarithm base of JS; None for natural log (range [0, ln 2]), 2 for bits (range [0, 1]).
+        grid: Further T³ settings (gamma, lambda_min, lambda_max, lambda_weights; unset fields keep the run's),
+            evaluated on the same batches and pretrained and expert forwards: each gives columns of its own for
+            the methods merging with T³'s weights, e.g. ``t3[gamma=4]``, ``t3_batch[gamma=4]``.
         merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
             reference code does). False keeps the pretrained model's head for every merged model: much
             cheaper, and right for experts whose text tower was not fine-tuned.
@@ -88,7 +85,9 @@ class TCubeModule(L.LightningModule):
         head_tolerance: The largest change of a logit interpolated heads may cause (checked against direct
             text passes at seeded points; the node count grows until it holds, else exact heads are used).
         diagnose_extremes: With T³, count prediction flips between the models at λ_min and λ_max: two more merged
-            forwards per batch, about 2 % of the demo's full evaluation (benchmarks/bench_demo.py).
+            forwards per batch, about 10 % of the demo's full evaluation (benchmarks/bench_demo.py).
+        export_samples: Write each split's per-sample values to results_dir/samples/<split>.npz: index, label, JS,
+            λ per setting, each dynamic method's expert weight, each method's predicted class and its probability.
     """
 
     def __init__(
@@ -105,6 +104,7 @@ class TCubeModule(L.LightningModule):
         gamma: float = 0.5,
         lambda_weights: LambdaWeights = "expert",
         js_base: float | None = None,
+        grid: list[T3Setting] | None = None,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
         compile: bool = False,
@@ -118,32 +118,17 @@ class TCubeModule(L.LightningModule):
         heads: Literal["interpolated", "exact"] = "interpolated",
         head_tolerance: float = 1e-4,
         diagnose_extremes: bool = True,
+        export_samples: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged at the end, with the final metrics
         self.mapping = LambdaMapping(lambda_min, lambda_max, gamma, lambda_weights, js_base)
-        if resume and results_dir is None:
-            raise InputError("model.resume needs model.results_dir: the folder whose results.json to continue")
-        if results_dir is not None:
-            check_results_dir(results_dir, resume, overwrite)
-        if clusters < 1:
-            raise InputError(f"model.clusters must be >= 1, got {clusters}")
-        if heads not in ("interpolated", "exact") or head_tolerance <= 0:
-            raise InputError(f"model.heads {heads!r} (interpolated or exact) or head_tolerance {head_tolerance} (> 0)")
-        if samplewise not in ("auto", "vectorized", "loop"):
-            raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
-        methods = [methods] if isinstance(methods, str) else methods  # `--model.methods t3`: one family
-        unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
-        if unknown:
-            raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
-        if model_config is not None:
-            register_model_config(model_config)
-        check_architecture(arch)
-        for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
-            checkpoint_kind(arch, path, f"model.{field}")
-        self.method_families = list(methods or METHOD_FAMILIES)
+        self.grid = grid_mappings(self.mapping, list(grid or []))
+        check_run_options(resume, results_dir, overwrite, clusters, heads, head_tolerance, samplewise)
+        self.method_families = method_families(methods)
+        check_model_files(arch, model_config, pretrained_checkpoint, expert_checkpoint)
         self.baselines = baselines
-        names = [n for n, m in build_methods(baselines, arch).items() if m.family in self.method_families]
+        names = [n for n, m in self._all_methods().items() if m.family in self.method_families]
         if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
             rank_zero_warn(
                 f"model.mce_reference: {mce_reference!r} is not among the evaluated methods {names}; corrupted "
@@ -159,8 +144,12 @@ class TCubeModule(L.LightningModule):
         data = self.trainer.datamodule
         hp = self.hparams
         # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.
-        families = set(self.method_families)
-        self.methods = {n: m for n, m in build_methods(self.baselines, hp.arch).items() if m.family in families}
+        families, every = set(self.method_families), self._all_methods()
+        self.methods = {n: m for n, m in every.items() if m.family in families}
+        # Per-sample weights kept for the analysis whether evaluated or not (cheap: the shared forwards give them).
+        self.weight_methods = {
+            n: m for n, m in every.items() if m.merge_weights and (m.per_sample or m.family in families)
+        }
         self.all_split_names = data.split_names
         run_keys = {k: v for k, v in hp.items() if k[0] != "_" and k not in ("resume", "overwrite")}
         self.run_config = jsonable({"model": run_keys, "data": data.hparams})
@@ -171,7 +160,7 @@ class TCubeModule(L.LightningModule):
         if not self.split_names:  # resuming a finished run: Lightning runs no hook without a split, report here
             rank_zero_info(f"Every split is already in {hp.results_dir}/results.json: nothing left to evaluate.")
             if self.trainer.is_global_zero:
-                self._new_report(Path(hp.results_dir)).finish(self.logger, hp.plots, self._spread_threshold())
+                self._new_report(Path(hp.results_dir)).finish(self.logger, hp.plots, self._lambda_spread())
             return
         self._check_data_fits(data)
         # Splits can differ in their classes (base-to-novel): one prompt set, and head, per class list.
@@ -185,6 +174,7 @@ class TCubeModule(L.LightningModule):
             [tokenize_prompts(hp.arch, list(names), data.templates) for names in class_sets],
             self.class_counts,
             self.mapping,
+            self.grid,
             hp.merge_text,
             hp.samplewise,
             hp.compile,
@@ -200,12 +190,13 @@ class TCubeModule(L.LightningModule):
                 for name in self.methods
             }
         )
-        # Every sample's λ (gathered from all processes): exact, order-free statistics and the λ plots.
-        # Per-sample JS lives in the diagnostics, which need it per quadrant.
-        self.lambda_values = nn.ModuleDict({split: CatMetric() for split in self.split_names})
-        self.sample_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
-        self.nonfinite_counts = nn.ModuleDict({split: SumMetric() for split in self.split_names})
-        self.diagnostics = nn.ModuleDict({split: DecisionDiagnostics() for split in self.split_names})
+        # Every sample's values (gathered from all processes at the split's end): exact, order-free statistics,
+        # the quadrants, the analysis figures and the export.
+        self.tables = {split: SampleTable() for split in self.split_names}
+
+    def _all_methods(self) -> dict:
+        """Every method with the ``model.grid`` copies, evaluated or not."""
+        return with_grid(build_methods(self.baselines, self.hparams.arch), list(self.grid))
 
     def _check_data_fits(self, data: L.LightningDataModule) -> None:
         """What only the data and the model settings together can tell, checked before any model loads."""
@@ -226,7 +217,8 @@ class TCubeModule(L.LightningModule):
         self.batches_seen = dict.fromkeys(self.split_names, 0)
         self.cost = CostMeter(self.device)
         self.clustered = {n: m for n, m in self.methods.items() if m.is_clustered}
-        self.cluster_cache = {s: {"pt": [], "ft": [], "t3": []} for s in self.split_names}
+        cached = ("index", "pt", "ft", *self.engine.settings)  # the settings' T³ weights, by label
+        self.cluster_cache = {s: {key: [] for key in cached} for s in self.split_names}
         self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
         self.finished_splits = 0
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
@@ -255,19 +247,19 @@ class TCubeModule(L.LightningModule):
     def _new_report(self, results_dir: Path) -> RunReport:
         descriptions = {m.name: m.description for m in self.methods.values()}
         settings = (self.all_split_names, descriptions, self.run_config, self.hparams.mce_reference, self.previous)
-        return RunReport(results_dir, *settings)
+        return RunReport(results_dir, *settings, export=self.hparams.export_samples)
 
     def _weight_range(self) -> tuple[float, float] | None:
         """The expert weights the dynamic methods can merge at (a little wider, for float32 rounding of λ)."""
-        ranges = [self.mapping.weight_range() if m.weight_source == "t3" else (0.0, 1.0)
+        ranges = [self.engine.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
                   for m in self.methods.values() if m.weight_source is not None]  # fmt: skip
         if not ranges:
             return None
         return min(low for low, _ in ranges) - 1e-6, max(high for _, high in ranges) + 1e-6
 
-    def _spread_threshold(self) -> float | None:
-        """The λ-spread warning's threshold where T³ is evaluated, else None (no warning)."""
-        return self.hparams.min_lambda_spread if "t3" in self.methods else None
+    def _lambda_spread(self) -> tuple[float, tuple[float, float]] | None:
+        """The λ-spread warning's threshold and λ's reachable range where T³ is evaluated, else None (no warning)."""
+        return (self.hparams.min_lambda_spread, self.mapping.lambda_range()) if "t3" in self.methods else None
 
     # ------------------------------------------------------------------ steps
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -277,33 +269,44 @@ class TCubeModule(L.LightningModule):
         class_set = self.split_class_set[split]
         with self.cost.measure(SHARED, len(labels)):
             shared = self.engine.coefficients(images, class_set)
-        ctx = self.engine.context(images, shared, class_set)
+        contexts = {label: self.engine.context(images, shared, class_set, label) for label in shared.weights}
+        columns = self._sample_columns(split, shared, contexts, labels)
         for name, method in self.methods.items():
             if not method.is_clustered:  # those predict in the second pass
                 with self.cost.measure(name, len(labels)):
-                    logits = method.logits(ctx)
-                self._update_metrics(split, name, logits, labels)
+                    logits = method.logits(contexts[method.setting])
+                columns |= self._update_metrics(split, name, logits, labels)
         if self.clustered:
-            for key, values in (("pt", shared.pt_logits), ("ft", shared.ft_logits), ("t3", shared.weights)):
+            for key, values in {"index": columns["index"], "pt": shared.pt_logits, "ft": shared.ft_logits,
+                                **shared.weights}.items():  # fmt: skip
                 self.cluster_cache[split][key].append(values.detach())
-        self.sample_counts[split].update(torch.tensor(float(len(labels)), device=images.device))
-        self.nonfinite_counts[split].update((~shared.finite).sum().float())
         with self.cost.measure(DIAGNOSTICS if self.engine.extreme_weights else None, len(labels)):
             extremes = self.engine.extreme_predictions(images, class_set)
-        self.diagnostics[split].update(shared.pt_logits, shared.ft_logits, labels, shared.js, extremes)
-        self._record_coefficients(split, shared.js, shared.lam)
+        if extremes is not None:
+            columns["flip"] = extremes[0] != extremes[1]
+        self.tables[split].add(columns)
 
-    def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.metrics[self._key(split, method)].update(logits.float().softmax(-1), labels)
+    def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Into the method's metrics; returns its prediction columns where the samples are exported."""
+        probs = logits.float().softmax(-1)
+        self.metrics[self._key(split, method)].update(probs, labels)
+        return prediction_columns(method, probs) if self.hparams.export_samples else {}
 
-    def _record_coefficients(self, split: str, js: torch.Tensor, lam: torch.Tensor) -> None:
-        """Keep every sample's λ for the results and log this batch's λ and JS to the logger."""
-        self.lambda_values[split].update(lam.detach())
+    def _sample_columns(self, split: str, shared: BatchCoefficients, contexts: dict, labels: torch.Tensor) -> dict:
+        """This batch's per-sample columns (``samples.py``) from the shared forwards; logs its λ and JS."""
         # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
         step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
         self.batches_seen[split] += 1
+        lambdas = {lambda_column(label): lam for label, lam in shared.lambdas.items()}
         if self.logger is not None:
-            log_batch_coefficients(self.logger, split, step, {"lambda": lam, "js": js}, self.trainer.is_global_zero)
+            log_batch_coefficients(self.logger, split, step, {**lambdas, "js": shared.js}, self.trainer.is_global_zero)
+        index = step * self.trainer.datamodule.batch_size + torch.arange(len(labels), device=labels.device)
+        columns = {"index": index, "label": labels, "finite": shared.finite, "js": shared.js, **lambdas}
+        for name, method in self.weight_methods.items():
+            columns[f"w/{name}"] = method.merge_weights(contexts[method.setting])
+        for name, logits in (("zeroshot", shared.pt_logits), ("expert", shared.ft_logits)):
+            columns |= prediction_columns(name, logits.float().softmax(-1))
+        return columns
 
     # ------------------------------------------------------------- split ends
     def _clustered_pass(self, index: int) -> None:
@@ -312,14 +315,14 @@ class TCubeModule(L.LightningModule):
         component. Pass 1's pretrained and expert forwards are not repeated."""
         split = self.split_names[index]
         cache = {key: torch.cat(values) for key, values in self.cluster_cache[split].items()}
-        local_rows = gather_from_all_ranks(torch.tensor([len(cache["t3"])]))
+        local_rows = gather_from_all_ranks(torch.tensor([len(cache["pt"])]))
         start = int(local_rows[: self.global_rank].sum())
         everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
         assignments, means = {}, {}
         for name, method in self.clustered.items():
-            coefficients = method.coefficient(everything["pt"], everything["ft"], everything["t3"])
+            coefficients = method.coefficient(everything["pt"], everything["ft"], everything[method.setting])
             mixture = fit_beta_mixture(coefficients, self.hparams.clusters)
-            local = coefficients[start : start + len(cache["t3"])]
+            local = coefficients[start : start + len(cache["pt"])]
             assignments[name] = mixture.assign(local).to(self.device)
             means[name] = [float(m) for m in mixture.means]
             self.cluster_summaries[split][name] = mixture_summary(mixture)
@@ -327,21 +330,23 @@ class TCubeModule(L.LightningModule):
                 rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
         # Under the trainer's precision (e.g. bf16 autocast), like test_step: this pass may run from an epoch hook.
         with self.trainer.precision_plugin.test_step_context():
-            self._clustered_predictions(index, assignments, means)
+            self._clustered_predictions(index, assignments, means, cache["index"])
 
-    def _clustered_predictions(self, index: int, assignments: dict, means: dict) -> None:
-        """Every local sample through the model merged at its component's mean, and into the metrics."""
+    def _clustered_predictions(self, index: int, assignments: dict, means: dict, sample_index: torch.Tensor) -> None:
+        """Every local sample through the model merged at its component's mean, into the metrics and the table."""
         split = self.split_names[index]
         class_set = self.split_class_set[split]
         offset = 0
         for batch in self.trainer.test_dataloaders[index]:
             images, labels = self.transfer_batch_to_device(batch, self.device, index)
             rows = slice(offset, offset + len(labels))
+            columns = {"index": sample_index[rows]}
             for name in self.clustered:
                 weights = torch.tensor(means[name], device=self.device)[assignments[name][rows]]
                 with self.cost.measure(name, len(labels)):
                     logits = self.engine.grouped_logits(images, weights, class_set)
-                self._update_metrics(split, name, logits, labels)
+                columns |= {f"w/{name}": weights} | self._update_metrics(split, name, logits, labels)
+            self.tables[split].add(columns)
             offset += len(labels)
 
     def _finish_splits_before(self, index: int) -> None:
@@ -360,9 +365,8 @@ class TCubeModule(L.LightningModule):
             for metric in self.metrics[self._key(split, name)].values():
                 if isinstance(metric, PER_SAMPLE_STATES):
                     metric.update(no_logits, no_labels)
-        for key, empty in (("pt", no_logits), ("ft", no_logits), ("t3", no_logits.new_empty(0))):
-            self.cluster_cache[split][key].append(empty)
-        self.diagnostics[split].update(no_logits, no_logits, no_labels, no_logits.new_empty(0))
+        for key, values in self.cluster_cache[split].items():
+            values.append(no_logits if key in ("pt", "ft") else no_labels if key == "index" else no_logits.new_empty(0))
 
     def _finish_split(self, index: int) -> None:
         """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
@@ -374,26 +378,22 @@ class TCubeModule(L.LightningModule):
         metrics = {
             m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
         }
-        lam = self.lambda_values[split].compute()
-        diagnostics = self.diagnostics[split].compute()
-        js_mean = diagnostics.pop("js_mean")
-        if not self.engine.extreme_weights:  # not measured without T³
-            del diagnostics["flips_between_lambda_extremes"]
+        table = self.tables[split].gather()
         record = {
             "accuracy": {m: values["top1"] for m, values in metrics.items()},
             "metrics": metrics,
-            "coefficients": {**lambda_statistics(lam), "js_mean": js_mean},
-            "diagnostics": diagnostics,
-            "num_samples": int(self.sample_counts[split].compute()),
-            "nonfinite_samples": int(self.nonfinite_counts[split].compute()),
+            "coefficients": coefficient_statistics(table, list(self.grid)),
+            "diagnostics": decision_diagnostics(table),
+            "num_samples": len(table["index"]),
+            "nonfinite_samples": int((~table["finite"]).sum()),
             "clusters": self.cluster_summaries[split],
             "classnames": self.split_classnames[split],
         }
         if self.trainer.is_global_zero:
-            self.report.add_split(split, record, lam.cpu().numpy())
+            self.report.add_split(split, record, table)
 
     def on_test_epoch_end(self) -> None:
         """Finish the last split(s), then report on rank 0."""
         self._finish_splits_before(len(self.split_names))
         if self.trainer.is_global_zero:
-            self.report.finish(self.logger, self.hparams.plots, self._spread_threshold(), self.cost.table())
+            self.report.finish(self.logger, self.hparams.plots, self._lambda_spread(), self.cost.table())

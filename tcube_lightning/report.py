@@ -19,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tcube_lightning.coefficients import BetaMixture
 from tcube_lightning.console import print_summary
 from tcube_lightning.cost import SHARED
-from tcube_lightning.diagnostics import lambda_spread_warning
+from tcube_lightning.diagnostics import lambda_spread_warning, mean
 from tcube_lightning.errors import InputError
-from tcube_lightning.plots import close_figures, run_figures, save_figures
+from tcube_lightning.plots import render_figures, run_figures, save_images
 from tcube_lightning.results import (
     corruption_errors,
     npz_bytes,
@@ -30,6 +30,7 @@ from tcube_lightning.results import (
     write_results,
     write_summary,
 )
+from tcube_lightning.samples import flatten_tables, is_analysis_column, lambda_column, read_tables
 
 SPLIT_RECORD_KEYS = (
     "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters", "classnames",
@@ -37,11 +38,21 @@ SPLIT_RECORD_KEYS = (
 """What results.json holds per split, each key mapping split → value."""
 
 
-def lambda_statistics(lam: torch.Tensor) -> dict[str, float]:
-    """Range and mean of a split's λ. ``math.fsum`` rounds the exact sum once, so the mean does not depend on
-    how the samples were spread over processes."""
+def lambda_statistics(lam: np.ndarray) -> dict[str, float]:
+    """Range, spread and mean of a split's λ. ``math.fsum`` rounds the exact sum once, so the mean does not depend
+    on how the samples were spread over processes."""
     values = lam.flatten().tolist()
-    return {"lambda_min": min(values), "lambda_max": max(values), "lambda_mean": math.fsum(values) / len(values)}
+    low, high = min(values), max(values)
+    mean_value = math.fsum(values) / len(values)
+    return {"lambda_min": low, "lambda_max": high, "lambda_spread": high - low, "lambda_mean": mean_value}
+
+
+def coefficient_statistics(table: dict[str, np.ndarray], grid: list[str]) -> dict:
+    """A split's λ statistics and mean JS; with ``grid``, under "grid" those of each ``model.grid`` setting."""
+    statistics = {**lambda_statistics(table["lambda"]), "js_mean": mean(table["js"])}
+    if grid:
+        statistics["grid"] = {label: lambda_statistics(table[lambda_column(label)]) for label in grid}
+    return statistics
 
 
 def mixture_summary(mixture: BetaMixture) -> dict:
@@ -89,8 +100,8 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
-    """For resume: the split records (and per-sample λ, for the plots) of an earlier run with the same numbers-
-    relevant configuration, from results.json and lambdas.npz in ``results_dir``."""
+    """For resume: the split records (and per-sample tables, for the plots) of an earlier run with the same
+    numbers-relevant configuration, from results.json and analysis.npz in ``results_dir``."""
     path = Path(results_dir) / "results.json"
     if not path.is_file():
         return {}
@@ -109,28 +120,24 @@ def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
         )
     done = list(previous["accuracy"])
     rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {done}")
-    lambdas = read_lambdas(Path(results_dir) / LAMBDAS_FILE)
-    return {split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, lambdas.get(split))
+    tables = read_tables(Path(results_dir) / ANALYSIS_FILE)
+    return {split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, tables.get(split))
             for split in done}  # fmt: skip
 
 
-LAMBDAS_FILE = "lambdas.npz"
-"""Every finished split's per-sample λ, beside results.json: the plots of a resumed run cover every split."""
-
-
-def read_lambdas(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        return {}
-    with np.load(path) as arrays:
-        return {name: arrays[name] for name in arrays.files}
+ANALYSIS_FILE = "analysis.npz"
+"""Every finished split's per-sample analysis columns (``samples.is_analysis_column``), beside results.json: the
+plots of a resumed run cover every split."""
+EXPORT_FOLDER = "samples"
+"""With ``model.export_samples``: one npz per split, every per-sample column (``samples.py``)."""
 
 
 class Previous(dict):
-    """A split record read back for resume, with the split's per-sample λ (None if lambdas.npz lacked it)."""
+    """A split record read back for resume, with the split's per-sample table (None if analysis.npz lacked it)."""
 
-    def __init__(self, record: dict, lambdas: np.ndarray | None) -> None:
+    def __init__(self, record: dict, table: dict[str, np.ndarray] | None) -> None:
         super().__init__(record)
-        self.lambdas = lambdas
+        self.table = table
 
 
 class RunReport:
@@ -143,6 +150,7 @@ class RunReport:
         run_config: The run's configuration, stored in results.json (and compared on resume).
         mce_reference: The method whose errors normalise CE and mCE.
         previous: Records of the splits an earlier run finished (resume).
+        export: Write every split's per-sample table to ``samples/<split>.npz``.
     """
 
     def __init__(
@@ -153,19 +161,23 @@ class RunReport:
         run_config: dict,
         mce_reference: str,
         previous: dict[str, dict] | None = None,
+        export: bool = False,
     ) -> None:
         self.results_dir, self.split_order, self.methods = results_dir, split_order, methods
         self.run_config, self.mce_reference = run_config, mce_reference
         self.records: dict[str, dict] = dict(previous or {})
         self.details: dict[str, Any] = {}
         """Run-level facts for results.json (e.g. how the zero-shot heads were computed)."""
-        self.lambdas = {s: r.lambdas for s, r in (previous or {}).items() if getattr(r, "lambdas", None) is not None}
+        self.tables = {s: r.table for s, r in (previous or {}).items() if getattr(r, "table", None) is not None}
+        self.export = export
 
-    def add_split(self, split: str, record: dict[str, Any], lambdas: np.ndarray) -> None:
-        """A split is finished: keep its record and per-sample λ and rewrite the results files (atomically), so
-        that an interrupted run keeps every split it finished."""
+    def add_split(self, split: str, record: dict[str, Any], table: dict[str, np.ndarray]) -> None:
+        """A split is finished: keep its record and per-sample analysis columns, write its per-sample export if
+        asked, and rewrite the results files (atomically), so that an interrupted run keeps every split it finished."""
         self.records[split] = record
-        self.lambdas[split] = lambdas
+        self.tables[split] = {name: values for name, values in table.items() if is_analysis_column(name)}
+        if self.export:
+            write_atomic(self.results_dir / EXPORT_FOLDER / f"{split}.npz", npz_bytes(table))
         self.write()
 
     def results(self) -> dict[str, Any]:
@@ -187,8 +199,8 @@ class RunReport:
         results = self.results()
         paths = write_results(self.results_dir, results)
         write_summary(self.results_dir, self.summary_rows(results))
-        order = [s for s in self.split_order if s in self.lambdas]
-        write_atomic(self.results_dir / LAMBDAS_FILE, npz_bytes({s: self.lambdas[s] for s in order}))
+        order = [s for s in self.split_order if s in self.tables]
+        write_atomic(self.results_dir / ANALYSIS_FILE, npz_bytes(flatten_tables({s: self.tables[s] for s in order})))
         return paths
 
     @staticmethod
@@ -196,11 +208,16 @@ class RunReport:
         return summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
 
     def finish(
-        self, logger: Logger | None, plots: bool, min_lambda_spread: float | None, cost: dict | None = None
+        self,
+        logger: Logger | None,
+        plots: bool,
+        lambda_spread: tuple[float, tuple[float, float]] | None,
+        cost: dict | None = None,
     ) -> None:
-        """The end of the run: final metrics to the logger, warnings, plots (λ histograms of every split with
-        per-sample λ, a resumed run's earlier splits included), what each method cost (``cost``: cost.json, the
-        logger, a column of the table), the console table. ``min_lambda_spread`` None skips the λ-spread check."""
+        """The end of the run: final metrics to the logger, warnings, plots (those per split for every split with a
+        per-sample table, a resumed run's earlier splits included), what each method cost (``cost``: cost.json, the
+        logger, a column of the table), the console table. ``lambda_spread``: the λ-spread warning's threshold and
+        the λ range the settings allow; None skips that check."""
         results = self.results()
         if logger is not None:
             log_final_metrics(logger, results["metrics"], self.run_config)
@@ -217,13 +234,13 @@ class RunReport:
                 f"non-finite logits from the pretrained or expert model for {sum(affected.values())} sample(s) "
                 f"(per split: {affected}); their JS was set to 0. Check the inputs and checkpoints."
             )
-        if min_lambda_spread is not None:
-            warning = lambda_spread_warning(results["coefficients"], min_lambda_spread)
+        if lambda_spread is not None:
+            warning = lambda_spread_warning(results["coefficients"], *lambda_spread)
             if warning:
                 rank_zero_warn(warning)
         if plots:
-            lambdas = {s: self.lambdas[s] for s in results["accuracy"] if s in self.lambdas}
-            plot(self.results_dir / "plots", logger, results["accuracy"], lambdas)
+            tables = {s: self.tables[s] for s in results["accuracy"] if s in self.tables}
+            plot(self.results_dir / "plots", logger, results["accuracy"], tables, results["diagnostics"])
         print_summary(rows, "Top-1 accuracy (%)")
         if cost and SHARED in cost:
             rank_zero_info(
@@ -265,12 +282,15 @@ def log_final_metrics(logger: Logger, metrics: dict[str, dict[str, dict[str, flo
 
 
 def plot(
-    folder: Path, logger: Logger | None, accuracy: dict[str, dict[str, float]], lambdas: dict[str, np.ndarray]
+    folder: Path,
+    logger: Logger | None,
+    accuracy: dict[str, dict[str, float]],
+    tables: dict[str, dict[str, np.ndarray]],
+    diagnostics: dict[str, dict],
 ) -> None:
-    """PNG files in ``folder``, and the same figures as TensorBoard images."""
-    figures = run_figures(accuracy, lambdas)
-    save_figures(folder, figures)
+    """PNG files in ``folder``, and the same images in TensorBoard."""
+    images = render_figures(run_figures(accuracy, tables, diagnostics))
+    save_images(folder, images)
     if isinstance(logger, TensorBoardLogger):
-        for stem, figure in figures.items():
-            logger.experiment.add_figure(f"plots/{stem}", figure, close=False)
-    close_figures(figures)
+        for stem, image in images.items():
+            logger.experiment.add_image(f"plots/{stem}", image, dataformats="HWC")

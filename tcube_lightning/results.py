@@ -38,9 +38,9 @@ def write_atomic(path: str | Path, text: str | bytes) -> None:
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """``arrays`` as the bytes of an npz file (for ``write_atomic``)."""
+    """``arrays`` as the bytes of a compressed npz file (for ``write_atomic``)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
 
 

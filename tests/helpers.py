@@ -3,6 +3,7 @@ line run in-process or in a subprocess, independent open_clip oracles, and the n
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -153,6 +154,7 @@ def cli_args(clip_pair, npz_root, out, *extra):
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--seed_everything=0",
+        "--model.plots=false",  # figures cost about a second per split: drawn only where a test looks at them
         *extra,
     ]
 
@@ -172,19 +174,26 @@ def run_cli_subprocess(args, timeout=300):
     )
 
 
-def oracle_model(pt_sd: dict, ft_sd: dict, w: float, arch: str = ARCH) -> torch.nn.Module:
-    """A fresh open_clip model loaded from (1 − w)·θ_pt + w·θ_ft, the state_dict arithmetic written out by hand."""
-    model = open_clip.create_model(arch).eval()
+def oracle_model(pt_sd: dict, ft_sd: dict, w: float, arch: str = ARCH, reuse: bool = False) -> torch.nn.Module:
+    """An open_clip model loaded from (1 − w)·θ_pt + w·θ_ft, the state_dict arithmetic written out by hand: a fresh
+    one, or with ``reuse`` one kept per architecture (for immediate use: the next such call reloads it; creating
+    a model costs three times its forward)."""
+    model = _reused_model(arch) if reuse else open_clip.create_model(arch).eval()
     merged = {k: (1 - w) * pt_sd[k] + w * ft_sd[k] if pt_sd[k].is_floating_point() else pt_sd[k] for k in pt_sd}
     model.load_state_dict(merged)
     return model
+
+
+@functools.cache
+def _reused_model(arch: str) -> torch.nn.Module:
+    return open_clip.create_model(arch).eval()
 
 
 def oracle_logits(
     pt_sd: dict, ft_sd: dict, w: float, images: torch.Tensor, tokens: torch.Tensor, text_model=None
 ) -> torch.Tensor:
     """Zero-shot logits of ``oracle_model``; the class embeddings from ``text_model``'s text tower if given."""
-    model = oracle_model(pt_sd, ft_sd, w)
+    model = oracle_model(pt_sd, ft_sd, w, reuse=True)
     with torch.no_grad():
         text = (text_model or model).encode_text(tokens, normalize=True)
         text = text.reshape(len(CLASSNAMES), len(TEMPLATES), -1).mean(1)

@@ -33,6 +33,7 @@ from tcube_lightning.cli import main
 from tcube_lightning.coefficients import fit_beta_mixture
 from tcube_lightning.cost import DIAGNOSTICS, SHARED
 from tcube_lightning.methods import METHOD_FAMILIES, m3_weight
+from tcube_lightning.samples import read_tables
 from tcube_lightning.samplewise import per_sample_loop
 
 LAMBDA_ATOL = lambda_atol(GAMMA)
@@ -169,6 +170,7 @@ def test_normalisation_must_match_the_pretrained_tag(clip_pair, npz_root, tmp_pa
 def test_compiled_forwards_give_the_same_results(batch8_run, clip_pair, npz_root, tmp_path):
     extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.methods=[zeroshot, t3, t3_batch]")
     extra += ("--model.compile=true", "--model.samplewise=vectorized", '--data.sources={"a": "tiny_a.npz"}')
+    extra += ("--model.diagnose_extremes=false",)  # its merged forwards would add 5 s of compiling, nothing new
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
     for split in ("a",):  # one split: the compiled functions are the same for every split
         for method in ("zeroshot", "t3", "t3_batch"):
@@ -331,17 +333,18 @@ def test_a_run_resumes_from_its_default_folder_given_by_a_relative_path(
     assert resumed["accuracy"]["a"] == {**full["accuracy"]["a"], "zeroshot": 0.123}
     assert resumed["accuracy"]["b"] == full["accuracy"]["b"] and resumed["clusters"] == full["clusters"]
     assert resumed["complete"] is True and resumed["missing_splits"] == []
-    with np.load(run_dir / "lambdas.npz") as lambdas:  # what the λ histograms of every split are drawn from
-        assert lambdas.files == ["a", "b"] and len(lambdas["b"]) == 21
+    tables = read_tables(run_dir / "analysis.npz")  # what the figures of every split are drawn from
+    assert list(tables) == ["a", "b"] and len(tables["b"]["lambda"]) == 21
     # Resuming the finished run evaluates nothing and still reports: the table, every split's plots.
     capsys.readouterr()
     (run_dir / "plots" / "lambda_histograms.png").unlink()
+    (run_dir / "plots" / "a" / "js_vs_dawin.png").unlink()
     main(cli_args(clip_pair, npz_root, tmp_path / "third", *extra, *resume))
     printed = capsys.readouterr()
     assert any("nothing left to evaluate" in record.getMessage() for record in caplog.records)
     assert "Top-1 accuracy" in printed.out
     assert "│ zeroshot" in printed.out and "12.30" in printed.out  # the marker, from the file
-    assert (run_dir / "plots" / "lambda_histograms.png").is_file()
+    assert (run_dir / "plots" / "lambda_histograms.png").is_file() and (run_dir / "plots/a/js_vs_dawin.png").is_file()
     # Another configuration must not be mixed into these results.
     other = cli_args(clip_pair, npz_root, tmp_path / "other", *extra, *resume, "--model.gamma=3")
     assert "written with another configuration (differs in ['model.gamma'])" in run_cli_expecting_error(other, capsys)
@@ -422,12 +425,18 @@ def bad(tmp_path_factory):
          "4 problems with the data:\n  - data file not found: {bad}/breastmnist_224.npz"),
         (["--model.resume=true", "--model.results_dir={bad}/malformed"],
          "model.resume: {bad}/malformed/results.json holds a list, not a tcube-lightning results object"),
+        (["--model.grid=[{{gamma: 4}}, {{gamma: -1}}]"], "model.grid[1] (gamma=-1): model.gamma must be >= 0"),
+        (["--model.grid=[{{}}]"], "model.grid[0] sets none of ['gamma', 'lambda_min', 'lambda_max', 'lambda_weights']"),
+        (["--model.grid=[{{gamma: 4}}, {{gamma: 4.0}}]"], "model.grid[1] repeats the setting 'gamma=4'"),
+        (["--model.grid=[{{lambda_weights: expert}}]"], "model.grid[0] (lambda_weights=expert) is the run's own"),
+        (["--model.grid=[{{gama: 4}}]"], "gama"),
     ],
     ids=["lambda-range", "unknown-method", "missing-data", "image-size", "gamma", "corrupt-checkpoint",
          "architecture-mismatch", "unknown-arch", "empty-split", "image-dtype",
          "labels-range", "unknown-modality", "unknown-corruption", "severity", "dare-drop", "clusters",
          "fractional-labels", "empty-hf-dataset", "empty-hf-folder", "not-a-checkpoint", "classnames-disagree",
-         "every-missing-file", "malformed-results"],
+         "every-missing-file", "malformed-results", "grid-gamma", "grid-empty", "grid-repeat", "grid-own",
+         "grid-unknown-field"],
 )  # fmt: skip
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
     extra = [o.format(bad=bad) for o in overrides]

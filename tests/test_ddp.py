@@ -1,6 +1,7 @@
-"""Two CPU processes (gloo) give the same results files as one, byte for byte: no sample counted twice, none
-dropped, the same batches (so batch-wise T³ is unchanged), a process with no batch of a split included, and
-on-the-fly corruptions seeded per sample.
+"""Two CPU processes (gloo) give the same results files as one, byte for byte, and the same per-sample tables
+(analysis and export) in the one-process order: no sample counted twice, none dropped, the same batches (so
+batch-wise T³ is unchanged), a process with no batch of a split included, and on-the-fly corruptions seeded per
+sample.
 
 The two-process runs go through the command line in a subprocess: DDP inside pytest re-launches pytest itself.
 """
@@ -8,9 +9,12 @@ The two-process runs go through the command line in a subprocess: DDP inside pyt
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import run_cli_in_process, run_cli_subprocess, write_medmnist_npz
+
+from tcube_lightning.samples import read_tables
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
 
@@ -30,7 +34,7 @@ def arguments(clip_pair, tmp_path_factory):
         "--data.size=28", "--data.image_size=28", "--data.corruption_source=on_the_fly", "--data.batch_size=3",
         "--data.corruptions=[speckle_noise, pixelate]", "--data.severities=[5]", '--data.sources={"few": "few.npz"}',
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--model.plots=false",
-        "--seed_everything=0",
+        "--seed_everything=0", "--model.grid=[{gamma: 4}]", "--model.export_samples=true",
     ]  # fmt: skip
 
 
@@ -48,6 +52,19 @@ def single(arguments, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+def read_table(path):
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def assert_tables_equal(tables, expected):
+    assert sorted(tables) == sorted(expected)
+    for split, table in expected.items():
+        assert list(tables[split]) == list(table) and len(table["index"]) > 0
+        for column, values in table.items():
+            np.testing.assert_array_equal(tables[split][column], values, err_msg=f"{split}: {column}")
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_two_processes_write_the_same_results_as_one(arguments, single, tmp_path, strategy):
     extra = ["--trainer.devices=2", f"--trainer.strategy={strategy}", f"--trainer.default_root_dir={tmp_path}"]
@@ -57,6 +74,11 @@ def test_two_processes_write_the_same_results_as_one(arguments, single, tmp_path
     assert len(files) == 1, files  # written once, by rank 0
     for name in RESULTS_FILES:
         assert (files[0].parent / name).read_bytes() == (single / name).read_bytes(), name
+    # Per-sample tables (npz files carry their write time, so compared by content): every split, every column.
+    exported = {path.stem: read_table(path) for path in (files[0].parent / "samples").glob("*.npz")}
+    assert set(exported) == {"in_domain", "speckle_noise@5", "pixelate@5", "few"}
+    assert_tables_equal(exported, {stem: read_table(single / "samples" / f"{stem}.npz") for stem in exported})
+    assert_tables_equal(read_tables(files[0].parent / "analysis.npz"), read_tables(single / "analysis.npz"))
     counts = json.loads((single / "results.json").read_text())["num_samples"]
     assert counts == {"in_domain": 8, "speckle_noise@5": 8, "pixelate@5": 8, "few": 3}
     assert result.stdout.count("Top-1 accuracy") + result.stderr.count("Top-1 accuracy") == 1

@@ -10,7 +10,7 @@ from helpers import REPO
 
 from tcube_lightning import demo
 from tcube_lightning.cli import main
-from tcube_lightning.methods import build_methods
+from tcube_lightning.methods import build_methods, with_grid
 
 
 def test_demo_config_matches_the_builder():
@@ -45,14 +45,16 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
             f"--data.root={first}",
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--model.plots=false",  # drawn and checked in test_protocol.py
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
     (results_file,) = (tmp_path / "runs").rglob("results.json")
     results = json.loads(results_file.read_text())
     assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
-    assert list(results["accuracy"]["shifted"]) == list(build_methods(arch=demo.ARCH))
+    assert list(results["accuracy"]["shifted"]) == list(with_grid(build_methods(arch=demo.ARCH), ["gamma=8"]))
     # the final table (rich): one row per method with both splits' top-1 in percent
     t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │ +\d+\.\d\d │", printed)  # then ms/img
     expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted")]
     assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]
+    assert "│ t3[gamma=8] " in printed  # the config's grid column, named as in results.json

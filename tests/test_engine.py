@@ -37,6 +37,7 @@ def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True, he
         [tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)],
         [len(CLASSNAMES)],
         LambdaMapping(gamma=GAMMA),
+        GRID,
         merge_text=merge_text,
         samplewise=samplewise,
         heads=heads,
@@ -47,6 +48,7 @@ def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True, he
 
 
 HEAD_TOLERANCE = 1e-4
+GRID = {"gamma=4,lambda_weights=pretrained": LambdaMapping(gamma=4.0, lambda_weights="pretrained")}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,12 @@ def test_coefficients_from_the_two_models(engine, setting):
     np.testing.assert_allclose(batch.js.numpy(), js, atol=JS_ATOL, rtol=0)
     lam = expit(GAMMA * js)  # λ_min 0, λ_max 1
     assert lam.max() - lam.min() > 0.05  # the pair disagrees enough for sample-wise merging to matter
-    np.testing.assert_allclose(batch.lam.numpy(), lam, atol=lambda_atol(GAMMA), rtol=0)
-    np.testing.assert_allclose(batch.weights.numpy(), batch.lam.numpy(), atol=0)  # λ weights the expert (default)
+    np.testing.assert_allclose(batch.lambdas[""].numpy(), lam, atol=lambda_atol(GAMMA), rtol=0)
+    np.testing.assert_array_equal(batch.weights[""].numpy(), batch.lambdas[""].numpy())  # λ weights the expert
+    # A grid setting from the same JS: γ = 4, λ weighting the generalist (w = 1 − λ).
+    (label,) = GRID
+    np.testing.assert_allclose(batch.lambdas[label].numpy(), expit(4.0 * js), atol=lambda_atol(4.0), rtol=0)
+    np.testing.assert_allclose(batch.weights[label].numpy(), 1 - expit(4.0 * js), atol=lambda_atol(4.0), rtol=0)
     assert batch.finite.all()
 
 

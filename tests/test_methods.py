@@ -10,11 +10,10 @@ from tcube_lightning.methods import (
     METHOD_FAMILIES,
     BaselineSettings,
     BatchContext,
-    batch_merge,
     build_methods,
     confidence_selection,
     output_ensemble,
-    per_sample_merge,
+    with_grid,
 )
 
 
@@ -54,12 +53,30 @@ def test_confidence_selection_takes_the_more_confident_model(logits):
 
 
 def test_t3_merges_per_sample_and_t3_batch_at_the_mean_weight(logits):
-    calls = []
-    ctx = context(*logits, weights=[0.1, 0.2, 0.3, 0.9, 0.5, 0.0], calls=calls)
-    per_sample_merge(ctx)
-    batch_merge(ctx)
-    assert calls[0] == ("sample", pytest.approx([0.1, 0.2, 0.3, 0.9, 0.5, 0.0]))
-    assert calls[1][0] == "merged" and calls[1][1] == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.9, 0.5, 0.0]))
+    calls, weights = [], [0.1, 0.2, 0.3, 0.9, 0.5, 0.0]
+    ctx = context(*logits, weights=weights, calls=calls)
+    methods = build_methods()
+    methods["t3"].logits(ctx)
+    methods["t3_batch"].logits(ctx)
+    assert calls[0] == ("sample", pytest.approx(weights))
+    assert calls[1][0] == "merged" and calls[1][1] == pytest.approx(np.mean(weights))
+    # The weights each sample was merged with, as the per-sample table records them.
+    np.testing.assert_array_equal(methods["t3"].merge_weights(ctx).numpy(), np.float32(weights))
+    batch_weights = methods["t3_batch"].merge_weights(ctx).numpy()
+    np.testing.assert_allclose(batch_weights, [np.mean(weights)] * 6, atol=rounding_atol(1.0), rtol=0)
+
+
+def test_the_grid_copies_every_method_merging_with_t3_weights_after_it():
+    methods = with_grid(build_methods(), ["gamma=4", "gamma=8,lambda_weights=pretrained"])
+    names = list(methods)
+    t3 = names.index("t3")
+    assert names[t3 : t3 + 3] == ["t3", "t3[gamma=4]", "t3[gamma=8,lambda_weights=pretrained]"]
+    copies = {n for n in names if "[" in n}
+    assert copies == {f"{m}[{s}]" for m in ("t3", "t3_batch", "t3_cluster")
+                      for s in ("gamma=4", "gamma=8,lambda_weights=pretrained")}  # fmt: skip
+    copy = methods["t3_batch[gamma=4]"]
+    assert copy.setting == "gamma=4" and copy.family == "t3_batch" and copy.predict is methods["t3_batch"].predict
+    assert methods["t3_batch"].setting == ""
 
 
 def test_registry_kinds_follow_from_what_each_method_defines(logits):

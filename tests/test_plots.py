@@ -2,7 +2,16 @@
 
 import numpy as np
 
-from tcube_lightning.plots import accuracy_heatmap, close_figures, lambda_histograms, run_figures, severity_curves
+from tcube_lightning.diagnostics import QUADRANTS, decision_diagnostics
+from tcube_lightning.plots import (
+    accuracy_heatmap,
+    analysis_figures,
+    close_figures,
+    lambda_histograms,
+    run_figures,
+    scatter_rows,
+    severity_curves,
+)
 
 ACCURACY = {
     "in_domain": {"zeroshot": 0.8, "t3": 0.9},
@@ -28,20 +37,64 @@ def test_heatmap_holds_every_method_and_split():
     close_figures({"heatmap": figure})
 
 
+def sample_table(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A split's per-sample analysis columns, random, every quadrant populated."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 2, count)
+    return {
+        "index": np.arange(count), "label": label, "js": rng.random(count) * np.log(2),
+        "lambda": rng.random(count), "w/t3": rng.random(count), "w/dawin": rng.random(count),
+        "w/xent": rng.random(count), "w/maxconf": rng.random(count),
+        "pred/zeroshot": np.where(rng.random(count) < 0.5, label, 1 - label), "prob/zeroshot": rng.random(count),
+        "pred/expert": np.where(rng.random(count) < 0.5, label, 1 - label), "prob/expert": rng.random(count),
+    }  # fmt: skip
+
+
 def test_lambda_histograms_count_every_sample_and_run_figures_names_them():
     lambdas = {"in_domain": np.linspace(0.4, 0.6, 50), "blur@1": np.full(7, 0.5)}  # a constant λ too
     figure = lambda_histograms(lambdas)
     counts = [sum(p.get_height() for p in ax.patches) for ax in figure.axes[:2]]
     assert counts == [50, 7]
-    figures = run_figures(ACCURACY, lambdas)
-    assert set(figures) == {"accuracy_heatmap", "lambda_histograms", "severity_blur"}
+    tables = {split: sample_table(len(values)) | {"lambda": values} for split, values in lambdas.items()}
+    figures = run_figures(ACCURACY, tables, {split: decision_diagnostics(table) for split, table in tables.items()})
+    per_split = {f"{s}/{name}" for s in lambdas for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}
+    assert set(figures) == {"accuracy_heatmap", "lambda_histograms", "severity_blur", *per_split}
     close_figures({**figures, "histograms": figure})
 
 
-def test_no_lambda_histogram_without_lambdas():
-    figures = run_figures(ACCURACY, {})
-    assert "lambda_histograms" not in figures
+def test_no_per_sample_figure_without_tables():
+    figures = run_figures(ACCURACY, {}, {})
+    assert set(figures) == {"accuracy_heatmap", "severity_blur"}
     close_figures(figures)
+
+
+def test_the_analysis_figures_draw_every_coefficient_and_each_quadrants_samples():
+    table = sample_table(120)
+    quadrants = decision_diagnostics(table)["quadrants"]
+    figures = analysis_figures("blur@1", table, quadrants)
+    histograms = figures["blur@1/coefficients"].axes
+    assert [ax.get_title() for ax in histograms] == ["t3", "dawin", "xent", "maxconf"]
+    assert all(sum(p.get_height() for p in ax.patches) == 120 for ax in histograms)  # every sample, each weight
+    pt_right, ft_right = table["pred/zeroshot"] == table["label"], table["pred/expert"] == table["label"]
+    rows = {"both wrong": ~pt_right & ~ft_right, "only expert right": ~pt_right & ft_right,
+            "only pretrained right": pt_right & ~ft_right, "both right": pt_right & ft_right}  # fmt: skip
+    confidence = (table["prob/zeroshot"] + table["prob/expert"]) / 2
+    for stem, y in (("js_vs_dawin", table["w/dawin"]), ("confidence_vs_js", confidence)):
+        panels = figures[f"blur@1/{stem}"].axes
+        for ax, name in zip(panels, QUADRANTS):
+            points = ax.collections[0].get_offsets()
+            np.testing.assert_array_equal(points, np.column_stack([table["js"], y])[rows[name]])
+            assert ax.get_title().startswith(f"{name}: n={int(rows[name].sum())}")
+    rho = quadrants["both right"]["pearson_js_dawin"]
+    assert figures["blur@1/js_vs_dawin"].axes[3].get_title().endswith(f"ρ={rho:.3f}")
+    close_figures(figures)
+
+
+def test_scatter_plots_of_large_splits_draw_a_seeded_subset():
+    assert scatter_rows(10, cap=20).tolist() == list(range(10))
+    drawn = scatter_rows(1000, cap=100, seed=0)
+    assert len(drawn) == 100 == len(set(drawn.tolist())) and (np.diff(drawn) > 0).all() and drawn.max() < 1000
+    np.testing.assert_array_equal(drawn, scatter_rows(1000, cap=100, seed=0))  # repeatable
 
 
 def test_severity_curves_tell_seventeen_methods_apart():

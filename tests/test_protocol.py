@@ -165,7 +165,7 @@ def test_each_modality_config_runs_end_to_end(clip_pair, tmp_path, modality):
         f"--data.root={tmp_path / 'data'}", "--data.size=28", "--data.image_size=28", "--data.num_workers=0",
         "--data.pin_memory=false", f"--data.corruptions=[{corruption}]", "--data.severities=[1, 2]",
         f"--trainer.default_root_dir={tmp_path / 'runs'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_progress_bar=false", "--model.plots=false",
     ]  # fmt: skip
     results, run_dir = run_cli_in_process(args)
     splits = ["in_domain", "base_to_novel", f"{corruption}@1", f"{corruption}@2"]
@@ -201,7 +201,7 @@ def test_on_the_fly_and_hf_sources_through_the_cli(clip_pair, tmp_path):
         f"--data.root={tmp_path}", "--data.modality=breast", "--data.splits=[in_domain, corrupted]",
         "--data.size=28", "--data.image_size=28", "--data.corruption_source=on_the_fly",
         "--data.corruptions=[speckle_noise]", "--data.severities=[5]", '--data.sources={"extra": "extra"}',
-        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false", "--model.plots=false",
     ]  # fmt: skip
     results, _ = run_cli_in_process(args)
     assert results["num_samples"] == {"in_domain": 8, "speckle_noise@5": 8, "extra": 7}
@@ -238,12 +238,15 @@ def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
         "test", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
         f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, expert, t3]",
         f"--data.root={tmp_path / 'data'}", "--data.modality=breast", "--data.size=28", "--data.image_size=28",
-        "--data.corruptions=[pixelate]", "--data.severities=[1, 2, 3]",
+        "--data.splits=[in_domain, corrupted]", "--data.corruptions=[pixelate]", "--data.severities=[1, 2]",
         f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
     _, run_dir = run_cli_in_process(args)
-    expected = {"accuracy_heatmap", "lambda_histograms", "severity_pixelate"}
-    assert {p.stem for p in (run_dir / "plots").glob("*.png")} == expected
+    splits = ("in_domain", "pixelate@1", "pixelate@2")
+    per_split = {f"{split}/{name}" for split in splits for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}
+    expected = {"accuracy_heatmap", "lambda_histograms", "severity_pixelate", *per_split}
+    plots = run_dir / "plots"
+    assert {str(p.relative_to(plots).with_suffix("")) for p in plots.rglob("*.png")} == expected
     for stem in expected:
         with Image.open(run_dir / "plots" / f"{stem}.png") as image:
             assert image.format == "PNG" and image.width >= 300 and image.height >= 200

@@ -80,19 +80,19 @@ def record(accuracy: dict[str, float]) -> dict:
 def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
     config = {"model": {"gamma": 0.5}, "data": {"root": "x"}}
     report = RunReport(tmp_path, ["in_domain", "blur@1", "blur@2"], {"zeroshot": "alone"}, config, "zeroshot")
-    report.add_split("blur@2", record({"zeroshot": 0.4}), np.array([0.4, 0.6]))
+    report.add_split("blur@2", record({"zeroshot": 0.4}), {"index": np.arange(2), "lambda": np.array([0.4, 0.6])})
     first = json.loads((tmp_path / "results.json").read_text())
     assert list(first["accuracy"]) == ["blur@2"] and first["config"] == config
-    report.add_split("in_domain", record({"zeroshot": 0.8}), np.array([0.5]))
+    report.add_split("in_domain", record({"zeroshot": 0.8}), {"index": np.arange(1), "lambda": np.array([0.5])})
     written = json.loads((tmp_path / "results.json").read_text())
     assert list(written["accuracy"]) == ["in_domain", "blur@2"]  # protocol order, not finishing order
     assert written["corruption_errors"]["ce"]["zeroshot"]["blur"] == pytest.approx(1.0)
     assert written["missing_splits"] == ["blur@1"] and written["complete"] is False
     assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "missing_splits", "complete", "corruption_errors"}
-    # An earlier run's records, and each split's per-sample λ, read back for resume, are the ones written.
+    # An earlier run's records, and each split's per-sample table, read back for resume, are the ones written.
     previous = load_previous(tmp_path, config)
     assert previous["in_domain"]["accuracy"] == {"zeroshot": 0.8} and list(previous) == ["in_domain", "blur@2"]
-    assert previous["blur@2"].lambdas.tolist() == [0.4, 0.6]
+    assert previous["blur@2"].table["lambda"].tolist() == [0.4, 0.6]
 
 
 def test_resume_compares_only_what_changes_the_numbers(tmp_path, monkeypatch):
@@ -100,7 +100,8 @@ def test_resume_compares_only_what_changes_the_numbers(tmp_path, monkeypatch):
         "model": {"gamma": 0.5, "results_dir": str(tmp_path), "plots": True},
         "data": {"root": "data", "num_workers": 0},
     }
-    RunReport(tmp_path, ["a"], {}, config, "zeroshot").add_split("a", record({"zeroshot": 0.5}), np.array([0.5]))
+    report = RunReport(tmp_path, ["a"], {}, config, "zeroshot")
+    report.add_split("a", record({"zeroshot": 0.5}), {"index": np.arange(1), "lambda": np.array([0.5])})
     monkeypatch.chdir(tmp_path)
     moved = {
         "model": {"gamma": 0.5, "results_dir": "elsewhere", "plots": False},

@@ -1,0 +1,44 @@
+"""The LightningModule's argument checks that need neither model nor data, run when the module is made: each
+error names its option (``model.…``) before any expensive work starts."""
+
+from __future__ import annotations
+
+from tcube_lightning.errors import InputError
+from tcube_lightning.methods import METHOD_FAMILIES
+from tcube_lightning.models import check_architecture, checkpoint_kind, register_model_config
+from tcube_lightning.results import check_results_dir
+
+
+def check_run_options(
+    resume: bool, results_dir: str | None, overwrite: bool, clusters: int, heads: str, head_tolerance: float,
+    samplewise: str,
+) -> None:  # fmt: skip
+    """Where results go (writable; earlier results kept unless resumed or overwritten) and the engine's modes."""
+    if resume and results_dir is None:
+        raise InputError("model.resume needs model.results_dir: the folder whose results.json to continue")
+    if results_dir is not None:
+        check_results_dir(results_dir, resume, overwrite)
+    if clusters < 1:
+        raise InputError(f"model.clusters must be >= 1, got {clusters}")
+    if heads not in ("interpolated", "exact") or head_tolerance <= 0:
+        raise InputError(f"model.heads {heads!r} (interpolated or exact) or head_tolerance {head_tolerance} (> 0)")
+    if samplewise not in ("auto", "vectorized", "loop"):
+        raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
+
+
+def method_families(methods: list[str] | str | None) -> list[str]:
+    """The method families to evaluate (all by default); ``--model.methods t3`` gives one as a string."""
+    methods = [methods] if isinstance(methods, str) else methods
+    unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
+    if unknown:
+        raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
+    return list(methods or METHOD_FAMILIES)
+
+
+def check_model_files(arch: str, model_config: str | None, pretrained_checkpoint: str, expert_checkpoint: str) -> None:
+    """The architecture is known (after registering ``model_config``) and both checkpoints can hold it."""
+    if model_config is not None:
+        register_model_config(model_config)
+    check_architecture(arch)
+    for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
+        checkpoint_kind(arch, path, f"model.{field}")
