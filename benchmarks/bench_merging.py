@@ -4,8 +4,9 @@ Prints and writes (JSON) three tables for one architecture with random weights:
 - merge time: the fused store versus a reference-style merge (state_dict comprehension +
   ``load_state_dict``) versus the bandwidth floor (one ``torch.add`` over as many floats);
 - throughput (images/s) and peak memory of: one model's zero-shot forward, T³_B, T³ sample-wise
-  vectorized, T³ sample-wise loop over the fused store, and a reference-style per-sample loop. Every
-  T³ row includes what T³ needs: the pretrained and expert forwards that give JS and λ;
+  vectorized, T³ sample-wise loop over the fused store (these through the run's own ``TCubeEngine``), and a
+  reference-style per-sample loop. Every T³ row includes what T³ needs: the pretrained and expert forwards that
+  give JS and λ;
 - the largest |logit difference| between vectorized and looped T³ (fp32).
 
 Each row runs in its own subprocess (``--no-isolate``: all in this one, quicker, with coarser peak memory on
@@ -19,6 +20,7 @@ process's size after imports, which is coarser.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -32,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tcube_lightning.coefficients import LambdaMapping  # noqa: E402
-from tcube_lightning.heads import fit_head_interpolant  # noqa: E402
+from tcube_lightning.engine import TCubeEngine  # noqa: E402
 from tcube_lightning.merging import FusedParameterStore  # noqa: E402
 from tcube_lightning.models import clip_logits, zero_shot_head  # noqa: E402
-from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop  # noqa: E402
+from tcube_lightning.samplewise import per_sample_loop  # noqa: E402
 
 ROWS = (
     "zeroshot_forward", "t3_batch", "t3_vectorized", "t3_loop_fused", "t3_batch_interpolated",
@@ -105,84 +107,55 @@ def peak_rss() -> int:
 
 
 def run_row(args: argparse.Namespace) -> dict:
-    """One throughput row in this process: build what the row needs, time it, report peak memory."""
+    """One throughput row in this process: build what the row needs, time it, report peak memory. The T³ rows run
+    the product's own engine; the reference row is the per-sample ``load_state_dict`` loop it replaced."""
     base_rss = current_rss()
     pt, ft = build_pair(args.arch, args.device)
     images, tokens = inputs(args.arch, pt, args.batch_size, args.classes, args.device)
     param_bytes = sum(p.numel() * p.element_size() for p in pt.parameters())
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     row = args.row
-    # --compile: the same functions through torch.compile (dynamic shapes: the loops vary the batch size).
-    compiled = (lambda fn: torch.compile(fn, dynamic=True)) if args.compile else (lambda fn: fn)  # noqa: E731
-    logits_of, head_fn = compiled(clip_logits), compiled(zero_shot_head)
-
-    if row == "zeroshot_forward":
-        del ft
-        models = (pt,)
-    elif row == "t3_loop_reference":
-        import copy
-
-        working = copy.deepcopy(pt)
-        sd_pt, sd_ft = pt.state_dict(), ft.state_dict()
-        models = (pt, ft)
-    else:
-        store = FusedParameterStore(pt, ft)
-        models = (store.pretrained, store.expert)
-    with torch.no_grad(), autocast:
-        heads = [head_fn(m, tokens, args.classes) for m in models]
-    fixed_head = heads[0] if args.fixed_head else None
-
-    def head_of(model: torch.nn.Module) -> torch.Tensor:
-        return fixed_head if fixed_head is not None else head_fn(model, tokens, args.classes)
-
-    def weights_from_js() -> torch.Tensor:
-        pt_logits = logits_of(models[0], images, heads[0])
-        ft_logits = logits_of(models[1], images, heads[1])
-        return MAPPING.expert_weights(MAPPING.lambdas(MAPPING.js(pt_logits, ft_logits)))
-
-    def merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
-        model = store.merge(w)
-        return logits_of(model, batch, head_of(model))
+    engine = None
+    if row in ("zeroshot_forward", "t3_loop_reference"):
+        # --compile: the same functions through torch.compile (dynamic shapes: the loop varies the batch size).
+        compiled = (lambda fn: torch.compile(fn, dynamic=True)) if args.compile else (lambda fn: fn)  # noqa: E731
+        logits_of, head_fn = compiled(clip_logits), compiled(zero_shot_head)
+        models = (pt,) if row == "zeroshot_forward" else (pt, ft)
+        with torch.no_grad(), autocast:
+            heads = [head_fn(m, tokens, args.classes) for m in models]
+        if row == "zeroshot_forward":
+            del ft
+        else:
+            working, sd_pt, sd_ft = copy.deepcopy(pt), pt.state_dict(), ft.state_dict()
+    else:  # heads from an interpolant fitted in prepare (untimed, as a run does in its set-up) or exact
+        path = "vectorized" if row.startswith("t3_vectorized") else "loop"
+        head_mode = "interpolated" if row.endswith("_interpolated") else "exact"
+        engine = TCubeEngine(pt, ft, [tokens], [args.classes], MAPPING, merge_text=not args.fixed_head,
+                             samplewise=path, compile=args.compile, heads=head_mode)  # fmt: skip
+        with torch.no_grad(), autocast:
+            engine.prepare({}, extremes=False, weight_range=MAPPING.weight_range())
 
     def reference_merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
         working.load_state_dict({k: w * sd_ft[k] + (1 - w) * sd_pt[k] for k in sd_pt})
-        return logits_of(working, batch, head_of(working))
+        head = heads[0] if args.fixed_head else head_fn(working, tokens, args.classes)
+        return logits_of(working, batch, head)
 
-    interpolant = None
-    if row.endswith("_interpolated") and fixed_head is None:  # heads from an interpolant, fitted once (untimed)
-        scale = float(torch.maximum(pt.logit_scale, ft.logit_scale).exp())
-        head_at = lambda w: head_fn(store.merge(w), tokens, args.classes).float()  # noqa: E731
-        with torch.no_grad():
-            interpolant, _ = fit_head_interpolant(head_at, *MAPPING.weight_range(), 1e-4, scale)
-
-    def interpolated_merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
-        model = store.merge(w)
-        head = interpolant(torch.tensor([w]))[0] if interpolant is not None else head_of(model)
-        return logits_of(model, batch, head)
-
-    if row.startswith("t3_vectorized"):
-        vectorized = SampleWiseCLIP(store.pretrained, store.expert)
-        vectorized_logits = compiled(vectorized.logits)
+    def t3_logits() -> torch.Tensor:
+        """This row's T³ logits for the batch, the pretrained and expert forwards that give λ included."""
+        weights = engine.coefficients(images, 0).weights[""]
+        if row.startswith("t3_batch"):
+            return engine.merged_logits(images, float(weights.mean()))
+        return engine.sample_merged_logits(images, weights)
 
     def step() -> torch.Tensor:
         with torch.no_grad(), autocast:
             if row == "zeroshot_forward":
                 return logits_of(pt, images, heads[0])
-            weights = weights_from_js()
-            if row == "t3_batch":
-                return merged_logits(images, float(weights.mean()))
-            if row == "t3_batch_interpolated":
-                return interpolated_merged_logits(images, float(weights.mean()))
-            if row == "t3_vectorized":
-                return vectorized_logits(images, weights, tokens, args.classes, fixed_head)
-            if row == "t3_vectorized_interpolated":
-                row_heads = interpolant(weights) if interpolant is not None else None
-                return vectorized_logits(images, weights, tokens, args.classes, fixed_head, row_heads)
-            if row == "t3_loop_fused":
-                return per_sample_loop(merged_logits, images, weights)
-            if row == "t3_loop_interpolated":
-                return per_sample_loop(interpolated_merged_logits, images, weights)
-            return per_sample_loop(reference_merged_logits, images, weights)
+            if row == "t3_loop_reference":
+                pt_logits, ft_logits = (logits_of(m, images, h) for m, h in zip(models, heads))
+                weights = MAPPING.expert_weights(MAPPING.lambdas(MAPPING.js(pt_logits, ft_logits)))
+                return per_sample_loop(reference_merged_logits, images, weights)
+            return t3_logits()
 
     gc.collect()
     if args.device.startswith("cuda"):
@@ -196,19 +169,19 @@ def run_row(args: argparse.Namespace) -> dict:
         peak = peak_rss() - base_rss
     result = {"row": row, "seconds_per_batch": seconds, "images_per_s": args.batch_size / seconds}
     result.update(peak_bytes=peak, param_bytes=param_bytes)
-    if row == "t3_vectorized":
+    if row == "t3_vectorized":  # against the loop path of the same engine
         with torch.no_grad(), autocast:
-            weights = weights_from_js()
-            vec = vectorized.logits(images, weights, tokens, args.classes, fixed_head)
-            loop = per_sample_loop(merged_logits, images, weights)
+            vec = t3_logits()
+            engine.path = "loop"
+            loop = t3_logits()
         result["max_abs_logit_diff_vs_loop"] = float((vec.float() - loop.float()).abs().max())
-        result["distinct_weights"] = int(torch.unique(weights).numel())
-    if row.endswith("_interpolated"):  # against the same path with exact heads
+        result["distinct_weights"] = int(torch.unique(engine.coefficients(images, 0).weights[""]).numel())
+    if row.endswith("_interpolated"):  # against the same path with a text pass per merged weight
         with torch.no_grad(), autocast:
-            ours = step()
-            weights = weights_from_js()
-            exact = merged_logits(images, float(weights.mean())) if row == "t3_batch_interpolated" else (
-                per_sample_loop(merged_logits, images, weights))  # fmt: skip
+            ours = t3_logits()
+            fitted, engine.interpolants = engine.interpolants, [None]  # no interpolant: direct heads
+            exact = t3_logits()
+            engine.interpolants = fitted
         result["max_abs_logit_diff_vs_exact_heads"] = float((ours.float() - exact.float()).abs().max())
         result["argmax_as_exact_heads"] = bool(torch.equal(ours.argmax(-1), exact.argmax(-1)))
     return result
@@ -217,8 +190,6 @@ def run_row(args: argparse.Namespace) -> dict:
 def merge_times(args: argparse.Namespace) -> dict:
     """Fused merge vs reference-style merge vs one torch.add over as many floats."""
     pt, ft = build_pair(args.arch, args.device)
-    import copy
-
     working = copy.deepcopy(pt)
     sd_pt, sd_ft = pt.state_dict(), ft.state_dict()
     store = FusedParameterStore(pt, ft)

@@ -19,11 +19,9 @@ def quadrant_indices(table: dict[str, np.ndarray]) -> np.ndarray:
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson's ρ in float64; None where it is undefined (fewer than two samples, or a constant variable)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 2:
+    if len(x) < 2 or x.min() == x.max() or y.min() == y.max():
         return None
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    return float(dx @ dy) / denominator if denominator > 0 else None
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def mean(values: np.ndarray) -> float:
