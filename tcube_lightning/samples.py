@@ -1,10 +1,11 @@
 """Per-sample values of a split: kept batch by batch on each process, gathered at the split's end in the
 one-process order. λ statistics, the decision quadrants, the analysis figures and the per-sample export read them.
 
-Columns: ``index`` (the sample's position in the split), ``label``, ``js``, ``lambda`` (and ``lambda[gamma=4]``
-per ``model.grid`` setting), ``w/<method>`` (the expert weight a dynamic method merged the sample with),
-``pred/<method>`` and ``prob/<method>`` (predicted class and its probability), ``flip`` (the models at λ_min and
-λ_max disagree). The pretrained and expert models' predictions are ``pred/zeroshot`` and ``pred/expert``.
+Columns: ``index`` (the sample's position in the split), ``label``, ``finite`` (both models' logits finite),
+``js``, ``lambda`` (and ``lambda[gamma=4]`` per ``model.grid`` setting), ``w/<method>`` (the expert weight a
+dynamic method merged the sample with), ``pred/<method>`` and ``prob/<method>`` (predicted class and its
+probability), ``flip`` (the models at λ_min and λ_max disagree). The pretrained and expert models' predictions
+are ``pred/zeroshot`` and ``pred/expert``.
 """
 
 from __future__ import annotations
