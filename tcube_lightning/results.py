@@ -96,20 +96,21 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
     results_dir = Path(results_dir)
     json_path, md_path = results_dir / "results.json", results_dir / "results.md"
     markdown = "## Top-1 accuracy (%)\n\n" + accuracy_table(results["accuracy"])
-    markdown += (
-        "\n## λ per split\n\n| split | samples | λ min | λ mean | λ max | JS mean |\n|---|---:|---:|---:|---:|---:|\n"
-    )
+    markdown += "\n## λ per split\n\n| split | setting | samples | λ min | λ mean | λ max | JS mean |\n"
+    markdown += "|---|---|---:|---:|---:|---:|---:|\n"
     for split, stats in results["coefficients"].items():
-        markdown += (
-            f"| {split} | {results['num_samples'][split]} | {stats['lambda_min']:.4f} | {stats['lambda_mean']:.4f} "
-            f"| {stats['lambda_max']:.4f} | {stats['js_mean']:.4f} |\n"
-        )
+        for setting, lam in {"run": stats, **stats.get("grid", {})}.items():  # the run's own, then model.grid's
+            markdown += (
+                f"| {split} | {setting} | {results['num_samples'][split]} | {lam['lambda_min']:.4f} "
+                f"| {lam['lambda_mean']:.4f} | {lam['lambda_max']:.4f} | {stats['js_mean']:.4f} |\n"
+            )
     for split, diag in results.get("diagnostics", {}).items():
-        markdown += (
-            f"\n## Decision quadrants: {split}\n\n| pretrained / expert | samples | JS mean |\n|---|---:|---:|\n"
-        )
+        markdown += f"\n## Decision quadrants: {split}\n\n| pretrained / expert | samples | JS mean | ρ(JS, DaWin) |\n"
+        markdown += "|---|---:|---:|---:|\n"
         for quadrant, cell in diag["quadrants"].items():
-            markdown += f"| {quadrant} | {cell['count']} | {cell['js_mean']:.4f} |\n"
+            rho = cell.get("pearson_js_dawin")
+            rho_text = "–" if rho is None else f"{rho:.3f}"  # undefined: too few samples, or a constant
+            markdown += f"| {quadrant} | {cell['count']} | {cell['js_mean']:.4f} | {rho_text} |\n"
         if "flips_between_lambda_extremes" in diag:
             flips = diag["flips_between_lambda_extremes"]
             markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"

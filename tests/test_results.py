@@ -12,7 +12,7 @@ import torch
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.report import SPLIT_RECORD_KEYS, RunReport, load_previous
-from tcube_lightning.results import corruption_errors, summary_rows, write_atomic, write_summary
+from tcube_lightning.results import corruption_errors, summary_rows, write_atomic, write_results, write_summary
 from tcube_lightning.splitnames import corrupted_split_name, is_corrupted, parse_corrupted
 
 ACCURACY = {
@@ -75,6 +75,21 @@ def record(accuracy: dict[str, float]) -> dict:
     base["coefficients"] = {"lambda_min": 0.4, "lambda_mean": 0.5, "lambda_max": 0.6, "js_mean": 0.1}
     base["diagnostics"] = {"quadrants": {}}
     return base
+
+
+def test_results_markdown_lists_each_grid_setting_and_each_quadrants_correlation(tmp_path):
+    results = {key: {} for key in SPLIT_RECORD_KEYS} | {"num_samples": {"a": 7}}
+    grid = {"gamma=8": {"lambda_min": 0.5, "lambda_mean": 0.7, "lambda_max": 0.99, "lambda_spread": 0.49}}
+    run = {"lambda_min": 0.5, "lambda_mean": 0.52, "lambda_max": 0.58, "lambda_spread": 0.08, "js_mean": 0.1}
+    results["coefficients"]["a"] = run | {"grid": grid}
+    cells = {"both wrong": (2, 0.3, -0.25), "only expert right": (1, 0.2, None)}
+    quadrants = {name: {"count": n, "js_mean": js, "pearson_js_dawin": rho} for name, (n, js, rho) in cells.items()}
+    results["diagnostics"]["a"] = {"quadrants": quadrants}
+    _, markdown_path = write_results(tmp_path, results)
+    markdown = markdown_path.read_text()
+    assert "| a | run | 7 | 0.5000 | 0.5200 | 0.5800 | 0.1000 |" in markdown
+    assert "| a | gamma=8 | 7 | 0.5000 | 0.7000 | 0.9900 | 0.1000 |" in markdown  # JS is shared by the settings
+    assert "| both wrong | 2 | 0.3000 | -0.250 |" in markdown and "| only expert right | 1 | 0.2000 | – |" in markdown
 
 
 def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
