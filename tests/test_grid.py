@@ -77,6 +77,18 @@ def test_grid_columns_equal_a_separate_run_with_that_setting(grid_run, separate_
         assert grid["coefficients"][split]["lambda_spread"] > statistics["lambda_spread"]
         assert grid["metrics"][split]["zeroshot"] == separate["metrics"][split]["zeroshot"]
     assert grid["methods"][f"t3[{SETTING}]"].endswith(f"({SETTING})")
+    # Sample by sample: the grid's λ, weights, predictions and probabilities are the separate run's own.
+    for split in SPLITS:
+        ours, theirs = (read_export(run[1], split) for run in (grid_run, separate_run))
+        pairs = {f"lambda[{SETTING}]": "lambda", **{f"{kind}/{m}[{SETTING}]": f"{kind}/{m}" for m in GRID_METHODS
+                                                    for kind in ("w", "pred", "prob")}}  # fmt: skip
+        for column, own in pairs.items():
+            np.testing.assert_array_equal(ours[column], theirs[own], err_msg=column)
+
+
+def read_export(folder, split: str) -> dict[str, np.ndarray]:
+    with np.load(folder / "samples" / f"{split}.npz") as arrays:
+        return {name: arrays[name] for name in arrays.files}
 
 
 def test_the_grid_adds_no_pretrained_or_expert_forward(grid_run, separate_run):
@@ -97,8 +109,7 @@ def test_the_export_holds_every_sample_in_order_with_each_methods_values(grid_ru
     results, folder, _ = grid_run
     analysis = read_tables(folder / "analysis.npz")
     for split, file in SPLITS.items():
-        with np.load(folder / "samples" / f"{split}.npz") as arrays:
-            exported = {name: arrays[name] for name in arrays.files}
+        exported = read_export(folder, split)
         labels = np.load(npz_root / file)["test_labels"][:, 0]
         np.testing.assert_array_equal(exported["index"], np.arange(len(labels)))
         np.testing.assert_array_equal(exported["label"], labels)
