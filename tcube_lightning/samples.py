@@ -68,15 +68,20 @@ class SampleTable:
         return dict(sorted(table.items(), key=lambda item: (item[0] != INDEX, item[0])))
 
 
+def read_table(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file by name: one split's export (``samples/<split>.npz``), column by column."""
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
 def read_tables(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """An npz of split tables (keys ``split::column``), by split; empty if the file does not exist."""
     if not path.is_file():
         return {}
     tables: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path) as arrays:
-        for key in arrays.files:
-            split, column = key.split("::", 1)
-            tables.setdefault(split, {})[column] = arrays[key]
+    for key, values in read_table(path).items():
+        split, column = key.split("::", 1)
+        tables.setdefault(split, {})[column] = values
     return tables
 
 

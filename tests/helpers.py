@@ -81,6 +81,23 @@ def write_medmnist_npz(path: Path, n: int, num_classes: int, size: int = 28, rgb
     np.savez_compressed(path, **arrays)
 
 
+def random_sample_table(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A split's per-sample analysis columns (``samples.py``), random: three classes, the pretrained model right
+    about 60 % of the time and the expert about half (every decision quadrant populated), DaWin's ratio correlated
+    with JS but not exactly, a flip for about one sample in ten."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 3, count)
+    js = (rng.random(count) * np.log(2)).astype(np.float32)
+    return {
+        "index": np.arange(count), "label": label, "js": js, "lambda": rng.random(count),
+        "w/t3": rng.random(count), "w/dawin": (0.3 * js + 0.2 * rng.random(count)).astype(np.float32),
+        "w/xent": rng.random(count), "w/maxconf": rng.random(count),
+        "pred/zeroshot": np.where(rng.random(count) < 0.6, label, (label + 1) % 3), "prob/zeroshot": rng.random(count),
+        "pred/expert": np.where(rng.random(count) < 0.5, label, (label + 2) % 3), "prob/expert": rng.random(count),
+        "flip": rng.random(count) < 0.1,
+    }  # fmt: skip
+
+
 def write_medimeta(folder: Path, dataset_id: str, task: str, classnames: list[str], n: int, size: int = 28) -> None:
     """A MedIMeta data set in its on-disk layout: info.yaml, images.hdf5, task_labels/, splits/."""
     import h5py

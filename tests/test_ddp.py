@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import run_cli_in_process, run_cli_subprocess, write_medmnist_npz
 
-from tcube_lightning.samples import read_tables
+from tcube_lightning.samples import read_table, read_tables
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
 
@@ -50,11 +50,6 @@ def single(arguments, tmp_path_factory):
         return run_cli_in_process([*arguments, "--trainer.devices=1", f"--trainer.default_root_dir={out}"])[1]
     finally:
         torch.set_num_threads(threads)
-
-
-def read_table(path):
-    with np.load(path) as arrays:
-        return {name: arrays[name] for name in arrays.files}
 
 
 def assert_tables_equal(tables, expected):

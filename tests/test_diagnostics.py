@@ -4,7 +4,7 @@ the λ-spread warning."""
 import numpy as np
 import pytest
 import torch
-from helpers import rounding_atol
+from helpers import random_sample_table, rounding_atol
 from scipy.stats import pearsonr
 
 from tcube_lightning.diagnostics import QUADRANTS, decision_diagnostics, lambda_spread_warning, pearson
@@ -13,21 +13,8 @@ FLOAT64_RHO_ATOL = rounding_atol(1.0, torch.float64)
 """ρ lies in [−1, 1]: two float64 evaluations (sums of products in another order) differ by a few roundings."""
 
 
-def random_table(count: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    label = rng.integers(0, 3, count)
-    js = rng.random(count).astype(np.float32)
-    return {
-        "index": np.arange(count), "label": label, "js": js,
-        "w/dawin": (0.3 * js + 0.2 * rng.random(count)).astype(np.float32),  # correlated with JS, not exactly
-        "pred/zeroshot": np.where(rng.random(count) < 0.6, label, (label + 1) % 3),
-        "pred/expert": np.where(rng.random(count) < 0.5, label, (label + 2) % 3),
-        "flip": rng.random(count) < 0.1,
-    }  # fmt: skip
-
-
 def test_quadrants_count_samples_average_js_and_correlate_js_with_dawins_ratio():
-    table = random_table()
+    table = random_sample_table(200)
     result = decision_diagnostics(table)
     pt_right, ft_right = table["pred/zeroshot"] == table["label"], table["pred/expert"] == table["label"]
     masks = {

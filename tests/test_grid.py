@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tcube_lightning.diagnostics import QUADRANTS
 from tcube_lightning.engine import TCubeEngine
-from tcube_lightning.samples import read_tables
+from tcube_lightning.samples import read_table, read_tables
 
 SETTING = "gamma=4,lambda_weights=pretrained"
 RHO_ATOL = rounding_atol(1.0, torch.float64)
@@ -79,16 +79,12 @@ def test_grid_columns_equal_a_separate_run_with_that_setting(grid_run, separate_
     assert grid["methods"][f"t3[{SETTING}]"].endswith(f"({SETTING})")
     # Sample by sample: the grid's λ, weights, predictions and probabilities are the separate run's own.
     for split in SPLITS:
-        ours, theirs = (read_export(run[1], split) for run in (grid_run, separate_run))
+        ours, theirs = (read_table(run[1] / "samples" / f"{split}.npz") for run in (grid_run, separate_run))
         pairs = {f"lambda[{SETTING}]": "lambda", **{f"{kind}/{m}[{SETTING}]": f"{kind}/{m}" for m in GRID_METHODS
                                                     for kind in ("w", "pred", "prob")}}  # fmt: skip
         for column, own in pairs.items():
             np.testing.assert_array_equal(ours[column], theirs[own], err_msg=column)
 
-
-def read_export(folder, split: str) -> dict[str, np.ndarray]:
-    with np.load(folder / "samples" / f"{split}.npz") as arrays:
-        return {name: arrays[name] for name in arrays.files}
 
 
 def test_the_grid_adds_no_pretrained_or_expert_forward(grid_run, separate_run):
@@ -109,7 +105,7 @@ def test_the_export_holds_every_sample_in_order_with_each_methods_values(grid_ru
     results, folder, _ = grid_run
     analysis = read_tables(folder / "analysis.npz")
     for split, file in SPLITS.items():
-        exported = read_export(folder, split)
+        exported = read_table(folder / "samples" / f"{split}.npz")
         labels = np.load(npz_root / file)["test_labels"][:, 0]
         np.testing.assert_array_equal(exported["index"], np.arange(len(labels)))
         np.testing.assert_array_equal(exported["label"], labels)

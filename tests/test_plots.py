@@ -1,6 +1,7 @@
 """The figures' content (what is drawn, from which numbers), read back from the matplotlib objects."""
 
 import numpy as np
+from helpers import random_sample_table
 
 from tcube_lightning.diagnostics import QUADRANTS, decision_diagnostics
 from tcube_lightning.plots import (
@@ -37,25 +38,12 @@ def test_heatmap_holds_every_method_and_split():
     close_figures({"heatmap": figure})
 
 
-def sample_table(count: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A split's per-sample analysis columns, random, every quadrant populated."""
-    rng = np.random.default_rng(seed)
-    label = rng.integers(0, 2, count)
-    return {
-        "index": np.arange(count), "label": label, "js": rng.random(count) * np.log(2),
-        "lambda": rng.random(count), "w/t3": rng.random(count), "w/dawin": rng.random(count),
-        "w/xent": rng.random(count), "w/maxconf": rng.random(count),
-        "pred/zeroshot": np.where(rng.random(count) < 0.5, label, 1 - label), "prob/zeroshot": rng.random(count),
-        "pred/expert": np.where(rng.random(count) < 0.5, label, 1 - label), "prob/expert": rng.random(count),
-    }  # fmt: skip
-
-
 def test_lambda_histograms_count_every_sample_and_run_figures_names_them():
     lambdas = {"in_domain": np.linspace(0.4, 0.6, 50), "blur@1": np.full(7, 0.5)}  # a constant λ too
     figure = lambda_histograms(lambdas)
     counts = [sum(p.get_height() for p in ax.patches) for ax in figure.axes[:2]]
     assert counts == [50, 7]
-    tables = {split: sample_table(len(values)) | {"lambda": values} for split, values in lambdas.items()}
+    tables = {split: random_sample_table(len(values)) | {"lambda": values} for split, values in lambdas.items()}
     figures = run_figures(ACCURACY, tables, {split: decision_diagnostics(table) for split, table in tables.items()})
     per_split = {f"{s}/{name}" for s in lambdas for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}
     assert set(figures) == {"accuracy_heatmap", "lambda_histograms", "severity_blur", *per_split}
@@ -69,7 +57,7 @@ def test_no_per_sample_figure_without_tables():
 
 
 def test_the_analysis_figures_draw_every_coefficient_and_each_quadrants_samples():
-    table = sample_table(120)
+    table = random_sample_table(120)
     quadrants = decision_diagnostics(table)["quadrants"]
     figures = analysis_figures("blur@1", table, quadrants)
     histograms = figures["blur@1/coefficients"].axes
