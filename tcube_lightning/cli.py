@@ -38,6 +38,24 @@ class RunFolder(SaveConfigCallback):
             folder.rmdir()
 
 
+EXAMPLES = """examples:
+  the embedded demo (built by `make demo`):
+    main.py test --config configs/demo.yaml
+  a modality with OpenAI CLIP ViT-B/16 and an expert, both files:
+    main.py test --config configs/blood.yaml --model.pretrained_checkpoint models/clip_vit_b16.pt
+      --model.expert_checkpoint models/blood_expert.pt --data.root data
+  BiomedCLIP from the Hugging Face cache (HF_HUB_OFFLINE=1), a LoRA expert (peft folder or RobustMedCLIP model.pth):
+    main.py test --config configs/blood.yaml --data.root data --model.expert_checkpoint models/blood_lora
+      --model.arch hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
+    the cache (~/.cache/huggingface/hub or --model.cache_dir) must hold the model's open_clip_config.json and
+    open_clip_pytorch_model.bin, and microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract's config.json,
+    vocab.txt and tokenizer_config.json
+  a transformers CLIPModel pair (PubMedCLIP-style folders; the architecture comes from the generalist's config.json):
+    main.py test --config configs/blood.yaml --model.arch null --model.pretrained_checkpoint models/pubmedclip
+      --model.expert_checkpoint models/pubmedclip_blood
+"""
+
+
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -65,6 +83,7 @@ def main(args: list[str] | None = None) -> TCubeCLI:
             parser_kwargs={
                 "description": "T³ test-time merging of a generalist and an expert CLIP.",
                 "allow_abbrev": False,
+                "test": {"epilog": EXAMPLES},
             },
         )
     except InputError as err:

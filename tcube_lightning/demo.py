@@ -28,8 +28,9 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import OneCycleLR
 
-from tcube_lightning import models  # noqa: F401 - registers the bundled tiny architecture
+from tcube_lightning import loading  # noqa: F401 - registers the bundled tiny architecture
 
 ARCH = "tcube-tiny-clip"
 IMAGE_SIZE = 28
@@ -134,7 +135,9 @@ def train_clip(
     )
     class_ids = torch.tensor([CLASSES.index(c) for c in classes])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # One cycle with a 10 % warm-up. OneCycleLR divides by the warm-up's length less one step (zero at 10 steps), so
+    # runs of fewer than 20 steps, whose warm-up would be under 2 steps, keep the learning rate constant instead.
+    schedule = OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1) if steps >= 20 else None
     model.train()
     report_every = max(1, steps // 10)
     for step in range(1, steps + 1):
@@ -148,7 +151,8 @@ def train_clip(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         if step % report_every == 0 or step == steps:
             print(f"demo: training the {name}, step {step}/{steps}, loss {loss.item():.3f}", flush=True)
     return model.eval()

@@ -17,10 +17,11 @@ from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.diagnostics import decision_diagnostics
 from tcube_lightning.engine import BatchCoefficients, TCubeEngine
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading import LoraAdapter, plan_models
 from tcube_lightning.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
-from tcube_lightning.models import check_preprocessing, load_clip, tokenize_prompts
-from tcube_lightning.options import check_model_files, check_run_options, method_families
+from tcube_lightning.models import tokenize_prompts
+from tcube_lightning.options import check_run_options, method_families
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.report import (
     RunReport,
@@ -40,13 +41,19 @@ class TCubeModule(L.LightningModule):
     """T³ test-time merging of a pretrained generalist CLIP and a fine-tuned expert CLIP.
 
     Args:
-        arch: open_clip architecture name shared by both models (e.g. ``ViT-B-16``).
+        arch: The architecture both models share: an open_clip name (e.g. ``ViT-B-16``), ``hf-hub:org/repo`` (an
+            open_clip model in the local Hugging Face cache, e.g. BiomedCLIP) or ``local-dir:DIR`` (a folder with
+            open_clip_config.json); left out when the generalist is a transformers CLIPModel folder (its config.json
+            is then the architecture).
         pretrained_checkpoint: The generalist θ_pt: a checkpoint file (open_clip state_dict, training-style
-            ``{'state_dict': …}``, safetensors, OpenAI's TorchScript archive) or an open_clip pretrained tag of
-            ``arch`` (e.g. ``openai``) already in the local cache.
-        expert_checkpoint: The fine-tuned expert θ_ft, in the same forms.
+            ``{'state_dict': …}``, safetensors, OpenAI's TorchScript archive), a transformers CLIPModel folder, or an
+            open_clip pretrained tag of ``arch`` (e.g. ``openai``) already in the local cache. Left out with a
+            ``hf-hub:``/``local-dir:`` arch: that model's own weights. A file given is loaded strictly into ``arch``.
+        expert_checkpoint: The fine-tuned expert θ_ft: any of the forms above, a peft LoRA adapter folder
+            (adapter_config.json) or a RobustMedCLIP LoRA checkpoint (model.pth), both on the generalist.
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
-        cache_dir: Where open_clip looks for cached pretrained tags (default: the Hugging Face cache).
+        cache_dir: The Hugging Face cache where pretrained tags, ``hf-hub:`` models and their text towers and
+            tokenizers are looked up (default: Hugging Face's, HF_HOME).
         methods: Method families to evaluate, default all: zeroshot, expert, ensemble, select, wise_ft,
             slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent, t3_cluster,
             dawin_cluster.
@@ -92,9 +99,9 @@ class TCubeModule(L.LightningModule):
 
     def __init__(
         self,
-        arch: str,
-        pretrained_checkpoint: str,
-        expert_checkpoint: str,
+        arch: str | None = None,
+        pretrained_checkpoint: str | None = None,
+        expert_checkpoint: str | None = None,
         model_config: str | None = None,
         cache_dir: str | None = None,
         methods: list[str] | str | None = None,
@@ -126,7 +133,7 @@ class TCubeModule(L.LightningModule):
         self.grid = grid_mappings(self.mapping, list(grid or []))
         check_run_options(resume, results_dir, overwrite, clusters, heads, head_tolerance, samplewise)
         self.method_families = method_families(methods)
-        check_model_files(arch, model_config, pretrained_checkpoint, expert_checkpoint)
+        self.model_plan = plan_models(arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config)
         self.baselines = baselines
         names = [n for n, m in self._all_methods().items() if m.family in self.method_families]
         if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
@@ -168,10 +175,14 @@ class TCubeModule(L.LightningModule):
         class_sets = list(dict.fromkeys(tuple(data.split_classnames[s]) for s in self.split_names))
         self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
         self.class_counts = [len(names) for names in class_sets]
+        loaded = self.model_plan.load()
+        expert = loaded.expert.expert(loaded.pretrained) if isinstance(loaded.expert, LoraAdapter) else loaded.expert
+        self.models_record = loaded.record
+        tokenizer = self.model_plan.architecture.tokenizer()
         self.engine = TCubeEngine(
-            load_clip(hp.arch, hp.pretrained_checkpoint, hp.cache_dir),
-            load_clip(hp.arch, hp.expert_checkpoint, hp.cache_dir),
-            [tokenize_prompts(hp.arch, list(names), data.templates) for names in class_sets],
+            loaded.pretrained,
+            expert,
+            [tokenize_prompts(tokenizer, list(names), data.templates) for names in class_sets],
             self.class_counts,
             self.mapping,
             self.grid,
@@ -196,12 +207,12 @@ class TCubeModule(L.LightningModule):
 
     def _all_methods(self) -> dict:
         """Every method with the ``model.grid`` copies, evaluated or not."""
-        return with_grid(build_methods(self.baselines, self.hparams.arch), list(self.grid))
+        return with_grid(build_methods(self.baselines, self.hparams.arch or ""), list(self.grid))
 
     def _check_data_fits(self, data: L.LightningDataModule) -> None:
         """What only the data and the model settings together can tell, checked before any model loads."""
         hp = self.hparams
-        check_preprocessing(hp.arch, hp.pretrained_checkpoint, data.image_size, data.mean, data.std)
+        self.model_plan.check_preprocessing(data.image_size, data.mean, data.std)
         if any(is_corrupted(split) for split in self.split_names) and hp.mce_reference not in self.methods:
             raise InputError(  # corrupted splits: CE needs the reference method
                 f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
@@ -227,6 +238,7 @@ class TCubeModule(L.LightningModule):
         extremes = hp.diagnose_extremes and "t3" in self.methods
         path = self.engine.prepare(static_rules, extremes=extremes, weight_range=self._weight_range())
         self.report.details["heads"] = self.engine.head_summary
+        self.report.details["models"] = self.models_record
         measurable = hp.samplewise == "auto" and self.engine.vectorized_logits is not None and not hp.compile
         if measurable and any(m.per_sample for m in self.methods.values()):
             self._measure_samplewise_paths()

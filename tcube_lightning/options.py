@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.methods import METHOD_FAMILIES
-from tcube_lightning.models import check_architecture, checkpoint_kind, register_model_config
 from tcube_lightning.results import check_results_dir
 
 
@@ -34,11 +33,3 @@ def method_families(methods: list[str] | str | None) -> list[str]:
         raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
     return list(methods or METHOD_FAMILIES)
 
-
-def check_model_files(arch: str, model_config: str | None, pretrained_checkpoint: str, expert_checkpoint: str) -> None:
-    """The architecture is known (after registering ``model_config``) and both checkpoints can hold it."""
-    if model_config is not None:
-        register_model_config(model_config)
-    check_architecture(arch)
-    for field, path in (("pretrained_checkpoint", pretrained_checkpoint), ("expert_checkpoint", expert_checkpoint)):
-        checkpoint_kind(arch, path, f"model.{field}")

@@ -24,6 +24,7 @@ from helpers import (  # noqa: E402
     run_cli_in_process,
     write_medmnist_npz,
 )
+from model_sources import build_biomedclip  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +55,21 @@ def batch8_run(clip_pair, npz_root, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("run8")
     extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.diagnose_extremes=true")
     return run_cli_in_process(cli_args(clip_pair, npz_root, out, *extra))
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory):
+    """The session's own Hugging Face cache: huggingface_hub and transformers read the cache location when they are
+    called, so pointing it here serves open_clip's schemas, text towers and tokenizers, as a user's cache would."""
+    import huggingface_hub.constants
+
+    cache = tmp_path_factory.mktemp("hf_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def biomedclip(hf_cache, tmp_path_factory) -> dict[str, Path]:
+    """A BiomedCLIP-shaped generalist (local-dir: folder and hf-hub: repository) and a full expert file."""
+    return build_biomedclip(tmp_path_factory.mktemp("biomedclip"), hf_cache)

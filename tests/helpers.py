@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tcube_lightning import models  # noqa: F401 - registers the tiny architecture
+from tcube_lightning import loading  # noqa: F401 - registers the tiny architecture
 from tcube_lightning.cli import main
 
 # ---------------------------------------------------------------------------------------------------- tolerances
@@ -49,9 +49,9 @@ JS_ATOL = 2 * LOGITS_ATOL
 of a logit, and JS is a mean of log-probability differences weighted by probabilities."""
 
 
-def lambda_atol(gamma: float, lambda_range: float = 1.0) -> float:
-    """λ = λ_min + range · σ(γ·JS): σ' ≤ 1/4, so λ moves by at most range · γ/4 times JS's error."""
-    return lambda_range * gamma / 4 * JS_ATOL
+def lambda_atol(gamma: float, lambda_range: float = 1.0, logits_atol: float = LOGITS_ATOL) -> float:
+    """λ = λ_min + range · σ(γ·JS): σ' ≤ 1/4, so λ moves by at most range · γ/4 times JS's error (twice the logits')."""
+    return lambda_range * gamma / 4 * 2 * logits_atol
 
 
 ARCH = "tcube-tiny-clip"

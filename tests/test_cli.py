@@ -404,8 +404,8 @@ def bad(tmp_path_factory):
         (['--data.sources={{"a": "missing.npz"}}'], "data file not found"),
         (["--data.image_size=224"], "data.image_size is 224 but tcube-tiny-clip expects 28-pixel images"),
         (["--model.gamma=-1"], "model.gamma must be >= 0"),
-        (["--model.expert_checkpoint={bad}/corrupt.pt"], "could not be loaded into open_clip architecture"),
-        (["--model.expert_checkpoint={bad}/other.pt"], "could not be loaded into open_clip architecture 'tcube-tiny"),
+        (["--model.expert_checkpoint={bad}/corrupt.pt"], "could not be loaded into architecture"),
+        (["--model.expert_checkpoint={bad}/other.pt"], "could not be loaded into architecture 'tcube-tiny"),
         (["--model.arch=ViT-Q-99"], "open_clip has no model config named 'ViT-Q-99'"),
         (['--data.sources={{"e": "{bad}/empty.npz"}}'], "split 'test' is empty"),
         (['--data.sources={{"f": "{bad}/float.npz"}}'], "test_images must be uint8"),
@@ -471,7 +471,7 @@ def test_existing_results_are_not_replaced_unless_asked(clip_pair, npz_root, tmp
 
 
 def test_settings_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("tcube_lightning.module.load_clip", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("tcube_lightning.loading.sources.load_source", lambda *a: pytest.fail("a model was loaded"))
     (tmp_path / "a_file").write_text("")
     args = cli_args(clip_pair, npz_root, tmp_path / "runs", f"--model.results_dir={tmp_path / 'a_file' / 'results'}")
     assert "a_file exists and is not a folder" in run_cli_expecting_error(args, capsys)

@@ -23,9 +23,9 @@ def test_demo_config_matches_the_builder():
 def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys, monkeypatch):
     first, second = tmp_path / "demo1", tmp_path / "demo2"
     for out in (first, second):
-        demo.main(["--out", str(out), "--generalist-steps", "3", "--expert-steps", "2", "--per-class", "5"])
-    progress = capsys.readouterr().out  # the build says how far it got
-    assert "demo: training the generalist, step 3/3" in progress and "training the expert, step 2/2" in progress
+        demo.main(["--out", str(out), "--generalist-steps", "1", "--expert-steps", "10", "--per-class", "5"])
+    progress = capsys.readouterr().out  # the build says how far it got; any step count works (10 once divided by 0)
+    assert "demo: training the generalist, step 1/1" in progress and "training the expert, step 10/10" in progress
     assert demo.demo_is_built(first)
     for name in ("generalist.pt", "expert.pt"):
         a, b = torch.load(first / name, weights_only=True), torch.load(second / name, weights_only=True)

@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from helpers import (
@@ -24,8 +25,9 @@ from scipy.special import expit, softmax
 from tcube_lightning import engine as engine_module
 from tcube_lightning.coefficients import LambdaMapping
 from tcube_lightning.engine import TCubeEngine
+from tcube_lightning.loading import load_clip
 from tcube_lightning.merging import interpolate
-from tcube_lightning.models import load_clip, tokenize_prompts
+from tcube_lightning.models import tokenize_prompts
 
 STATIC = {"wise": lambda store: interpolate(store.pt_flat, store.ft_flat, 0.3)}
 
@@ -34,7 +36,7 @@ def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True, he
     engine = TCubeEngine(
         load_clip(ARCH, clip_pair[0]),
         load_clip(ARCH, clip_pair[1]),
-        [tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)],
+        [tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)],
         [len(CLASSNAMES)],
         LambdaMapping(gamma=GAMMA),
         GRID,
@@ -55,7 +57,7 @@ GRID = {"gamma=4,lambda_weights=pretrained": LambdaMapping(gamma=4.0, lambda_wei
 def setting(clip_pair):
     pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
     images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(3))
-    return pt_sd, ft_sd, images, tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)
+    return pt_sd, ft_sd, images, tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
 
 
 @pytest.fixture(scope="module", params=["loop", "vectorized"])

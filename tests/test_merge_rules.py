@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import ARCH
 
+from tcube_lightning.loading import load_clip
 from tcube_lightning.merging import FusedParameterStore, dare, slerp, ties
-from tcube_lightning.models import load_clip
 
 
 @pytest.fixture(scope="module")

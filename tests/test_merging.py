@@ -6,8 +6,9 @@ import torch
 from helpers import ARCH, CLASSNAMES, LOGITS_ATOL, TEMPLATES, oracle_logits
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading import load_clip
 from tcube_lightning.merging import FusedParameterStore
-from tcube_lightning.models import clip_logits, load_clip, tokenize_prompts, zero_shot_head
+from tcube_lightning.models import clip_logits, tokenize_prompts, zero_shot_head
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def store(clip_pair):
 def test_merged_forward_equals_interpolated_state_dict(store, clip_pair, w):
     pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
     images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(2))
-    tokens = tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)
+    tokens = tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
     with torch.no_grad():
         model = store.merge(w)
         ours = clip_logits(model, images, zero_shot_head(model, tokens, len(CLASSNAMES)))

@@ -8,7 +8,8 @@ import torch
 from helpers import ARCH, CLASSNAMES, TEMPLATES, write_hub_cache
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.models import check_architecture, load_clip, tokenize_prompts, zero_shot_head
+from tcube_lightning.loading import load_clip
+from tcube_lightning.models import tokenize_prompts, zero_shot_head
 
 
 def test_training_style_checkpoint_with_module_prefix_loads(clip_pair, tmp_path):
@@ -21,7 +22,7 @@ def test_training_style_checkpoint_with_module_prefix_loads(clip_pair, tmp_path)
 
 def test_unknown_architecture_lists_close_names():
     with pytest.raises(InputError, match="no model config named 'ViT-B-99'.*ViT-B"):
-        check_architecture("ViT-B-99")
+        load_clip("ViT-B-99", "nothing.pt")
 
 
 def test_missing_and_corrupt_checkpoints_are_reported(tmp_path):
@@ -31,13 +32,13 @@ def test_missing_and_corrupt_checkpoints_are_reported(tmp_path):
     with pytest.raises(InputError, match="junk.pt is not a checkpoint file"):
         load_clip(ARCH, tmp_path / "junk.pt")
     (tmp_path / "cut.pt").write_bytes(b"\x80\x02 a pickle cut short")  # looks like one, does not load
-    with pytest.raises(InputError, match="could not be loaded into open_clip architecture 'tcube-tiny-clip'"):
+    with pytest.raises(InputError, match="could not be loaded into architecture 'tcube-tiny-clip'"):
         load_clip(ARCH, tmp_path / "cut.pt")
 
 
 def test_zero_shot_head_averages_normalised_template_embeddings(clip_pair):
     model = load_clip(ARCH, clip_pair[0])
-    tokens = tokenize_prompts(ARCH, CLASSNAMES, TEMPLATES)
+    tokens = tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
     with torch.no_grad():
         head = zero_shot_head(model, tokens, len(CLASSNAMES))
         tokenizer = open_clip.get_tokenizer(ARCH)

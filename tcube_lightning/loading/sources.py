@@ -1,0 +1,268 @@
+"""Where the two models come from: each checkpoint given is identified, and checked, before anything loads; then one
+reader per source loads it.
+
+| source | given as | generalist | expert |
+|---|---|:-:|:-:|
+| open_clip state_dict (plain, training-style, safetensors) | a file | yes | yes |
+| OpenAI TorchScript archive | a file | yes | yes |
+| open_clip pretrained tag, from the local cache | a tag of ``model.arch`` | yes | yes |
+| a schema's own weights (``hf-hub:``, ``local-dir:``) | ``model.pretrained_checkpoint`` left out | yes | no |
+| transformers CLIPModel | a folder with config.json | yes | yes |
+| peft LoRA adapter | a folder with adapter_config.json | no | yes |
+| RobustMedCLIP LoRA | its model.pth | no | yes |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+from torch import nn
+
+from tcube_lightning.errors import InputError
+from tcube_lightning.loading import lora, openclip_files, transformers_clip
+from tcube_lightning.loading.architecture import (
+    SCHEMA_WEIGHTS,
+    SCHEMAS,
+    Architecture,
+    named_architecture,
+    register_model_config,
+    schema_architecture,
+)
+
+OPENCLIP_FILE, TORCHSCRIPT, TAG = "open_clip checkpoint", "OpenAI TorchScript archive", "open_clip pretrained tag"
+SCHEMA_OWN, TRANSFORMERS = "the schema's own weights", "transformers CLIPModel"
+PEFT, ROBUSTMEDCLIP = "peft LoRA adapter", "RobustMedCLIP LoRA checkpoint"
+ADAPTERS = (PEFT, ROBUSTMEDCLIP)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One checkpoint as identified: its kind (above), where it is, and the option that named it."""
+
+    kind: str
+    location: str
+    field: str
+    details: dict = dataclasses.field(default_factory=dict)
+    """What identifying it read and loading needs again: a peft adapter's config, a CLIPModel's converted config."""
+
+
+@dataclass
+class LoadedModels:
+    pretrained: nn.Module
+    expert: nn.Module | lora.LoraAdapter
+    """A full model, or the LoRA adapter on ``pretrained`` that describes the expert."""
+    record: dict
+    """What results.json records about the two models."""
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The architecture and both sources, checked without loading weights; ``load`` then reads them."""
+
+    architecture: Architecture
+    pretrained: Source
+    expert: Source
+
+    def expected_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) the generalist was trained with: its pretrained tag's, its transformers folder's
+        preprocessor_config.json, else the architecture's config (a schema's preprocess_cfg), else OpenAI CLIP's."""
+        mean, std = self.architecture.normalization()
+        if self.pretrained.kind == TAG:
+            tag = open_clip.get_pretrained_cfg(self.architecture.name, self.pretrained.location)
+            mean, std = tag.get("mean", mean), tag.get("std", std)
+        elif self.pretrained.kind == TRANSFORMERS:
+            mean, std = transformers_clip.normalization(Path(self.pretrained.location)) or (mean, std)
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def check_preprocessing(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Before any weights load: the data's image size and normalisation are those the generalist expects."""
+        label = self.architecture.label
+        if image_size != self.architecture.image_size:
+            raise InputError(
+                f"data.image_size is {image_size} but {label} expects {self.architecture.image_size}-pixel images"
+            )
+        expected_mean, expected_std = self.expected_normalization()
+        close = all(abs(a - b) <= 1e-6 for a, b in zip((*mean, *std), (*expected_mean, *expected_std)))
+        if not close:
+            raise InputError(
+                f"data.mean/data.std are {list(mean)}/{list(std)} but the generalist ({self.pretrained.location}) was "
+                f"trained with mean {list(expected_mean)} and std {list(expected_std)}: give --data.mean "
+                f"'{list(expected_mean)}' --data.std '{list(expected_std)}'"
+            )
+
+    def load(self) -> LoadedModels:
+        """Both models, in eval mode; a LoRA expert as its adapter on the generalist."""
+        pretrained = load_source(self.architecture, self.pretrained)
+        if self.expert.kind == PEFT:
+            expert = lora.read_peft_adapter(
+                Path(self.expert.location), self.expert.details, pretrained, self.expert.field
+            )
+        elif self.expert.kind == ROBUSTMEDCLIP:
+            expert = lora.read_robustmedclip(Path(self.expert.location), pretrained, self.expert.field)
+        else:
+            expert = load_source(self.architecture, self.expert)
+        expert_record = {"kind": self.expert.kind, "location": self.expert.location}
+        if isinstance(expert, lora.LoraAdapter):
+            expert_record = expert.summary()
+        record = {
+            "architecture": self.architecture.label,
+            "pretrained": {"kind": self.pretrained.kind, "location": self.pretrained.location},
+            "expert": expert_record,
+        }
+        return LoadedModels(pretrained, expert, record)
+
+
+def plan_models(
+    arch: str | None,
+    pretrained_checkpoint: str | None,
+    expert_checkpoint: str | None,
+    cache_dir: str | None = None,
+    model_config: str | None = None,
+) -> ModelPlan:
+    """The architecture and both sources, each checked (files present, formats known, configs that fit) without
+    loading any weights: every error names its option."""
+    if model_config is not None:
+        register_model_config(model_config)
+    if expert_checkpoint is None:
+        raise InputError("model.expert_checkpoint is required: the expert's checkpoint file, LoRA adapter or folder")
+    architecture = resolve_architecture(arch, pretrained_checkpoint, cache_dir)
+    pretrained = identify(pretrained_checkpoint, architecture, "model.pretrained_checkpoint")
+    if pretrained.kind in ADAPTERS:
+        raise InputError(
+            f"model.pretrained_checkpoint: {pretrained.location} is a {pretrained.kind}: a LoRA describes "
+            "an expert on a generalist; give it as model.expert_checkpoint"
+        )
+    expert = identify(expert_checkpoint, architecture, "model.expert_checkpoint")
+    if architecture.is_schema:
+        _check_tokenizer(architecture)
+    return ModelPlan(architecture, pretrained, expert)
+
+
+def resolve_architecture(arch: str | None, pretrained_checkpoint: str | None, cache_dir: str | None) -> Architecture:
+    """``model.arch`` as an open_clip name or a schema; left out, the generalist's transformers config."""
+    if arch is None:
+        if pretrained_checkpoint is None or not transformers_clip.is_transformers_folder(pretrained_checkpoint):
+            raise InputError(
+                "model.arch: give an open_clip architecture name, hf-hub:org/repo or local-dir:DIR; it may be left "
+                "out only when model.pretrained_checkpoint is a transformers CLIPModel folder (its config.json then "
+                "gives the architecture)"
+            )
+        folder = Path(pretrained_checkpoint)
+        config = transformers_clip.read_config(folder, "model.pretrained_checkpoint")
+        model_cfg = transformers_clip.open_clip_config(config, "model.pretrained_checkpoint")
+        return Architecture(None, model_cfg, {}, cache_dir, source=f"the CLIPModel config of {folder}")
+    if arch.startswith(SCHEMAS):
+        return schema_architecture(arch, cache_dir)
+    return dataclasses.replace(named_architecture(arch), cache_dir=cache_dir)
+
+
+def identify(checkpoint: str | None, architecture: Architecture, field: str) -> Source:
+    """What a checkpoint option names, by what is there: a folder (peft adapter, transformers CLIPModel), a file
+    (TorchScript archive, RobustMedCLIP LoRA, open_clip state_dict), a cached tag, or nothing (a schema's own
+    weights)."""
+    if checkpoint is None:
+        if not architecture.is_schema:
+            raise InputError(
+                f"{field} is required (it may be left out only with a hf-hub: or local-dir: model.arch, "
+                "whose own weights are then the generalist)"
+            )
+        if architecture.own_weights is None:
+            raise InputError(
+                f"{field} is left out, so the generalist is {architecture.name}'s own weights, but "
+                f"{architecture.source} has none of {list(SCHEMA_WEIGHTS)}; give the weights file"
+            )
+        return Source(SCHEMA_OWN, architecture.own_weights, field)
+    path = Path(checkpoint)
+    if path.is_dir():
+        return _identify_folder(path, architecture, field)
+    if path.is_file():
+        if openclip_files.is_torchscript_archive(path):
+            return Source(TORCHSCRIPT, checkpoint, field)
+        if not openclip_files.looks_like_a_checkpoint(path):
+            raise InputError(
+                f"{field}: {path} is not a checkpoint file: neither a torch zip archive, a pickle nor safetensors "
+                "(expected an open_clip state_dict, a training checkpoint, safetensors or OpenAI's TorchScript file)"
+            )
+        if lora.is_robustmedclip_checkpoint(openclip_files.checkpoint_keys(path)):
+            return Source(ROBUSTMEDCLIP, checkpoint, field)
+        return Source(OPENCLIP_FILE, checkpoint, field)
+    if openclip_files.is_pretrained_tag(architecture, checkpoint):
+        return Source(TAG, checkpoint, field)
+    tags = (
+        []
+        if architecture.is_schema or architecture.name is None
+        else open_clip.list_pretrained_tags_by_model(architecture.name)
+    )
+    raise InputError(
+        f"{field}: file not found: {checkpoint} (expected a checkpoint file (open_clip state_dict, safetensors, "
+        "OpenAI TorchScript, RobustMedCLIP model.pth), a folder (peft adapter, transformers CLIPModel)"
+        + (
+            f", or a pretrained tag of {architecture.name!r}: {tags or 'it has none'})"
+            if not architecture.is_schema
+            else ")"
+        )
+    )
+
+
+def _identify_folder(folder: Path, architecture: Architecture, field: str) -> Source:
+    if lora.is_peft_adapter(folder):
+        return Source(PEFT, str(folder), field, lora.read_peft_config(folder, field))
+    if transformers_clip.is_transformers_folder(folder):
+        config = transformers_clip.read_config(folder, field)
+        converted = transformers_clip.open_clip_config(config, field)
+        differences = transformers_clip.config_differences(architecture.model_cfg, converted)
+        if differences:
+            raise InputError(
+                f"{field}: {folder} is a CLIPModel of another architecture than {architecture.label} "
+                f"(architecture vs checkpoint): {differences[:6]}"
+            )
+        transformers_clip.weights_file(folder, field)
+        return Source(TRANSFORMERS, str(folder), field)
+    present = sorted(p.name for p in folder.iterdir())[:10]
+    raise InputError(
+        f"{field}: {folder} is a folder holding neither adapter_config.json (a peft adapter) nor "
+        f"config.json (a transformers CLIPModel); it holds {present}"
+    )
+
+
+def load_source(architecture: Architecture, source: Source) -> nn.Module:
+    """One full model, by its source's reader."""
+    path = Path(source.location)
+    if source.kind == TAG:
+        return openclip_files.load_tag(architecture, source.location)
+    if source.kind == TORCHSCRIPT:
+        return openclip_files.load_openai_archive(architecture, path)
+    if source.kind == TRANSFORMERS:
+        config = transformers_clip.read_config(path, source.field)
+        converted_cfg = transformers_clip.open_clip_config(config, source.field)
+        state = transformers_clip.convert_state_dict(
+            transformers_clip.read_state_dict(path, source.field), converted_cfg, source.field
+        )
+        model = architecture.create()
+        model.load_state_dict(state, strict=True)
+        return model
+    return openclip_files.load_weights_file(architecture, path, source.field)
+
+
+def load_clip(arch: str | None, checkpoint: str | Path | None, cache_dir: str | None = None) -> nn.Module:
+    """One full model from any generalist source (see the table above), e.g. to inspect it."""
+    architecture = resolve_architecture(arch, None if checkpoint is None else str(checkpoint), cache_dir)
+    source = identify(None if checkpoint is None else str(checkpoint), architecture, "checkpoint")
+    if source.kind in ADAPTERS:
+        raise InputError(f"checkpoint: {checkpoint} is a {source.kind}, not a full model")
+    return load_source(architecture, source)
+
+
+def _check_tokenizer(architecture: Architecture) -> None:
+    """A schema's tokenizer loads (its files are in the folder or the cache), before any weights do."""
+    try:
+        architecture.tokenizer()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(
+            f"arch: the tokenizer of {architecture.name} could not be loaded ({err}); an offline cache needs the text "
+            "repository's tokenizer files (tokenizer_config.json with vocab.txt or tokenizer.json) beside its "
+            "config.json"
+        ) from err
