@@ -14,17 +14,21 @@ import torch
 from torch import nn
 
 from tcube_lightning.coefficients import LambdaMapping
-from tcube_lightning.cost import synchronized_clock
 from tcube_lightning.errors import InputError
 from tcube_lightning.heads import HeadInterpolant, fit_head_interpolant
-from tcube_lightning.merging import FusedParameterStore
+from tcube_lightning.leafwise import LeafWisePass, changed_parameters, leafwise_reason
+from tcube_lightning.loading.lora import LoraAdapter
+from tcube_lightning.merging import FusedParameterStore, LowRankStore
 from tcube_lightning.methods import BatchContext
 from tcube_lightning.models import clip_logits, zero_shot_head
-from tcube_lightning.samplewise import SampleWiseCLIP, per_sample_loop, unsupported_reason
+from tcube_lightning.samplewise import PerSamplePass, SampleWiseCLIP, per_sample_loop, unsupported_reason
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
 HeadMode = Literal["interpolated", "exact"]
 StaticRule = Callable[[FusedParameterStore], torch.Tensor]
+PROBE_TOLERANCE = 1e-3
+"""The largest difference of unit-norm embeddings between the leaf-wise pass and per-sample merges on the set-up's
+probe: float32 rounding through a deep tower stays near 1e-6, a model whose code mixes rows is off by far more."""
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,16 @@ class TCubeEngine(nn.Module):
 
     Args:
         pretrained: The generalist open_clip CLIP.
-        expert: The fine-tuned expert, of the same architecture.
+        expert: The fine-tuned expert, of the same architecture, or a LoRA adapter on ``pretrained`` (then no full
+            copy of the expert is kept: ``LowRankStore``).
         prompt_tokens: Token ids of every (class, template) prompt, one tensor per class set (splits may differ
             in their classes), class-major.
         class_counts: Number of classes of each class set.
         mapping: T³'s settings (λ range, γ, which model λ weights, JS's base).
         grid: Further T³ settings by label (``model.grid``), computed from the same JS.
         merge_text: Merged models get their own text tower's zero-shot head; False keeps the pretrained head.
-        samplewise: ``vectorized``, ``loop`` or ``auto`` (``prepare``'s rule: vectorized where the architecture
-            allows it unless exact heads on CPU; the module may then time both with ``time_paths``).
+        samplewise: ``vectorized``, ``loop`` or ``auto`` (vectorized where a pass runs the model exactly, except
+            exact heads on CPU, where a text pass per sample makes the loop faster).
         compile: Run the forwards through ``torch.compile``.
         heads: ``interpolated``: the zero-shot heads of merged text towers come from an interpolant in w fitted
             once per run (``heads.py``); ``exact``: a text pass over every class prompt per merged weight.
@@ -65,7 +70,7 @@ class TCubeEngine(nn.Module):
     def __init__(
         self,
         pretrained: nn.Module,
-        expert: nn.Module,
+        expert: nn.Module | LoraAdapter,
         prompt_tokens: list[torch.Tensor],
         class_counts: list[int],
         mapping: LambdaMapping,
@@ -77,8 +82,15 @@ class TCubeEngine(nn.Module):
         head_tolerance: float = 1e-4,
     ) -> None:
         super().__init__()
-        self.store = FusedParameterStore(pretrained, expert)
-        self.unsupported_reason = unsupported_reason(self.store.pretrained)
+        if isinstance(expert, LoraAdapter):
+            self.store = LowRankStore(pretrained, expert)
+            self.changed, self.pass_name = expert.changed_parameters(), "leaf-wise, low-rank (LoRA)"
+        else:
+            self.store = FusedParameterStore(pretrained, expert)
+            self.changed = set(changed_parameters(self.store.pretrained, self.store.expert))
+            standard = unsupported_reason(self.store.pretrained) is None
+            self.pass_name = "open_clip CLIP" if standard else "leaf-wise"
+        self.unsupported_reason = None if self.pass_name == "open_clip CLIP" else leafwise_reason(pretrained, self.changed)
         if samplewise == "vectorized" and self.unsupported_reason is not None:
             reason = self.unsupported_reason
             raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
@@ -100,15 +112,17 @@ class TCubeEngine(nn.Module):
         can merge at). Returns the chosen path (``vectorized`` or ``loop``)."""
         # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
         self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
+        self.vectorized_logits = None
+        if self.unsupported_reason is None and self.samplewise != "loop":
+            vectorized = self._per_sample_pass()
+            if vectorized is not None:
+                self.vectorized_logits = self._compiled(vectorized.logits)
         path = self.samplewise
-        if path == "auto":  # by the benchmark's measurements (README): see the module's samplewise
+        if path == "auto":  # by the benchmark's measurements (README)
             text_passes = self.merge_text and self.head_mode == "exact"
             cheap_here = self.store.pt_flat.device.type != "cpu" or not text_passes
-            path = "vectorized" if cheap_here and self.unsupported_reason is None else "loop"
+            path = "vectorized" if cheap_here and self.vectorized_logits is not None else "loop"
         self.path = path
-        self.vectorized_logits = None  # built wherever it may run: ``time_paths`` may choose it
-        if self.unsupported_reason is None and self.samplewise != "loop":
-            self.vectorized_logits = self._compiled(SampleWiseCLIP(self.store.pretrained, self.store.expert).logits)
         sets = range(len(self.class_counts))
         self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
         self.ft_heads = [self._head(self.store.expert, c) for c in sets]
@@ -130,6 +144,50 @@ class TCubeEngine(nn.Module):
             self.interpolants = [interpolant for interpolant, _ in fits]
             self.head_summary["class_sets"] = [summary for _, summary in fits]
         return path
+
+    def _per_sample_pass(self) -> PerSamplePass | None:
+        """The exact per-sample pass for this model, on the store's device: open_clip's own towers by hand, the rest
+        leaf by leaf, checked on a seeded probe against per-sample merges (None, with the reason, if it fails)."""
+        store = self.store
+        if self.pass_name == "open_clip CLIP":
+            return SampleWiseCLIP(store.pretrained, store.expert)
+        if isinstance(store, LowRankStore):
+            dense = {n: store.expert.get_parameter(n) for n in store.adapter.replacements}
+            vectorized = LeafWisePass(store.pretrained, dense, store.updates())
+        else:
+            vectorized = LeafWisePass(store.pretrained, {n: store.expert.get_parameter(n) for n in self.changed})
+        error = self._probe_error(vectorized)
+        if error > PROBE_TOLERANCE:
+            self.unsupported_reason = f"the leaf-wise pass is {error:.1e} from per-sample merges on a probe"
+            if self.samplewise == "vectorized":
+                raise InputError(f"model.samplewise=vectorized cannot run this model: {self.unsupported_reason}")
+            return None
+        return vectorized
+
+    def _probe_error(self, vectorized: PerSamplePass) -> float:
+        """The largest difference of image and text embeddings between ``vectorized`` and per-sample merges, on three
+        seeded images and prompts, each row with its own weight, in float32."""
+        device = self.store.pt_flat.device
+        size = self.store.pretrained.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        tokens = self._tokens(0)[:3]
+        weights = torch.tensor([1.0, 0.37, 0.0], device=device)[: len(tokens)]
+        with torch.autocast(device.type, enabled=False):
+            error = 0.0
+            for rows, encode in ((images, "encode_image"), (tokens, "encode_text")):
+                ours = getattr(vectorized, encode)(rows[: len(weights)], weights)
+                for i, w in enumerate(weights.tolist()):
+                    merged = getattr(self.store.merge(w), encode)(rows[i : i + 1], normalize=True)[0]
+                    error = max(error, float((ours[i] - merged).abs().max()))
+        return error
+
+    def samplewise_summary(self) -> dict:
+        """Which per-sample path ``prepare`` chose: the pass that runs it, or why the loop does (results.json)."""
+        if self.path == "vectorized":
+            return {"path": "vectorized", "pass": self.pass_name}
+        reason = self.unsupported_reason or ("model.samplewise=loop" if self.samplewise == "loop" else "exact heads on CPU")
+        return {"path": "loop", "reason": reason}
 
     def _float32_head(self, weight: float, class_set: int) -> torch.Tensor:
         """The direct head at ``weight`` in float32 even under mixed precision: the interpolant's tolerance is
@@ -217,20 +275,6 @@ class TCubeEngine(nn.Module):
             row_heads = interpolant(weights)
         tokens, count = self._tokens(class_set), self.class_counts[class_set]
         return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
-
-    def time_paths(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> dict[str, float]:
-        """Seconds of one call of each sample-wise path on ``images`` with ``weights``, after a warm-up call of
-        each, synchronised on CUDA: what ``samplewise: auto`` chooses by. The engine's path is left as it was."""
-        chosen, seconds = self.path, {}
-        clock = synchronized_clock(self.store.pt_flat.device)
-        for path in ("vectorized", "loop") if self.vectorized_logits is not None else ("loop",):
-            self.path = path
-            self.sample_merged_logits(images, weights, class_set)
-            start = clock()
-            self.sample_merged_logits(images, weights, class_set)
-            seconds[path] = clock() - start
-        self.path = chosen
-        return seconds
 
     def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
         """Like ``sample_merged_logits``, by one fused merge per distinct weight: the loop path, and the clustered

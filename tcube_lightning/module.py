@@ -17,7 +17,7 @@ from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.diagnostics import decision_diagnostics
 from tcube_lightning.engine import BatchCoefficients, TCubeEngine
 from tcube_lightning.errors import InputError
-from tcube_lightning.loading import LoraAdapter, plan_models
+from tcube_lightning.loading import plan_models
 from tcube_lightning.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
 from tcube_lightning.models import tokenize_prompts
@@ -71,9 +71,11 @@ class TCubeModule(L.LightningModule):
         merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
             reference code does). False keeps the pretrained model's head for every merged model: much
             cheaper, and right for experts whose text tower was not fine-tuned.
-        samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass, two products per
-            layer), ``loop`` (one fused merge per distinct weight) or ``auto``: both timed on a probe batch on
-            this device, the faster taken (with compile, untimed: vectorized unless exact heads on CPU).
+        samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass: open_clip's towers by hand,
+            timm and Hugging Face towers leaf by leaf, a LoRA expert's targets by their low-rank term), ``loop``
+            (one fused merge per distinct weight) or ``auto``: vectorized wherever a pass runs the model exactly,
+            except exact heads on CPU (a text pass per sample), where the loop is faster. The choice is recorded
+            in results.json (``samplewise``).
         compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) through
             ``torch.compile``: faster on long runs once compiled (see the benchmark), slower to start.
         mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
@@ -176,12 +178,11 @@ class TCubeModule(L.LightningModule):
         self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
         self.class_counts = [len(names) for names in class_sets]
         loaded = self.model_plan.load()
-        expert = loaded.expert.expert(loaded.pretrained) if isinstance(loaded.expert, LoraAdapter) else loaded.expert
         self.models_record = loaded.record
         tokenizer = self.model_plan.architecture.tokenizer()
         self.engine = TCubeEngine(
             loaded.pretrained,
-            expert,
+            loaded.expert,
             [tokenize_prompts(tokenizer, list(names), data.templates) for names in class_sets],
             self.class_counts,
             self.mapping,
@@ -239,22 +240,9 @@ class TCubeModule(L.LightningModule):
         path = self.engine.prepare(static_rules, extremes=extremes, weight_range=self._weight_range())
         self.report.details["heads"] = self.engine.head_summary
         self.report.details["models"] = self.models_record
-        measurable = hp.samplewise == "auto" and self.engine.vectorized_logits is not None and not hp.compile
-        if measurable and any(m.per_sample for m in self.methods.values()):
-            self._measure_samplewise_paths()
-        elif hp.samplewise == "auto" and path == "loop" and "t3" in self.methods:
-            rank_zero_info(f"T³ sample-wise: the loop ({self.engine.unsupported_reason or 'exact heads on CPU'}).")
-
-    def _measure_samplewise_paths(self) -> None:
-        """``samplewise: auto``: time both sample-wise paths on a seeded probe batch, on this device; every
-        process takes rank 0's choice (the two agree to float rounding)."""
-        data, low_high = self.trainer.datamodule, self._weight_range() or (0.0, 1.0)
-        size, count = data.image_size, min(data.batch_size, 16)
-        probe = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
-        seconds = self.engine.time_paths(probe, torch.linspace(*low_high, count, device=self.device))
-        self.engine.path = self.trainer.strategy.broadcast(min(seconds, key=seconds.get), src=0)
-        measured = ", ".join(f"{path} {1e3 * value:.1f} ms" for path, value in seconds.items())
-        rank_zero_info(f"T³ sample-wise: the {self.engine.path} path (measured on a probe batch: {measured}).")
+        self.report.details["samplewise"] = summary = self.engine.samplewise_summary()
+        if path == "loop" and any(m.per_sample for m in self.methods.values()):
+            rank_zero_info(f"T³ sample-wise: the loop ({summary['reason']}).")
 
     def _new_report(self, results_dir: Path) -> RunReport:
         descriptions = {m.name: m.description for m in self.methods.values()}

@@ -11,6 +11,7 @@ copies of the weights. Architectures outside this pattern fall back to ``per_sam
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -65,28 +66,96 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _rows(weights: torch.Tensor, ndim: int) -> torch.Tensor:
+def row_weights(weights: torch.Tensor, ndim: int) -> torch.Tensor:
     """Per-row weights shaped to broadcast against a tensor of ``ndim`` dimensions."""
     return weights.view(-1, *([1] * (ndim - 1)))
 
 
-class SampleWiseCLIP:
-    """An open_clip CLIP whose every row of input runs with its own θ = (1−w_i)·θ_pt + w_i·θ_ft."""
+def self_attention(
+    x: torch.Tensor,
+    qkv: Callable[[torch.Tensor], torch.Tensor],
+    out: Callable[[torch.Tensor], torch.Tensor],
+    heads: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """nn.MultiheadAttention's self-attention (batch first) with its projections given as functions, so that each
+    can merge per row: attention itself acts on the activations only."""
+    rows, length, width = x.shape
+    q, k, v = qkv(x).view(rows, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out(attended.transpose(1, 2).reshape(rows, length, width))
+
+
+class PerSamplePass:
+    """A CLIP run on a batch whose row i has its own merged weights θ_i = θ_pt + w_i·(θ_ft − θ_pt), exactly, in one
+    pass. Subclasses give the towers; the zero-shot heads and logits are composed here."""
+
+    def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logit_scale(self, weights: torch.Tensor) -> torch.Tensor:
+        """exp of the per-row merged logit scale (it enters through exp, so it is merged before)."""
+        pt, ft = self.scales
+        return torch.lerp(pt, ft, weights.to(pt.dtype)).exp()
+
+    def zero_shot_heads(
+        self, prompt_tokens: torch.Tensor, weights: torch.Tensor, num_classes: int, chunk: int = 4096
+    ) -> torch.Tensor:
+        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight."""
+        prompts = len(prompt_tokens)
+        tokens = prompt_tokens.repeat(len(weights), 1)
+        rows = weights.repeat_interleave(prompts)
+        text = torch.cat(
+            [self.encode_text(tokens[i : i + chunk], rows[i : i + chunk]) for i in range(0, len(tokens), chunk)]
+        )
+        text = text.view(len(weights), num_classes, prompts // num_classes, -1).mean(dim=2)
+        return F.normalize(text, dim=-1)
+
+    def logits(
+        self,
+        images: torch.Tensor,
+        weights: torch.Tensor,
+        prompt_tokens: torch.Tensor | None,
+        num_classes: int,
+        fixed_head: torch.Tensor | None = None,
+        row_heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Zero-shot logits with per-sample merged towers; ``fixed_head`` skips merging the text tower, and
+        ``row_heads`` (rows, classes, dim) gives each row's merged head (interpolated) instead of text passes."""
+        features = self.encode_image(images, weights)
+        if fixed_head is not None:
+            scores = features @ fixed_head.T
+        elif row_heads is not None:
+            scores = torch.einsum("bd,bcd->bc", features, row_heads.to(features.dtype))
+        else:
+            unique, group = torch.unique(weights, return_inverse=True)
+            heads = self.zero_shot_heads(prompt_tokens, unique, num_classes)
+            scores = torch.einsum("bd,bcd->bc", features, heads[group])
+        return self.logit_scale(weights).unsqueeze(1) * scores
+
+
+class SampleWiseCLIP(PerSamplePass):
+    """An open_clip CLIP whose every row of input runs with its own θ = (1−w_i)·θ_pt + w_i·θ_ft: open_clip's own
+    towers, whose raw projections and class embedding need code of their own (see ``leafwise`` for the rest)."""
 
     def __init__(self, pretrained: CLIP, expert: CLIP) -> None:
         reason = unsupported_reason(pretrained)
         if reason is not None:
             raise NotImplementedError(reason)
         self.pt, self.ft = pretrained, expert
+        self.scales = (pretrained.logit_scale, expert.logit_scale)
 
     # ------------------------------------------------------------- primitives
     @staticmethod
     def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Per-row merged parameter: shape (rows, *a.shape)."""
-        return torch.lerp(a, b, _rows(w, a.ndim + 1).to(a.dtype))
+        return torch.lerp(a, b, row_weights(w, a.ndim + 1).to(a.dtype))
 
     def _affine(self, y_pt: torch.Tensor, y_ft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(y_pt, y_ft, _rows(w, y_pt.ndim).to(y_pt.dtype))
+        return torch.lerp(y_pt, y_ft, row_weights(w, y_pt.ndim).to(y_pt.dtype))
 
     def _linear(
         self, x: torch.Tensor, pt: nn.Module, ft: nn.Module, w: torch.Tensor, weight: str = "weight"
@@ -112,13 +181,8 @@ class SampleWiseCLIP:
     def _attention(
         self, x: torch.Tensor, pt: nn.MultiheadAttention, ft: nn.MultiheadAttention, w: torch.Tensor, mask
     ) -> torch.Tensor:  # noqa: ANN001
-        rows, length, width = x.shape
-        heads = pt.num_heads
-        qkv = self._linear(x, pt, ft, w, weight="in_proj_weight")
-        q, k, v = qkv.view(rows, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(rows, length, width)
-        return self._linear(out, pt.out_proj, ft.out_proj, w)
+        qkv = partial(self._linear, pt=pt, ft=ft, w=w, weight="in_proj_weight")
+        return self_attention(x, qkv, partial(self._linear, pt=pt.out_proj, ft=ft.out_proj, w=w), pt.num_heads, mask)
 
     def _transformer(self, x: torch.Tensor, pt: nn.Module, ft: nn.Module, w: torch.Tensor, mask=None) -> torch.Tensor:  # noqa: ANN001
         for block_pt, block_ft in zip(pt.resblocks, ft.resblocks):
@@ -170,42 +234,3 @@ class SampleWiseCLIP:
         x = self._layer_norm(x, pt.ln_final, ft.ln_final, weights)
         x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
         return F.normalize(self._project(x, pt.text_projection, ft.text_projection, weights), dim=-1)
-
-    def logit_scale(self, weights: torch.Tensor) -> torch.Tensor:
-        """exp of the per-row merged logit scale (it enters through exp, so it is merged before)."""
-        return torch.lerp(self.pt.logit_scale, self.ft.logit_scale, weights.to(self.pt.logit_scale.dtype)).exp()
-
-    def zero_shot_heads(
-        self, prompt_tokens: torch.Tensor, weights: torch.Tensor, num_classes: int, chunk: int = 4096
-    ) -> torch.Tensor:
-        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight."""
-        prompts = len(prompt_tokens)
-        tokens = prompt_tokens.repeat(len(weights), 1)
-        rows = weights.repeat_interleave(prompts)
-        text = torch.cat(
-            [self.encode_text(tokens[i : i + chunk], rows[i : i + chunk]) for i in range(0, len(tokens), chunk)]
-        )
-        text = text.view(len(weights), num_classes, prompts // num_classes, -1).mean(dim=2)
-        return F.normalize(text, dim=-1)
-
-    def logits(
-        self,
-        images: torch.Tensor,
-        weights: torch.Tensor,
-        prompt_tokens: torch.Tensor | None,
-        num_classes: int,
-        fixed_head: torch.Tensor | None = None,
-        row_heads: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Zero-shot logits with per-sample merged towers; ``fixed_head`` skips merging the text tower, and
-        ``row_heads`` (rows, classes, dim) gives each row's merged head (interpolated) instead of text passes."""
-        features = self.encode_image(images, weights)
-        if fixed_head is not None:
-            scores = features @ fixed_head.T
-        elif row_heads is not None:
-            scores = torch.einsum("bd,bcd->bc", features, row_heads.to(features.dtype))
-        else:
-            unique, group = torch.unique(weights, return_inverse=True)
-            heads = self.zero_shot_heads(prompt_tokens, unique, num_classes)
-            scores = torch.einsum("bd,bcd->bc", features, heads[group])
-        return self.logit_scale(weights).unsqueeze(1) * scores

@@ -214,11 +214,12 @@ def test_exact_and_interpolated_heads_give_the_same_results(batch8_run, clip_pai
     assert fit["nodes"] in (5, 9, 17, 33) and fit["text_passes"] >= fit["nodes"]
 
 
-def test_auto_takes_the_sample_wise_path_measured_faster(clip_pair, npz_root, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(engine.TCubeEngine, "time_paths", lambda self, *args: {"vectorized": 2.0, "loop": 1.0})
-    main(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[t3]", '--data.sources={"a": "tiny_a.npz"}'))
-    assert any("the loop path (measured on a probe batch: vectorized 2000.0 ms, loop 1000.0 ms)" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+def test_the_sample_wise_path_taken_is_recorded(batch8_run, clip_pair, npz_root, tmp_path, caplog):
+    assert batch8_run[0]["samplewise"] == {"path": "vectorized", "pass": "open_clip CLIP"}
+    extra = ("--model.methods=[t3]", '--data.sources={"a": "tiny_a.npz"}', "--model.heads=exact")
+    results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
+    assert results["samplewise"] == {"path": "loop", "reason": "exact heads on CPU"}
+    assert any("T³ sample-wise: the loop (exact heads on CPU)" in r.getMessage() for r in caplog.records)
 
 
 def test_method_selection(clip_pair, npz_root, tmp_path, caplog):

@@ -186,6 +186,7 @@ def test_biomedclip_from_an_offline_cache_end_to_end(
     results, folder = run_cli_in_process(cli(small_split, tmp_path, extra=args))
     assert results["models"]["pretrained"]["kind"] == "the schema's own weights"
     assert results["models"]["expert"] == {"kind": "open_clip checkpoint", "location": str(biomedclip["expert"])}
+    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
     images, _ = split_images(small_split / "small.npz", BIOMEDCLIP_SIZE, (0.5,) * 3, (0.5,) * 3)
     expert = torch.load(biomedclip["expert"], weights_only=True)
     oracle = OpenClipOracle(biomedclip_generalist, biomedclip_generalist.state_dict(), expert, biomedclip_tokens, 4)
@@ -242,6 +243,7 @@ def test_peft_lora_on_biomedclip_is_the_expert_peft_computes(
     )
     results, run = run_cli_in_process(cli(small_split, tmp_path, extra=args))
     assert results["models"]["expert"]["targets"] == record["targets"]
+    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise, low-rank (LoRA)"}
     images, _ = split_images(small_split / "small.npz", BIOMEDCLIP_SIZE, (0.5,) * 3, (0.5,) * 3)
     oracle = OpenClipOracle(biomedclip_generalist, biomedclip_generalist.state_dict(), merged, biomedclip_tokens, 4)
     check_against_oracle(run, oracle, images, BIOMEDCLIP_ATOL)
@@ -334,6 +336,7 @@ def test_transformers_clip_checkpoints_run_every_path_as_transformers_computes_t
     )
     results, run = run_cli_in_process(cli(small_split, tmp_path / "run", size=28, extra=model_args))
     assert results["models"]["architecture"] == f"the CLIPModel config of {transformers_clips['pt']}"
+    assert results["samplewise"] == {"path": "vectorized", "pass": "open_clip CLIP"}
     check_against_oracle(run, oracle, images, LOGITS_ATOL)
     # A vision-only checkpoint, and an architecture that is not the checkpoint's, are refused before anything loads.
     for arch, expert, message in (

@@ -98,17 +98,25 @@ class LoraAdapter:
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    @torch.no_grad()
     def expert(self, base: nn.Module) -> nn.Module:
         """A copy of ``base`` with every update applied: the expert as a full model."""
         expert = copy.deepcopy(base)
+        self.apply(dict(expert.named_parameters()))
+        return expert
+
+    @torch.no_grad()
+    def apply(self, params: dict[str, torch.Tensor]) -> None:
+        """Turn the generalist's ``params`` into the expert's, in place: each update added, each replacement copied."""
         for update in self.updates:
-            param = expert.get_parameter(update.parameter)
+            param = params[update.parameter]
             rows = slice(*update.rows) if update.rows else slice(None)
             param[rows] += update.delta().to(param.dtype)
         for name, value in self.replacements.items():
-            expert.get_parameter(name).copy_(value)
-        return expert
+            params[name].copy_(value)
+
+    def changed_parameters(self) -> set[str]:
+        """The parameters the expert has other values of: the targets and the replaced tensors."""
+        return {u.parameter for u in self.updates} | set(self.replacements)
 
     def summary(self) -> dict:
         """What results.json records of the expert: its kind, rank(s), scale(s) and targets."""
