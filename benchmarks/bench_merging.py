@@ -1,31 +1,33 @@
-"""Merging speed and memory of T³'s code paths, measured side by side in one run (a benchmark, not a test).
+"""T³ against T³_B and against a per-sample reference, side by side in one run (a benchmark, not a test).
 
-Prints and writes (JSON) three tables for one architecture with random weights:
-- merge time: the fused store versus a reference-style merge (state_dict comprehension +
-  ``load_state_dict``) versus the bandwidth floor (one ``torch.add`` over as many floats);
-- throughput (images/s) and peak memory of: one model's zero-shot forward, T³_B, T³ sample-wise
-  vectorized, T³ sample-wise loop over the fused store (these through the run's own ``TCubeEngine``), and a
-  reference-style per-sample loop. Every T³ row includes what T³ needs: the pretrained and expert forwards that
-  give JS and λ;
-- the largest |logit difference| between vectorized and looped T³ (fp32).
+For each model and expert kind (a full fine-tuned copy, or a rank-16 LoRA on every qkv of the image tower):
+- T³ / T³_B: throughput of T³ (each sample its own merge, through the run's engine, on the path ``samplewise:
+  auto`` takes) over that of T³_B (one merge per batch at the mean λ), measured interleaved (T³_B, T³, T³_B, T³,
+  …) so that the machine's load falls on both alike; the median ratio of the repeats, with their spread;
+- T³ / reference: over a per-sample reference loop (a state_dict merge, ``load_state_dict`` and a text pass per
+  sample, as DaWin's code does), which also gives the largest |logit| difference of T³ from per-sample merges;
+- peak memory over one model's parameters of T³_B and T³, each measured in a process of its own.
+Every T³ and T³_B figure includes the pretrained and expert forwards that give λ; zero-shot heads come from
+interpolants fitted once (untimed, as a run does in its set-up). Models have random weights: ``clip-tiny``
+(the bundled tcube-tiny-clip), ``clip-b16`` (open_clip's ViT-B-16), ``biomedclip-tiny`` (timm's test_vit and a
+2-layer BERT) and ``biomedclip-base`` (ViT-B/16 and BERT-base: BiomedCLIP's sizes). Besides its table it prints,
+per row, ``T3 vs T3_B [<model> <expert kind>]: <ratio>x`` and ``max |logit diff| vs per-sample merges [<model>
+<expert kind>]: <value>``, for scripts to compare runs.
 
-Each row runs in its own subprocess (``--no-isolate``: all in this one, quicker, with coarser peak memory on
-CPU). Peak memory is measured while the row runs, models included:
-on CUDA ``max_memory_allocated``; on CPU the peak resident set (VmHWM, reset after set-up) less the
-process's size after imports, which is coarser.
-
-    python benchmarks/bench_merging.py --arch ViT-B-16 --batch-size 32 --device cuda
+    python benchmarks/bench_merging.py --rows biomedclip-base:full biomedclip-base:lora --batch-size 8
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,58 +37,101 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tcube_lightning.coefficients import LambdaMapping  # noqa: E402
 from tcube_lightning.engine import TCubeEngine  # noqa: E402
-from tcube_lightning.merging import FusedParameterStore  # noqa: E402
+from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate  # noqa: E402
 from tcube_lightning.models import clip_logits, zero_shot_head  # noqa: E402
-from tcube_lightning.samplewise import per_sample_loop  # noqa: E402
+from tcube_lightning.quiet import creating_empty_models  # noqa: E402
 
-ROWS = (
-    "zeroshot_forward", "t3_batch", "t3_vectorized", "t3_loop_fused", "t3_batch_interpolated",
-    "t3_vectorized_interpolated", "t3_loop_interpolated", "t3_loop_reference",
-)  # fmt: skip
-"""Rows ending in ``_interpolated`` take merged models' zero-shot heads from an interpolant in w fitted once
-(untimed, as a run does in its set-up); the others run a text pass per merged weight (``--model.heads exact``)."""
+ROWS = ("clip-tiny:full", "biomedclip-tiny:full", "biomedclip-tiny:lora", "clip-b16:full", "biomedclip-base:full",
+        "biomedclip-base:lora")  # fmt: skip
+DEFAULT_ROWS = ROWS[:3]
+BATCH = {"clip-tiny": 32, "biomedclip-tiny": 32, "clip-b16": 8, "biomedclip-base": 8}
+CLIP = {"clip-tiny": "tcube-tiny-clip", "clip-b16": "ViT-B-16"}
 MAPPING = LambdaMapping(gamma=50.0)
 """γ large enough that every sample gets its own weight, as with real disagreement."""
+LORA_RANK = 16
+BIOMEDCLIP = {  # the timm tower and its image size, the BERT sizes, the embedding width
+    "biomedclip-tiny": ("test_vit", 160, {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                          "intermediate_size": 64}, 32),
+    "biomedclip-base": ("vit_base_patch16_224", 224, {}, 512),
+}  # fmt: skip
 
 
-def build_pair(arch: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Two models of ``arch``: random generalist, and an expert = generalist + small seeded noise."""
-    import open_clip
-
+# --------------------------------------------------------------------------------------------------------- models
+def build(model: str, kind: str, classes: int, device: str) -> tuple[torch.nn.Module, object, torch.Tensor]:
+    """Generalist, expert (a full model or a LoraAdapter) and class prompt tokens, seeded."""
     torch.manual_seed(0)
-    pt = open_clip.create_model(arch).eval().requires_grad_(False)
-    ft = open_clip.create_model(arch).eval().requires_grad_(False)
+    if model in CLIP:
+        import open_clip
+
+        from tcube_lightning import loading  # noqa: F401 - registers tcube-tiny-clip
+
+        with creating_empty_models():
+            pretrained = open_clip.create_model(CLIP[model])
+        tokens = open_clip.get_tokenizer(CLIP[model])([f"a photo of a class number {c}." for c in range(classes)])
+    else:
+        pretrained, tokens = biomedclip(model, classes)
+    pretrained = pretrained.eval().requires_grad_(False)
+    if kind == "lora":
+        g = torch.Generator().manual_seed(1)
+        updates = [
+            LowRankUpdate(f"visual.trunk.blocks.{i}.attn.qkv.weight",
+                          0.02 * torch.randn(LORA_RANK, block.attn.qkv.in_features, generator=g),
+                          0.02 * torch.randn(block.attn.qkv.out_features, LORA_RANK, generator=g), 1.0)
+            for i, block in enumerate(pretrained.visual.trunk.blocks)
+        ]  # fmt: skip
+        return pretrained.to(device), LoraAdapter("LoRA (benchmark)", "random", updates), tokens.to(device)
+    expert = copy.deepcopy(pretrained)
     with torch.no_grad():
-        for p_ft, p_pt in zip(ft.parameters(), pt.parameters()):
-            p_ft.copy_(p_pt + 0.02 * p_pt.abs().mean() * torch.randn_like(p_pt))
-    return pt.to(device), ft.to(device)
+        for p_ft in expert.parameters():
+            p_ft.add_(0.02 * p_ft.abs().mean() * torch.randn_like(p_ft))
+    return pretrained.to(device), expert.to(device), tokens.to(device)
 
 
-def inputs(arch: str, pt: torch.nn.Module, batch: int, classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def biomedclip(model: str, classes: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A BiomedCLIP-shaped open_clip model (timm ViT, Hugging Face BERT) with random weights, from a local-dir:
+    config written here, and random word-piece prompts ([CLS] … [SEP], padded with 0)."""
     import open_clip
+    from transformers import BertConfig
 
-    size = pt.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-    tokens = open_clip.get_tokenizer(arch)([f"a photo of a class number {c}." for c in range(classes)]).to(device)
-    return images, tokens
+    timm_name, size, bert_sizes, embed_dim = BIOMEDCLIP[model]
+    folder = Path(tempfile.mkdtemp(prefix="bench_biomedclip_"))
+    BertConfig(**bert_sizes).save_pretrained(folder / "bert")
+    text = {"hf_model_name": str(folder / "bert"), "hf_tokenizer_name": str(folder / "bert"), "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}  # fmt: skip
+    vision = {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
+              "image_size": size}  # fmt: skip
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}})
+    )
+    with creating_empty_models():
+        pretrained = open_clip.create_model(f"local-dir:{folder}", load_weights=False, pretrained_text=False)
+    lengths = torch.randint(4, 12, (classes,), generator=torch.Generator().manual_seed(2))
+    tokens = torch.zeros(classes, 32, dtype=torch.long)
+    for c, length in enumerate(lengths.tolist()):
+        tokens[c, : length + 2] = torch.cat(
+            [torch.tensor([101]), torch.randint(1000, 30000, (length,)), torch.tensor([102])]
+        )
+    return pretrained, tokens
 
 
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, min_time: float, max_iters: int) -> float:  # noqa: ANN001
-    """Seconds per call: one warm-up call, then calls until ``min_time`` has passed (or ``max_iters``)."""
-    fn()
+def seconds_per_call(fn, device: str, calls: int) -> float:  # noqa: ANN001
     sync(device)
-    iters, start = 0, time.perf_counter()
-    while iters < max_iters and (iters == 0 or time.perf_counter() - start < min_time):
+    start = time.perf_counter()
+    for _ in range(calls):
         fn()
-        iters += 1
     sync(device)
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / calls
 
 
 def current_rss() -> int:
@@ -106,209 +151,152 @@ def peak_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
-def run_row(args: argparse.Namespace) -> dict:
-    """One throughput row in this process: build what the row needs, time it, report peak memory. The T³ rows run
-    the product's own engine; the reference row is the per-sample ``load_state_dict`` loop it replaced."""
-    base_rss = current_rss()
-    pt, ft = build_pair(args.arch, args.device)
-    images, tokens = inputs(args.arch, pt, args.batch_size, args.classes, args.device)
-    param_bytes = sum(p.numel() * p.element_size() for p in pt.parameters())
-    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-    row = args.row
-    engine = None
-    if row in ("zeroshot_forward", "t3_loop_reference"):
-        # --compile: the same functions through torch.compile (dynamic shapes: the loop varies the batch size).
-        compiled = (lambda fn: torch.compile(fn, dynamic=True)) if args.compile else (lambda fn: fn)  # noqa: E731
-        logits_of, head_fn = compiled(clip_logits), compiled(zero_shot_head)
-        models = (pt,) if row == "zeroshot_forward" else (pt, ft)
-        with torch.no_grad(), autocast:
-            heads = [head_fn(m, tokens, args.classes) for m in models]
-        if row == "zeroshot_forward":
-            del ft
-        else:
-            working, sd_pt, sd_ft = copy.deepcopy(pt), pt.state_dict(), ft.state_dict()
-    else:  # heads from an interpolant fitted in prepare (untimed, as a run does in its set-up) or exact
-        path = "vectorized" if row.startswith("t3_vectorized") else "loop"
-        head_mode = "interpolated" if row.endswith("_interpolated") else "exact"
-        engine = TCubeEngine(pt, ft, [tokens], [args.classes], MAPPING, merge_text=not args.fixed_head,
-                             samplewise=path, compile=args.compile, heads=head_mode)  # fmt: skip
-        with torch.no_grad(), autocast:
-            engine.prepare({}, extremes=False, weight_range=MAPPING.weight_range())
+class Row:
+    """One model and expert kind: the engine as a run builds it, and the three computations compared."""
 
-    def reference_merged_logits(batch: torch.Tensor, w: float) -> torch.Tensor:
-        working.load_state_dict({k: w * sd_ft[k] + (1 - w) * sd_pt[k] for k in sd_pt})
-        head = heads[0] if args.fixed_head else head_fn(working, tokens, args.classes)
-        return logits_of(working, batch, head)
+    def __init__(self, args: argparse.Namespace, row: str, reference: bool = True) -> None:
+        self.model, self.kind = row.split(":")
+        self.args, self.device = args, args.device
+        self.batch = args.batch_size or BATCH[self.model]
+        pretrained, expert, tokens = build(self.model, self.kind, args.classes, self.device)
+        self.param_bytes = sum(p.numel() * p.element_size() for p in pretrained.parameters())
+        if reference:  # three more copies of the parameters: left out where peak memory is measured
+            full_expert = expert.expert(pretrained) if isinstance(expert, LoraAdapter) else expert
+            self.reference_states = (copy.deepcopy(pretrained.state_dict()), copy.deepcopy(full_expert.state_dict()))
+            self.reference_model = copy.deepcopy(pretrained)
+            del full_expert
+        self.engine = TCubeEngine(pretrained, expert, [tokens], [args.classes], MAPPING, samplewise="auto",
+                                  compile=args.compile, heads="interpolated")  # fmt: skip
+        self.tokens = tokens
+        size = image_size(pretrained)
+        self.images = torch.randn(self.batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(self.device)
+        self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
+        with torch.no_grad(), self.autocast:
+            self.engine.prepare({}, extremes=False, weight_range=MAPPING.weight_range())
 
-    def t3_logits() -> torch.Tensor:
-        """This row's T³ logits for the batch, the pretrained and expert forwards that give λ included."""
-        weights = engine.coefficients(images, 0).weights[""]
-        if row.startswith("t3_batch"):
-            return engine.merged_logits(images, float(weights.mean()))
-        return engine.sample_merged_logits(images, weights)
+    def t3_batch(self) -> torch.Tensor:
+        with torch.no_grad(), self.autocast:
+            weights = self.engine.coefficients(self.images, 0).weights[""]
+            return self.engine.merged_logits(self.images, float(weights.mean()))
 
-    def step() -> torch.Tensor:
-        with torch.no_grad(), autocast:
-            if row == "zeroshot_forward":
-                return logits_of(pt, images, heads[0])
-            if row == "t3_loop_reference":
-                pt_logits, ft_logits = (logits_of(m, images, h) for m, h in zip(models, heads))
-                weights = MAPPING.expert_weights(MAPPING.lambdas(MAPPING.js(pt_logits, ft_logits)))
-                return per_sample_loop(reference_merged_logits, images, weights)
-            return t3_logits()
+    def t3(self) -> torch.Tensor:
+        with torch.no_grad(), self.autocast:
+            return self.engine.sample_merged_logits(self.images, self.engine.coefficients(self.images, 0).weights[""])
 
-    gc.collect()
+    def reference(self) -> torch.Tensor:
+        """Per sample: the state_dict merge, load_state_dict, a text pass for the head, the image forward."""
+        pt, ft = self.reference_states
+        with torch.no_grad(), self.autocast:
+            weights = self.engine.coefficients(self.images, 0).weights[""]
+            logits = []
+            for image, w in zip(self.images, weights.tolist()):
+                self.reference_model.load_state_dict({k: w * ft[k] + (1 - w) * pt[k] if pt[k].is_floating_point()
+                                                      else pt[k] for k in pt})  # fmt: skip
+                head = zero_shot_head(self.reference_model, self.tokens, self.args.classes)
+                logits.append(clip_logits(self.reference_model, image[None], head)[0])
+            return torch.stack(logits)
+
+    def measure(self) -> dict:
+        """Interleaved timings, the reference, the logit difference (peak memory comes from ``peak``)."""
+        self.t3_batch(), self.t3()  # warm-up (and compilation)
+        calls = max(1, math.ceil(self.args.min_time / max(seconds_per_call(self.t3_batch, self.device, 1), 1e-9)))
+        ratios, batch_seconds, t3_seconds = [], [], []
+        for _ in range(self.args.repeats):
+            batch_seconds.append(seconds_per_call(self.t3_batch, self.device, calls))
+            t3_seconds.append(seconds_per_call(self.t3, self.device, calls))
+            ratios.append(batch_seconds[-1] / t3_seconds[-1])  # throughput of T³ over that of T³_B
+        reference_seconds = seconds_per_call(self.reference, self.device, 1)
+        difference = float((self.t3().float() - self.reference().float()).abs().max())
+        return {
+            "row": f"{self.model}:{self.kind}", "batch_size": self.batch, "path": self.engine.samplewise_summary(),
+            "t3_vs_t3_batch": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                               "repeats": len(ratios), "calls_per_repeat": calls},
+            "t3_batch_images_per_s": self.batch / statistics.median(batch_seconds),
+            "t3_images_per_s": self.batch / statistics.median(t3_seconds),
+            "t3_vs_reference": reference_seconds / statistics.median(t3_seconds),
+            "max_abs_logit_diff_vs_per_sample_merges": difference, "param_bytes": self.param_bytes,
+        }  # fmt: skip
+
+
+def peak(args: argparse.Namespace, row: str, path: str) -> int:
+    """Peak memory while ``path`` runs, models included: CUDA's max_memory_allocated, or on CPU the peak resident
+    set less the process's size after imports (coarser)."""
+    base = current_rss()
+    measured = Row(args, row, reference=False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
         reset_peak_rss()
-    seconds = timed(step, args.device, args.min_time, args.max_iters)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = peak_rss() - base_rss
-    result = {"row": row, "seconds_per_batch": seconds, "images_per_s": args.batch_size / seconds}
-    result.update(peak_bytes=peak, param_bytes=param_bytes)
-    if row == "t3_vectorized":  # against the loop path of the same engine
-        with torch.no_grad(), autocast:
-            vec = t3_logits()
-            engine.path = "loop"
-            loop = t3_logits()
-        result["max_abs_logit_diff_vs_loop"] = float((vec.float() - loop.float()).abs().max())
-        result["distinct_weights"] = int(torch.unique(engine.coefficients(images, 0).weights[""]).numel())
-    if row.endswith("_interpolated"):  # against the same path with a text pass per merged weight
-        with torch.no_grad(), autocast:
-            ours = t3_logits()
-            fitted, engine.interpolants = engine.interpolants, [None]  # no interpolant: direct heads
-            exact = t3_logits()
-            engine.interpolants = fitted
-        result["max_abs_logit_diff_vs_exact_heads"] = float((ours.float() - exact.float()).abs().max())
-        result["argmax_as_exact_heads"] = bool(torch.equal(ours.argmax(-1), exact.argmax(-1)))
-    return result
+    for _ in range(2):
+        getattr(measured, path)()
+    sync(args.device)
+    return torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else peak_rss() - base
 
 
-def merge_times(args: argparse.Namespace) -> dict:
-    """Fused merge vs reference-style merge vs one torch.add over as many floats."""
-    pt, ft = build_pair(args.arch, args.device)
-    working = copy.deepcopy(pt)
-    sd_pt, sd_ft = pt.state_dict(), ft.state_dict()
-    store = FusedParameterStore(pt, ft)
-    n = store.num_parameters
-    a, b, out = (torch.randn(n, device=args.device) for _ in range(3))
-    flip = iter(range(10**9))
-
-    def fused() -> None:
-        store.merge(0.3 if next(flip) % 2 else 0.7)
-
-    def reference() -> None:
-        lam = 0.3
-        working.load_state_dict({k: lam * sd_ft[k] + (1 - lam) * sd_pt[k] for k in sd_pt})
-
-    def floor() -> None:
-        torch.add(a, b, alpha=0.3, out=out)
-
-    with torch.no_grad():
-        times = {
-            name: timed(fn, args.device, args.min_time, 10**6)
-            for name, fn in (("fused", fused), ("reference", reference), ("floor", floor))
-        }
-    return {"parameters": n, **{f"{k}_s": v for k, v in times.items()}}
+def isolated_peak(argv: list[str], row: str, path: str) -> int:
+    done = subprocess.run([sys.executable, __file__, *argv, "--peak", f"{row}/{path}"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{row} {path} failed:\n{done.stderr[-3000:]}")
+    return int(done.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="tcube-tiny-clip", help="open_clip architecture (random weights)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS), help="model:expert kind")
+    parser.add_argument("--batch-size", type=int, help="default: 32, 8 for the ViT-B/16 models")
     parser.add_argument("--classes", type=int, default=8, help="classes (one prompt each) of the zero-shot head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="run the forwards under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="run the forwards through torch.compile")
-    parser.add_argument(
-        "--fixed-head", action="store_true", help="merge_text off: merged models keep the pretrained head"
-    )
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds each measurement runs at least")
-    parser.add_argument("--max-iters", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved T3_B / T3 measurements per row")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds each measurement runs at least")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON table")
-    parser.add_argument(
-        "--no-isolate", action="store_true", help="run every row in this process (quicker; coarser peak memory)"
-    )
-    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row in a subprocess
+    parser.add_argument("--no-isolate", action="store_true", help="peak memory in this process (coarser, quicker)")
+    parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: row/path, measured in a subprocess
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    with torch.no_grad():
-        run(args, argv)
-
-
-def run(args: argparse.Namespace, argv: list[str]) -> None:
-    """Every row (or, with the internal ``--row``, one), the merge timings, the printed and written report."""
-    if args.row:
-        print(json.dumps(run_row(args)))
+    if args.peak:
+        print(peak(args, *args.peak.split("/")))
         return
-    rows = [run_row(argparse.Namespace(**{**vars(args), "row": row})) if args.no_isolate else isolated_row(argv, row)
-            for row in ROWS]  # fmt: skip
-    report = {"arch": args.arch, "batch_size": args.batch_size, "device": args.device, "bf16": args.bf16}
-    report["compile"] = args.compile
-    report.update(classes=args.classes, merge_text=not args.fixed_head)
-    if args.device.startswith("cuda"):
-        report["device_name"] = torch.cuda.get_device_name()
-    report.update(merge=merge_times(args), rows=rows)
+    results = []
+    for row in args.rows:
+        result = Row(args, row).measure()
+        for path in ("t3_batch", "t3"):
+            bytes_ = peak(args, row, path) if args.no_isolate else isolated_peak(argv, row, path)
+            result[f"{path}_peak_over_params"] = bytes_ / result["param_bytes"]
+        results.append(result)
+    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+              "bf16": args.bf16, "compile": args.compile, "classes": args.classes, "rows": results}  # fmt: skip
     print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = (
-        ("_bf16" if args.bf16 else "")
-        + ("_compile" if args.compile else "")
-        + ("_fixedhead" if args.fixed_head else "")
-    )
-    name = f"bench_{args.arch}_{args.device.replace(':', '')}_b{args.batch_size}{suffix}.json"
+    name = "bench_" + "_".join(r.replace(":", "-") for r in args.rows) + f"_{args.device.replace(':', '')}"
+    name += ("_bf16" if args.bf16 else "") + ("_compile" if args.compile else "") + ".json"
     (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.out / name}")
 
 
-def isolated_row(argv: list[str], row: str) -> dict:
-    """One row in a fresh process, so that its peak memory is its own."""
-    done = subprocess.run([sys.executable, __file__, *argv, "--row", row], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"row {row} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def print_report(report: dict) -> None:
-    merge, rows = report["merge"], {r["row"]: r for r in report["rows"]}
-    fused, reference, floor = merge["fused_s"], merge["reference_s"], merge["floor_s"]
-    text = "merged text tower" if report["merge_text"] else "fixed text head"
-    precision = ("bf16 autocast" if report["bf16"] else "fp32") + (", torch.compile" if report.get("compile") else "")
-    device = report.get("device_name", report["device"])
-    setting = f"batch {report['batch_size']}, {report['classes']} classes, {precision}, {text}"
-    print(f"\n{report['arch']} on {device}, {setting}")
-    print(f"\nmerge of {merge['parameters']:,} parameters")
-    print("| merge | ms | ratio |\n|---|---:|---:|")
-    print(f"| fused store | {1e3 * fused:.3f} | 1.00 |")
-    print(f"| reference (dict + load_state_dict) | {1e3 * reference:.3f} | {reference / fused:.1f}x slower |")
-    print(f"| bandwidth floor (one torch.add) | {1e3 * floor:.3f} | fused = {fused / floor:.2f}x floor |")
-    param_mib = rows["zeroshot_forward"]["param_bytes"] / 2**20
-    print(f"\nthroughput and peak memory (one model's parameters: {param_mib:.1f} MiB)")
-    print("| path | images/s | vs T3_B | peak MiB | peak / params |\n|---|---:|---:|---:|---:|")
-    batch_rate = rows["t3_batch"]["images_per_s"]
-    for name, row in rows.items():
-        print(
-            f"| {name} | {row['images_per_s']:.1f} | {row['images_per_s'] / batch_rate:.2f} "
-            f"| {row['peak_bytes'] / 2**20:.1f} | {row['peak_bytes'] / row['param_bytes']:.2f} |"
-        )
-    vec, loop, ref = rows["t3_vectorized"], rows["t3_loop_fused"], rows["t3_loop_reference"]
-    best = max(vec["images_per_s"], loop["images_per_s"])
-    print(f"\nT3 best path vs reference per-sample loop: {best / ref['images_per_s']:.2f}x")
-    print(f"T3 best path vs T3_B: {best / batch_rate:.2f}x")
-    interpolated = [rows[r] for r in ("t3_vectorized_interpolated", "t3_loop_interpolated")]
-    best_interpolated = max(r["images_per_s"] for r in interpolated)
-    print(f"T3 best path vs T3_B, both with interpolated heads: "
-          f"{best_interpolated / rows['t3_batch_interpolated']['images_per_s']:.2f}x")  # fmt: skip
-    print(f"T3 best path with interpolated heads vs T3_B with exact heads: {best_interpolated / batch_rate:.2f}x")
-    for name, row in rows.items():
-        if "max_abs_logit_diff_vs_exact_heads" in row:
-            print(f"{name}: max |logit diff| vs exact heads {row['max_abs_logit_diff_vs_exact_heads']:.2e}, "
-                  f"argmax identical: {row['argmax_as_exact_heads']}")
-    diff, distinct = vec["max_abs_logit_diff_vs_loop"], vec["distinct_weights"]
-    print(f"max |logit diff| vectorized vs loop: {diff:.2e} ({distinct} distinct weights)")
+    precision = ("bf16 autocast" if report["bf16"] else "fp32") + (", torch.compile" if report["compile"] else "")
+    print(f"\n{report['device']}, {report['classes']} classes, {precision}, merged text tower, interpolated heads")
+    print(
+        "| model | expert | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference | max logit diff "
+        "| peak / params T3_B, T3 |\n|---|---|---:|---|---:|---:|---:|---:|"
+    )
+    for row in report["rows"]:
+        model, kind = row["row"].split(":")
+        ratio, path = row["t3_vs_t3_batch"], row["path"]
+        label = f"{path['path']} ({path.get('pass', path.get('reason'))})"
+        print(f"| {model} | {kind} | {row['batch_size']} | {label} | {ratio['median']:.2f} [{ratio['min']:.2f}, "
+              f"{ratio['max']:.2f}] of {ratio['repeats']} | {row['t3_vs_reference']:.2f} "
+              f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
+              f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} |")  # fmt: skip
+    print()
+    for row in report["rows"]:
+        model, kind = row["row"].split(":")
+        print(f"T3 vs T3_B [{model} {kind}]: {row['t3_vs_t3_batch']['median']:.2f}x")
+        difference = row["max_abs_logit_diff_vs_per_sample_merges"]
+        print(f"max |logit diff| vs per-sample merges [{model} {kind}]: {difference:.1e}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The LightningModule drives it (devices, metrics, splits); tests use it directly,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Literal
@@ -90,7 +91,8 @@ class TCubeEngine(nn.Module):
             self.changed = set(changed_parameters(self.store.pretrained, self.store.expert))
             standard = unsupported_reason(self.store.pretrained) is None
             self.pass_name = "open_clip CLIP" if standard else "leaf-wise"
-        self.unsupported_reason = None if self.pass_name == "open_clip CLIP" else leafwise_reason(pretrained, self.changed)
+        by_hand = self.pass_name == "open_clip CLIP"
+        self.unsupported_reason = None if by_hand else leafwise_reason(pretrained, self.changed)
         if samplewise == "vectorized" and self.unsupported_reason is not None:
             reason = self.unsupported_reason
             raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
@@ -156,9 +158,14 @@ class TCubeEngine(nn.Module):
             vectorized = LeafWisePass(store.pretrained, dense, store.updates())
         else:
             vectorized = LeafWisePass(store.pretrained, {n: store.expert.get_parameter(n) for n in self.changed})
-        error = self._probe_error(vectorized)
+        try:
+            error = self._probe_error(vectorized)
+        except RuntimeError as err:  # the model's code cannot take per-row parameters
+            error, failure = math.inf, f" ({err})"
+        else:
+            failure = ""
         if error > PROBE_TOLERANCE:
-            self.unsupported_reason = f"the leaf-wise pass is {error:.1e} from per-sample merges on a probe"
+            self.unsupported_reason = f"the leaf-wise pass is {error:.1e} from per-sample merges on a probe{failure}"
             if self.samplewise == "vectorized":
                 raise InputError(f"model.samplewise=vectorized cannot run this model: {self.unsupported_reason}")
             return None
@@ -186,7 +193,8 @@ class TCubeEngine(nn.Module):
         """Which per-sample path ``prepare`` chose: the pass that runs it, or why the loop does (results.json)."""
         if self.path == "vectorized":
             return {"path": "vectorized", "pass": self.pass_name}
-        reason = self.unsupported_reason or ("model.samplewise=loop" if self.samplewise == "loop" else "exact heads on CPU")
+        asked = "model.samplewise=loop" if self.samplewise == "loop" else "exact heads on CPU"
+        reason = self.unsupported_reason or asked
         return {"path": "loop", "reason": reason}
 
     def _float32_head(self, weight: float, class_set: int) -> torch.Tensor:

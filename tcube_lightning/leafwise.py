@@ -55,9 +55,12 @@ class LeafWisePass(PerSamplePass):
         for update in low_rank:
             self.low_rank[update.parameter].append(update)
         self.scales = (pretrained.logit_scale, dense.get("logit_scale", pretrained.logit_scale))
-        self.handlers, self.per_row, reason = plan_leaves(pretrained, set(dense) | set(self.low_rank))
+        handlers, self.per_row, reason = plan_leaves(pretrained, set(dense) | set(self.low_rank))
         if reason is not None:
             raise NotImplementedError(reason)
+        self.modules = dict(pretrained.named_modules())
+        self.forwards = {name: getattr(self, f"_{kind}")(name, self.modules[name]) for name, kind in handlers.items()}
+        """Each changed leaf's per-row forward, built once; it reads the rows' weights of the pass under way."""
         self.weights: torch.Tensor | None = None
 
     def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -73,21 +76,20 @@ class LeafWisePass(PerSamplePass):
         """During the block, the changed leaves run per row with ``weights`` and the changed parameters held
         outside leaves are per-row tensors; everything is given back after."""
         self.weights = weights
-        modules = dict(self.pt.named_modules())
         saved = {}
         try:
-            for name, kind in self.handlers.items():
-                modules[name].forward = getattr(self, f"_{kind}")(name, modules[name])
+            for name, forward in self.forwards.items():
+                self.modules[name].forward = forward
             for name in self.per_row:
-                owner, attribute = _owner(modules, name)
+                owner, attribute = _owner(self.modules, name)
                 saved[name] = owner._parameters[attribute]
                 owner._parameters[attribute] = self._mix(name, saved[name])
             yield
         finally:
-            for name in self.handlers:
-                modules[name].__dict__.pop("forward", None)
+            for name in self.forwards:
+                self.modules[name].__dict__.pop("forward", None)
             for name, value in saved.items():
-                owner, attribute = _owner(modules, name)
+                owner, attribute = _owner(self.modules, name)
                 owner._parameters[attribute] = value
             self.weights = None
 
@@ -109,11 +111,14 @@ class LeafWisePass(PerSamplePass):
         return self.dense.get(name, pt)
 
     def _low_rank_terms(self, y: torch.Tensor, x: torch.Tensor, parameter: str) -> torch.Tensor:
-        """y plus w_i·s·(x·Aᵀ)·Bᵀ of every update of ``parameter`` (on its rows of the output, if given)."""
+        """y plus w_i·s·(x·Aᵀ)·Bᵀ of every update of ``parameter`` (on its rows of the output, if given): w_i·s
+        scales the rank-r activations, and the second product accumulates into y, so the term costs two thin
+        products and nothing over the width of y."""
         for update in self.low_rank.get(parameter, ()):
-            term = F.linear(F.linear(x, update.down.to(x.dtype)), update.up.to(x.dtype)) * update.scale
+            low = F.linear(x, update.down.to(x.dtype))
+            low = low * (self._w(low) * update.scale)
             columns = slice(*update.rows) if update.rows else slice(None)
-            y[..., columns] += self._w(term) * term
+            y.view(-1, y.shape[-1])[:, columns].addmm_(low.reshape(-1, low.shape[-1]), update.up.to(y.dtype).T)
         return y
 
     def _linear_rows(self, x: torch.Tensor, prefix: str, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -171,7 +176,8 @@ class LeafWisePass(PerSamplePass):
         out_proj = module.out_proj
 
         def forward(query, key, value, need_weights=True, attn_mask=None, **flags):  # noqa: ANN001, ANN202, ANN003
-            if key is not query or value is not query or flags.get("key_padding_mask") is not None or flags.get("is_causal"):
+            padded, causal = flags.get("key_padding_mask") is not None, flags.get("is_causal")
+            if key is not query or value is not query or padded or causal:
                 raise RuntimeError("only self-attention without key padding or causal flags runs per row")
             qkv = lambda x: self._linear_rows(  # noqa: E731
                 x, f"{name}.", module.in_proj_weight, module.in_proj_bias, "in_proj_weight", "in_proj_bias"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate
 
 
 class ParameterViews(nn.Module):
@@ -58,6 +59,19 @@ class ParameterViews(nn.Module):
     def num_parameters(self) -> int:
         return self.pt_flat.numel()
 
+    merged_buffers: tuple[str, str, str]
+    """The flat buffers (θ_pt, θ_ft, merged) ``merge`` interpolates: every parameter, or a LoRA expert's targets."""
+
+    @torch.no_grad()
+    def merge(self, weight: float | torch.Tensor) -> nn.Module:
+        """Set the working model to (1−w)·θ_pt + w·θ_ft (w = weight on the expert) and return it: one ``lerp``."""
+        w = float(weight)
+        if w != self.weight:
+            pt, ft, merged = (getattr(self, name) for name in self.merged_buffers)
+            torch.lerp(pt, ft, w, out=merged)
+            self.weight = w
+        return self.working
+
 
 class FusedParameterStore(ParameterViews):
     """θ_pt, θ_ft and the merged θ as three contiguous buffers; three models whose parameters are views.
@@ -68,6 +82,8 @@ class FusedParameterStore(ParameterViews):
     ``load_state_dict``. Holding θ_ft rather than Δ keeps memory at three copies of the parameters.
     Buffers (non-learned tensors) are not merged: the working model keeps the pretrained model's.
     """
+
+    merged_buffers = ("pt_flat", "ft_flat", "merged_flat")
 
     def __init__(self, pretrained: nn.Module, expert: nn.Module) -> None:
         super().__init__(pretrained)
@@ -82,15 +98,6 @@ class FusedParameterStore(ParameterViews):
             self._bind(attribute, model, {n: (flat, self.offsets[n]) for n in self.names}, copy_in=model is not working)
         self.merged_flat.copy_(self.pt_flat)
         self.weight: float | None = 0.0
-
-    @torch.no_grad()
-    def merge(self, weight: float | torch.Tensor) -> nn.Module:
-        """Set the working model to (1−w)·θ_pt + w·θ_ft (w = weight on the expert) and return it."""
-        w = float(weight)
-        if w != self.weight:
-            torch.lerp(self.pt_flat, self.ft_flat, w, out=self.merged_flat)
-            self.weight = w
-        return self.working
 
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:
@@ -110,7 +117,9 @@ class LowRankStore(ParameterViews):
     expert's targets are computed as ``LoraAdapter.expert`` computes them.
     """
 
-    def __init__(self, pretrained: nn.Module, adapter: "LoraAdapter") -> None:  # noqa: F821 - loading imports us
+    merged_buffers = ("pt_targets", "ft_targets", "merged_targets")
+
+    def __init__(self, pretrained: nn.Module, adapter: LoraAdapter) -> None:
         super().__init__(pretrained)
         self.adapter = adapter
         self.targets = [n for n in self.names if n in adapter.changed_parameters()]
@@ -139,15 +148,6 @@ class LowRankStore(ParameterViews):
         self.weight: float | None = 0.0
 
     @torch.no_grad()
-    def merge(self, weight: float | torch.Tensor) -> nn.Module:
-        """Set the working model to (1−w)·θ_pt + w·θ_ft on the targets (the rest is θ_pt) and return it."""
-        w = float(weight)
-        if w != self.weight:
-            torch.lerp(self.pt_targets, self.ft_targets, w, out=self.merged_targets)
-            self.weight = w
-        return self.working
-
-    @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:
         """Set the working model to a static merge given as a full flat vector: only the targets can differ from θ_pt
         (every static rule leaves a tensor whose Δ is zero as it is), so only they are copied."""
@@ -157,7 +157,7 @@ class LowRankStore(ParameterViews):
         self.weight = None
         return self.working
 
-    def updates(self) -> list:
+    def updates(self) -> list[LowRankUpdate]:
         """The adapter's low-rank updates with their factors where this store is (device, dtype)."""
         return [
             dataclasses.replace(update, down=getattr(self, f"down_{i}"), up=getattr(self, f"up_{i}"))
