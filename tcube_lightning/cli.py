@@ -2,40 +2,47 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tcube_lightning.configpaths import absolute_namespace_paths, inline_config_files
 from tcube_lightning.data import EvaluationDataModule
 from tcube_lightning.errors import InputError
 from tcube_lightning.module import TCubeModule
+from tcube_lightning.parser import EvaluationParser
 from tcube_lightning.quiet import quiet_lightning
+from tcube_lightning.runfolder import discard_own
 
 
 class RunFolder(SaveConfigCallback):
-    """config.yaml is saved once testing starts, and a run stopped before that (bad input found in ``setup``,
-    before any model loads) leaves no empty ``version_N/`` behind: Lightning makes the logger's folder, with an
-    empty event file, before ``setup`` runs."""
+    """Keeps a run's folder to what the run did: config.yaml is saved once the first split is finished (so that a run
+    stopped before, by bad input found after the models load or by an interruption, replaces no earlier config and
+    leaves nothing of its own behind: ``runfolder.discard_own``)."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         pass
 
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().setup(trainer, pl_module, "test")
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if dataloader_idx > 0 and not self.already_saved:  # the module finished the first split in this batch's step
+            super().setup(trainer, pl_module, "test")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.already_saved:
+            super().setup(trainer, pl_module, "test")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self.already_saved or not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
-            return
-        folder = Path(trainer.logger.log_dir)
-        for own in folder.glob("events.out.tfevents.*"):  # the logger's empty start; nothing else is removed
-            own.unlink()
-        with contextlib.suppress(OSError):  # not empty: something else is in there, keep it
-            folder.rmdir()
+        if trainer.is_global_zero and not getattr(pl_module, "results_written", False):
+            discard_own(Path(pl_module.hparams.results_dir or trainer.log_dir), pl_module.started)
 
 
 EXAMPLES = """examples:
@@ -56,6 +63,21 @@ EXAMPLES = """examples:
 """
 
 
+FOLDER_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+"""Loggers that write into a folder; with model.results_dir they write into it, beside the results."""
+
+
+def logger_in(results_dir: str, logger: object) -> object:
+    """The configured logger (None or True: Lightning's default, TensorBoard's) writing into ``results_dir``."""
+    if logger is None or logger is True:
+        logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace())
+    if isinstance(logger, list):
+        return [logger_in(results_dir, each) for each in logger]
+    if isinstance(logger, Namespace) and logger.class_path.rsplit(".", 1)[-1] in FOLDER_LOGGERS:
+        logger.init_args = Namespace(**{**vars(logger.init_args), "save_dir": results_dir, "name": "", "version": ""})
+    return logger
+
+
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -63,20 +85,45 @@ class TCubeCLI(LightningCLI):
         of a trained LightningModule: the models come from model.*_checkpoint)."""
         return {"test": {"model", "dataloaders", "datamodule", "ckpt_path"}}
 
+    def add_core_arguments_to_parser(self, parser: EvaluationParser) -> None:
+        """LightningCLI's, with the Trainer's training-only options left out."""
+        parser.add_trainer_arguments(self.trainer_class)
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model")
+        parser.add_lightning_class_args(self._datamodule_class, "data")
+
+    def before_instantiate_classes(self) -> None:
+        """Paths given on the command line made absolute (those of config files already are: ``main``); one folder
+        per run: with model.results_dir, the logger's events (and so config.yaml and hparams.yaml, which go to the
+        logger's folder) go there too."""
+        config = self.config[self.subcommand]
+        absolute_namespace_paths(config, Path.cwd())
+        if config.model.results_dir is not None and config.trainer.logger is not False:
+            config.trainer.logger = logger_in(config.model.results_dir, config.trainer.logger)
+
 
 def main(args: list[str] | None = None) -> TCubeCLI:
     """Entry point of ``main.py``, ``python -m tcube_lightning`` and the ``tcube-lightning`` script.
 
     Bad input (``InputError``) ends the run with its message and exit status 2, not a traceback. A run stopped by
-    SIGTERM (a scheduler's preemption) exits 143: Lightning ends it with a ``SystemExit`` that would say 0.
+    SIGTERM (a scheduler's preemption) exits 143 and by SIGINT (Ctrl+C) 130, each saying how to complete it:
+    Lightning ends the first with a ``SystemExit`` that would say 0, the second with 1.
     """
     quiet_lightning()
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt  # Lightning shuts the run down, then exits 1
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         return TCubeCLI(
             TCubeModule,
             EvaluationDataModule,
-            args=args,
+            args=inline_config_files(sys.argv[1:] if args is None else args, Path.cwd()),
             save_config_callback=RunFolder,
+            parser_class=EvaluationParser,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # it never trains: no --optimizer / --lr_scheduler
             # No abbreviated options: `--model.gamm 2` must be an error, not gamma = 2.
@@ -90,9 +137,19 @@ def main(args: list[str] | None = None) -> TCubeCLI:
         print(f"tcube-lightning: error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
-        print(
-            "tcube-lightning: stopped by SIGTERM before the last split; results.json holds the splits finished so far "
-            "(its missing_splits names the rest): run again with --model.resume true to complete it",
-            file=sys.stderr,
-        )
-        sys.exit(128 + signal.SIGTERM)
+        stopped_by("SIGTERM", signal.SIGTERM)
+    except SystemExit:
+        if interrupted:
+            stopped_by("SIGINT", signal.SIGINT)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+def stopped_by(name: str, number: int) -> NoReturn:
+    print(
+        f"tcube-lightning: stopped by {name} before the last split; results.json holds the splits finished so far "
+        "(its missing_splits names the rest): run again with --model.resume true to complete it",
+        file=sys.stderr,
+    )
+    sys.exit(128 + number)

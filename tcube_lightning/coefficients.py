@@ -7,6 +7,7 @@ The maths always runs in float32 (or wider), whatever precision the models ran i
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Literal
@@ -132,11 +133,30 @@ class T3Setting:
         return ",".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}" for k, v in self.overrides().items())
 
 
-def grid_mappings(run: LambdaMapping, grid: list[T3Setting]) -> dict[str, LambdaMapping]:
+def grid_setting(index: int, entry: T3Setting | dict) -> T3Setting:
+    """A ``model.grid`` entry as the command line or a config gives it (a mapping), checked field by field."""
+    if isinstance(entry, T3Setting):
+        return entry
+    names = [f.name for f in fields(T3Setting)]
+    if not isinstance(entry, dict):
+        raise InputError(f"model.grid[{index}] must be a mapping of some of {names}, got {entry!r}")
+    unknown = sorted(set(entry) - set(names))
+    if unknown:
+        close = [match for name in unknown for match in difflib.get_close_matches(name, names, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise InputError(f"model.grid[{index}]: unknown field(s) {unknown}{hint}; the fields are {names}")
+    try:
+        return T3Setting(**{k: v if k == "lambda_weights" or v is None else float(v) for k, v in entry.items()})
+    except (TypeError, ValueError) as err:
+        raise InputError(f"model.grid[{index}]: {err}") from err
+
+
+def grid_mappings(run: LambdaMapping, grid: list[T3Setting | dict]) -> dict[str, LambdaMapping]:
     """Each ``model.grid`` setting applied to the run's own mapping, by label; checked like the run's own settings,
     the error naming the entry."""
     mappings: dict[str, LambdaMapping] = {}
-    for index, setting in enumerate(grid):
+    for index, entry in enumerate(grid):
+        setting = grid_setting(index, entry)
         if not setting.overrides():
             raise InputError(f"model.grid[{index}] sets none of {[f.name for f in fields(T3Setting)]}")
         if setting.label in mappings:

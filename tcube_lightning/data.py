@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from pathlib import Path
@@ -139,8 +140,6 @@ class EvaluationDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
         flag = flag or (self.modality.medmnist_flag if self.modality else None)
-        if classnames is None and flag is None:
-            raise InputError("data: give classnames, or a flag / modality whose MedMNIST metadata names the classes")
         self.root, self.flag, self.size = Path(root), flag, size
         self.kinds = list(splits or SPLIT_KINDS) if self.modality else []
         self.sources = dict(sources or {})
@@ -148,7 +147,8 @@ class EvaluationDataModule(L.LightningDataModule):
         self.severities, self.corruption_source, self.seed = list(severities), corruption_source, seed
         self.corruption_cache = Path(corruption_cache) if corruption_cache is not None else None
         self.classnames_given = classnames is not None
-        self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag)
+        self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag) if flag else None
+        """The names of the splits that do not name their own classes (None: every split must)."""
         self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
         if any("{}" not in t for t in self.templates):
             raise InputError(f"data.templates: each template needs one '{{}}' for the class name, got {self.templates}")
@@ -170,6 +170,7 @@ class EvaluationDataModule(L.LightningDataModule):
             return
         transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
         for name, (dataset, classnames) in self._read_splits().items():
+            check_distinct(name, classnames)
             labels = np.asarray(dataset.labels)
             if not np.issubdtype(labels.dtype, np.integer):
                 fractional = ~np.isfinite(labels) | (labels != np.round(labels))
@@ -222,17 +223,26 @@ class EvaluationDataModule(L.LightningDataModule):
             return None
         path = self.root / self.sources[name]
         if path.suffix == ".npz" or not path.is_dir():
-            return read_medmnist_npz(path, self.split_key), self.classnames
+            return read_medmnist_npz(path, self.split_key), self.given_classnames(name, path)
         dataset = HFImages(path, self.split_key)
         own = dataset.classnames  # a ClassLabel's names, or an image folder's (its subfolders, alphabetical)
         if own is None:
-            return dataset, self.classnames
+            return dataset, self.given_classnames(name, path)
         if self.classnames_given and list(own) != self.classnames:
             raise InputError(
                 f"split {name!r}: data.classnames {self.classnames} disagree with the class names {path} carries "
                 f"{list(own)}; give names that match its labels, or leave data.classnames out to use the data's own"
             )
         return dataset, list(own)
+
+    def given_classnames(self, split: str, path: Path) -> list[str]:
+        """The names from data.classnames or data.flag, for a split whose data does not name its classes."""
+        if self.classnames is None:
+            raise InputError(
+                f"split {split!r}: {path} does not name its classes (an npz, or a dataset without a ClassLabel): give "
+                "data.classnames in label order, or a data.flag / modality whose MedMNIST metadata names them"
+            )
+        return self.classnames
 
     @functools.cached_property
     def _in_domain(self) -> Dataset:
@@ -282,6 +292,22 @@ class EvaluationDataModule(L.LightningDataModule):
         if world_size == 1:
             return SequentialSampler(dataset)
         return WholeBatchSampler(dataset, self.batch_size, num_replicas=world_size, rank=self.trainer.global_rank)
+
+
+def check_distinct(split: str, classnames: list[str]) -> None:
+    """Two classes whose prompts read alike (the tokenizers ignore case and spacing) would share one zero-shot
+    embedding, and the second could never be predicted."""
+
+    def as_read(name: str) -> str:
+        return " ".join(name.lower().split())
+
+    counts = collections.Counter(map(as_read, classnames))
+    repeats = [name for name in classnames if counts[as_read(name)] > 1]
+    if repeats:
+        raise InputError(
+            f"split {split!r}: class names must be distinct as the prompts read them (case and spacing ignored); "
+            f"repeated: {repeats}"
+        )
 
 
 class WholeBatchSampler(DistributedSampler):

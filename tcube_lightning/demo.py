@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import OneCycleLR
 
 from tcube_lightning import loading  # noqa: F401 - registers the bundled tiny architecture
+from tcube_lightning.quiet import creating_empty_models
 
 ARCH = "tcube-tiny-clip"
 IMAGE_SIZE = 28
@@ -175,9 +176,9 @@ def build_demo(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    generalist = train_clip(
-        open_clip.create_model(ARCH), CLASSES, CONDITIONS, generalist_steps, 2e-3, seed, name="generalist"
-    )
+    with creating_empty_models():  # open_clip's note that it is random: it is, and trained next
+        untrained = open_clip.create_model(ARCH)
+    generalist = train_clip(untrained, CLASSES, CONDITIONS, generalist_steps, 2e-3, seed, name="generalist")
     torch.save(generalist.state_dict(), out / "generalist.pt")
     expert = train_clip(generalist, EXPERT_CLASSES, (EXPERT_CONDITION,), expert_steps, 1e-3, seed + 1, name="expert")
     torch.save(expert.state_dict(), out / "expert.pt")

@@ -62,10 +62,12 @@ def lambda_spread_warning(
         return None
     listed = ", ".join(f"{split} ({spread:.4f})" for split, spread in list(narrow.items())[:8])
     more = f" and {len(narrow) - 8} more" if len(narrow) > 8 else ""
-    return (
-        f"λ spans less than min_lambda_spread={min_spread} on {len(narrow)} split(s): {listed}{more}. T³ behaves "
-        f"almost like a fixed interpolation there: with these settings λ can only move within [{reachable[0]:.4f}, "
-        f"{reachable[1]:.4f}], as σ(γ·JS) lies in [0.5, σ(γ·ln 2)]. A larger gamma or a wider range [lambda_min, "
-        "lambda_max] widens it; model.grid evaluates several settings in one pass, on the same forwards "
-        "(e.g. --model.grid='[{gamma: 4}, {gamma: 16}]')."
+    said = f"λ spans less than min_lambda_spread={min_spread} on {len(narrow)} split(s): {listed}{more}. "
+    if reachable[0] == reachable[1]:  # no γ can widen it
+        return said + f"lambda_min = lambda_max = {reachable[0]:.4f}: T³ is a fixed interpolation at that weight."
+    return said + (
+        f"T³ behaves almost like a fixed interpolation there: with these settings λ can only move within "
+        f"[{reachable[0]:.4f}, {reachable[1]:.4f}], as σ(γ·JS) lies in [0.5, σ(γ·ln 2)]. A larger gamma or a wider "
+        "range [lambda_min, lambda_max] widens it; model.grid evaluates several settings in one pass, on the same "
+        "forwards (e.g. --model.grid='[{gamma: 4}, {gamma: 16}]')."
     )

@@ -4,15 +4,17 @@ split's finish with its DDP reductions; the maths is in ``engine`` and ``coeffic
 
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, T3Setting, fit_beta_mixture, grid_mappings
+from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture, grid_mappings
 from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.diagnostics import decision_diagnostics
 from tcube_lightning.engine import BatchCoefficients, TCubeEngine
@@ -31,6 +33,7 @@ from tcube_lightning.report import (
     mixture_summary,
 )
 from tcube_lightning.results import jsonable
+from tcube_lightning.runfolder import clear_earlier_run
 from tcube_lightning.samples import SampleTable, lambda_column, prediction_columns
 from tcube_lightning.splitnames import is_corrupted
 
@@ -113,7 +116,7 @@ class TCubeModule(L.LightningModule):
         gamma: float = 0.5,
         lambda_weights: LambdaWeights = "expert",
         js_base: float | None = None,
-        grid: list[T3Setting] | None = None,
+        grid: list[dict[str, Any]] | None = None,
         merge_text: bool = True,
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
         compile: bool = False,
@@ -144,6 +147,9 @@ class TCubeModule(L.LightningModule):
                 "splits (CE, mCE) will be refused"
             )
         self.engine: TCubeEngine | None = None
+        self.started = time.time()
+        """When this run began: files in its folder written since are its own (``runfolder``)."""
+        self.results_written = False
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -336,8 +342,8 @@ class TCubeModule(L.LightningModule):
         """Every local sample through the model merged at its component's mean, into the metrics and the table."""
         split = self.split_names[index]
         class_set = self.split_class_set[split]
-        offset = 0
-        for batch in self.trainer.test_dataloaders[index]:
+        offset = 0  # only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early
+        for batch in itertools.islice(self.trainer.test_dataloaders[index], self.batches_seen[split]):
             images, labels = self.transfer_batch_to_device(batch, self.device, index)
             rows = slice(offset, offset + len(labels))
             columns = {"index": sample_index[rows]}
@@ -385,12 +391,16 @@ class TCubeModule(L.LightningModule):
             "coefficients": coefficient_statistics(table, list(self.grid)),
             "diagnostics": decision_diagnostics(table),
             "num_samples": len(table["index"]),
+            "total_samples": len(self.trainer.datamodule.datasets[split]),
             "nonfinite_samples": int((~table["finite"]).sum()),
             "clusters": self.cluster_summaries[split],
             "classnames": self.split_classnames[split],
         }
         if self.trainer.is_global_zero:
+            if self.hparams.overwrite and not self.results_written:  # the replaced run's files go, all of them
+                clear_earlier_run(self.report.results_dir, self.started)
             self.report.add_split(split, record, table)
+        self.results_written = True
 
     def on_test_epoch_end(self) -> None:
         """Finish the last split(s), then report on rank 0."""

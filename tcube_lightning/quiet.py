@@ -1,6 +1,6 @@
 """Library messages that a user of this tool cannot act on: Lightning's, silenced in every process that runs it (the
 command line's, and the processes ddp_spawn starts, which import the module but not the command line), and open_clip's
-note that a model it creates has random weights (ours are created empty and loaded right after)."""
+note that a model it creates has random weights (ours get weights right after: loaded, or trained by the demo)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Iterator
 NOT_ACTIONABLE_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of an API torch 2.14 deprecates
     r"Total length of `list` across ranks is zero",  # a resumed run whose splits are all done: said by the module
+    r"LightningCLI's args parameter is intended",  # main passes the command line on, its config files inlined
 )
 
 

@@ -44,6 +44,8 @@ def read_medmnist_npz(path: str | Path, split: str = "test") -> ImageArrays:
     if not path.is_file():
         raise InputError(f"data file not found: {path} (expected a MedMNIST-format npz)")
     wanted = (f"{split}_images", f"{split}_labels")
+    if not zipfile.is_zipfile(path):  # NumPy would call any other bytes "pickled (object) data"
+        raise InputError(f"{path}: not an npz file (a zip archive of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path) as npz:
             keys = sorted(npz.files)
@@ -231,6 +233,7 @@ class HFImages(Dataset):
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"HF dataset folder not found: {folder}")
+        datasets.disable_progress_bars()  # "Downloading data" bars for local files read offline
         try:
             if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
                 data = datasets.load_from_disk(str(folder))

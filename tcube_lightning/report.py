@@ -118,7 +118,7 @@ def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
             f"model.resume: {path} was written with another configuration (differs in {differing}); "
             "use another model.results_dir or remove that file"
         )
-    done = list(previous["accuracy"])
+    done = [split for split in previous["accuracy"] if split not in previous.get("partial_splits", {})]
     rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {done}")
     tables = read_tables(Path(results_dir) / ANALYSIS_FILE)
     return {split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, tables.get(split))
@@ -189,7 +189,8 @@ class RunReport:
         results["config"] = self.run_config
         results.update(self.details)
         results["missing_splits"] = [s for s in self.split_order if s not in self.records]
-        results["complete"] = not results["missing_splits"]
+        results["partial_splits"] = partial_splits(self.records)
+        results["complete"] = not results["missing_splits"] and not results["partial_splits"]
         errors = corruption_errors(results["accuracy"], self.mce_reference)
         if errors:
             results["corruption_errors"] = {"reference": self.mce_reference, "ce": errors}
@@ -205,7 +206,8 @@ class RunReport:
 
     @staticmethod
     def summary_rows(results: dict) -> list[dict]:
-        return summary_rows(results["accuracy"], results.get("corruption_errors", {}).get("ce", {}))
+        errors = results.get("corruption_errors", {}).get("ce", {})
+        return summary_rows(results["accuracy"], errors, results.get("partial_splits", {}))
 
     def finish(
         self,
@@ -228,6 +230,8 @@ class RunReport:
                 scalars = {f"cost/{part}/{key}": value for part, row in cost.items() for key, value in row.items()}
                 logger.log_metrics(scalars, step=0)
             rows = [{**row, "ms/img": cost.get(row["method"], {}).get("ms_per_image", math.nan)} for row in rows]
+        if results["partial_splits"]:
+            rank_zero_warn(partial_note(results["partial_splits"]))
         affected = {s: n for s, n in results["nonfinite_samples"].items() if n}
         if affected:
             rank_zero_warn(
@@ -251,6 +255,24 @@ class RunReport:
             f"Results written to {self.results_dir / 'results.json'}, {self.results_dir / 'results.md'} "
             "(every split) and summary.md/csv/json beside them"
         )
+
+
+def partial_splits(records: dict[str, dict]) -> dict[str, dict[str, int]]:
+    """Splits evaluated on fewer samples than they hold (Lightning's limit_test_batches or fast_dev_run): split →
+    evaluated and total sample counts."""
+    return {
+        split: {"evaluated": record["num_samples"], "total": record["total_samples"]}
+        for split, record in records.items()
+        if record.get("total_samples", record["num_samples"]) > record["num_samples"]
+    }
+
+
+def partial_note(partial: dict[str, dict[str, int]]) -> str:
+    counts = ", ".join(f"{split} {n['evaluated']} of {n['total']}" for split, n in partial.items())
+    return (
+        f"partial results: fewer samples were evaluated than the splits hold ({counts}; trainer.limit_test_batches or "
+        "fast_dev_run): results.json says complete: false, and resume evaluates these splits again"
+    )
 
 
 def log_batch_coefficients(

@@ -95,7 +95,12 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
     """``results.json`` (everything) and ``results.md`` (the accuracy table and λ summary)."""
     results_dir = Path(results_dir)
     json_path, md_path = results_dir / "results.json", results_dir / "results.md"
-    markdown = "## Top-1 accuracy (%)\n\n" + accuracy_table(results["accuracy"])
+    markdown = ""
+    if results.get("partial_splits"):
+        markdown += "## Partial results\n\nFewer samples were evaluated than these splits hold:\n\n"
+        markdown += "".join(f"- {s}: {n['evaluated']} of {n['total']}\n" for s, n in results["partial_splits"].items())
+        markdown += "\n"
+    markdown += "## Top-1 accuracy (%)\n\n" + accuracy_table(results["accuracy"])
     markdown += "\n## λ per split\n\n| split | setting | samples | λ min | λ mean | λ max | JS mean |\n"
     markdown += "|---|---|---:|---:|---:|---:|---:|\n"
     for split, stats in results["coefficients"].items():
@@ -143,19 +148,26 @@ def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> 
     return table
 
 
-def summary_rows(accuracy: dict[str, dict[str, float]], errors: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def summary_rows(
+    accuracy: dict[str, dict[str, float]], errors: dict[str, dict[str, float]], partial: dict | None = None
+) -> list[dict[str, Any]]:
     """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
-    top-1 over the corrupted splits, and mCE."""
+    top-1 over the corrupted splits, and mCE. A column from fewer samples than its splits hold says so in its
+    name (``a (partial 64/498)``, ``corrupted_mean (partial)``), so that no summary file passes for complete."""
+    partial = partial or {}
     corrupted = [s for s in accuracy if is_corrupted(s)]
     plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
+    columns = {s: f"{s} (partial {partial[s]['evaluated']}/{partial[s]['total']})" if s in partial else s
+               for s in plain}  # fmt: skip
+    suffix = " (partial)" if set(corrupted) & set(partial) else ""
     rows = []
     for method in next(iter(accuracy.values()), {}):
         row: dict[str, Any] = {"method": method}
         for split in plain:
-            row[split] = accuracy[split][method]
+            row[columns[split]] = accuracy[split][method]
         if corrupted:
-            row["corrupted_mean"] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
-            row["mCE"] = errors.get(method, {}).get("mCE", math.nan)
+            row["corrupted_mean" + suffix] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
+            row["mCE" + suffix] = errors.get(method, {}).get("mCE", math.nan)
         rows.append(row)
     return rows
 
@@ -185,4 +197,4 @@ def summary_cell(column: str, value: float) -> str:
         return "n/a"
     if column == "ms/img":
         return f"{value:.2f}"
-    return f"{value:.3f}" if column == "mCE" else f"{100 * value:.2f}"
+    return f"{value:.3f}" if column.startswith("mCE") else f"{100 * value:.2f}"

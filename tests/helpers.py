@@ -177,10 +177,14 @@ def cli_args(clip_pair, npz_root, out, *extra):
 
 
 def run_cli_in_process(args):
+    """The command line in this process; returns results.json, read back, and the run's folder (the one
+    ``--model.results_dir`` names, else the only one under ``--trainer.default_root_dir``)."""
     main(args)
-    (results,) = Path(args[[a.split("=")[0] for a in args].index("--trainer.default_root_dir")].split("=", 1)[1]).rglob(
-        "results.json"
-    )
+    options = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    if "--model.results_dir" in options:
+        results = Path(options["--model.results_dir"]) / "results.json"
+    else:
+        (results,) = Path(options["--trainer.default_root_dir"]).rglob("results.json")
     return json.loads(results.read_text()), results.parent
 
 

@@ -72,6 +72,13 @@ def test_labels_out_of_range_are_reported(tmp_path):
 
 
 def test_corrupt_file_is_reported(tmp_path):
+    import zipfile
+
     (tmp_path / "broken.npz").write_bytes(b"not a zip file")
-    with pytest.raises(InputError, match="not a readable npz"):
+    with pytest.raises(InputError, match="broken.npz: not an npz file"):
         read_medmnist_npz(tmp_path / "broken.npz")
+    with zipfile.ZipFile(tmp_path / "cut.npz", "w") as archive:  # a zip archive, but no .npy array in it
+        archive.writestr("test_images.npy", b"\x93NUMPY cut short")
+        archive.writestr("test_labels.npy", b"")
+    with pytest.raises(InputError, match="cut.npz: not a readable npz"):
+        read_medmnist_npz(tmp_path / "cut.npz")

@@ -20,12 +20,13 @@ def test_demo_config_matches_the_builder():
     assert config["data"]["image_size"] == demo.IMAGE_SIZE
 
 
-def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys, monkeypatch):
+def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys, caplog, monkeypatch):
     first, second = tmp_path / "demo1", tmp_path / "demo2"
     for out in (first, second):
         demo.main(["--out", str(out), "--generalist-steps", "1", "--expert-steps", "10", "--per-class", "5"])
     progress = capsys.readouterr().out  # the build says how far it got; any step count works (10 once divided by 0)
     assert "demo: training the generalist, step 1/1" in progress and "training the expert, step 10/10" in progress
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]  # trained next
     assert demo.demo_is_built(first)
     for name in ("generalist.pt", "expert.pt"):
         a, b = torch.load(first / name, weights_only=True), torch.load(second / name, weights_only=True)
@@ -35,11 +36,11 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
         assert a["test_images"].shape == (30, 28, 28, 3) and a["test_images"].dtype == np.uint8
         np.testing.assert_array_equal(a["test_images"], b["test_images"])
         np.testing.assert_array_equal(a["test_labels"][:, 0], np.repeat(np.arange(6), 5))
-    monkeypatch.chdir(REPO)  # the config's paths are relative to the repository
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative to its own folder: any folder runs it
     capsys.readouterr()
     main(
         [
-            "test", "--config", "configs/demo.yaml",
+            "test", "--config", str(REPO / "configs" / "demo.yaml"),
             f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
             f"--model.expert_checkpoint={first / 'expert.pt'}",
             f"--data.root={first}",

@@ -7,7 +7,16 @@ import json
 import open_clip
 import pytest
 import torch
-from helpers import ARCH, CLASSNAMES, EMBEDDING_ATOL, GAMMA, LOGITS_ATOL, TEMPLATES, make_expert_state_dict, rounding_atol
+from helpers import (
+    ARCH,
+    CLASSNAMES,
+    EMBEDDING_ATOL,
+    GAMMA,
+    LOGITS_ATOL,
+    TEMPLATES,
+    make_expert_state_dict,
+    rounding_atol,
+)
 from model_sources import BIOMEDCLIP_DEPTH, BIOMEDCLIP_SIZE, interpolated, variance_preserving, write_peft_adapter
 
 from tcube_lightning import leafwise

@@ -51,7 +51,8 @@ def test_the_readme_has_the_commands_this_file_checks():
     assert others == [
         "make test",
         "make demo",
-        ".venv/bin/python benchmarks/bench_merging.py --arch ViT-B-16 --batch-size 8",
+        ".venv/bin/python benchmarks/bench_merging.py --rows clip-b16:full biomedclip-base:full biomedclip-base:lora "
+        "--repeats 5",
         "docker build -t tcube-lightning .",
     ]
 

@@ -103,7 +103,8 @@ def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
     assert list(written["accuracy"]) == ["in_domain", "blur@2"]  # protocol order, not finishing order
     assert written["corruption_errors"]["ce"]["zeroshot"]["blur"] == pytest.approx(1.0)
     assert written["missing_splits"] == ["blur@1"] and written["complete"] is False
-    assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "missing_splits", "complete", "corruption_errors"}
+    assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "missing_splits", "partial_splits", "complete",
+                            "corruption_errors"}  # fmt: skip
     # An earlier run's records, and each split's per-sample table, read back for resume, are the ones written.
     previous = load_previous(tmp_path, config)
     assert previous["in_domain"]["accuracy"] == {"zeroshot": 0.8} and list(previous) == ["in_domain", "blur@2"]
