@@ -85,7 +85,7 @@ def peft_on_tiny_clip(clip_pair, tmp_path_factory):
     generalist = load_clip(ARCH, clip_pair[0])
     config = {
         "r": 4,
-        "lora_alpha": 2,
+        "lora_alpha": 0.2,
         "target_modules": ["attn", "c_fc"],
         "rank_pattern": {"c_fc": 2},
         "use_rslora": True,
@@ -249,7 +249,9 @@ def test_peft_lora_on_biomedclip_is_the_expert_peft_computes(
     check_against_oracle(run, oracle, images, BIOMEDCLIP_ATOL)
 
 
-def test_peft_lora_on_an_open_clip_vit_counts_multihead_attention_as_peft_does(clip_pair, peft_on_tiny_clip):
+def test_peft_lora_on_an_open_clip_vit_counts_multihead_attention_as_peft_does(
+    clip_pair, peft_on_tiny_clip, small_split, tmp_path
+):
     folder, peft_model = peft_on_tiny_clip
     loaded = plan_models(ARCH, str(clip_pair[0]), str(folder)).load()
     expert = loaded.expert.expert(loaded.pretrained)
@@ -264,12 +266,25 @@ def test_peft_lora_on_an_open_clip_vit_counts_multihead_attention_as_peft_does(c
     record = loaded.record["expert"]
     assert record["rank"] == [2, 4] and "PR #3774" in record["notes"][0]
     assert record["replaced"] == ["ln_final.bias", "ln_final.weight"]
-    # rsLoRA: alpha/√r = 1 (attn, r = 4) and √2 (c_fc, r = 2); the MultiheadAttention out_proj update counts twice
-    assert record["scale"] == pytest.approx([1.0, 2**0.5, 2.0])
+    # rsLoRA: alpha/√r = 0.1 (attn, r = 4) and 0.1·√2 (c_fc, r = 2); the MultiheadAttention out_proj update counts
+    # twice (0.2)
+    assert record["scale"] == pytest.approx([0.1, 0.1 * 2**0.5, 0.2])
+    # End to end, T³ (the low-rank pass, attention split into its projections) against per-sample merges of peft's
+    # own merged expert.
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    args = (f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}",
+            f"--model.expert_checkpoint={folder}")  # fmt: skip
+    results, run = run_cli_in_process(cli(small_split, tmp_path, size=28, extra=args))
+    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise, low-rank (LoRA)"}
+    generalist = load_clip(ARCH, clip_pair[0])
+    oracle = OpenClipOracle(generalist, generalist.state_dict(), merged, tokens, 4)
+    check_against_oracle(run, oracle, split_images(small_split / "small.npz", 28)[0], LOGITS_ATOL)
 
 
 def test_robustmedclip_lora_is_the_expert_its_code_computes(
-    biomedclip, hf_cache, biomedclip_generalist, biomedclip_tokens, tmp_path
+    biomedclip, hf_cache, biomedclip_generalist, biomedclip_tokens, small_split, tmp_path
 ):
     their_expert = write_robustmedclip(biomedclip_generalist, tmp_path / "model.pth")
     loaded = plan_models(f"local-dir:{biomedclip['folder']}", None, str(tmp_path / "model.pth"), str(hf_cache)).load()
@@ -283,6 +298,23 @@ def test_robustmedclip_lora_is_the_expert_its_code_computes(
     )
     assert loaded.record["expert"]["kind"] == "LoRA (RobustMedCLIP)" and loaded.record["expert"]["scale"] == [1.0]
     assert len(loaded.record["expert"]["targets"]) == 6  # one qkv per block; q, k and v each an update of its rows
+    # End to end, T³ against per-sample merges of the expert written out from the checkpoint's factors.
+    factors, merged = torch.load(tmp_path / "model.pth", weights_only=True), biomedclip_generalist.state_dict()
+    merged = {k: v.clone() for k, v in merged.items()}
+    for i in range(len(biomedclip_generalist.visual.trunk.blocks)):
+        qkv = merged[f"visual.trunk.blocks.{i}.attn.qkv.weight"]
+        width = qkv.shape[1]
+        for j, part in enumerate("qkv"):
+            prefix = f"lora_vit.lora_vit.trunk.blocks.{i}.attn.qkv.linear_"
+            down, up = factors[f"{prefix}a_{part}.weight"], factors[f"{prefix}b_{part}.weight"]
+            qkv[j * width : (j + 1) * width] += up @ down
+    args = (f"--model.arch=local-dir:{biomedclip['folder']}", f"--model.expert_checkpoint={tmp_path / 'model.pth'}",
+            f"--model.cache_dir={hf_cache}", *HALF)  # fmt: skip
+    results, run = run_cli_in_process(cli(small_split, tmp_path / "run", extra=args))
+    assert results["models"]["expert"]["kind"] == "LoRA (RobustMedCLIP)"
+    oracle = OpenClipOracle(biomedclip_generalist, biomedclip_generalist.state_dict(), merged, biomedclip_tokens, 4)
+    images, _ = split_images(small_split / "small.npz", BIOMEDCLIP_SIZE, (0.5,) * 3, (0.5,) * 3)
+    check_against_oracle(run, oracle, images, BIOMEDCLIP_ATOL)
     # A checkpoint whose frozen towers differ from the generalist's belongs to another base model.
     state = torch.load(tmp_path / "model.pth", weights_only=True)
     state["text_encoder.proj.0.weight"] = state["text_encoder.proj.0.weight"] + 1
