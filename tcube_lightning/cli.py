@@ -24,7 +24,8 @@ from tcube_lightning.runfolder import discard_own
 class RunFolder(SaveConfigCallback):
     """Keeps a run's folder to what the run did: config.yaml is saved once the first split is finished (so that a run
     stopped before, by bad input found after the models load or by an interruption, replaces no earlier config and
-    leaves nothing of its own behind: ``runfolder.discard_own``)."""
+    leaves nothing of its own behind: ``runfolder.discard_own``). Saved by rank 0 alone, into the folder every rank
+    learnt at the start: a collective call here would wait forever for a process that reads no batch of a split."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         pass
@@ -33,16 +34,29 @@ class RunFolder(SaveConfigCallback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        if dataloader_idx > 0 and not self.already_saved:  # the module finished the first split in this batch's step
-            super().setup(trainer, pl_module, "test")
+        if dataloader_idx > 0:  # the module finished the first split in this batch's step
+            self._save(trainer, pl_module)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.already_saved:
-            super().setup(trainer, pl_module, "test")
+        self._save(trainer, pl_module)
+
+    on_predict_batch_end = on_test_batch_end
+    on_predict_end = on_test_end
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        folder = pl_module.report.results_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
+                         multifile=self.multifile)  # fmt: skip
+        self.already_saved = True
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero and not getattr(pl_module, "results_written", False):
-            discard_own(Path(pl_module.hparams.results_dir or trainer.log_dir), pl_module.started)
+            report = getattr(pl_module, "report", None)  # the run's folder, once the run has started
+            folder = report.results_dir if report else Path(pl_module.hparams.results_dir or trainer.log_dir)
+            discard_own(folder, pl_module.started)
 
 
 EXAMPLES = """examples:
@@ -78,12 +92,24 @@ def logger_in(results_dir: str, logger: object) -> object:
     return logger
 
 
+PREDICT_EXAMPLES = """examples:
+  T³'s predictions for a folder of unlabelled images (nested folders too), with the demo's models:
+    main.py predict --config configs/demo.yaml --data.sources '{scans: /path/to/scans}'
+  several methods, into a folder of your own (predictions/<source>.csv and .parquet):
+    main.py predict --config configs/demo.yaml --data.sources '{clinic: export.npz}'
+      --model.methods '[t3, t3_batch, dawin]' --model.results_dir predictions_run
+"""
+
+
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Only ``test``, without the arguments this tool sets itself (model, data) or does not use (a checkpoint
         of a trained LightningModule: the models come from model.*_checkpoint)."""
-        return {"test": {"model", "dataloaders", "datamodule", "ckpt_path"}}
+        return {
+            "test": {"model", "dataloaders", "datamodule", "ckpt_path"},
+            "predict": {"model", "dataloaders", "datamodule", "ckpt_path", "return_predictions"},
+        }
 
     def add_core_arguments_to_parser(self, parser: EvaluationParser) -> None:
         """LightningCLI's, with the Trainer's training-only options left out."""
@@ -124,13 +150,13 @@ def main(args: list[str] | None = None) -> TCubeCLI:
             args=inline_config_files(sys.argv[1:] if args is None else args, Path.cwd()),
             save_config_callback=RunFolder,
             parser_class=EvaluationParser,
-            save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # it never trains: no --optimizer / --lr_scheduler
             # No abbreviated options: `--model.gamm 2` must be an error, not gamma = 2.
             parser_kwargs={
                 "description": "T³ test-time merging of a generalist and an expert CLIP.",
                 "allow_abbrev": False,
                 "test": {"epilog": EXAMPLES},
+                "predict": {"epilog": PREDICT_EXAMPLES},
             },
         )
     except InputError as err:

@@ -27,6 +27,7 @@ from tcube_lightning.readers import (
     write_npz_atomic,
 )
 from tcube_lightning.splitnames import corrupted_split_name
+from tcube_lightning.unlabelled import read_unlabelled
 
 SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
 
@@ -165,10 +166,14 @@ class EvaluationDataModule(L.LightningDataModule):
         return list(self.datasets)
 
     def setup(self, stage: str | None = None) -> None:
-        """Open and check every split before any model is loaded (Lightning calls this hook first)."""
+        """Open and check every split before any model is loaded (Lightning calls this hook first); to predict, the
+        unlabelled images of each of ``sources``."""
         if self.datasets:
             return
         transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        if stage == "predict":
+            self._setup_unlabelled(transform)
+            return
         for name, (dataset, classnames) in self._read_splits().items():
             check_distinct(name, classnames)
             labels = np.asarray(dataset.labels)
@@ -187,6 +192,29 @@ class EvaluationDataModule(L.LightningDataModule):
                 )
             self.datasets[name] = Preprocessed(dataset, transform)
             self.split_classnames[name] = classnames
+
+    def _setup_unlabelled(self, transform: Callable) -> None:
+        """predict: every source as unlabelled images (each row named in ``identities``), all predicted among the
+        class names given; one error listing every source that cannot be read."""
+        if not self.sources:
+            raise InputError(
+                "data.sources: predict reads the images named there (split name → an image folder, npz file or "
+                "Hugging Face dataset folder under data.root)"
+            )
+        if self.classnames is None:
+            raise InputError("data.classnames: predict names its classes by data.classnames (in the order of the "
+                             "model's labels) or by a data.flag / modality's MedMNIST metadata")  # fmt: skip
+        check_distinct("predict", self.classnames)
+        problems = []
+        for name, source in self.sources.items():
+            try:
+                images = read_unlabelled(self.root / source, self.split_key)
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            self.datasets[name] = Preprocessed(images, transform)
+            self.split_classnames[name] = self.classnames
+        raise_problems(problems)
 
     def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
         """Every split, or one error listing every split that cannot be read (all missing files at once)."""
@@ -208,11 +236,7 @@ class EvaluationDataModule(L.LightningDataModule):
                 splits[name] = read()
             except InputError as err:
                 problems.append(str(err))
-        problems = list(dict.fromkeys(problems))  # on-the-fly splits share the in-domain file's problem
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        if problems:
-            raise InputError(f"{len(problems)} problems with the data:\n  - " + "\n  - ".join(problems))
+        raise_problems(list(dict.fromkeys(problems)))  # on-the-fly splits share the in-domain file's problem
         return splits
 
     def _corrupted_split(self, name: str, corruption: str, severity: int) -> tuple[Dataset, list[str]]:
@@ -274,6 +298,13 @@ class EvaluationDataModule(L.LightningDataModule):
         """One loader per split. Under multi-process runs each process reads whole batches of every split,
         the same batches a one-process run reads, without the padding of PyTorch's DistributedSampler that
         would count samples twice."""
+        return self._loaders()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """One loader per source, read as ``test_dataloader`` reads splits."""
+        return self._loaders()
+
+    def _loaders(self) -> list[DataLoader]:
         return [
             DataLoader(
                 self.datasets[name],
@@ -292,6 +323,14 @@ class EvaluationDataModule(L.LightningDataModule):
         if world_size == 1:
             return SequentialSampler(dataset)
         return WholeBatchSampler(dataset, self.batch_size, num_replicas=world_size, rank=self.trainer.global_rank)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One error for every problem found (each file that cannot be read named at once), if any."""
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        raise InputError(f"{len(problems)} problems with the data:\n  - " + "\n  - ".join(problems))
 
 
 def check_distinct(split: str, classnames: list[str]) -> None:

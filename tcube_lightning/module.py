@@ -23,7 +23,8 @@ from tcube_lightning.loading import plan_models
 from tcube_lightning.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
 from tcube_lightning.models import tokenize_prompts
-from tcube_lightning.options import check_run_options, method_families
+from tcube_lightning.options import check_prediction_options, check_run_options, method_families
+from tcube_lightning.prediction import PredictHooks
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.report import (
     RunReport,
@@ -40,7 +41,7 @@ from tcube_lightning.splitnames import is_corrupted
 quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
 
 
-class TCubeModule(L.LightningModule):
+class TCubeModule(PredictHooks, L.LightningModule):
     """T³ test-time merging of a pretrained generalist CLIP and a fine-tuned expert CLIP.
 
     Args:
@@ -158,8 +159,12 @@ class TCubeModule(L.LightningModule):
             return
         data = self.trainer.datamodule
         hp = self.hparams
+        self.predicting = stage == "predict"
+        if self.predicting:
+            check_prediction_options(hp.results_dir, hp.resume, hp.overwrite)
         # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.
-        families, every = set(self.method_families), self._all_methods()
+        default = ["t3"] if self.predicting and hp.methods is None else self.method_families
+        families, every = set(default), self._all_methods()
         self.methods = {n: m for n, m in every.items() if m.family in families}
         # Per-sample weights kept for the analysis whether evaluated or not (cheap: the shared forwards give them).
         self.weight_methods = {
@@ -206,6 +211,7 @@ class TCubeModule(L.LightningModule):
                 )
                 for split in self.split_names
                 for name in self.methods
+                if not self.predicting  # no labels: predictions only
             }
         )
         # Every sample's values (gathered from all processes at the split's end): exact, order-free statistics,
@@ -231,6 +237,9 @@ class TCubeModule(L.LightningModule):
 
     def on_test_start(self) -> None:
         """The engine's heads and fixed merges, once, on the device; the report of this run."""
+        self._start()
+
+    def _start(self) -> None:
         hp = self.hparams
         self.batches_seen = dict.fromkeys(self.split_names, 0)
         self.cost = CostMeter(self.device)
@@ -269,6 +278,11 @@ class TCubeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
+        """One batch of a split: every method's predictions, into the metrics and the split's per-sample table.
+        Predicting, ``labels`` are the rows' numbers in their source (their identities), and go to no metric."""
         self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
         images, labels = batch
         split = self.split_names[dataloader_idx]
@@ -295,6 +309,8 @@ class TCubeModule(L.LightningModule):
     def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """Into the method's metrics; returns its prediction columns where the samples are exported."""
         probs = logits.float().softmax(-1)
+        if self.predicting:
+            return prediction_columns(method, probs)
         self.metrics[self._key(split, method)].update(probs, labels)
         return prediction_columns(method, probs) if self.hparams.export_samples else {}
 
@@ -343,7 +359,8 @@ class TCubeModule(L.LightningModule):
         split = self.split_names[index]
         class_set = self.split_class_set[split]
         offset = 0  # only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early
-        for batch in itertools.islice(self.trainer.test_dataloaders[index], self.batches_seen[split]):
+        loaders = self.trainer.predict_dataloaders if self.predicting else self.trainer.test_dataloaders
+        for batch in itertools.islice(loaders[index], self.batches_seen[split]):
             images, labels = self.transfer_batch_to_device(batch, self.device, index)
             rows = slice(offset, offset + len(labels))
             columns = {"index": sample_index[rows]}
@@ -367,7 +384,7 @@ class TCubeModule(L.LightningModule):
         classes = self.class_counts[self.split_class_set[split]]
         no_logits = torch.empty(0, classes, device=self.device)
         no_labels = torch.empty(0, dtype=torch.long, device=self.device)
-        for name in self.methods:  # the counting metrics need nothing; the others gather per-sample states
+        for name in self.methods if not self.predicting else ():  # counting metrics need nothing, the rest do
             for metric in self.metrics[self._key(split, name)].values():
                 if isinstance(metric, PER_SAMPLE_STATES):
                     metric.update(no_logits, no_labels)
@@ -381,6 +398,9 @@ class TCubeModule(L.LightningModule):
             self._take_part_without_batches(split)
         if self.clustered:
             self._clustered_pass(index)
+        if self.predicting:
+            self._write_predictions(split)
+            return
         metrics = {
             m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
         }

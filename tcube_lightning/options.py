@@ -3,6 +3,8 @@ error names its option (``model.…``) before any expensive work starts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tcube_lightning.errors import InputError
 from tcube_lightning.methods import METHOD_FAMILIES
 from tcube_lightning.results import check_results_dir
@@ -33,3 +35,14 @@ def method_families(methods: list[str] | str | None) -> list[str]:
         raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
     return list(methods or METHOD_FAMILIES)
 
+
+
+def check_prediction_options(results_dir: str | None, resume: bool, overwrite: bool) -> None:
+    """predict writes each source's table whole, into a folder of its own run."""
+    if resume:
+        raise InputError("model.resume continues an interrupted test run; predict writes each table whole: run again")
+    if results_dir is not None and (Path(results_dir) / "predictions").exists() and not overwrite:
+        raise InputError(
+            f"model.results_dir: {results_dir} already holds predictions/ from an earlier run; give --model.overwrite "
+            "true to replace them, or another folder"
+        )

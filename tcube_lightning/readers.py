@@ -58,18 +58,24 @@ def read_medmnist_npz(path: str | Path, split: str = "test") -> ImageArrays:
     return ImageArrays(*_checked_arrays(path, split, arrays[wanted[0]], arrays[wanted[1]]))
 
 
-def _checked_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def checked_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W) or (N, H, W, 3), at least one."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
         expected = "uint8 of shape (N, H, W) or (N, H, W, 3)"
         raise InputError(f"{path}: {split}_images must be {expected}, got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise InputError(f"{path}: split {split!r} is empty")
+    return images
+
+
+def _checked_arrays(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images = checked_images(path, split, images)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or len(labels) != len(images):
         raise InputError(
             f"{path}: {split}_labels must have shape (N,) or (N, 1) with N = {len(images)}, got {labels.shape}"
         )
-    if len(images) == 0:
-        raise InputError(f"{path}: split {split!r} is empty")
     return images, labels  # checked to be whole numbers in range by the data module, for every format
 
 
@@ -228,45 +234,59 @@ class HFImages(Dataset):
     """A Hugging Face ``datasets`` folder: saved with ``save_to_disk``, parquet files, or an image folder."""
 
     def __init__(self, folder: str | Path, split: str = "test") -> None:
-        import datasets
-
         folder = Path(folder)
-        if not folder.is_dir():
-            raise InputError(f"HF dataset folder not found: {folder}")
-        datasets.disable_progress_bars()  # "Downloading data" bars for local files read offline
-        try:
-            if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-                data = datasets.load_from_disk(str(folder))
-            elif list(folder.rglob("*.parquet")):
-                data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
-            else:
-                data = datasets.load_dataset("imagefolder", data_dir=str(folder))
-        except (IndexError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
-            # datasets raises IndexError for a saved dataset of 0 rows, EmptyDatasetError for a folder without data
-            raise InputError(f"{folder}: split {split!r} is empty (no rows or no data files could be read: {err!r})")
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data and len(data) == 1:
-                split = next(iter(data))
-            if split not in data:
-                raise InputError(f"{folder}: no split {split!r}; splits: {sorted(data)}")
-            data = data[split]
-        self.image_column = _column(folder, data.column_names, ("image", "img", "pixel_values"))
+        data = load_hf_dataset(folder, split)
+        self.image_column = image_column(folder, data.column_names)
         self.label_column = _column(folder, data.column_names, ("label", "labels"))
         feature = data.features[self.label_column]
         self.classnames = list(feature.names) if hasattr(feature, "names") else None
         self.data = data
         self.labels = np.asarray(data[self.label_column])
-        if len(data) == 0:
-            raise InputError(f"{folder}: split {split!r} is empty")
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         row = self.data[index]
-        image = row[self.image_column]
-        image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        return image.convert("RGB"), int(row[self.label_column])
+        return as_image(row[self.image_column]).convert("RGB"), int(row[self.label_column])
+
+
+def as_image(value: object) -> Image.Image:
+    """A dataset's image cell (decoded already, or an array) as a PIL image."""
+    return value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value, dtype=np.uint8))
+
+
+def load_hf_dataset(folder: Path, split: str = "test"):  # noqa: ANN201 - a datasets.Dataset
+    """One split of a Hugging Face ``datasets`` folder (``save_to_disk``, parquet files or an image folder), read
+    offline; at least one row."""
+    import datasets
+
+    if not folder.is_dir():
+        raise InputError(f"HF dataset folder not found: {folder}")
+    datasets.disable_progress_bars()  # "Downloading data" bars for local files read offline
+    try:
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            data = datasets.load_from_disk(str(folder))
+        elif list(folder.rglob("*.parquet")):
+            data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
+        else:
+            data = datasets.load_dataset("imagefolder", data_dir=str(folder))
+    except (IndexError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+        # datasets raises IndexError for a saved dataset of 0 rows, EmptyDatasetError for a folder without data
+        raise InputError(f"{folder}: split {split!r} is empty (no rows or no data files could be read: {err!r})")
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data and len(data) == 1:
+            split = next(iter(data))
+        if split not in data:
+            raise InputError(f"{folder}: no split {split!r}; splits: {sorted(data)}")
+        data = data[split]
+    if len(data) == 0:
+        raise InputError(f"{folder}: split {split!r} is empty")
+    return data
+
+
+def image_column(folder: Path, columns: list[str]) -> str:
+    return _column(folder, columns, ("image", "img", "pixel_values"))
 
 
 def _column(folder: Path, columns: list[str], candidates: tuple[str, ...]) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import LOGITS_ATOL, run_cli_in_process, run_cli_subprocess, write_medmnist_npz
 
+from tcube_lightning.cli import main
 from tcube_lightning.samples import read_table, read_tables
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
@@ -121,3 +122,34 @@ def test_another_thread_count_agrees_to_float32_rounding(arguments, single, tmp_
                 np.testing.assert_array_equal(a[column], b[column], err_msg=column)
             elif column.startswith("prob/"):  # softmax moves by at most half a logit's change
                 np.testing.assert_allclose(a[column], b[column], atol=LOGITS_ATOL, rtol=0, err_msg=column)
+
+
+def test_two_processes_predict_the_same_tables_as_one(arguments, clip_pair, tmp_path):
+    """predict under DDP: each source's table (rows in the one-process order, every column) as one process writes
+    it. The one-process run on one thread, as each of the two processes."""
+    import pyarrow.parquet as pq
+
+    root = next(a for a in arguments if a.startswith("--data.root="))
+    common = [
+        "predict", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20", "--model.methods=[t3, t3_batch, t3_cluster]",
+        root, '--data.sources={"in": "breastmnist.npz", "few": "few.npz"}', "--data.flag=breastmnist",
+        "--data.size=28", "--data.image_size=28", "--data.batch_size=3", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main([*common, "--trainer.devices=1", f"--model.results_dir={tmp_path / 'one'}"])
+    finally:
+        torch.set_num_threads(threads)
+    extra = ["--trainer.devices=2", "--trainer.strategy=ddp", f"--model.results_dir={tmp_path / 'two'}"]
+    result = run_cli_subprocess([*common, *extra], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for source, rows in (("in", 8), ("few", 3)):
+        one, two = (pq.read_table(tmp_path / run / "predictions" / f"{source}.parquet").to_pydict()
+                    for run in ("one", "two"))  # fmt: skip
+        assert one == two and one["image"] == [str(i) for i in range(rows)], source
+        assert (tmp_path / "one/predictions" / f"{source}.csv").read_bytes() == (
+            tmp_path / "two/predictions" / f"{source}.csv"
+        ).read_bytes()

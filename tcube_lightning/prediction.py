@@ -1,0 +1,108 @@
+"""What ``predict`` writes: one table per source, each image's row with the class each selected method predicts and
+its probability, and JS, λ (per ``model.grid`` setting too) and each dynamic method's weight on the expert; as CSV
+for people and Parquet for programs (the same columns, typed), beside ``predictions.json`` (what each table holds).
+
+A table is written whole, atomically, once its source is finished: a table on disk is never a partial one, except
+where the run was asked to read fewer batches (``limit_predict_batches``), which predictions.json says.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from tcube_lightning.results import write_atomic
+from tcube_lightning.runfolder import clear_earlier_run
+
+FOLDER = "predictions"
+IMAGE = "image"
+"""The row's identity: the file's path relative to the source folder, or the row's number in an npz or dataset."""
+LEAVE_OUT = ("index", "label", "finite", "flip")
+"""Per-sample columns of the test tables that mean nothing here (no labels) or repeat the row's identity."""
+
+
+def prediction_table(
+    table: dict[str, np.ndarray], identities: list[str], classnames: list[str], methods: list[str]
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """A source's gathered per-sample table as written: the image; each selected method's predicted class (by name)
+    and its probability; the two models' own (``zeroshot``, ``expert``) if not selected; then JS, λ and the weights."""
+    rows = table["index"].astype(int)
+    columns = {IMAGE: np.asarray(identities, dtype=object)[rows]}
+    predicted = list(dict.fromkeys([*methods, "zeroshot", "expert"]))
+    for method in predicted:
+        columns[f"pred/{method}"] = np.asarray(classnames, dtype=object)[table[f"pred/{method}"]]
+        columns[f"prob/{method}"] = table[f"prob/{method}"]
+    for name, values in table.items():
+        if name not in LEAVE_OUT and name not in columns:
+            columns[name] = values
+    return columns
+
+
+def write_prediction_table(folder: Path, source: str, columns: dict[str, np.ndarray]) -> list[Path]:
+    """``<source>.csv`` and ``<source>.parquet`` in ``folder``, each written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values()))  # NumPy's scalars print as their shortest exact text
+    typed = pa.table({name: pa.array(v.tolist() if v.dtype == object else v) for name, v in columns.items()})
+    buffer = pa.BufferOutputStream()
+    pq.write_table(typed, buffer)
+    paths = [folder / f"{source}.csv", folder / f"{source}.parquet"]
+    write_atomic(paths[0], text.getvalue())
+    write_atomic(paths[1], buffer.getvalue().to_pybytes())
+    return paths
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    write_atomic(folder / "predictions.json", json.dumps(summary, indent=2) + "\n")
+
+
+class PredictHooks:
+    """The LightningModule's ``predict`` hooks (mixed into ``TCubeModule``): the test loop's batches and per-sample
+    tables without labels or metrics; each source's table written once the source is finished, on rank 0, rows in
+    the one-process order."""
+
+    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    def on_predict_start(self) -> None:
+        self._start()
+        self.prediction_counts: dict[str, dict] = {}
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish_splits_before(len(self.split_names))
+        if not self.trainer.is_global_zero:
+            return
+        folder = self.report.results_dir / FOLDER
+        sources = {s: {**n, "complete": n["rows"] == n["total"]} for s, n in self.prediction_counts.items()}
+        summary = {"complete": all(n["complete"] for n in sources.values()), "sources": sources,
+                   "methods": list(self.methods), "classnames": self.split_classnames, **self.report.details,
+                   "config": self.run_config}  # fmt: skip
+        write_summary(folder, summary)
+        short = {s: f"{n['rows']} of {n['total']}" for s, n in sources.items() if not n["complete"]}
+        if short:
+            rank_zero_warn(
+                f"partial predictions: fewer images were read than the sources hold ({short}; "
+                "trainer.limit_predict_batches or fast_dev_run): predictions.json says complete: false"
+            )
+        rank_zero_info(f"Predictions written to {folder}: <source>.csv and <source>.parquet for {list(sources)}")
+
+    def _write_predictions(self, split: str) -> None:
+        """A finished source: its table (every process takes part in the gather), written by rank 0."""
+        table = self.tables[split].gather()
+        if self.trainer.is_global_zero:
+            if self.hparams.overwrite and not self.results_written:  # the replaced run's files go, all of them
+                clear_earlier_run(self.report.results_dir, self.started)
+            identities = self.trainer.datamodule.datasets[split].base.identities
+            columns = prediction_table(table, identities, self.split_classnames[split], list(self.methods))
+            write_prediction_table(self.report.results_dir / FOLDER, split, columns)
+            self.prediction_counts[split] = {"rows": len(table["index"]), "total": len(identities)}
+        self.results_written = True
