@@ -7,7 +7,8 @@ today's defaults and with the settings they replaced, side by side in one run (a
 - ``now, no λ-extremes diagnostic``: what its two merged forwards per batch cost;
 - ``now, with the γ = 8 grid``: configs/demo.yaml's ``model.grid``, three more T³ columns on the same forwards.
 
-All but the last run without the demo config's grid.
+All but the last run without the demo config's grid, and all without AdaMerging's two families (the demo config
+evaluates them too: they train at test time, which this benchmark does not measure).
 
 Each setting runs ``--repeats`` times through the real command line in this process; the best time counts.
 Accuracies of every setting are compared with ``before`` (they should be identical).
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tcube_lightning import demo  # noqa: E402
 from tcube_lightning.cli import main as cli_main  # noqa: E402
+from tcube_lightning.methods import DEFAULT_FAMILIES  # noqa: E402
 
 SETTINGS = {
     "before": ["--model.heads=exact"],
@@ -41,7 +43,7 @@ def evaluate(extra: list[str], folder: Path) -> tuple[float, dict]:
     """Seconds for one full evaluation of the demo, and its results."""
     args = ["test", "--config", "configs/demo.yaml", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
             f"--model.results_dir={folder}", "--model.plots=false", "--model.overwrite=true", "--model.grid=[]",
-            *extra]  # fmt: skip
+            f"--model.methods=[{', '.join(DEFAULT_FAMILIES)}]", *extra]  # fmt: skip
     start = time.perf_counter()
     cli_main(args)
     seconds = time.perf_counter() - start

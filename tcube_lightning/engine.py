@@ -265,6 +265,11 @@ class TCubeEngine(nn.Module):
             return interpolant(torch.tensor([weight]))[0]
         return self._merged_head(model, class_set)
 
+    def set_adapted(self, name: str, flat: torch.Tensor) -> None:
+        """An adapted method's merged model (AdaMerging's, for the split about to be evaluated): its image tower
+        merged, classified by the generalist's zero-shot heads."""
+        self.static_params[name], self.static_heads[name] = flat, self.pt_heads
+
     @torch.no_grad()
     def static_logits(self, images: torch.Tensor, name: str, class_set: int = 0) -> torch.Tensor:
         """Logits of the static method ``name``'s merged model (built once, in ``prepare``)."""

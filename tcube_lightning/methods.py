@@ -112,10 +112,16 @@ class Method:
     """Dynamic methods of one pass: the expert weight each sample of the batch is merged with."""
     setting: str = ""
     """Methods merging with T³'s weights: the T³ setting, ``""`` the run's own or a ``model.grid`` label."""
+    adaptation: Literal["task", "layer"] | None = None
+    """AdaMerging: coefficients learnt on the split's images before it is evaluated, one or one per tensor."""
 
     @property
     def is_static(self) -> bool:
         return self.static_rule is not None
+
+    @property
+    def is_adapted(self) -> bool:
+        return self.adaptation is not None
 
     @property
     def is_clustered(self) -> bool:
@@ -123,7 +129,7 @@ class Method:
 
     def logits(self, ctx: BatchContext) -> torch.Tensor | None:
         """This batch's logits; None for clustered methods."""
-        if self.is_static:
+        if self.is_static or self.is_adapted:  # a merged model fixed for the split: built once, or learnt
             return ctx.static_logits(ctx.images, self.name)
         return None if self.predict is None else self.predict(ctx)
 
@@ -165,6 +171,7 @@ def m3_weight(seed: int) -> float:
 
 
 T3 = "T³ (arXiv 2510.27265)"
+ADAMERGING = "AdaMerging (Yang et al., ICLR 2024), one expert, image tower"
 DAWIN = "DaWin (Oh et al., ICLR 2025)"
 
 
@@ -222,6 +229,10 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
                f"{DAWIN}, Beta-mixture clustering",
                coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset),
                weight_source="ratio"),
+        Method("adamerging_task", "adamerging_task", "AdaMerging, one coefficient learnt by entropy minimisation",
+               ADAMERGING, adaptation="task"),
+        Method("adamerging_layer", "adamerging_layer", "AdaMerging, one coefficient per image-tower tensor",
+               ADAMERGING, adaptation="layer"),
     ]  # fmt: skip
     return {m.name: m for m in methods}
 
@@ -239,3 +250,6 @@ def with_grid(methods: dict[str, Method], labels: list[str]) -> dict[str, Method
 
 
 METHOD_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in build_methods().values()))
+DEFAULT_FAMILIES: tuple[str, ...] = tuple(f for f in METHOD_FAMILIES if not f.startswith("adamerging"))
+"""What a run evaluates unless ``model.methods`` says: every family but AdaMerging's, which trains at test time
+(hundreds of optimiser steps per split), so it is asked for by name."""

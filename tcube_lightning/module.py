@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from tcube_lightning.adamerging import AdaMergingSettings, adapt, batches, merged_flat
 from tcube_lightning.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture, grid_mappings
 from tcube_lightning.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.diagnostics import decision_diagnostics
@@ -30,6 +31,7 @@ from tcube_lightning.report import (
     RunReport,
     coefficient_statistics,
     load_previous,
+    log_adaptation,
     log_batch_coefficients,
     mixture_summary,
 )
@@ -58,11 +60,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
         cache_dir: The Hugging Face cache where pretrained tags, ``hf-hub:`` models and their text towers and
             tokenizers are looked up (default: Hugging Face's, HF_HOME).
-        methods: Method families to evaluate, default all: zeroshot, expert, ensemble, select, wise_ft,
-            slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent, t3_cluster,
-            dawin_cluster.
+        methods: Method families to evaluate, default all but AdaMerging's (``predict``: t3): zeroshot, expert,
+            ensemble, select, wise_ft, slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent,
+            t3_cluster, dawin_cluster, and on request adamerging_task, adamerging_layer (coefficients learnt on each
+            split's images by entropy minimisation: hundreds of optimiser steps per split).
         baselines: Hyper-parameters of the baselines (WiSE-FT α values, SLERP, task arithmetic, TIES,
             DARE, DaWin temperatures, the seed of the random ones).
+        adamerging: AdaMerging's options (steps, learning rate, batch size, initial λ, clamping, seed, and
+            ``adapt_on``: a split to adapt on once for every split, instead of each split on its own images).
         lambda_min: λ_min of λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x)).
         lambda_max: λ_max of the same mapping.
         gamma: γ of the same mapping (>= 0).
@@ -112,6 +117,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         cache_dir: str | None = None,
         methods: list[str] | str | None = None,
         baselines: BaselineSettings = BaselineSettings(),
+        adamerging: AdaMergingSettings = AdaMergingSettings(),
         lambda_min: float = 0.0,
         lambda_max: float = 1.0,
         gamma: float = 0.5,
@@ -140,7 +146,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         check_run_options(resume, results_dir, overwrite, clusters, heads, head_tolerance, samplewise)
         self.method_families = method_families(methods)
         self.model_plan = plan_models(arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config)
-        self.baselines = baselines
+        self.baselines, self.adamerging = baselines, adamerging
         names = [n for n, m in self._all_methods().items() if m.family in self.method_families]
         if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
             rank_zero_warn(
@@ -166,6 +172,12 @@ class TCubeModule(PredictHooks, L.LightningModule):
         default = ["t3"] if self.predicting and hp.methods is None else self.method_families
         families, every = set(default), self._all_methods()
         self.methods = {n: m for n, m in every.items() if m.family in families}
+        self.adapted = {n: m for n, m in self.methods.items() if m.is_adapted}
+        adapt_on = self.adamerging.adapt_on if self.adapted else None
+        if adapt_on is not None and adapt_on not in data.split_names:
+            raise InputError(f"model.adamerging.adapt_on: {adapt_on!r} is not a split of this run: {data.split_names}")
+        self.adapt_on = (adapt_on, data.datasets[adapt_on], list(data.split_classnames[adapt_on])) if adapt_on else None
+        """(split, its data, its class names, replaced by its class set's index below) to adapt on once."""
         # Per-sample weights kept for the analysis whether evaluated or not (cheap: the shared forwards give them).
         self.weight_methods = {
             n: m for n, m in every.items() if m.merge_weights and (m.per_sample or m.family in families)
@@ -186,6 +198,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         # Splits can differ in their classes (base-to-novel): one prompt set, and head, per class list.
         self.split_classnames = {s: list(data.split_classnames[s]) for s in self.split_names}
         class_sets = list(dict.fromkeys(tuple(data.split_classnames[s]) for s in self.split_names))
+        if self.adapt_on is not None:  # its head classifies the adaptation, also when resume left the split out
+            class_sets = list(dict.fromkeys([*class_sets, tuple(self.adapt_on[2])]))
+            self.adapt_on = (*self.adapt_on[:2], class_sets.index(tuple(self.adapt_on[2])))
         self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
         self.class_counts = [len(names) for names in class_sets]
         loaded = self.model_plan.load()
@@ -256,6 +271,10 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.report.details["heads"] = self.engine.head_summary
         self.report.details["models"] = self.models_record
         self.report.details["samplewise"] = summary = self.engine.samplewise_summary()
+        self.adaptations: dict[str, dict] = {}
+        if self.adapt_on is not None:  # once, on the split named; every split then uses what it learnt
+            learnt = self._adapt(*self.adapt_on)
+            self.adaptations = dict.fromkeys(self.split_names, learnt)
         if path == "loop" and any(m.per_sample for m in self.methods.values()):
             rank_zero_info(f"T³ sample-wise: the loop ({summary['reason']}).")
 
@@ -287,6 +306,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         images, labels = batch
         split = self.split_names[dataloader_idx]
         class_set = self.split_class_set[split]
+        if self.adapted and self.adapt_on is None and self.batches_seen[split] == 0:  # before the split's first batch
+            self.adaptations[split] = self._adapt(split, self.trainer.datamodule.datasets[split], class_set)
         with self.cost.measure(SHARED, len(labels)):
             shared = self.engine.coefficients(images, class_set)
         contexts = {label: self.engine.context(images, shared, class_set, label) for label in shared.weights}
@@ -305,6 +326,21 @@ class TCubeModule(PredictHooks, L.LightningModule):
         if extremes is not None:
             columns["flip"] = extremes[0] != extremes[1]
         self.tables[split].add(columns)
+
+    def _adapt(self, split: str, dataset: torch.utils.data.Dataset, class_set: int) -> dict[str, dict]:
+        """AdaMerging on ``dataset``'s images, for every adapted method: their merged models into the engine; what
+        they learnt, for results.json and TensorBoard. Every process learns the same from the same images."""
+        settings, store, learnt = self.adamerging, self.engine.store, {}
+        for name, method in self.adapted.items():
+            with self.cost.measure(name, len(dataset)):
+                adaptation = adapt(store.pretrained, store.expert, self.engine.pt_heads[class_set],
+                                   batches(dataset, settings.batch_size, settings.seed),
+                                   method.adaptation == "layer", settings)  # fmt: skip
+                self.engine.set_adapted(name, merged_flat(store, adaptation))
+            learnt[name] = adaptation.record()
+            if self.logger is not None and self.trainer.is_global_zero:
+                log_adaptation(self.logger, split, name, adaptation)
+        return learnt
 
     def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """Into the method's metrics; returns its prediction columns where the samples are exported."""
@@ -414,6 +450,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
             "total_samples": len(self.trainer.datamodule.datasets[split]),
             "nonfinite_samples": int((~table["finite"]).sum()),
             "clusters": self.cluster_summaries[split],
+            "adaptation": self.adaptations.get(split, {}),
             "classnames": self.split_classnames[split],
         }
         if self.trainer.is_global_zero:

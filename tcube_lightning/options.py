@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.methods import METHOD_FAMILIES
+from tcube_lightning.methods import DEFAULT_FAMILIES, METHOD_FAMILIES
 from tcube_lightning.results import check_results_dir
 
 
@@ -33,7 +33,7 @@ def method_families(methods: list[str] | str | None) -> list[str]:
     unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
     if unknown:
         raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
-    return list(methods or METHOD_FAMILIES)
+    return list(methods or DEFAULT_FAMILIES)
 
 
 

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tcube_lightning.adamerging import Adaptation
 from tcube_lightning.coefficients import BetaMixture
 from tcube_lightning.console import print_summary
 from tcube_lightning.cost import SHARED
@@ -33,7 +34,8 @@ from tcube_lightning.results import (
 from tcube_lightning.samples import flatten_tables, is_analysis_column, lambda_column, read_tables
 
 SPLIT_RECORD_KEYS = (
-    "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters", "classnames",
+    "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters", "adaptation",
+    "classnames",
 )  # fmt: skip
 """What results.json holds per split, each key mapping split → value."""
 
@@ -286,6 +288,15 @@ def log_batch_coefficients(
     if isinstance(logger, TensorBoardLogger) and histograms:
         for name, v in values.items():
             logger.experiment.add_histogram(f"{split}/{name}", v.float().cpu(), step)
+
+
+def log_adaptation(logger: Logger, split: str, method: str, adaptation: Adaptation) -> None:
+    """AdaMerging's entropy at every step as ``{split}/{method}/entropy`` and, with TensorBoard, a histogram of the
+    coefficients it learnt (one per image-tower tensor, layer-wise)."""
+    for step, value in enumerate(adaptation.entropy):
+        logger.log_metrics({f"{split}/{method}/entropy": value}, step=step)
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_histogram(f"{split}/{method}/coefficients", adaptation.coefficients.float().cpu(), 0)
 
 
 def log_final_metrics(logger: Logger, metrics: dict[str, dict[str, dict[str, float]]], run_config: dict) -> None:

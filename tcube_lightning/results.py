@@ -119,9 +119,28 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
         if "flips_between_lambda_extremes" in diag:
             flips = diag["flips_between_lambda_extremes"]
             markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"
+    markdown += adaptation_markdown(results.get("adaptation", {}))
     write_atomic(json_path, json.dumps(results, indent=2, default=_encode) + "\n")
     write_atomic(md_path, markdown)
     return json_path, md_path
+
+
+def adaptation_markdown(adaptation: dict[str, dict[str, dict]]) -> str:
+    """AdaMerging's learnt coefficients per split: the one λ, or the tensors' λ range and mean; the entropy at the
+    first and last step."""
+    rows = [(split, method, learnt) for split, methods in adaptation.items() for method, learnt in methods.items()]
+    if not rows:
+        return ""
+    text = "\n## AdaMerging\n\n| split | method | λ (min / mean / max over tensors) | entropy, first → last step |\n"
+    text += "|---|---|---|---|\n"
+    for split, method, learnt in rows:
+        values = learnt["coefficients"]
+        values = list(values.values()) if isinstance(values, dict) else [values]
+        spread = f"{min(values):.4f} / {math.fsum(values) / len(values):.4f} / {max(values):.4f}"
+        lam = f"{values[0]:.4f}" if len(values) == 1 else spread
+        entropy = learnt["entropy"]
+        text += f"| {split} | {method} | {lam} | {entropy[0]:.4f} → {entropy[-1]:.4f} |\n"
+    return text
 
 
 def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> dict[str, dict[str, float]]:

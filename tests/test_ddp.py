@@ -3,18 +3,22 @@
 batch-wise T³ is unchanged), a process with no batch of a split included, and on-the-fly corruptions seeded per
 sample.
 
-The two-process runs go through the command line in a subprocess: DDP inside pytest re-launches pytest itself.
+The two-process runs go through the command line in a subprocess (DDP inside pytest re-launches pytest itself), the
+test run and the predict run in one launch of the two processes (``ddp_runs.py``).
 """
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import LOGITS_ATOL, run_cli_in_process, run_cli_subprocess, write_medmnist_npz
+from helpers import LOGITS_ATOL, REPO, run_cli_in_process, write_medmnist_npz
 
 from tcube_lightning.cli import main
+from tcube_lightning.methods import METHOD_FAMILIES
 from tcube_lightning.samples import read_table, read_tables
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
@@ -36,6 +40,8 @@ def arguments(clip_pair, tmp_path_factory):
         "--data.corruptions=[speckle_noise, pixelate]", "--data.severities=[5]", '--data.sources={"few": "few.npz"}',
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--model.plots=false",
         "--seed_everything=0", "--model.grid=[{gamma: 4}]", "--model.export_samples=true",
+        f"--model.methods=[{', '.join(METHOD_FAMILIES)}]", "--model.adamerging.steps=2",
+        "--model.adamerging.batch_size=4",  # every process learns AdaMerging's coefficients from the same images
     ]  # fmt: skip
 
 
@@ -61,10 +67,35 @@ def assert_tables_equal(tables, expected):
             np.testing.assert_array_equal(tables[split][column], values, err_msg=f"{split}: {column}")
 
 
-def test_two_processes_write_the_same_results_as_one(arguments, single, tmp_path):
-    extra = ["--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path}"]
-    result = run_cli_subprocess([*arguments, *extra], timeout=600)
+def predict_arguments(arguments, clip_pair):
+    """predict on the test run's data: two sources, one ("few") a single batch that the second process never reads."""
+    root = next(a for a in arguments if a.startswith("--data.root="))
+    return [
+        "predict", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20", "--model.methods=[t3, t3_batch, t3_cluster]",
+        root, '--data.sources={"in": "breastmnist.npz", "few": "few.npz"}', "--data.flag=breastmnist",
+        "--data.size=28", "--data.image_size=28", "--data.batch_size=3", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_processes(arguments, clip_pair, tmp_path_factory):
+    """The test run and the predict run on 2 processes (ddp), one launch: (the subprocess, test's and predict's
+    output folders)."""
+    out = tmp_path_factory.mktemp("two")
+    distributed = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    predict = [*predict_arguments(arguments, clip_pair), *distributed, f"--model.results_dir={out / 'predict'}"]
+    runs = [[*arguments, *distributed, f"--trainer.default_root_dir={out / 'test'}"], predict]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    script = [sys.executable, str(REPO / "tests" / "ddp_runs.py"), json.dumps(runs)]
+    result = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result, out / "test", out / "predict"
+
+
+def test_two_processes_write_the_same_results_as_one(two_processes, single):
+    result, tmp_path, _ = two_processes
     files = list(tmp_path.rglob("results.json"))
     assert len(files) == 1, files  # written once, by rank 0
     for name in RESULTS_FILES:
@@ -124,32 +155,19 @@ def test_another_thread_count_agrees_to_float32_rounding(arguments, single, tmp_
                 np.testing.assert_allclose(a[column], b[column], atol=LOGITS_ATOL, rtol=0, err_msg=column)
 
 
-def test_two_processes_predict_the_same_tables_as_one(arguments, clip_pair, tmp_path):
+def test_two_processes_predict_the_same_tables_as_one(two_processes, arguments, clip_pair, tmp_path):
     """predict under DDP: each source's table (rows in the one-process order, every column) as one process writes
     it. The one-process run on one thread, as each of the two processes."""
     import pyarrow.parquet as pq
 
-    root = next(a for a in arguments if a.startswith("--data.root="))
-    common = [
-        "predict", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20", "--model.methods=[t3, t3_batch, t3_cluster]",
-        root, '--data.sources={"in": "breastmnist.npz", "few": "few.npz"}', "--data.flag=breastmnist",
-        "--data.size=28", "--data.image_size=28", "--data.batch_size=3", "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        main([*common, "--trainer.devices=1", f"--model.results_dir={tmp_path / 'one'}"])
+        main([*predict_arguments(arguments, clip_pair), "--trainer.devices=1", f"--model.results_dir={tmp_path}"])
     finally:
         torch.set_num_threads(threads)
-    extra = ["--trainer.devices=2", "--trainer.strategy=ddp", f"--model.results_dir={tmp_path / 'two'}"]
-    result = run_cli_subprocess([*common, *extra], timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    two = two_processes[2] / "predictions"
     for source, rows in (("in", 8), ("few", 3)):
-        one, two = (pq.read_table(tmp_path / run / "predictions" / f"{source}.parquet").to_pydict()
-                    for run in ("one", "two"))  # fmt: skip
-        assert one == two and one["image"] == [str(i) for i in range(rows)], source
-        assert (tmp_path / "one/predictions" / f"{source}.csv").read_bytes() == (
-            tmp_path / "two/predictions" / f"{source}.csv"
-        ).read_bytes()
+        ours, theirs = (pq.read_table(f / f"{source}.parquet").to_pydict() for f in (tmp_path / "predictions", two))
+        assert ours == theirs and ours["image"] == [str(i) for i in range(rows)], source
+        assert (tmp_path / "predictions" / f"{source}.csv").read_bytes() == (two / f"{source}.csv").read_bytes()

@@ -47,6 +47,7 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
             "--model.plots=false",  # drawn and checked in test_protocol.py
+            "--model.adamerging.steps=2",  # the config's 500 steps per split: checked in test_adamerging.py
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
