@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_" + "_".join(r.replace(":", "-") for r in args.rows) + f"_{args.device.replace(':', '')}"
+    name += f"_batch{args.batch_size}" if args.batch_size else ""
     name += ("_bf16" if args.bf16 else "") + ("_compile" if args.compile else "") + ".json"
     (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.out / name}")
