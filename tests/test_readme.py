@@ -75,13 +75,16 @@ def test_make_targets_run_what_the_readme_says():
         assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr
 
 
-def test_benchmark_command_options_exist(capsys):
+def test_benchmark_options_in_the_readme_and_the_gpu_script_exist(capsys):
     (command,) = [c for c in COMMANDS if "bench_merging.py" in c]
+    gpu_script = (REPO / "benchmarks" / "gpu_rows.sh").read_text()
     with pytest.raises(SystemExit) as done:
         load_benchmark().main(["--help"])
     assert done.value.code == 0
     help_text = capsys.readouterr().out
-    for option in re.findall(r"--[\w-]+", command):
+    options = re.findall(r"--[\w-]+", command + gpu_script)
+    assert {"--device", "--bf16", "--compile", "--batch-size"} <= set(options)
+    for option in options:
         assert option in help_text, option
 
 
