@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tcube_lightning.coefficients import LambdaMapping  # noqa: E402
 from tcube_lightning.engine import TCubeEngine  # noqa: E402
 from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate  # noqa: E402
-from tcube_lightning.models import clip_logits, zero_shot_head  # noqa: E402
+from tcube_lightning.models import clip_logits, image_side, zero_shot_head  # noqa: E402
 from tcube_lightning.quiet import creating_empty_models  # noqa: E402
 
 ROWS = ("clip-tiny:full", "biomedclip-tiny:full", "biomedclip-tiny:lora", "clip-b16:full", "biomedclip-base:full",
@@ -114,11 +114,6 @@ def biomedclip(model: str, classes: int) -> tuple[torch.nn.Module, torch.Tensor]
     return pretrained, tokens
 
 
-def image_size(model: torch.nn.Module) -> int:
-    size = model.visual.image_size
-    return size[0] if isinstance(size, (tuple, list)) else size
-
-
 # ---------------------------------------------------------------------------------------------------- measuring
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -168,7 +163,7 @@ class Row:
         self.engine = TCubeEngine(pretrained, expert, [tokens], [args.classes], MAPPING, samplewise="auto",
                                   compile=args.compile, heads="interpolated")  # fmt: skip
         self.tokens = tokens
-        size = image_size(pretrained)
+        size = image_side(pretrained.visual.image_size)
         self.images = torch.randn(self.batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(self.device)
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
         with torch.no_grad(), self.autocast:

@@ -1,4 +1,5 @@
-"""Command line: LightningCLI with the ``test`` subcommand only (this tool evaluates, it never trains)."""
+"""Command line: LightningCLI with the ``test`` and ``predict`` subcommands only (this tool evaluates and predicts, it
+never trains)."""
 
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ PREDICT_EXAMPLES = """examples:
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Only ``test``, without the arguments this tool sets itself (model, data) or does not use (a checkpoint
-        of a trained LightningModule: the models come from model.*_checkpoint)."""
+        """Only ``test`` and ``predict``, without the arguments this tool sets itself (model, data) or does not use (a
+        checkpoint of a trained LightningModule: the models come from model.*_checkpoint)."""
         return {
             "test": {"model", "dataloaders", "datamodule", "ckpt_path"},
             "predict": {"model", "dataloaders", "datamodule", "ckpt_path", "return_predictions"},
@@ -143,11 +144,13 @@ def main(args: list[str] | None = None) -> TCubeCLI:
         raise KeyboardInterrupt  # Lightning shuts the run down, then exits 1
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    args = sys.argv[1:] if args is None else args
+    subcommand = next((a for a in args if not a.startswith("-")), "test")
     try:
         return TCubeCLI(
             TCubeModule,
             EvaluationDataModule,
-            args=inline_config_files(sys.argv[1:] if args is None else args, Path.cwd()),
+            args=inline_config_files(args, Path.cwd()),
             save_config_callback=RunFolder,
             parser_class=EvaluationParser,
             auto_configure_optimizers=False,  # it never trains: no --optimizer / --lr_scheduler
@@ -163,19 +166,22 @@ def main(args: list[str] | None = None) -> TCubeCLI:
         print(f"tcube-lightning: error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
-        stopped_by("SIGTERM", signal.SIGTERM)
+        stopped_by("SIGTERM", signal.SIGTERM, subcommand)
     except SystemExit:
         if interrupted:
-            stopped_by("SIGINT", signal.SIGINT)
+            stopped_by("SIGINT", signal.SIGINT, subcommand)
         raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
 
-def stopped_by(name: str, number: int) -> NoReturn:
-    print(
-        f"tcube-lightning: stopped by {name} before the last split; results.json holds the splits finished so far "
-        "(its missing_splits names the rest): run again with --model.resume true to complete it",
-        file=sys.stderr,
-    )
+def stopped_by(name: str, number: int, subcommand: str) -> NoReturn:
+    """Exit 128 + the signal's number, saying what the stopped run left and how to complete it."""
+    if subcommand == "predict":  # predict cannot resume: each table is written whole
+        left = ("source; predictions/ holds the tables of the sources finished so far, and no predictions.json: run "
+                "again with --model.overwrite true to predict every source")  # fmt: skip
+    else:
+        left = ("split; results.json holds the splits finished so far (its missing_splits names the rest): run again "
+                "with --model.resume true to complete it")  # fmt: skip
+    print(f"tcube-lightning: stopped by {name} before the last {left}", file=sys.stderr)
     sys.exit(128 + number)

@@ -21,7 +21,7 @@ from tcube_lightning.leafwise import LeafWisePass, changed_parameters, leafwise_
 from tcube_lightning.loading.lora import LoraAdapter
 from tcube_lightning.merging import FusedParameterStore, LowRankStore
 from tcube_lightning.methods import BatchContext
-from tcube_lightning.models import clip_logits, zero_shot_head
+from tcube_lightning.models import clip_logits, image_side, zero_shot_head
 from tcube_lightning.samplewise import PerSamplePass, SampleWiseCLIP, per_sample_loop, unsupported_reason
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
@@ -175,18 +175,19 @@ class TCubeEngine(nn.Module):
         """The largest difference of image and text embeddings between ``vectorized`` and per-sample merges, on three
         seeded images and prompts, each row with its own weight, in float32."""
         device = self.store.pt_flat.device
-        size = self.store.pretrained.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
+        size = image_side(self.store.pretrained.visual.image_size)
         images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         tokens = self._tokens(0)[:3]
         weights = torch.tensor([1.0, 0.37, 0.0], device=device)[: len(tokens)]
+        inputs = {"encode_image": images[: len(weights)], "encode_text": tokens}
         with torch.autocast(device.type, enabled=False):
+            ours = {encode: getattr(vectorized, encode)(rows, weights) for encode, rows in inputs.items()}
             error = 0.0
-            for rows, encode in ((images, "encode_image"), (tokens, "encode_text")):
-                ours = getattr(vectorized, encode)(rows[: len(weights)], weights)
-                for i, w in enumerate(weights.tolist()):
-                    merged = getattr(self.store.merge(w), encode)(rows[i : i + 1], normalize=True)[0]
-                    error = max(error, float((ours[i] - merged).abs().max()))
+            for i, w in enumerate(weights.tolist()):
+                merged = self.store.merge(w)  # one merge per weight, both towers compared on it
+                for encode, rows in inputs.items():
+                    reference = getattr(merged, encode)(rows[i : i + 1], normalize=True)[0]
+                    error = max(error, float((ours[encode][i] - reference).abs().max()))
         return error
 
     def samplewise_summary(self) -> dict:

@@ -11,6 +11,11 @@ from torch import nn
 from tcube_lightning.errors import InputError
 
 
+def image_side(size: int | tuple[int, ...] | list[int]) -> int:
+    """An open_clip image size (an int, or the sides of a square) as the one side."""
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
 def tokenize_prompts(
     tokenizer: Callable[[list[str]], torch.Tensor], classnames: list[str], templates: list[str]
 ) -> torch.Tensor:

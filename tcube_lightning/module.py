@@ -454,10 +454,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
             "classnames": self.split_classnames[split],
         }
         if self.trainer.is_global_zero:
-            if self.hparams.overwrite and not self.results_written:  # the replaced run's files go, all of them
-                clear_earlier_run(self.report.results_dir, self.started)
+            self._remove_replaced_run()
             self.report.add_split(split, record, table)
         self.results_written = True
+
+    def _remove_replaced_run(self) -> None:
+        """With overwrite, before this run writes its first results (rank 0): every file the run it replaces wrote."""
+        if self.hparams.overwrite and not self.results_written:
+            clear_earlier_run(self.report.results_dir, self.started)
 
     def on_test_epoch_end(self) -> None:
         """Finish the last split(s), then report on rank 0."""

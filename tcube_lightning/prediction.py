@@ -17,7 +17,6 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tcube_lightning.results import write_atomic
-from tcube_lightning.runfolder import clear_earlier_run
 
 FOLDER = "predictions"
 IMAGE = "image"
@@ -99,8 +98,7 @@ class PredictHooks:
         """A finished source: its table (every process takes part in the gather), written by rank 0."""
         table = self.tables[split].gather()
         if self.trainer.is_global_zero:
-            if self.hparams.overwrite and not self.results_written:  # the replaced run's files go, all of them
-                clear_earlier_run(self.report.results_dir, self.started)
+            self._remove_replaced_run()
             identities = self.trainer.datamodule.datasets[split].base.identities
             columns = prediction_table(table, identities, self.split_classnames[split], list(self.methods))
             write_prediction_table(self.report.results_dir / FOLDER, split, columns)

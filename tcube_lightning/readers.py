@@ -44,18 +44,24 @@ def read_medmnist_npz(path: str | Path, split: str = "test") -> ImageArrays:
     if not path.is_file():
         raise InputError(f"data file not found: {path} (expected a MedMNIST-format npz)")
     wanted = (f"{split}_images", f"{split}_labels")
+    arrays = npz_arrays(path, wanted)
+    return ImageArrays(*_checked_arrays(path, split, arrays[wanted[0]], arrays[wanted[1]]))
+
+
+def npz_arrays(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an npz file, each of them, or an error naming the file and what it holds."""
     if not zipfile.is_zipfile(path):  # NumPy would call any other bytes "pickled (object) data"
         raise InputError(f"{path}: not an npz file (a zip archive of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path) as npz:
-            keys = sorted(npz.files)
-            arrays = {k: npz[k] for k in wanted if k in keys}
+            present = sorted(npz.files)
+            arrays = {k: npz[k] for k in keys if k in present}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         raise InputError(f"{path}: not a readable npz file ({err})") from err
-    missing = [k for k in wanted if k not in arrays]
+    missing = [k for k in keys if k not in arrays]
     if missing:
-        raise InputError(f"{path}: missing key(s) {missing}; the file has {keys}")
-    return ImageArrays(*_checked_arrays(path, split, arrays[wanted[0]], arrays[wanted[1]]))
+        raise InputError(f"{path}: missing key(s) {missing}; the file has {present}")
+    return arrays
 
 
 def checked_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
@@ -265,9 +271,10 @@ def load_hf_dataset(folder: Path, split: str = "test"):  # noqa: ANN201 - a data
         raise InputError(f"HF dataset folder not found: {folder}")
     datasets.disable_progress_bars()  # "Downloading data" bars for local files read offline
     try:
-        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        kind = dataset_folder_kind(folder)
+        if kind == "saved":
             data = datasets.load_from_disk(str(folder))
-        elif list(folder.rglob("*.parquet")):
+        elif kind == "parquet":
             data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
         else:
             data = datasets.load_dataset("imagefolder", data_dir=str(folder))
@@ -283,6 +290,14 @@ def load_hf_dataset(folder: Path, split: str = "test"):  # noqa: ANN201 - a data
     if len(data) == 0:
         raise InputError(f"{folder}: split {split!r} is empty")
     return data
+
+
+def dataset_folder_kind(folder: Path) -> str:
+    """How a dataset folder is read: ``saved`` (``save_to_disk``), ``parquet`` (parquet files in it or below) or
+    ``imagefolder`` (image files)."""
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return "saved"
+    return "parquet" if any(folder.rglob("*.parquet")) else "imagefolder"
 
 
 def image_column(folder: Path, columns: list[str]) -> str:

@@ -5,16 +5,21 @@ it may have are not read) and a Hugging Face dataset without a label column. Eac
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.readers import as_image, checked_images, image_column, load_hf_dataset
+from tcube_lightning.readers import (
+    as_image,
+    checked_images,
+    dataset_folder_kind,
+    image_column,
+    load_hf_dataset,
+    npz_arrays,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -35,17 +40,11 @@ class UnlabelledImages(Dataset):
 def read_unlabelled(path: Path, split: str = "test") -> UnlabelledImages:
     """The unlabelled images at ``path``: an npz file, an image folder, or a Hugging Face dataset folder."""
     if path.is_dir():
-        hf = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() or any(path.rglob("*.parquet"))
-        return _hf_dataset(path, split) if hf else _image_folder(path)
+        return _image_folder(path) if dataset_folder_kind(path) == "imagefolder" else _hf_dataset(path, split)
     if not path.is_file():
         raise InputError(f"data file not found: {path} (expected an image folder, an npz or a Hugging Face dataset)")
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: not an npz file (a zip archive of .npy arrays, as numpy.savez writes)")
     key = f"{split}_images"
-    with np.load(path) as npz:
-        if key not in npz.files:
-            raise InputError(f"{path}: no {key!r} array; the file has {sorted(npz.files)}")
-        images = checked_images(path, split, npz[key])
+    images = checked_images(path, split, npz_arrays(path, (key,))[key])
     return UnlabelledImages(lambda i: Image.fromarray(images[i]), [str(i) for i in range(len(images))])
 
 

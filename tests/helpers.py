@@ -7,8 +7,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,11 +186,9 @@ def run_cli_in_process(args):
     return json.loads(results.read_text()), results.parent
 
 
-def run_cli_subprocess(args, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "main.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a command run in a fresh process: the Hugging Face libraries offline, as in this session."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
 
 
 def oracle_model(pt_sd: dict, ft_sd: dict, w: float, arch: str = ARCH, reuse: bool = False) -> torch.nn.Module:

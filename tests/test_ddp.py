@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import LOGITS_ATOL, REPO, run_cli_in_process, write_medmnist_npz
+from helpers import LOGITS_ATOL, REPO, run_cli_in_process, subprocess_env, write_medmnist_npz
 
 from tcube_lightning.cli import main
 from tcube_lightning.methods import METHOD_FAMILIES
@@ -87,7 +87,7 @@ def two_processes(arguments, clip_pair, tmp_path_factory):
     distributed = ["--trainer.devices=2", "--trainer.strategy=ddp"]
     predict = [*predict_arguments(arguments, clip_pair), *distributed, f"--model.results_dir={out / 'predict'}"]
     runs = [[*arguments, *distributed, f"--trainer.default_root_dir={out / 'test'}"], predict]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env(PYTHONPATH=str(REPO))
     script = [sys.executable, str(REPO / "tests" / "ddp_runs.py"), json.dumps(runs)]
     result = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

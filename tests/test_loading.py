@@ -345,6 +345,18 @@ def test_wrong_adapters_are_refused_naming_the_field(biomedclip, hf_cache, clip_
             plan_models(ARCH, str(clip_pair[0]), str(changed)).load()
 
 
+def test_unreadable_weights_files_are_named(clip_pair, peft_on_tiny_clip, transformers_clips, tmp_path):
+    for source, weights in ((peft_on_tiny_clip[0], "adapter_model.safetensors"),
+                            (transformers_clips["ft"], "model.safetensors")):  # fmt: skip
+        broken = tmp_path / source.name
+        shutil.copytree(source, broken)
+        (broken / weights).write_bytes(b"not a file of tensors")
+        generalist = clip_pair[0] if weights.startswith("adapter") else transformers_clips["pt"]
+        plan = plan_models(ARCH if weights.startswith("adapter") else None, str(generalist), str(broken))
+        with pytest.raises(InputError, match=f"model.expert_checkpoint: {broken / weights} could not be read"):
+            plan.load()
+
+
 # ---------------------------------------------------------------------------------------------------- transformers
 def test_transformers_clip_checkpoints_run_every_path_as_transformers_computes_them(
     transformers_clips, small_split, tmp_path, capsys

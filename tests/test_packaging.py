@@ -1,7 +1,6 @@
 """The package as users install it: a wheel with its data files and console script, `python -m`, the Dockerfile."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import sys
 import time
 import zipfile
 
-from helpers import REPO, cli_args
+from helpers import REPO, cli_args, subprocess_env
 
 
 def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
@@ -47,7 +46,7 @@ def test_sigterm_stops_the_run_with_a_failing_exit_status(clip_pair, npz_root, t
     out = tmp_path / "results"
     args = cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.results_dir={out}",
                     "--model.methods=[zeroshot, t3, t3_batch]")  # split b: 21 batches, far longer than one poll
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = subprocess_env()
     run = subprocess.Popen(
         [sys.executable, "-m", "tcube_lightning", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,

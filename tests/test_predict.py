@@ -102,5 +102,6 @@ def test_an_interrupted_prediction_run_exits_non_zero_and_says_it_is_incomplete(
     with pytest.raises(SystemExit) as stop:
         main(predict_args(clip_pair, npz_root, out, {"a": "tiny_a.npz", "b": "tiny_b.npz"}))
     assert stop.value.code == 130
+    assert "stopped by SIGINT before the last source" in capsys.readouterr().err
     assert (out / "predictions" / "a.csv").is_file()  # a finished source's table is whole
     assert not (out / "predictions" / "b.csv").exists() and not (out / "predictions" / "predictions.json").exists()

@@ -19,6 +19,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.models import image_side
 from tcube_lightning.quiet import creating_empty_models
 
 BUNDLED_CONFIGS = Path(__file__).parents[1] / "model_configs"
@@ -62,8 +63,7 @@ class Architecture:
 
     @property
     def image_size(self) -> int:
-        size = self.model_cfg["vision_cfg"].get("image_size", 224)
-        return size[0] if isinstance(size, (tuple, list)) else size
+        return image_side(self.model_cfg["vision_cfg"].get("image_size", 224))
 
     @property
     def quick_gelu(self) -> bool:

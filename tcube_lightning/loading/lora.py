@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading.tensorfiles import read_tensors
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
@@ -167,7 +168,8 @@ def read_peft_config(folder: Path, field_name: str) -> dict:
 def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: str) -> LoraAdapter:
     """The adapter's updates on ``base`` (the generalist): every target resolved, shaped and ranked as the config
     says, or a clear error (an adapter for another base, a rank mismatch, an unsupported target)."""
-    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in _read_tensors(folder).items()}
+    weights = next(folder / name for name in PEFT_WEIGHTS if (folder / name).is_file())
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(weights, field_name).items()}
     prefix = _wrapped_prefix(base, config, folder)
     modules = dict(base.named_modules())
     params = dict(base.named_parameters())
@@ -234,15 +236,6 @@ def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: s
     return LoraAdapter("LoRA (peft)", str(folder), updates, replacements, notes)
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    path = next(folder / name for name in PEFT_WEIGHTS if (folder / name).is_file())
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _wrapped_prefix(base: nn.Module, config: dict, folder: Path) -> str:
     """Where in the CLIP the module peft wrapped sits (its module names are relative to it): the whole model, or
     one tower, by the class name peft recorded in auto_mapping."""
@@ -293,7 +286,7 @@ def read_robustmedclip(path: Path, base: nn.Module, field_name: str) -> LoraAdap
     """RobustMedCLIP's model.pth on ``base``: its image tower (``lora_vit.lora_vit.`` = ``visual.``, the timm
     ``qkv`` wrapped as ``qkv.qkv``) and text tower (``text_encoder.`` = ``text.``) must equal the generalist's,
     since only the LoRA was trained; q, k and v each get B·A on their rows of ``qkv.weight``, unscaled."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensors(path, field_name)
     state = state.get("state_dict", state)
     reference = base.state_dict()
     factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}

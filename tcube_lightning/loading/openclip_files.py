@@ -3,7 +3,6 @@ safetensors), OpenAI's TorchScript archives, and open_clip pretrained tags alrea
 
 from __future__ import annotations
 
-import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -15,8 +14,7 @@ from torch import nn
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import Architecture
-
-LOAD_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, OSError, AssertionError, pickle.UnpicklingError)
+from tcube_lightning.loading.tensorfiles import LOAD_ERRORS
 
 
 def load_weights_file(architecture: Architecture, path: Path, field: str = "checkpoint") -> nn.Module:
@@ -27,10 +25,7 @@ def load_weights_file(architecture: Architecture, path: Path, field: str = "chec
         open_clip.load_checkpoint(model, str(path), strict=True)
     except LOAD_ERRORS as err:
         if not looks_like_a_checkpoint(path):
-            raise InputError(
-                f"{field}: {path} is not a checkpoint file: neither a torch zip archive, a pickle nor safetensors "
-                "(expected an open_clip state_dict, a training checkpoint, safetensors or OpenAI's TorchScript file)"
-            ) from err
+            raise not_a_checkpoint(field, path) from err
         raise InputError(
             f"{field}: {path} could not be loaded into architecture {architecture.label!r}: {err}"
         ) from err
@@ -99,6 +94,13 @@ def looks_like_a_checkpoint(path: Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(9)
     return zipfile.is_zipfile(path) or head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def not_a_checkpoint(field: str, path: Path) -> InputError:
+    return InputError(
+        f"{field}: {path} is not a checkpoint file: neither a torch zip archive, a pickle nor safetensors "
+        "(expected an open_clip state_dict, a training checkpoint, safetensors or OpenAI's TorchScript file)"
+    )
 
 
 def is_torchscript_archive(path: Path) -> bool:

@@ -182,10 +182,7 @@ def identify(checkpoint: str | None, architecture: Architecture, field: str) -> 
         if openclip_files.is_torchscript_archive(path):
             return Source(TORCHSCRIPT, checkpoint, field)
         if not openclip_files.looks_like_a_checkpoint(path):
-            raise InputError(
-                f"{field}: {path} is not a checkpoint file: neither a torch zip archive, a pickle nor safetensors "
-                "(expected an open_clip state_dict, a training checkpoint, safetensors or OpenAI's TorchScript file)"
-            )
+            raise openclip_files.not_a_checkpoint(field, path)
         if lora.is_robustmedclip_checkpoint(openclip_files.checkpoint_keys(path)):
             return Source(ROBUSTMEDCLIP, checkpoint, field)
         return Source(OPENCLIP_FILE, checkpoint, field)
@@ -220,7 +217,7 @@ def _identify_folder(folder: Path, architecture: Architecture, field: str) -> So
                 f"(architecture vs checkpoint): {differences[:6]}"
             )
         transformers_clip.weights_file(folder, field)
-        return Source(TRANSFORMERS, str(folder), field)
+        return Source(TRANSFORMERS, str(folder), field, {"model_cfg": converted})
     present = sorted(p.name for p in folder.iterdir())[:10]
     raise InputError(
         f"{field}: {folder} is a folder holding neither adapter_config.json (a peft adapter) nor "
@@ -236,10 +233,8 @@ def load_source(architecture: Architecture, source: Source) -> nn.Module:
     if source.kind == TORCHSCRIPT:
         return openclip_files.load_openai_archive(architecture, path)
     if source.kind == TRANSFORMERS:
-        config = transformers_clip.read_config(path, source.field)
-        converted_cfg = transformers_clip.open_clip_config(config, source.field)
         state = transformers_clip.convert_state_dict(
-            transformers_clip.read_state_dict(path, source.field), converted_cfg, source.field
+            transformers_clip.read_state_dict(path, source.field), source.details["model_cfg"], source.field
         )
         model = architecture.create()
         model.load_state_dict(state, strict=True)

@@ -12,6 +12,7 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading.tensorfiles import read_tensors
 
 OPENAI_BPE_VOCAB = 49408
 """open_clip's tokenizer for converted models is OpenAI's BPE: its vocabulary has this many entries."""
@@ -163,15 +164,11 @@ def weights_file(folder: Path, field: str) -> Path:
 
 def read_state_dict(folder: Path, field: str) -> dict[str, torch.Tensor]:
     """The CLIPModel's tensors: one safetensors file, safetensors shards listed by their index, or a torch file."""
-    from safetensors.torch import load_file
-
     path = weights_file(folder, field)
     if path.name.endswith(".index.json"):
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v for shard in shards for k, v in read_tensors(folder / shard, field).items()}
+    return read_tensors(path, field)
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, field: str) -> dict[str, torch.Tensor]:
