@@ -20,7 +20,7 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 demo: install
-	$(PY) -m tcube_lightning.demo --out artifacts/demo
+	$(PY) -m tcube_lightning.data.demo --out artifacts/demo
 	$(PY) main.py test --config configs/demo.yaml
 
 clean:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcube_lightning import demo  # noqa: E402
-from tcube_lightning.cli import main as cli_main  # noqa: E402
-from tcube_lightning.methods import DEFAULT_FAMILIES  # noqa: E402
+from tcube_lightning.data import demo  # noqa: E402
+from tcube_lightning.cli.app import main as cli_main  # noqa: E402
+from tcube_lightning.merging.methods import DEFAULT_FAMILIES  # noqa: E402
 
 SETTINGS = {
     "before": ["--model.heads=exact"],

@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcube_lightning.coefficients import LambdaMapping  # noqa: E402
-from tcube_lightning.engine import TCubeEngine  # noqa: E402
+from tcube_lightning.merging.coefficients import LambdaMapping  # noqa: E402
+from tcube_lightning.engine.torch_engine import TCubeEngine  # noqa: E402
 from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate  # noqa: E402
-from tcube_lightning.models import clip_logits, image_side, zero_shot_head  # noqa: E402
+from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head  # noqa: E402
+from tcube_lightning.loading.architecture import image_side  # noqa: E402
 from tcube_lightning.quiet import creating_empty_models  # noqa: E402
 
 ROWS = ("clip-tiny:full", "biomedclip-tiny:full", "biomedclip-tiny:lora", "clip-b16:full", "biomedclip-base:full",

@@ -1,3 +1,3 @@
-from tcube_lightning.cli import main
+from tcube_lightning.cli.app import main
 
 main()

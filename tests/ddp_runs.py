@@ -5,7 +5,7 @@ processes is most of what such a run costs."""
 import json
 import sys
 
-from tcube_lightning.cli import main
+from tcube_lightning.cli.app import main
 
 for args in json.loads(sys.argv[1]):
     main(args)

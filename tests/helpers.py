@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from tcube_lightning import loading  # noqa: F401 - registers the tiny architecture
-from tcube_lightning.cli import main
+from tcube_lightning.cli.app import main
 
 # ---------------------------------------------------------------------------------------------------- tolerances
 # float32 rounds each operation to a relative error of at most EPS32. A network output compounds that over its

@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import LOGITS_ATOL, REPO, run_cli_in_process, subprocess_env, write_medmnist_npz
 
-from tcube_lightning.cli import main
-from tcube_lightning.methods import METHOD_FAMILIES
-from tcube_lightning.samples import read_table, read_tables
+from tcube_lightning.cli.app import main
+from tcube_lightning.merging.methods import METHOD_FAMILIES
+from tcube_lightning.reporting.samples import read_table, read_tables
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
 
@@ -118,7 +118,7 @@ def test_what_ddp_spawn_sends_to_its_processes_pickles(arguments, tmp_path, monk
     Lightning's messages there). Checked without the half minute those processes take to start."""
     import pickle
 
-    from tcube_lightning import cli
+    from tcube_lightning.cli import app as cli
 
     captured = {}
     def capture(self, model, datamodule, **kwargs):  # the Trainer's test, stopped before anything is set up

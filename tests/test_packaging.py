@@ -25,8 +25,8 @@ def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
         names = set(archive.namelist())
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tcube_lightning/model_configs/tcube-tiny-clip.json" in names
-    assert "tcube_lightning/module.py" in names
-    assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli:main", entry_points)
+    assert "tcube_lightning/evaluation/module.py" in names
+    assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli\.app:main", entry_points)
 
 
 def test_dockerfile_installs_the_pinned_files_and_copies_files_that_exist():

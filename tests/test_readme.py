@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, load_benchmark
 
-from tcube_lightning.cli import main
+from tcube_lightning.cli.app import main
 
 
 def readme_commands() -> list[str]:

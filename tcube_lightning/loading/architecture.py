@@ -19,7 +19,6 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.models import image_side
 from tcube_lightning.quiet import creating_empty_models
 
 BUNDLED_CONFIGS = Path(__file__).parents[1] / "model_configs"
@@ -99,6 +98,11 @@ class Architecture:
             return open_clip.SimpleTokenizer(context_length=self.model_cfg["text_cfg"]["context_length"])
         return open_clip.get_tokenizer(self.name, cache_dir=self.cache_dir)
 
+
+
+def image_side(size: int | tuple[int, ...] | list[int]) -> int:
+    """An open_clip image size (an int, or the sides of a square) as the one side."""
+    return size[0] if isinstance(size, (tuple, list)) else size
 
 def register_model_config(path: str | Path) -> None:
     """Make a user's open_clip model config (a JSON file, or a folder of them) known by its file name."""

@@ -1,0 +1,1 @@
+"""The command line: LightningCLI's ``test`` and ``predict``, its parser and its config paths."""

@@ -1,0 +1,363 @@
+"""The LightningDataModule: every test split of a modality (or of the user's own files), CLIP-preprocessed."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from pathlib import Path
+from typing import Callable, Literal
+
+import lightning as L
+import numpy as np
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from tcube_lightning.errors import InputError
+from tcube_lightning.data.modalities import get_modality, known_corruptions, modality_corruptions
+from tcube_lightning.data.readers import SEVERITIES, CorruptedOnTheFly, HFImages, MedIMetaImages, read_medmnist_npz, read_medmnistc_file, write_npz_atomic
+from tcube_lightning.data.splitnames import corrupted_split_name
+from tcube_lightning.data.unlabelled import read_unlabelled
+
+SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
+
+
+def medmnist_filename(flag: str, size: int = 28) -> str:
+    """MedMNIST's official file name: ``{flag}.npz`` at 28 px, ``{flag}_{size}.npz`` otherwise."""
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def medmnist_classnames(flag: str) -> list[str]:
+    """Class names in label order, from MedMNIST's own metadata."""
+    import medmnist
+
+    if flag not in medmnist.INFO:
+        raise InputError(f"flag: unknown MedMNIST dataset {flag!r}; known: {sorted(medmnist.INFO)}")
+    labels = medmnist.INFO[flag]["label"]
+    return [labels[str(i)] for i in range(len(labels))]
+
+
+class Preprocessed(Dataset):
+    """A reader's (PIL image, label) samples through the CLIP preprocessing transform."""
+
+    def __init__(self, base: Dataset, transform) -> None:  # noqa: ANN001 - any callable
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+class EvaluationDataModule(L.LightningDataModule):
+    """Named test splits, one test dataloader each.
+
+    With a ``modality`` the splits follow the evaluation protocol, read from under ``root``:
+    ``in_domain`` (``{flag}_{size}.npz``), ``base_to_novel`` (``medimeta/{dataset}/``) and one split
+    ``{corruption}@{severity}`` per MedMNIST-C corruption and severity (``medmnistc/{flag}/...`` or
+    generated on the fly). ``sources`` overrides where a split is read from, or adds splits of your own:
+    an ``.npz`` path is read as MedMNIST npz, a folder as a Hugging Face dataset.
+
+    Args:
+        root: Folder the data paths are relative to.
+        modality: One of the registered modalities (blood, breast, retina, oct, pneumonia).
+        splits: Which kinds of split to evaluate: in_domain, base_to_novel, corrupted (default: all).
+        sources: Split name → npz file or HF dataset folder (relative to root), e.g. ``{in_domain: x.npz}``.
+        corruptions: MedMNIST-C corruptions to evaluate (default: the modality's list).
+        severities: Corruption severities, each in 1..5.
+        corruption_source: ``files`` (pre-generated MedMNIST-C npz) or ``on_the_fly`` (medmnistc, seeded).
+        size: Image size of the MedMNIST file to read (28, 64, 128 or 224).
+        flag: MedMNIST flag for the class names when there is no modality.
+        classnames: Class names in label order for the non-MedIMeta splits (default: medmnist.INFO's). A Hugging
+            Face source that names its classes (ClassLabel, image folder) uses its own names; given names that
+            disagree with them stop the run.
+        templates: Prompt templates, each with one ``{}``; default: the modality's.
+        split_key: Split inside MedMNIST npz files (test, val or train); MedIMeta's split file of that name.
+        image_size: Side of the CLIP input; images are resized (bicubic), center-cropped and normalised.
+        mean: Per-channel mean of the normalisation; default OpenAI CLIP's. Must be what the models were
+            trained with: the run stops if the generalist's pretrained tag or config says otherwise.
+        std: Per-channel standard deviation of the normalisation; default OpenAI CLIP's.
+        batch_size: Test batch size.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory (faster host-to-GPU copies).
+        seed: Seed of the on-the-fly corruptions.
+        corruption_cache: With on-the-fly corruptions, a folder where each generated split is saved (in the
+            T³ authors' MedMNIST-C layout) the first time and read back on later runs.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        modality: str | None = None,
+        splits: list[str] | None = None,
+        sources: dict[str, str] | None = None,
+        corruptions: list[str] | None = None,
+        severities: list[int] = list(SEVERITIES),
+        corruption_source: Literal["files", "on_the_fly"] = "files",
+        size: int = 224,
+        flag: str | None = None,
+        classnames: list[str] | None = None,
+        templates: list[str] | None = None,
+        split_key: str = "test",
+        image_size: int = 224,
+        mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
+        std: tuple[float, float, float] = OPENAI_DATASET_STD,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        corruption_cache: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # logged with the final metrics, by the module
+        self.modality = get_modality(modality) if modality is not None else None
+        unknown = sorted(set(splits or ()) - set(SPLIT_KINDS))
+        if unknown:
+            raise InputError(f"data.splits: unknown split kind(s) {unknown}; choose from {list(SPLIT_KINDS)}")
+        if self.modality is None and not sources:
+            raise InputError("data: give a modality, or sources (split name → file) for your own splits")
+        if self.modality is not None and corruptions:
+            unknown = sorted(set(corruptions) - known_corruptions(self.modality))
+            if unknown:
+                known = sorted(known_corruptions(self.modality))
+                raise InputError(f"data.corruptions: unknown for {self.modality.name}: {unknown}; known: {known}")
+        bad = [s for s in severities if s not in SEVERITIES]
+        if bad:
+            raise InputError(f"data.severities: {bad} outside 1..5")
+        if corruption_source not in ("files", "on_the_fly"):
+            raise InputError(f"data.corruption_source must be 'files' or 'on_the_fly', got {corruption_source!r}")
+        if batch_size < 1:
+            raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
+        flag = flag or (self.modality.medmnist_flag if self.modality else None)
+        self.root, self.flag, self.size = Path(root), flag, size
+        self.kinds = list(splits or SPLIT_KINDS) if self.modality else []
+        self.sources = dict(sources or {})
+        self.corruptions = list(corruptions) if corruptions is not None else None
+        self.severities, self.corruption_source, self.seed = list(severities), corruption_source, seed
+        self.corruption_cache = Path(corruption_cache) if corruption_cache is not None else None
+        self.classnames_given = classnames is not None
+        self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag) if flag else None
+        """The names of the splits that do not name their own classes (None: every split must)."""
+        self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
+        if any("{}" not in t for t in self.templates):
+            raise InputError(f"data.templates: each template needs one '{{}}' for the class name, got {self.templates}")
+        self.split_key, self.image_size = split_key, image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        # WholeBatchSampler: with more processes than batches, some processes read none of a split.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+        self.datasets: dict[str, Dataset] = {}
+        self.split_classnames: dict[str, list[str]] = {}
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.datasets)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open and check every split before any model is loaded (Lightning calls this hook first); to predict, the
+        unlabelled images of each of ``sources``."""
+        if self.datasets:
+            return
+        transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        if stage == "predict":
+            self._setup_unlabelled(transform)
+            return
+        for name, (dataset, classnames) in self._read_splits().items():
+            check_distinct(name, classnames)
+            labels = np.asarray(dataset.labels)
+            if not np.issubdtype(labels.dtype, np.integer):
+                fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+                if fractional.any():
+                    raise InputError(
+                        f"split {name!r}: {int(fractional.sum())} label(s) are not whole class indices (first: "
+                        f"{labels[fractional][0]}); labels must be integers 0..{len(classnames) - 1}"
+                    )
+            bad = (labels < 0) | (labels >= len(classnames))
+            if bad.any():
+                raise InputError(
+                    f"split {name!r}: {int(bad.sum())} label(s) outside 0..{len(classnames) - 1} for "
+                    f"{len(classnames)} class names (first bad label: {int(labels[bad][0])})"
+                )
+            self.datasets[name] = Preprocessed(dataset, transform)
+            self.split_classnames[name] = classnames
+
+    def _setup_unlabelled(self, transform: Callable) -> None:
+        """predict: every source as unlabelled images (each row named in ``identities``), all predicted among the
+        class names given; one error listing every source that cannot be read."""
+        if not self.sources:
+            raise InputError(
+                "data.sources: predict reads the images named there (split name → an image folder, npz file or "
+                "Hugging Face dataset folder under data.root)"
+            )
+        if self.classnames is None:
+            raise InputError("data.classnames: predict names its classes by data.classnames (in the order of the "
+                             "model's labels) or by a data.flag / modality's MedMNIST metadata")  # fmt: skip
+        check_distinct("predict", self.classnames)
+        problems = []
+        for name, source in self.sources.items():
+            try:
+                images = read_unlabelled(self.root / source, self.split_key)
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            self.datasets[name] = Preprocessed(images, transform)
+            self.split_classnames[name] = self.classnames
+        raise_problems(problems)
+
+    def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
+        """Every split, or one error listing every split that cannot be read (all missing files at once)."""
+        readers: dict[str, Callable[[], tuple[Dataset, list[str]] | None]] = {}
+        if "in_domain" in self.kinds:
+            readers["in_domain"] = lambda: self._source("in_domain") or (self._in_domain, self.classnames)
+        if "base_to_novel" in self.kinds:
+            readers["base_to_novel"] = lambda: self._source("base_to_novel") or self._base_to_novel()
+        if "corrupted" in self.kinds:
+            for corruption in self.corruptions or list(modality_corruptions(self.modality)):
+                for severity in self.severities:
+                    name = corrupted_split_name(corruption, severity)
+                    readers[name] = functools.partial(self._corrupted_split, name, corruption, severity)
+        for name in self.sources:
+            readers.setdefault(name, functools.partial(self._source, name))
+        splits, problems = {}, []
+        for name, read in readers.items():
+            try:
+                splits[name] = read()
+            except InputError as err:
+                problems.append(str(err))
+        raise_problems(list(dict.fromkeys(problems)))  # on-the-fly splits share the in-domain file's problem
+        return splits
+
+    def _corrupted_split(self, name: str, corruption: str, severity: int) -> tuple[Dataset, list[str]]:
+        return self._source(name) or (self._corrupted(corruption, severity), self.classnames)
+
+    def _source(self, name: str) -> tuple[Dataset, list[str]] | None:
+        if name not in self.sources:
+            return None
+        path = self.root / self.sources[name]
+        if path.suffix == ".npz" or not path.is_dir():
+            return read_medmnist_npz(path, self.split_key), self.given_classnames(name, path)
+        dataset = HFImages(path, self.split_key)
+        own = dataset.classnames  # a ClassLabel's names, or an image folder's (its subfolders, alphabetical)
+        if own is None:
+            return dataset, self.given_classnames(name, path)
+        if self.classnames_given and list(own) != self.classnames:
+            raise InputError(
+                f"split {name!r}: data.classnames {self.classnames} disagree with the class names {path} carries "
+                f"{list(own)}; give names that match its labels, or leave data.classnames out to use the data's own"
+            )
+        return dataset, list(own)
+
+    def given_classnames(self, split: str, path: Path) -> list[str]:
+        """The names from data.classnames or data.flag, for a split whose data does not name its classes."""
+        if self.classnames is None:
+            raise InputError(
+                f"split {split!r}: {path} does not name its classes (an npz, or a dataset without a ClassLabel): give "
+                "data.classnames in label order, or a data.flag / modality whose MedMNIST metadata names them"
+            )
+        return self.classnames
+
+    @functools.cached_property
+    def _in_domain(self) -> Dataset:
+        """Read once: the in-domain split, and the base of every on-the-fly corrupted split."""
+        return read_medmnist_npz(self.root / medmnist_filename(self.flag, self.size), self.split_key)
+
+    def _base_to_novel(self) -> tuple[Dataset, list[str]]:
+        m = self.modality
+        dataset = MedIMetaImages(self.root / "medimeta", m.medimeta_dataset, m.medimeta_task, self.split_key)
+        return dataset, dataset.classnames
+
+    def _corrupted(self, corruption: str, severity: int) -> Dataset:
+        if self.corruption_source == "files":
+            return read_medmnistc_file(self.root / "medmnistc", self.flag, corruption, severity)
+        corrupted = CorruptedOnTheFly(self._in_domain, self.flag, corruption, severity, self.seed)
+        if self.corruption_cache is None:
+            return corrupted
+        cached = self.corruption_cache / self.flag / "test" / f"{corruption}_severity_{severity}_seed_{self.seed}.npz"
+        if not cached.is_file():
+            write_npz_atomic(cached, corrupted)
+        return read_medmnist_npz(cached, "test")
+
+    def drop_split(self, name: str) -> None:
+        """Leave out a split (one an earlier run already finished, when resuming)."""
+        self.datasets.pop(name, None)
+        self.split_classnames.pop(name, None)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per split. Under multi-process runs each process reads whole batches of every split,
+        the same batches a one-process run reads, without the padding of PyTorch's DistributedSampler that
+        would count samples twice."""
+        return self._loaders()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """One loader per source, read as ``test_dataloader`` reads splits."""
+        return self._loaders()
+
+    def _loaders(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                self.datasets[name],
+                batch_size=self.batch_size,
+                sampler=self._sampler(name),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+            )
+            for name in self.split_names
+        ]
+
+    def _sampler(self, name: str) -> Sampler:
+        dataset = self.datasets[name]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if world_size == 1:
+            return SequentialSampler(dataset)
+        return WholeBatchSampler(dataset, self.batch_size, num_replicas=world_size, rank=self.trainer.global_rank)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One error for every problem found (each file that cannot be read named at once), if any."""
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        raise InputError(f"{len(problems)} problems with the data:\n  - " + "\n  - ".join(problems))
+
+
+def check_distinct(split: str, classnames: list[str]) -> None:
+    """Two classes whose prompts read alike (the tokenizers ignore case and spacing) would share one zero-shot
+    embedding, and the second could never be predicted."""
+
+    def as_read(name: str) -> str:
+        return " ".join(name.lower().split())
+
+    counts = collections.Counter(map(as_read, classnames))
+    repeats = [name for name in classnames if counts[as_read(name)] > 1]
+    if repeats:
+        raise InputError(
+            f"split {split!r}: class names must be distinct as the prompts read them (case and spacing ignored); "
+            f"repeated: {repeats}"
+        )
+
+
+class WholeBatchSampler(DistributedSampler):
+    """Deals whole batches to processes: rank r reads batches r, r + N, r + 2N, … of the one-process order.
+
+    Every batch is then the batch a one-process run sees (T³_B averages λ over the same samples, forwards see
+    the same inputs), and no sample is repeated or dropped. A process may get no batch of a small split.
+    A ``DistributedSampler`` so that Lightning does not replace it with its padding one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        size = len(dataset)
+        batches = range(rank, math.ceil(size / batch_size), num_replicas)
+        self.indices = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, size))]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of indices
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -1,0 +1,304 @@
+"""The model engine, in plain torch (it imports no Lightning): both CLIPs in a fused parameter store, the prompt
+tokens and every zero-shot head, the per-batch coefficients, and the logits of every model a method asks for.
+
+The LightningModule drives it (devices, metrics, splits); tests use it directly, without a Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from tcube_lightning.merging.coefficients import LambdaMapping
+from tcube_lightning.errors import InputError
+from tcube_lightning.engine.heads import HeadInterpolant, fit_head_interpolant
+from tcube_lightning.engine.leafwise import LeafWisePass, changed_parameters, leafwise_reason
+from tcube_lightning.loading.lora import LoraAdapter
+from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
+from tcube_lightning.merging.methods import BatchContext
+from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
+from tcube_lightning.loading.architecture import image_side
+from tcube_lightning.engine.samplewise import PerSamplePass, SampleWiseCLIP, per_sample_loop, unsupported_reason
+
+SampleWisePath = Literal["auto", "vectorized", "loop"]
+HeadMode = Literal["interpolated", "exact"]
+StaticRule = Callable[[FusedParameterStore], torch.Tensor]
+PROBE_TOLERANCE = 1e-3
+"""The largest difference of unit-norm embeddings between the leaf-wise pass and per-sample merges on the set-up's
+probe: float32 rounding through a deep tower stays near 1e-6, a model whose code mixes rows is off by far more."""
+
+
+@dataclass(frozen=True)
+class BatchCoefficients:
+    """One batch's shared forwards and T³'s coefficients."""
+
+    pt_logits: torch.Tensor
+    ft_logits: torch.Tensor
+    finite: torch.Tensor
+    """Rows whose pretrained and expert logits are all finite; the others get JS = 0."""
+    js: torch.Tensor
+    lambdas: dict[str, torch.Tensor]
+    """λ per sample for each T³ setting: ``""`` the run's own, the others by ``model.grid`` label."""
+    weights: dict[str, torch.Tensor]
+    """T³'s weight on the expert per sample for each setting, from λ through ``lambda_weights``."""
+
+
+class TCubeEngine(nn.Module):
+    """Both models and everything computed from them.
+
+    Args:
+        pretrained: The generalist open_clip CLIP.
+        expert: The fine-tuned expert, of the same architecture, or a LoRA adapter on ``pretrained`` (then no full
+            copy of the expert is kept: ``LowRankStore``).
+        prompt_tokens: Token ids of every (class, template) prompt, one tensor per class set (splits may differ
+            in their classes), class-major.
+        class_counts: Number of classes of each class set.
+        mapping: T³'s settings (λ range, γ, which model λ weights, JS's base).
+        grid: Further T³ settings by label (``model.grid``), computed from the same JS.
+        merge_text: Merged models get their own text tower's zero-shot head; False keeps the pretrained head.
+        samplewise: ``vectorized``, ``loop`` or ``auto`` (vectorized where a pass runs the model exactly, except
+            exact heads on CPU, where a text pass per sample makes the loop faster).
+        compile: Run the forwards through ``torch.compile``.
+        heads: ``interpolated``: the zero-shot heads of merged text towers come from an interpolant in w fitted
+            once per run (``heads.py``); ``exact``: a text pass over every class prompt per merged weight.
+        head_tolerance: The largest change of a logit the interpolated heads may cause at the check points.
+    """
+
+    def __init__(
+        self,
+        pretrained: nn.Module,
+        expert: nn.Module | LoraAdapter,
+        prompt_tokens: list[torch.Tensor],
+        class_counts: list[int],
+        mapping: LambdaMapping,
+        grid: dict[str, LambdaMapping] | None = None,
+        merge_text: bool = True,
+        samplewise: SampleWisePath = "auto",
+        compile: bool = False,
+        heads: HeadMode = "interpolated",
+        head_tolerance: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if isinstance(expert, LoraAdapter):
+            self.store = LowRankStore(pretrained, expert)
+            self.changed, self.pass_name = expert.changed_parameters(), "leaf-wise, low-rank (LoRA)"
+        else:
+            self.store = FusedParameterStore(pretrained, expert)
+            self.changed = set(changed_parameters(self.store.pretrained, self.store.expert))
+            standard = unsupported_reason(self.store.pretrained) is None
+            self.pass_name = "open_clip CLIP" if standard else "leaf-wise"
+        by_hand = self.pass_name == "open_clip CLIP"
+        self.unsupported_reason = None if by_hand else leafwise_reason(pretrained, self.changed)
+        if samplewise == "vectorized" and self.unsupported_reason is not None:
+            reason = self.unsupported_reason
+            raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
+        for index, tokens in enumerate(prompt_tokens):
+            self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
+        self.class_counts = list(class_counts)
+        self.mapping, self.merge_text, self.samplewise, self.compile = mapping, merge_text, samplewise, compile
+        self.settings = {"": mapping, **(grid or {})}
+        self.head_mode, self.head_tolerance = heads, head_tolerance
+
+    # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def prepare(
+        self, static_rules: dict[str, StaticRule], extremes: bool, weight_range: tuple[float, float] | None = None
+    ) -> str:
+        """On the device, once per run: choose the sample-wise path, compile if asked, and compute the heads of
+        both models, of every static merge (``static_rules``, by method name), with ``extremes`` of the models
+        at λ_min and λ_max, and the head interpolants over ``weight_range`` (the weights the dynamic methods
+        can merge at). Returns the chosen path (``vectorized`` or ``loop``)."""
+        # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
+        self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
+        self.vectorized_logits = None
+        if self.unsupported_reason is None and self.samplewise != "loop":
+            vectorized = self._per_sample_pass()
+            if vectorized is not None:
+                self.vectorized_logits = self._compiled(vectorized.logits)
+        path = self.samplewise
+        if path == "auto":  # by the benchmark's measurements (README)
+            text_passes = self.merge_text and self.head_mode == "exact"
+            cheap_here = self.store.pt_flat.device.type != "cpu" or not text_passes
+            path = "vectorized" if cheap_here and self.vectorized_logits is not None else "loop"
+        self.path = path
+        sets = range(len(self.class_counts))
+        self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
+        self.ft_heads = [self._head(self.store.expert, c) for c in sets]
+        self.static_params = {name: rule(self.store) for name, rule in static_rules.items()}
+        self.static_heads = {
+            name: [self._merged_head(self.store.load(flat), c) for c in sets]
+            for name, flat in self.static_params.items()
+        }
+        self.extreme_weights = list(self.mapping.extreme_weights()) if extremes else []
+        self.head_cache = {
+            (w, c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
+        }
+        self.interpolants: list[HeadInterpolant | None] = [None] * len(sets)
+        self.head_summary: dict = {"mode": self.head_mode if self.merge_text else "fixed (merge_text false)"}
+        if self.merge_text and self.head_mode == "interpolated" and weight_range is not None:
+            scale = float(torch.maximum(self.store.pretrained.logit_scale, self.store.expert.logit_scale).exp())
+            head_at = [partial(self._float32_head, class_set=c) for c in sets]
+            fits = [fit_head_interpolant(head_at[c], *weight_range, self.head_tolerance, scale) for c in sets]
+            self.interpolants = [interpolant for interpolant, _ in fits]
+            self.head_summary["class_sets"] = [summary for _, summary in fits]
+        return path
+
+    def _per_sample_pass(self) -> PerSamplePass | None:
+        """The exact per-sample pass for this model, on the store's device: open_clip's own towers by hand, the rest
+        leaf by leaf, checked on a seeded probe against per-sample merges (None, with the reason, if it fails)."""
+        store = self.store
+        if self.pass_name == "open_clip CLIP":
+            return SampleWiseCLIP(store.pretrained, store.expert)
+        if isinstance(store, LowRankStore):
+            dense = {n: store.expert.get_parameter(n) for n in store.adapter.replacements}
+            vectorized = LeafWisePass(store.pretrained, dense, store.updates())
+        else:
+            vectorized = LeafWisePass(store.pretrained, {n: store.expert.get_parameter(n) for n in self.changed})
+        try:
+            error = self._probe_error(vectorized)
+        except RuntimeError as err:  # the model's code cannot take per-row parameters
+            error, failure = math.inf, f" ({err})"
+        else:
+            failure = ""
+        if error > PROBE_TOLERANCE:
+            self.unsupported_reason = f"the leaf-wise pass is {error:.1e} from per-sample merges on a probe{failure}"
+            if self.samplewise == "vectorized":
+                raise InputError(f"model.samplewise=vectorized cannot run this model: {self.unsupported_reason}")
+            return None
+        return vectorized
+
+    def _probe_error(self, vectorized: PerSamplePass) -> float:
+        """The largest difference of image and text embeddings between ``vectorized`` and per-sample merges, on three
+        seeded images and prompts, each row with its own weight, in float32."""
+        device = self.store.pt_flat.device
+        size = image_side(self.store.pretrained.visual.image_size)
+        images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        tokens = self._tokens(0)[:3]
+        weights = torch.tensor([1.0, 0.37, 0.0], device=device)[: len(tokens)]
+        inputs = {"encode_image": images[: len(weights)], "encode_text": tokens}
+        with torch.autocast(device.type, enabled=False):
+            ours = {encode: getattr(vectorized, encode)(rows, weights) for encode, rows in inputs.items()}
+            error = 0.0
+            for i, w in enumerate(weights.tolist()):
+                merged = self.store.merge(w)  # one merge per weight, both towers compared on it
+                for encode, rows in inputs.items():
+                    reference = getattr(merged, encode)(rows[i : i + 1], normalize=True)[0]
+                    error = max(error, float((ours[encode][i] - reference).abs().max()))
+        return error
+
+    def samplewise_summary(self) -> dict:
+        """Which per-sample path ``prepare`` chose: the pass that runs it, or why the loop does (results.json)."""
+        if self.path == "vectorized":
+            return {"path": "vectorized", "pass": self.pass_name}
+        asked = "model.samplewise=loop" if self.samplewise == "loop" else "exact heads on CPU"
+        reason = self.unsupported_reason or asked
+        return {"path": "loop", "reason": reason}
+
+    def _float32_head(self, weight: float, class_set: int) -> torch.Tensor:
+        """The direct head at ``weight`` in float32 even under mixed precision: the interpolant's tolerance is
+        about interpolation, not bf16 rounding, and node heads are few."""
+        with torch.autocast(self.store.pt_flat.device.type, enabled=False):
+            return self._head(self.store.merge(weight), class_set).float()
+
+    def _compiled(self, function: Callable) -> Callable:
+        """``function`` through torch.compile when asked for; dynamic shapes, as batch sizes vary (last batch,
+        per-sample loop)."""
+        return torch.compile(function, dynamic=True) if self.compile else function
+
+    def _tokens(self, class_set: int) -> torch.Tensor:
+        return getattr(self, f"prompt_tokens_{class_set}")
+
+    def _head(self, model: nn.Module, class_set: int) -> torch.Tensor:
+        return self.text_head(model, self._tokens(class_set), self.class_counts[class_set])
+
+    def _merged_head(self, model: nn.Module, class_set: int) -> torch.Tensor:
+        """A merged model's zero-shot head: its own text tower's, or the pretrained one's without merge_text."""
+        if not self.merge_text:
+            return self.pt_heads[class_set]
+        return self._head(model, class_set)
+
+    # ------------------------------------------------------------------ logits
+    @torch.no_grad()
+    def coefficients(self, images: torch.Tensor, class_set: int) -> BatchCoefficients:
+        """The pretrained and expert logits (one forward each, shared by every method and setting), JS, and λ and w
+        of every T³ setting."""
+        pt_logits = self.image_logits(self.store.pretrained, images, self.pt_heads[class_set])
+        ft_logits = self.image_logits(self.store.expert, images, self.ft_heads[class_set])
+        # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,
+        # which would poison every merge it takes part in; such samples are counted and reported.
+        finite = torch.isfinite(pt_logits).all(-1) & torch.isfinite(ft_logits).all(-1)
+        js = torch.where(finite, self.mapping.js(pt_logits, ft_logits), 0.0)
+        lambdas = {label: mapping.lambdas(js) for label, mapping in self.settings.items()}
+        weights = {label: self.settings[label].expert_weights(lam) for label, lam in lambdas.items()}
+        return BatchCoefficients(pt_logits, ft_logits, finite, js, lambdas, weights)
+
+    def context(
+        self, images: torch.Tensor, batch: BatchCoefficients, class_set: int, setting: str = ""
+    ) -> BatchContext:
+        """What every method's ``predict`` receives for this batch, with the T³ weights of ``setting``."""
+        return BatchContext(
+            images,
+            batch.pt_logits,
+            batch.ft_logits,
+            batch.weights[setting],
+            partial(self.merged_logits, class_set=class_set),
+            partial(self.sample_merged_logits, class_set=class_set),
+            partial(self.static_logits, class_set=class_set),
+        )
+
+    @torch.no_grad()
+    def merged_logits(self, images: torch.Tensor, weight: float, class_set: int = 0) -> torch.Tensor:
+        """Logits of the model merged with expert weight ``weight``."""
+        model = self.store.merge(weight)
+        return self.image_logits(model, images, self._head_at(model, weight, class_set))
+
+    def _head_at(self, model: nn.Module, weight: float, class_set: int) -> torch.Tensor:
+        """The merged model's head: computed once already, interpolated, or (outside the interpolant) direct."""
+        head = self.head_cache.get((weight, class_set))
+        if head is not None:
+            return head
+        interpolant = self.interpolants[class_set]
+        if interpolant is not None and interpolant.covers(weight):
+            return interpolant(torch.tensor([weight]))[0]
+        return self._merged_head(model, class_set)
+
+    def set_adapted(self, name: str, flat: torch.Tensor) -> None:
+        """An adapted method's merged model (AdaMerging's, for the split about to be evaluated): its image tower
+        merged, classified by the generalist's zero-shot heads."""
+        self.static_params[name], self.static_heads[name] = flat, self.pt_heads
+
+    @torch.no_grad()
+    def static_logits(self, images: torch.Tensor, name: str, class_set: int = 0) -> torch.Tensor:
+        """Logits of the static method ``name``'s merged model (built once, in ``prepare``)."""
+        return self.image_logits(self.store.load(self.static_params[name]), images, self.static_heads[name][class_set])
+
+    @torch.no_grad()
+    def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
+        """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
+        if self.path == "loop":
+            return self.grouped_logits(images, weights, class_set)
+        fixed_head = None if self.merge_text else self.pt_heads[class_set]
+        interpolant = self.interpolants[class_set]
+        row_heads = None
+        covered = interpolant is not None and all(interpolant.covers(w) for w in weights.tolist())
+        if fixed_head is None and covered:
+            row_heads = interpolant(weights)
+        tokens, count = self._tokens(class_set), self.class_counts[class_set]
+        return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
+
+    def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
+        """Like ``sample_merged_logits``, by one fused merge per distinct weight: the loop path, and the clustered
+        methods' second pass (a few components, so a few merges)."""
+        return per_sample_loop(partial(self.merged_logits, class_set=class_set), images, weights)
+
+    def extreme_predictions(self, images: torch.Tensor, class_set: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Predicted classes of the models at λ_min and λ_max (None unless ``prepare`` was asked for them)."""
+        if not self.extreme_weights:
+            return None
+        low, high = (self.merged_logits(images, w, class_set).argmax(-1) for w in self.extreme_weights)
+        return low, high

@@ -1,0 +1,463 @@
+"""The LightningModule: the run's life cycle around the engine. Argument checks, metrics, ``test_step``, each
+split's finish with its DDP reductions; the maths is in ``engine`` and ``coefficients``, what a run writes in
+``report``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
+from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture, grid_mappings
+from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED, CostMeter
+from tcube_lightning.reporting.diagnostics import decision_diagnostics
+from tcube_lightning.engine.torch_engine import BatchCoefficients, TCubeEngine
+from tcube_lightning.errors import InputError
+from tcube_lightning.loading import plan_models
+from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
+from tcube_lightning.reporting.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
+from tcube_lightning.engine.zero_shot import tokenize_prompts
+from tcube_lightning.evaluation.options import check_prediction_options, check_run_options, method_families
+from tcube_lightning.evaluation.predicting import PredictHooks
+from tcube_lightning.quiet import quiet_lightning
+from tcube_lightning.reporting.report import RunReport, coefficient_statistics, load_previous, log_adaptation, log_batch_coefficients, mixture_summary
+from tcube_lightning.reporting.results import jsonable
+from tcube_lightning.reporting.runfolder import clear_earlier_run
+from tcube_lightning.reporting.samples import SampleTable, lambda_column, prediction_columns
+from tcube_lightning.data.splitnames import is_corrupted
+
+quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
+
+
+class TCubeModule(PredictHooks, L.LightningModule):
+    """T³ test-time merging of a pretrained generalist CLIP and a fine-tuned expert CLIP.
+
+    Args:
+        arch: The architecture both models share: an open_clip name (e.g. ``ViT-B-16``), ``hf-hub:org/repo`` (an
+            open_clip model in the local Hugging Face cache, e.g. BiomedCLIP) or ``local-dir:DIR`` (a folder with
+            open_clip_config.json); left out when the generalist is a transformers CLIPModel folder (its config.json
+            is then the architecture).
+        pretrained_checkpoint: The generalist θ_pt: a checkpoint file (open_clip state_dict, training-style
+            ``{'state_dict': …}``, safetensors, OpenAI's TorchScript archive), a transformers CLIPModel folder, or an
+            open_clip pretrained tag of ``arch`` (e.g. ``openai``) already in the local cache. Left out with a
+            ``hf-hub:``/``local-dir:`` arch: that model's own weights. A file given is loaded strictly into ``arch``.
+        expert_checkpoint: The fine-tuned expert θ_ft: any of the forms above, a peft LoRA adapter folder
+            (adapter_config.json) or a RobustMedCLIP LoRA checkpoint (model.pth), both on the generalist.
+        model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
+        cache_dir: The Hugging Face cache where pretrained tags, ``hf-hub:`` models and their text towers and
+            tokenizers are looked up (default: Hugging Face's, HF_HOME).
+        methods: Method families to evaluate, default all but AdaMerging's (``predict``: t3): zeroshot, expert,
+            ensemble, select, wise_ft, slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent,
+            t3_cluster, dawin_cluster, and on request adamerging_task, adamerging_layer (coefficients learnt on each
+            split's images by entropy minimisation: hundreds of optimiser steps per split).
+        baselines: Hyper-parameters of the baselines (WiSE-FT α values, SLERP, task arithmetic, TIES,
+            DARE, DaWin temperatures, the seed of the random ones).
+        adamerging: AdaMerging's options (steps, learning rate, batch size, initial λ, clamping, seed, and
+            ``adapt_on``: a split to adapt on once for every split, instead of each split on its own images).
+        lambda_min: λ_min of λ(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(x)).
+        lambda_max: λ_max of the same mapping.
+        gamma: γ of the same mapping (>= 0).
+        lambda_weights: Which model λ weights: ``expert`` (default, w_expert = λ: T³'s Figure 4 and the DaWin
+            code it reuses) or ``pretrained`` (w_expert = 1 − λ: the reading of T³'s abstract).
+        js_base: Logarithm base of JS; None for natural log (range [0, ln 2]), 2 for bits (range [0, 1]).
+        grid: Further T³ settings (gamma, lambda_min, lambda_max, lambda_weights; unset fields keep the run's),
+            evaluated on the same batches and pretrained and expert forwards: each gives columns of its own for
+            the methods merging with T³'s weights, e.g. ``t3[gamma=4]``, ``t3_batch[gamma=4]``.
+        merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
+            reference code does). False keeps the pretrained model's head for every merged model: much
+            cheaper, and right for experts whose text tower was not fine-tuned.
+        samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass: open_clip's towers by hand,
+            timm and Hugging Face towers leaf by leaf, a LoRA expert's targets by their low-rank term), ``loop``
+            (one fused merge per distinct weight) or ``auto``: vectorized wherever a pass runs the model exactly,
+            except exact heads on CPU (a text pass per sample), where the loop is faster. The choice is recorded
+            in results.json (``samplewise``).
+        compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) through
+            ``torch.compile``: faster on long runs once compiled (see the benchmark), slower to start.
+        mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
+        clusters: Components of the Beta mixture that groups the coefficients of the clustered methods
+            (``t3_cluster``, ``dawin_cluster``): one merged model per component.
+        min_lambda_spread: Warn when a split's λ max − λ min is below this (T³ then acts like a fixed merge).
+        results_dir: Where results.json / results.md go; default the logger's run folder.
+        plots: Draw λ histograms, accuracy against severity and the method × split heat map (PNG files in
+            results_dir/plots and TensorBoard images).
+        resume: Skip the splits that results_dir/results.json already holds from a run with the same
+            configuration (results are rewritten after every split, so an interrupted run keeps those).
+        overwrite: Replace the results a results_dir already holds; without it (or resume) such a run is refused.
+        heads: With merge_text, where merged models' zero-shot heads come from: ``interpolated`` (default) from
+            heads at a few Chebyshev nodes in the expert weight, fitted once per run, or ``exact``: a text pass
+            over every class prompt per merged weight (per sample for the sample-wise methods).
+        head_tolerance: The largest change of a logit interpolated heads may cause (checked against direct
+            text passes at seeded points; the node count grows until it holds, else exact heads are used).
+        diagnose_extremes: With T³, count prediction flips between the models at λ_min and λ_max: two more merged
+            forwards per batch, about 10 % of the demo's full evaluation (benchmarks/bench_demo.py).
+        export_samples: Write each split's per-sample values to results_dir/samples/<split>.npz: index, label, JS,
+            λ per setting, each dynamic method's expert weight, each method's predicted class and its probability.
+    """
+
+    def __init__(
+        self,
+        arch: str | None = None,
+        pretrained_checkpoint: str | None = None,
+        expert_checkpoint: str | None = None,
+        model_config: str | None = None,
+        cache_dir: str | None = None,
+        methods: list[str] | str | None = None,
+        baselines: BaselineSettings = BaselineSettings(),
+        adamerging: AdaMergingSettings = AdaMergingSettings(),
+        lambda_min: float = 0.0,
+        lambda_max: float = 1.0,
+        gamma: float = 0.5,
+        lambda_weights: LambdaWeights = "expert",
+        js_base: float | None = None,
+        grid: list[dict[str, Any]] | None = None,
+        merge_text: bool = True,
+        samplewise: Literal["auto", "vectorized", "loop"] = "auto",
+        compile: bool = False,
+        mce_reference: str = "zeroshot",
+        clusters: int = 3,
+        min_lambda_spread: float = 0.05,
+        results_dir: str | None = None,
+        resume: bool = False,
+        plots: bool = True,
+        overwrite: bool = False,
+        heads: Literal["interpolated", "exact"] = "interpolated",
+        head_tolerance: float = 1e-4,
+        diagnose_extremes: bool = True,
+        export_samples: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # logged at the end, with the final metrics
+        self.mapping = LambdaMapping(lambda_min, lambda_max, gamma, lambda_weights, js_base)
+        self.grid = grid_mappings(self.mapping, list(grid or []))
+        check_run_options(resume, results_dir, overwrite, clusters, heads, head_tolerance, samplewise)
+        self.method_families = method_families(methods)
+        self.model_plan = plan_models(arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config)
+        self.baselines, self.adamerging = baselines, adamerging
+        names = [n for n, m in self._all_methods().items() if m.family in self.method_families]
+        if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
+            rank_zero_warn(
+                f"model.mce_reference: {mce_reference!r} is not among the evaluated methods {names}; corrupted "
+                "splits (CE, mCE) will be refused"
+            )
+        self.engine: TCubeEngine | None = None
+        self.started = time.time()
+        """When this run began: files in its folder written since are its own (``runfolder``)."""
+        self.results_written = False
+
+    # ----------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        """Load both models once the data module has checked its splits (Lightning calls it after)."""
+        if self.engine is not None:
+            return
+        data = self.trainer.datamodule
+        hp = self.hparams
+        self.predicting = stage == "predict"
+        if self.predicting:
+            check_prediction_options(hp.results_dir, hp.resume, hp.overwrite)
+        # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.
+        default = ["t3"] if self.predicting and hp.methods is None else self.method_families
+        families, every = set(default), self._all_methods()
+        self.methods = {n: m for n, m in every.items() if m.family in families}
+        self.adapted = {n: m for n, m in self.methods.items() if m.is_adapted}
+        adapt_on = self.adamerging.adapt_on if self.adapted else None
+        if adapt_on is not None and adapt_on not in data.split_names:
+            raise InputError(f"model.adamerging.adapt_on: {adapt_on!r} is not a split of this run: {data.split_names}")
+        self.adapt_on = (adapt_on, data.datasets[adapt_on], list(data.split_classnames[adapt_on])) if adapt_on else None
+        """(split, its data, its class names, replaced by its class set's index below) to adapt on once."""
+        # Per-sample weights kept for the analysis whether evaluated or not (cheap: the shared forwards give them).
+        self.weight_methods = {
+            n: m for n, m in every.items() if m.merge_weights and (m.per_sample or m.family in families)
+        }
+        self.all_split_names = data.split_names
+        run_keys = {k: v for k, v in hp.items() if k[0] != "_" and k not in ("resume", "overwrite")}
+        self.run_config = jsonable({"model": run_keys, "data": data.hparams})
+        self.previous = load_previous(hp.results_dir, self.run_config) if hp.resume else {}
+        for split in self.previous:
+            data.drop_split(split)
+        self.split_names: list[str] = data.split_names
+        if not self.split_names:  # resuming a finished run: Lightning runs no hook without a split, report here
+            rank_zero_info(f"Every split is already in {hp.results_dir}/results.json: nothing left to evaluate.")
+            if self.trainer.is_global_zero:
+                self._new_report(Path(hp.results_dir)).finish(self.logger, hp.plots, self._lambda_spread())
+            return
+        self._check_data_fits(data)
+        # Splits can differ in their classes (base-to-novel): one prompt set, and head, per class list.
+        self.split_classnames = {s: list(data.split_classnames[s]) for s in self.split_names}
+        class_sets = list(dict.fromkeys(tuple(data.split_classnames[s]) for s in self.split_names))
+        if self.adapt_on is not None:  # its head classifies the adaptation, also when resume left the split out
+            class_sets = list(dict.fromkeys([*class_sets, tuple(self.adapt_on[2])]))
+            self.adapt_on = (*self.adapt_on[:2], class_sets.index(tuple(self.adapt_on[2])))
+        self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
+        self.class_counts = [len(names) for names in class_sets]
+        loaded = self.model_plan.load()
+        self.models_record = loaded.record
+        tokenizer = self.model_plan.architecture.tokenizer()
+        self.engine = TCubeEngine(
+            loaded.pretrained,
+            loaded.expert,
+            [tokenize_prompts(tokenizer, list(names), data.templates) for names in class_sets],
+            self.class_counts,
+            self.mapping,
+            self.grid,
+            hp.merge_text,
+            hp.samplewise,
+            hp.compile,
+            hp.heads,
+            hp.head_tolerance,
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                self._key(split, name): split_metrics(
+                    self.class_counts[self.split_class_set[split]], data.datasets[split].base.labels
+                )
+                for split in self.split_names
+                for name in self.methods
+                if not self.predicting  # no labels: predictions only
+            }
+        )
+        # Every sample's values (gathered from all processes at the split's end): exact, order-free statistics,
+        # the quadrants, the analysis figures and the export.
+        self.tables = {split: SampleTable() for split in self.split_names}
+
+    def _all_methods(self) -> dict:
+        """Every method with the ``model.grid`` copies, evaluated or not."""
+        return with_grid(build_methods(self.baselines, self.hparams.arch or ""), list(self.grid))
+
+    def _check_data_fits(self, data: L.LightningDataModule) -> None:
+        """What only the data and the model settings together can tell, checked before any model loads."""
+        hp = self.hparams
+        self.model_plan.check_preprocessing(data.image_size, data.mean, data.std)
+        if any(is_corrupted(split) for split in self.split_names) and hp.mce_reference not in self.methods:
+            raise InputError(  # corrupted splits: CE needs the reference method
+                f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
+            )
+
+    @staticmethod
+    def _key(split: str, name: str) -> str:
+        return f"{split}__{name}".replace(".", "_")
+
+    def on_test_start(self) -> None:
+        """The engine's heads and fixed merges, once, on the device; the report of this run."""
+        self._start()
+
+    def _start(self) -> None:
+        hp = self.hparams
+        self.batches_seen = dict.fromkeys(self.split_names, 0)
+        self.cost = CostMeter(self.device)
+        self.clustered = {n: m for n, m in self.methods.items() if m.is_clustered}
+        cached = ("index", "pt", "ft", *self.engine.settings)  # the settings' T³ weights, by label
+        self.cluster_cache = {s: {key: [] for key in cached} for s in self.split_names}
+        self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
+        self.finished_splits = 0
+        # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
+        self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
+        static_rules = {n: m.static_rule for n, m in self.methods.items() if m.is_static}
+        extremes = hp.diagnose_extremes and "t3" in self.methods
+        path = self.engine.prepare(static_rules, extremes=extremes, weight_range=self._weight_range())
+        self.report.details["heads"] = self.engine.head_summary
+        self.report.details["models"] = self.models_record
+        self.report.details["samplewise"] = summary = self.engine.samplewise_summary()
+        self.adaptations: dict[str, dict] = {}
+        if self.adapt_on is not None:  # once, on the split named; every split then uses what it learnt
+            learnt = self._adapt(*self.adapt_on)
+            self.adaptations = dict.fromkeys(self.split_names, learnt)
+        if path == "loop" and any(m.per_sample for m in self.methods.values()):
+            rank_zero_info(f"T³ sample-wise: the loop ({summary['reason']}).")
+
+    def _new_report(self, results_dir: Path) -> RunReport:
+        descriptions = {m.name: m.description for m in self.methods.values()}
+        settings = (self.all_split_names, descriptions, self.run_config, self.hparams.mce_reference, self.previous)
+        return RunReport(results_dir, *settings, export=self.hparams.export_samples)
+
+    def _weight_range(self) -> tuple[float, float] | None:
+        """The expert weights the dynamic methods can merge at (a little wider, for float32 rounding of λ)."""
+        ranges = [self.engine.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
+                  for m in self.methods.values() if m.weight_source is not None]  # fmt: skip
+        if not ranges:
+            return None
+        return min(low for low, _ in ranges) - 1e-6, max(high for _, high in ranges) + 1e-6
+
+    def _lambda_spread(self) -> tuple[float, tuple[float, float]] | None:
+        """The λ-spread warning's threshold and λ's reachable range where T³ is evaluated, else None (no warning)."""
+        return (self.hparams.min_lambda_spread, self.mapping.lambda_range()) if "t3" in self.methods else None
+
+    # ------------------------------------------------------------------ steps
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
+        """One batch of a split: every method's predictions, into the metrics and the split's per-sample table.
+        Predicting, ``labels`` are the rows' numbers in their source (their identities), and go to no metric."""
+        self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
+        images, labels = batch
+        split = self.split_names[dataloader_idx]
+        class_set = self.split_class_set[split]
+        if self.adapted and self.adapt_on is None and self.batches_seen[split] == 0:  # before the split's first batch
+            self.adaptations[split] = self._adapt(split, self.trainer.datamodule.datasets[split], class_set)
+        with self.cost.measure(SHARED, len(labels)):
+            shared = self.engine.coefficients(images, class_set)
+        contexts = {label: self.engine.context(images, shared, class_set, label) for label in shared.weights}
+        columns = self._sample_columns(split, shared, contexts, labels)
+        for name, method in self.methods.items():
+            if not method.is_clustered:  # those predict in the second pass
+                with self.cost.measure(name, len(labels)):
+                    logits = method.logits(contexts[method.setting])
+                columns |= self._update_metrics(split, name, logits, labels)
+        if self.clustered:
+            for key, values in {"index": columns["index"], "pt": shared.pt_logits, "ft": shared.ft_logits,
+                                **shared.weights}.items():  # fmt: skip
+                self.cluster_cache[split][key].append(values.detach())
+        with self.cost.measure(DIAGNOSTICS if self.engine.extreme_weights else None, len(labels)):
+            extremes = self.engine.extreme_predictions(images, class_set)
+        if extremes is not None:
+            columns["flip"] = extremes[0] != extremes[1]
+        self.tables[split].add(columns)
+
+    def _adapt(self, split: str, dataset: torch.utils.data.Dataset, class_set: int) -> dict[str, dict]:
+        """AdaMerging on ``dataset``'s images, for every adapted method: their merged models into the engine; what
+        they learnt, for results.json and TensorBoard. Every process learns the same from the same images."""
+        settings, store, learnt = self.adamerging, self.engine.store, {}
+        for name, method in self.adapted.items():
+            with self.cost.measure(name, len(dataset)):
+                adaptation = adapt(store.pretrained, store.expert, self.engine.pt_heads[class_set],
+                                   batches(dataset, settings.batch_size, settings.seed),
+                                   method.adaptation == "layer", settings)  # fmt: skip
+                self.engine.set_adapted(name, merged_flat(store, adaptation))
+            learnt[name] = adaptation.record()
+            if self.logger is not None and self.trainer.is_global_zero:
+                log_adaptation(self.logger, split, name, adaptation)
+        return learnt
+
+    def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Into the method's metrics; returns its prediction columns where the samples are exported."""
+        probs = logits.float().softmax(-1)
+        if self.predicting:
+            return prediction_columns(method, probs)
+        self.metrics[self._key(split, method)].update(probs, labels)
+        return prediction_columns(method, probs) if self.hparams.export_samples else {}
+
+    def _sample_columns(self, split: str, shared: BatchCoefficients, contexts: dict, labels: torch.Tensor) -> dict:
+        """This batch's per-sample columns (``samples.py``) from the shared forwards; logs its λ and JS."""
+        # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
+        step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
+        self.batches_seen[split] += 1
+        lambdas = {lambda_column(label): lam for label, lam in shared.lambdas.items()}
+        if self.logger is not None:
+            log_batch_coefficients(self.logger, split, step, {**lambdas, "js": shared.js}, self.trainer.is_global_zero)
+        index = step * self.trainer.datamodule.batch_size + torch.arange(len(labels), device=labels.device)
+        columns = {"index": index, "label": labels, "finite": shared.finite, "js": shared.js, **lambdas}
+        for name, method in self.weight_methods.items():
+            columns[f"w/{name}"] = method.merge_weights(contexts[method.setting])
+        for name, logits in (("zeroshot", shared.pt_logits), ("expert", shared.ft_logits)):
+            columns |= prediction_columns(name, logits.float().softmax(-1))
+        return columns
+
+    # ------------------------------------------------------------- split ends
+    def _clustered_pass(self, index: int) -> None:
+        """Pass 2 of the clustered methods on split ``index``: fit a Beta mixture to the split's coefficients
+        (all ranks'), then run every sample through the model merged at its component's mean, one merge per
+        component. Pass 1's pretrained and expert forwards are not repeated."""
+        split = self.split_names[index]
+        cache = {key: torch.cat(values) for key, values in self.cluster_cache[split].items()}
+        local_rows = gather_from_all_ranks(torch.tensor([len(cache["pt"])]))
+        start = int(local_rows[: self.global_rank].sum())
+        everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
+        assignments, means = {}, {}
+        for name, method in self.clustered.items():
+            coefficients = method.coefficient(everything["pt"], everything["ft"], everything[method.setting])
+            mixture = fit_beta_mixture(coefficients, self.hparams.clusters)
+            local = coefficients[start : start + len(cache["pt"])]
+            assignments[name] = mixture.assign(local).to(self.device)
+            means[name] = [float(m) for m in mixture.means]
+            self.cluster_summaries[split][name] = mixture_summary(mixture)
+            if mixture.note:
+                rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
+        # Under the trainer's precision (e.g. bf16 autocast), like test_step: this pass may run from an epoch hook.
+        with self.trainer.precision_plugin.test_step_context():
+            self._clustered_predictions(index, assignments, means, cache["index"])
+
+    def _clustered_predictions(self, index: int, assignments: dict, means: dict, sample_index: torch.Tensor) -> None:
+        """Every local sample through the model merged at its component's mean, into the metrics and the table."""
+        split = self.split_names[index]
+        class_set = self.split_class_set[split]
+        offset = 0  # only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early
+        loaders = self.trainer.predict_dataloaders if self.predicting else self.trainer.test_dataloaders
+        for batch in itertools.islice(loaders[index], self.batches_seen[split]):
+            images, labels = self.transfer_batch_to_device(batch, self.device, index)
+            rows = slice(offset, offset + len(labels))
+            columns = {"index": sample_index[rows]}
+            for name in self.clustered:
+                weights = torch.tensor(means[name], device=self.device)[assignments[name][rows]]
+                with self.cost.measure(name, len(labels)):
+                    logits = self.engine.grouped_logits(images, weights, class_set)
+                columns |= {f"w/{name}": weights} | self._update_metrics(split, name, logits, labels)
+            self.tables[split].add(columns)
+            offset += len(labels)
+
+    def _finish_splits_before(self, index: int) -> None:
+        """Finish every split before ``index``, in order, on every process, including those that got no batch
+        of a split: each finish reduces across processes, so all must take part."""
+        while self.finished_splits < index:
+            self._finish_split(self.finished_splits)
+            self.finished_splits += 1
+
+    def _take_part_without_batches(self, split: str) -> None:
+        """A process that read no batch of ``split`` joins its reductions with empty, correctly shaped states."""
+        classes = self.class_counts[self.split_class_set[split]]
+        no_logits = torch.empty(0, classes, device=self.device)
+        no_labels = torch.empty(0, dtype=torch.long, device=self.device)
+        for name in self.methods if not self.predicting else ():  # counting metrics need nothing, the rest do
+            for metric in self.metrics[self._key(split, name)].values():
+                if isinstance(metric, PER_SAMPLE_STATES):
+                    metric.update(no_logits, no_labels)
+        for key, values in self.cluster_cache[split].items():
+            values.append(no_logits if key in ("pt", "ft") else no_labels if key == "index" else no_logits.new_empty(0))
+
+    def _finish_split(self, index: int) -> None:
+        """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
+        split = self.split_names[index]
+        if self.batches_seen[split] == 0:
+            self._take_part_without_batches(split)
+        if self.clustered:
+            self._clustered_pass(index)
+        if self.predicting:
+            self._write_predictions(split)
+            return
+        metrics = {
+            m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
+        }
+        table = self.tables[split].gather()
+        record = {
+            "accuracy": {m: values["top1"] for m, values in metrics.items()},
+            "metrics": metrics,
+            "coefficients": coefficient_statistics(table, list(self.grid)),
+            "diagnostics": decision_diagnostics(table),
+            "num_samples": len(table["index"]),
+            "total_samples": len(self.trainer.datamodule.datasets[split]),
+            "nonfinite_samples": int((~table["finite"]).sum()),
+            "clusters": self.cluster_summaries[split],
+            "adaptation": self.adaptations.get(split, {}),
+            "classnames": self.split_classnames[split],
+        }
+        if self.trainer.is_global_zero:
+            self._remove_replaced_run()
+            self.report.add_split(split, record, table)
+        self.results_written = True
+
+    def _remove_replaced_run(self) -> None:
+        """With overwrite, before this run writes its first results (rank 0): every file the run it replaces wrote."""
+        if self.hparams.overwrite and not self.results_written:
+            clear_earlier_run(self.report.results_dir, self.started)
+
+    def on_test_epoch_end(self) -> None:
+        """Finish the last split(s), then report on rank 0."""
+        self._finish_splits_before(len(self.split_names))
+        if self.trainer.is_global_zero:
+            self.report.finish(self.logger, self.hparams.plots, self._lambda_spread(), self.cost.table())

@@ -1,0 +1,202 @@
+"""Pictures of a run: λ histograms, accuracy against corruption severity, the method × split heat map, and per
+split the paper's analysis figures (coefficient histograms; JS against DaWin's ratio and against the combined
+confidence, per decision quadrant).
+
+Each function returns a matplotlib Figure; ``render_figures`` draws each once, for the PNG files and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tcube_lightning.reporting.diagnostics import QUADRANTS, quadrant_indices  # noqa: E402
+from tcube_lightning.data.splitnames import parse_corrupted  # noqa: E402
+
+DPI = 100
+SCATTER_CAP = 4000
+"""Points drawn per scatter plot at most; beyond it a seeded random subset (the statistics use every sample)."""
+
+
+def lambda_histograms(lambdas: dict[str, np.ndarray], columns: int = 4) -> Figure:
+    """One small histogram of the per-sample λ for every split."""
+    rows = math.ceil(len(lambdas) / columns)
+    fig, axes = plt.subplots(rows, min(columns, len(lambdas)), figsize=(3 * min(columns, len(lambdas)), 2.4 * rows),
+                             dpi=DPI, squeeze=False)  # fmt: skip
+    for ax, (split, values) in zip(axes.flat, lambdas.items()):
+        low, high = float(values.min()), float(values.max())
+        pad = max(1e-3, 0.05 * (high - low))  # λ can be (nearly) constant: keep the bins finite
+        ax.hist(values, bins=30, range=(low - pad, high + pad), color="tab:blue")
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel("λ", fontsize=8)
+        ax.set_ylabel("samples", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(lambdas) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def severity_curves(accuracy: dict[str, dict[str, float]]) -> dict[str, Figure]:
+    """Per corruption: top-1 against severity, one line per method (splits named ``corruption@severity``)."""
+    by_corruption: dict[str, list[tuple[int, str]]] = {}
+    for split in accuracy:
+        parsed = parse_corrupted(split)
+        if parsed is not None:
+            by_corruption.setdefault(parsed[0], []).append((parsed[1], split))
+    figures = {}
+    for corruption, points in by_corruption.items():
+        points.sort()
+        fig, ax = plt.subplots(figsize=(8, 4), dpi=DPI)
+        for method, style in zip(accuracy[points[0][1]], line_styles()):
+            values = [100 * accuracy[split][method] for _, split in points]
+            ax.plot([s for s, _ in points], values, label=method, **style)
+        ax.set(title=corruption, xlabel="severity", ylabel="top-1 (%)", xticks=[s for s, _ in points])
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # outside the axes
+        fig.tight_layout()
+        figures[corruption] = fig
+    return figures
+
+
+def line_styles():  # noqa: ANN201 - an endless iterator of keyword dicts
+    """A distinct (colour, line style, marker) for every line: 10 colours × 4 dash patterns × 6 markers, so
+    that 17 methods (and more) stay apart even where colours repeat or lines overlap."""
+    colours = plt.get_cmap("tab10").colors
+    dashes, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")
+    index = 0
+    while True:
+        yield {"color": colours[index % 10], "linestyle": dashes[(index // 10) % 4], "marker": markers[index % 6]}
+        index += 1
+
+
+def accuracy_heatmap(accuracy: dict[str, dict[str, float]]) -> Figure:
+    """Top-1 of every method (rows) on every split (columns)."""
+    splits = list(accuracy)
+    methods = list(next(iter(accuracy.values())))
+    values = np.array([[100 * accuracy[s][m] for s in splits] for m in methods])
+    fig, ax = plt.subplots(figsize=(max(5.0, 2 + 0.6 * len(splits)), 1 + 0.35 * len(methods)), dpi=DPI)
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(splits)), splits, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    if values.size <= 400:
+        # Cell text in the colour that contrasts with its cell: black on viridis's light half, white on the dark.
+        low, high = float(values.min()), float(values.max())
+        for (i, j), value in np.ndenumerate(values):
+            light = high > low and (value - low) / (high - low) > 0.55
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="black" if light else "white")
+    fig.colorbar(image, ax=ax, label="top-1 (%)")
+    fig.tight_layout()
+    return fig
+
+
+def scatter_rows(count: int, cap: int = SCATTER_CAP, seed: int = 0) -> np.ndarray:
+    """The rows a scatter plot draws: every one up to ``cap``, beyond it ``cap`` rows drawn with a seeded
+    generator (in their order), so that figures of large splits stay light and repeatable."""
+    if count <= cap:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, cap, replace=False))
+
+
+def coefficient_histograms(table: dict[str, np.ndarray], split: str, columns: int = 4) -> Figure:
+    """The paper's Figure 1 for one split: a histogram of each dynamic method's per-sample expert weight."""
+    names = [name for name in table if name.startswith("w/")]
+    rows = math.ceil(len(names) / columns)
+    width = min(columns, len(names))
+    fig, axes = plt.subplots(rows, width, figsize=(3 * width, 2.4 * rows), dpi=DPI, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.hist(table[name], bins=30, range=(0.0, 1.0), color="tab:blue")
+        ax.set_title(name.removeprefix("w/"), fontsize=9)
+        ax.set_xlabel("weight on the expert", fontsize=8)
+        ax.set_ylabel("samples", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(split, fontsize=10)
+    fixed_layout(fig, top=1 - 0.6 / (2.4 * rows))
+    return fig
+
+
+def quadrant_scatter(
+    table: dict[str, np.ndarray], y: np.ndarray, y_label: str, title: str, correlations: dict[str, float | None]
+) -> Figure:
+    """JS against ``y``, one panel per decision quadrant (pretrained right/wrong × expert right/wrong), with the
+    quadrant's sample count and, where given, Pearson's ρ over all its samples."""
+    quadrant, drawn = quadrant_indices(table), scatter_rows(len(y))
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6), dpi=DPI, sharex=True, sharey=True)
+    for index, (ax, name) in enumerate(zip(axes.flat, QUADRANTS)):
+        rows = drawn[quadrant[drawn] == index]
+        ax.scatter(table["js"][rows], y[rows], s=6, alpha=0.5, color="tab:blue")
+        rho = correlations.get(name)
+        ax.set_title(f"{name}: n={int((quadrant == index).sum())}" + (f", ρ={rho:.3f}" if rho is not None else ""),
+                     fontsize=9)  # fmt: skip
+        ax.set_xlabel("JS", fontsize=8)
+        ax.set_ylabel(y_label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fixed_layout(fig, top=0.92)
+    return fig
+
+
+def fixed_layout(fig: Figure, top: float) -> None:
+    """Margins for the per-split figures (small titles and labels), set rather than measured: ``tight_layout``
+    draws a figure once more to measure its text, and a run has three such figures per split."""
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1, top=top, wspace=0.3, hspace=0.45)
+
+
+def analysis_figures(split: str, table: dict[str, np.ndarray], quadrants: dict[str, dict]) -> dict[str, Figure]:
+    """The paper's Figures 1–3 for one split, by file stem (``split/name``)."""
+    rho = {name: cell["pearson_js_dawin"] for name, cell in quadrants.items()}
+    confidence = (table["prob/zeroshot"].astype(np.float64) + table["prob/expert"]) / 2
+    return {
+        f"{split}/coefficients": coefficient_histograms(table, split),
+        f"{split}/js_vs_dawin": quadrant_scatter(table, table["w/dawin"], "DaWin entropy ratio", split, rho),
+        f"{split}/confidence_vs_js": quadrant_scatter(table, confidence, "combined confidence ½(c_pt + c_ft)",
+                                                      split, {}),
+    }  # fmt: skip
+
+
+def run_figures(
+    accuracy: dict[str, dict[str, float]], tables: dict[str, dict[str, np.ndarray]], diagnostics: dict[str, dict]
+) -> dict[str, Figure]:
+    """Every figure of a run, by file stem; the per-split ones for the splits with a per-sample table."""
+    figures = {"accuracy_heatmap": accuracy_heatmap(accuracy)}
+    if tables:
+        figures["lambda_histograms"] = lambda_histograms({split: table["lambda"] for split, table in tables.items()})
+    figures.update({f"severity_{c}": fig for c, fig in severity_curves(accuracy).items()})
+    for split, table in tables.items():
+        figures.update(analysis_figures(split, table, diagnostics[split]["quadrants"]))
+    return figures
+
+
+def render_figures(figures: dict[str, Figure]) -> dict[str, np.ndarray]:
+    """Each figure drawn once, as an RGB image (height × width × 3, uint8): the PNG file and the TensorBoard image
+    are both made from it, so no figure is drawn twice. The figures are closed."""
+    images = {}
+    for stem, figure in figures.items():
+        figure.canvas.draw()
+        images[stem] = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    close_figures(figures)
+    return images
+
+
+def save_images(folder: str | Path, images: dict[str, np.ndarray]) -> list[Path]:
+    """PNG files under ``folder``, one per image (a stem ``a/b`` in a subfolder)."""
+    paths = []
+    for stem, image in images.items():
+        paths.append(Path(folder) / f"{stem}.png")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def close_figures(figures: dict[str, Figure]) -> None:
+    for figure in figures.values():
+        plt.close(figure)

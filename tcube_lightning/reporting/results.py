@@ -1,0 +1,219 @@
+"""Results files: written atomically so a failed run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tcube_lightning.errors import InputError
+from tcube_lightning.data.splitnames import is_corrupted, parse_corrupted
+
+
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` in one step. The file gets
+    the permissions of any newly created file (0644 under the usual umask), not ``mkstemp``'s private 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        mode, encoding = ("wb", None) if isinstance(text, bytes) else ("w", "utf-8")
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of a compressed npz file (for ``write_atomic``)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def check_results_dir(results_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Before any model loads: ``results_dir`` can be written, and holds no earlier run's results unless the run
+    continues them (resume) or was asked to replace them (overwrite)."""
+    path = Path(results_dir)
+    if resume and overwrite:
+        raise InputError("model.resume and model.overwrite exclude each other: continue the results or replace them")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"model.results_dir: {existing} exists and is not a folder, so {path} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"model.results_dir: {existing} is not writable")
+    if (path / "results.json").exists() and not (resume or overwrite):
+        raise InputError(
+            f"model.results_dir: {path} already holds results.json from an earlier run; give --model.resume true to "
+            "continue it, --model.overwrite true to replace it, or another folder"
+        )
+
+
+def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per method, one column per split, top-1 accuracy in percent."""
+    splits = list(accuracy)
+    methods = list(dict.fromkeys(m for split in splits for m in accuracy[split]))
+    lines = ["| method | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for method in methods:
+        cells = [f"{100 * accuracy[s][method]:.2f}" if method in accuracy[s] else "" for s in splits]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _encode(value: Any) -> Any:
+    """Dataclass settings (given in Python rather than through the CLI) as plain dicts."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a results file (tuples become lists, settings dicts)."""
+    return json.loads(json.dumps(value, default=_encode))
+
+
+def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    """``results.json`` (everything) and ``results.md`` (the accuracy table and λ summary)."""
+    results_dir = Path(results_dir)
+    json_path, md_path = results_dir / "results.json", results_dir / "results.md"
+    markdown = ""
+    if results.get("partial_splits"):
+        markdown += "## Partial results\n\nFewer samples were evaluated than these splits hold:\n\n"
+        markdown += "".join(f"- {s}: {n['evaluated']} of {n['total']}\n" for s, n in results["partial_splits"].items())
+        markdown += "\n"
+    markdown += "## Top-1 accuracy (%)\n\n" + accuracy_table(results["accuracy"])
+    markdown += "\n## λ per split\n\n| split | setting | samples | λ min | λ mean | λ max | JS mean |\n"
+    markdown += "|---|---|---:|---:|---:|---:|---:|\n"
+    for split, stats in results["coefficients"].items():
+        for setting, lam in {"run": stats, **stats.get("grid", {})}.items():  # the run's own, then model.grid's
+            markdown += (
+                f"| {split} | {setting} | {results['num_samples'][split]} | {lam['lambda_min']:.4f} "
+                f"| {lam['lambda_mean']:.4f} | {lam['lambda_max']:.4f} | {stats['js_mean']:.4f} |\n"
+            )
+    for split, diag in results.get("diagnostics", {}).items():
+        markdown += f"\n## Decision quadrants: {split}\n\n| pretrained / expert | samples | JS mean | ρ(JS, DaWin) |\n"
+        markdown += "|---|---:|---:|---:|\n"
+        for quadrant, cell in diag["quadrants"].items():
+            rho = cell.get("pearson_js_dawin")
+            rho_text = "–" if rho is None else f"{rho:.3f}"  # undefined: too few samples, or a constant
+            markdown += f"| {quadrant} | {cell['count']} | {cell['js_mean']:.4f} | {rho_text} |\n"
+        if "flips_between_lambda_extremes" in diag:
+            flips = diag["flips_between_lambda_extremes"]
+            markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"
+    markdown += adaptation_markdown(results.get("adaptation", {}))
+    write_atomic(json_path, json.dumps(results, indent=2, default=_encode) + "\n")
+    write_atomic(md_path, markdown)
+    return json_path, md_path
+
+
+def adaptation_markdown(adaptation: dict[str, dict[str, dict]]) -> str:
+    """AdaMerging's learnt coefficients per split: the one λ, or the tensors' λ range and mean; the entropy at the
+    first and last step."""
+    rows = [(split, method, learnt) for split, methods in adaptation.items() for method, learnt in methods.items()]
+    if not rows:
+        return ""
+    text = "\n## AdaMerging\n\n| split | method | λ (min / mean / max over tensors) | entropy, first → last step |\n"
+    text += "|---|---|---|---|\n"
+    for split, method, learnt in rows:
+        values = learnt["coefficients"]
+        values = list(values.values()) if isinstance(values, dict) else [values]
+        spread = f"{min(values):.4f} / {math.fsum(values) / len(values):.4f} / {max(values):.4f}"
+        lam = f"{values[0]:.4f}" if len(values) == 1 else spread
+        entropy = learnt["entropy"]
+        text += f"| {split} | {method} | {lam} | {entropy[0]:.4f} → {entropy[-1]:.4f} |\n"
+    return text
+
+
+def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> dict[str, dict[str, float]]:
+    """ImageNet-C style: CE_c = Σ_s E(method, c, s) / Σ_s E(reference, c, s) with E = 1 − top-1; mCE = mean_c CE_c.
+
+    Corrupted splits are those named ``{corruption}@{severity}``. Returns {method: {corruption: CE, "mCE": …}};
+    a CE whose reference makes no errors is NaN.
+    """
+    by_corruption: dict[str, list[str]] = {}
+    for split in accuracy:
+        parsed = parse_corrupted(split)
+        if parsed is not None:
+            by_corruption.setdefault(parsed[0], []).append(split)
+    table: dict[str, dict[str, float]] = {}
+    for method in next(iter(accuracy.values()), {}):
+        row = {}
+        for corruption, splits in by_corruption.items():
+            reference_error = sum(1 - accuracy[s][reference] for s in splits)
+            error = sum(1 - accuracy[s][method] for s in splits)
+            row[corruption] = error / reference_error if reference_error > 0 else math.nan
+        if row:
+            row["mCE"] = sum(row.values()) / len(row)
+            table[method] = row
+    return table
+
+
+def summary_rows(
+    accuracy: dict[str, dict[str, float]], errors: dict[str, dict[str, float]], partial: dict | None = None
+) -> list[dict[str, Any]]:
+    """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
+    top-1 over the corrupted splits, and mCE. A column from fewer samples than its splits hold says so in its
+    name (``a (partial 64/498)``, ``corrupted_mean (partial)``), so that no summary file passes for complete."""
+    partial = partial or {}
+    corrupted = [s for s in accuracy if is_corrupted(s)]
+    plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
+    columns = {s: f"{s} (partial {partial[s]['evaluated']}/{partial[s]['total']})" if s in partial else s
+               for s in plain}  # fmt: skip
+    suffix = " (partial)" if set(corrupted) & set(partial) else ""
+    rows = []
+    for method in next(iter(accuracy.values()), {}):
+        row: dict[str, Any] = {"method": method}
+        for split in plain:
+            row[columns[split]] = accuracy[split][method]
+        if corrupted:
+            row["corrupted_mean" + suffix] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
+            row["mCE" + suffix] = errors.get(method, {}).get("mCE", math.nan)
+        rows.append(row)
+    return rows
+
+
+def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """summary.md, summary.csv and summary.json (accuracies in percent in the Markdown table)."""
+    results_dir = Path(results_dir)
+    columns = list(rows[0]) if rows else ["method"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        cells = [row["method"]] + [summary_cell(c, row.get(c, math.nan)) for c in columns[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = [results_dir / "summary.md", results_dir / "summary.csv", results_dir / "summary.json"]
+    write_atomic(paths[0], "\n".join(lines) + "\n")
+    write_atomic(paths[1], buffer.getvalue())
+    write_atomic(paths[2], json.dumps(rows, indent=2) + "\n")
+    return paths
+
+
+def summary_cell(column: str, value: float) -> str:
+    """A summary value as shown to people: accuracies in percent, mCE as a ratio, n/a where undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if column == "ms/img":
+        return f"{value:.2f}"
+    return f"{value:.3f}" if column.startswith("mCE") else f"{100 * value:.2f}"

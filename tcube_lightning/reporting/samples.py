@@ -1,0 +1,90 @@
+"""Per-sample values of a split: kept batch by batch on each process, gathered at the split's end in the
+one-process order. λ statistics, the decision quadrants, the analysis figures and the per-sample export read them.
+
+Columns: ``index`` (the sample's position in the split), ``label``, ``finite`` (both models' logits finite),
+``js``, ``lambda`` (and ``lambda[gamma=4]`` per ``model.grid`` setting), ``w/<method>`` (the expert weight a
+dynamic method merged the sample with), ``pred/<method>`` and ``prob/<method>`` (predicted class and its
+probability), ``flip`` (the models at λ_min and λ_max disagree). The pretrained and expert models' predictions
+are ``pred/zeroshot`` and ``pred/expert``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcube_lightning.reporting.metrics import gather_objects
+
+INDEX = "index"
+EXPORT_ONLY = ("pred/", "prob/")
+"""Column prefixes kept only for the export, except the two models' own (the quadrants and figures need those)."""
+MODEL_COLUMNS = ("zeroshot", "expert")
+
+
+def lambda_column(setting: str) -> str:
+    """λ's column for a T³ setting (``""``: the run's own)."""
+    return f"lambda[{setting}]" if setting else "lambda"
+
+
+def prediction_columns(method: str, probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A method's predicted class and that class's probability, per sample."""
+    top = probs.max(-1)
+    return {f"pred/{method}": top.indices, f"prob/{method}": top.values}
+
+
+def is_analysis_column(name: str) -> bool:
+    """Kept for every run (analysis.npz); the others only in the export."""
+    return not name.startswith(EXPORT_ONLY) or name.split("/", 1)[1] in MODEL_COLUMNS
+
+
+class SampleTable:
+    """One split's per-sample columns on this process, gathered from every process at the split's end."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, torch.Tensor]] = []
+
+    def add(self, columns: dict[str, torch.Tensor]) -> None:
+        """A batch's columns, one value per sample each, with ``index``. A later pass may add further columns for
+        samples already added (rows are matched by index). They stay on their device until the split ends: no
+        copy to the host, and no synchronisation, per batch."""
+        self.parts.append({name: values.detach() for name, values in columns.items()})
+
+    def gather(self) -> dict[str, np.ndarray]:
+        """Every process's rows as one table in the one-process order (by index). Every process must call it."""
+        local = [{name: values.cpu() for name, values in part.items()} for part in self.parts]
+        passes: dict[tuple[str, ...], list[dict]] = {}
+        for part in (part for parts in gather_objects(local) for part in parts):
+            passes.setdefault(tuple(sorted(part)), []).append(part)
+        table: dict[str, np.ndarray] = {}
+        for names, parts in passes.items():
+            columns = {name: torch.cat([part[name] for part in parts]) for name in names}
+            order = torch.argsort(columns[INDEX], stable=True)
+            rows = {name: values[order].numpy() for name, values in columns.items()}
+            if INDEX in table and not np.array_equal(table[INDEX], rows[INDEX]):
+                raise RuntimeError("per-sample columns of one split cover different samples")
+            table.update(rows)
+        return dict(sorted(table.items(), key=lambda item: (item[0] != INDEX, item[0])))
+
+
+def read_table(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file by name: one split's export (``samples/<split>.npz``), column by column."""
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def read_tables(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """An npz of split tables (keys ``split::column``), by split; empty if the file does not exist."""
+    if not path.is_file():
+        return {}
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    for key, values in read_table(path).items():
+        split, column = key.split("::", 1)
+        tables.setdefault(split, {})[column] = values
+    return tables
+
+
+def flatten_tables(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Split tables as the keys of one npz file, ``split::column`` (``read_tables`` reads them back)."""
+    return {f"{split}::{column}": values for split, table in tables.items() for column, values in table.items()}

@@ -1,0 +1,62 @@
+"""The embedded demo: its builder, and configs/demo.yaml run through the real command line."""
+
+import json
+import re
+
+import numpy as np
+import torch
+import yaml
+from helpers import REPO
+
+from tcube_lightning.data import demo
+from tcube_lightning.cli.app import main
+from tcube_lightning.merging.methods import build_methods, with_grid
+
+
+def test_demo_config_matches_the_builder():
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert config["data"]["classnames"] == list(demo.EXPERT_CLASSES)
+    assert config["model"]["arch"] == demo.ARCH
+    assert config["data"]["image_size"] == demo.IMAGE_SIZE
+
+
+def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys, caplog, monkeypatch):
+    first, second = tmp_path / "demo1", tmp_path / "demo2"
+    for out in (first, second):
+        demo.main(["--out", str(out), "--generalist-steps", "1", "--expert-steps", "10", "--per-class", "5"])
+    progress = capsys.readouterr().out  # the build says how far it got; any step count works (10 once divided by 0)
+    assert "demo: training the generalist, step 1/1" in progress and "training the expert, step 10/10" in progress
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]  # trained next
+    assert demo.demo_is_built(first)
+    for name in ("generalist.pt", "expert.pt"):
+        a, b = torch.load(first / name, weights_only=True), torch.load(second / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("demo_in_domain.npz", "demo_shifted.npz"):
+        a, b = np.load(first / name), np.load(second / name)
+        assert a["test_images"].shape == (30, 28, 28, 3) and a["test_images"].dtype == np.uint8
+        np.testing.assert_array_equal(a["test_images"], b["test_images"])
+        np.testing.assert_array_equal(a["test_labels"][:, 0], np.repeat(np.arange(6), 5))
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative to its own folder: any folder runs it
+    capsys.readouterr()
+    main(
+        [
+            "test", "--config", str(REPO / "configs" / "demo.yaml"),
+            f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
+            f"--model.expert_checkpoint={first / 'expert.pt'}",
+            f"--data.root={first}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--model.plots=false",  # drawn and checked in test_protocol.py
+            "--model.adamerging.steps=2",  # the config's 500 steps per split: checked in test_adamerging.py
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    (results_file,) = (tmp_path / "runs").rglob("results.json")
+    results = json.loads(results_file.read_text())
+    assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
+    assert list(results["accuracy"]["shifted"]) == list(with_grid(build_methods(arch=demo.ARCH), ["gamma=8"]))
+    # the final table (rich): one row per method with both splits' top-1 in percent
+    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │ +\d+\.\d\d │", printed)  # then ms/img
+    expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted")]
+    assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]
+    assert "│ t3[gamma=8] " in printed  # the config's grid column, named as in results.json

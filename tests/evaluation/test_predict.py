@@ -1,0 +1,107 @@
+"""``predict`` on unlabelled images through the real command line: each source's table (CSV and Parquet) against
+what ``test --model.export_samples true`` exports for the same images, image folders nested or flat, bad input."""
+
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import ARCH, CLASSNAMES, GAMMA, TEMPLATES, cli_args, run_cli_expecting_error
+from PIL import Image
+
+from tcube_lightning.cli.app import main
+from tcube_lightning.evaluation.module import TCubeModule
+from tcube_lightning.reporting.samples import read_table
+
+METHODS = "--model.methods=[t3, t3_batch, dawin_cluster]"
+
+
+def predict_args(clip_pair, root, out, sources, *extra):
+    return [
+        "predict", f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}", f"--data.root={root}", f"--data.sources={json.dumps(sources)}",
+        f"--data.classnames={json.dumps(CLASSNAMES)}", f"--data.templates={json.dumps(TEMPLATES)}",
+        "--data.image_size=28", "--data.batch_size=8", f"--model.gamma={GAMMA}", f"--model.results_dir={out}",
+        "--trainer.enable_progress_bar=false", *extra,
+    ]  # fmt: skip
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predictions_are_what_test_exports_for_the_same_images(clip_pair, npz_root, tmp_path):
+    exported = tmp_path / "test"
+    main(cli_args(clip_pair, npz_root, tmp_path / "runs", METHODS, "--data.batch_size=8", f"--model.gamma={GAMMA}",
+                  "--model.export_samples=true", f"--model.results_dir={exported}"))  # fmt: skip
+    out = tmp_path / "predict"
+    main(predict_args(clip_pair, npz_root, out, {"a": "tiny_a.npz"}, METHODS))
+    table, export = pq.read_table(out / "predictions" / "a.parquet").to_pydict(), read_table(exported / "samples/a.npz")
+    assert table["image"] == [str(i) for i in range(37)]  # rows of the npz, in order
+    for method in ("t3", "t3_batch", "dawin_cluster", "zeroshot", "expert"):
+        assert table[f"pred/{method}"] == [CLASSNAMES[c] for c in export[f"pred/{method}"]], method
+        np.testing.assert_array_equal(table[f"prob/{method}"], export[f"prob/{method}"], err_msg=method)
+    for column in ("js", "lambda", "w/t3", "w/dawin_cluster"):
+        np.testing.assert_array_equal(table[column], export[column], err_msg=column)
+    rows = read_csv(out / "predictions" / "a.csv")  # the same, for people
+    assert [r["pred/t3"] for r in rows] == table["pred/t3"]
+    np.testing.assert_allclose([float(r["prob/t3"]) for r in rows], table["prob/t3"], rtol=1e-6)
+    summary = json.loads((out / "predictions" / "predictions.json").read_text())
+    assert summary["complete"] and summary["sources"] == {"a": {"rows": 37, "total": 37, "complete": True}}
+    assert summary["methods"] == ["t3", "t3_batch", "dawin_cluster"]
+
+
+def test_an_image_folder_nested_or_flat_keeps_every_files_path(clip_pair, tmp_path):
+    folder = tmp_path / "scans"
+    paths = ["2024/patient 1/a.png", "2024/patient 1/b.jpg", "2025/c.png", "d.PNG"]
+    for i, path in enumerate(paths):
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((28, 28, 3), 50 * i, np.uint8)).save(folder / path, format="PNG")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"partial predictions: .*'scans': '2 of 4'"):
+        main(predict_args(clip_pair, tmp_path, out, {"scans": "scans"}, "--data.batch_size=2",
+                          "--trainer.limit_predict_batches=1"))  # fmt: skip
+    assert json.loads((out / "predictions" / "predictions.json").read_text())["complete"] is False
+    main(predict_args(clip_pair, tmp_path, tmp_path / "whole", {"scans": "scans"}))
+    rows = read_csv(tmp_path / "whole" / "predictions" / "scans.csv")
+    assert [r["image"] for r in rows] == sorted(paths) and all(r["pred/t3"] in CLASSNAMES for r in rows)
+    assert list(rows[0])[:3] == ["image", "pred/t3", "prob/t3"]  # then the two models' own, JS, λ, weights
+
+
+def test_bad_predict_input_is_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tcube_lightning.loading.sources.load_source", lambda *a: pytest.fail("a model was loaded"))
+    args = predict_args(clip_pair, npz_root, tmp_path / "out", {"a": "tiny_a.npz"})
+    for change, message in (
+        ("--data.sources={}", "data: give a modality, or sources"),
+        ('--data.sources={"m": "missing"}', "data file not found: " + str(npz_root / "missing")),
+        ("--data.classnames=null", "data.classnames: predict names its classes by data.classnames"),
+        ("--model.resume=true", "model.resume continues an interrupted test run"),
+    ):
+        assert message in run_cli_expecting_error([*args, change], capsys), change
+    (tmp_path / "out" / "predictions").mkdir(parents=True)
+    assert "already holds predictions/ from an earlier run" in run_cli_expecting_error(args, capsys)
+
+
+def test_an_interrupted_prediction_run_exits_non_zero_and_says_it_is_incomplete(
+    clip_pair, npz_root, tmp_path, capsys, monkeypatch
+):
+    original = TCubeModule.predict_step
+
+    def interrupted_in_source_b(self, batch, batch_idx, dataloader_idx=0):
+        original(self, batch, batch_idx, dataloader_idx)
+        if dataloader_idx == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TCubeModule, "predict_step", interrupted_in_source_b)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(predict_args(clip_pair, npz_root, out, {"a": "tiny_a.npz", "b": "tiny_b.npz"}))
+    assert stop.value.code == 130
+    assert "stopped by SIGINT before the last source" in capsys.readouterr().err
+    assert (out / "predictions" / "a.csv").is_file()  # a finished source's table is whole
+    assert not (out / "predictions" / "b.csv").exists() and not (out / "predictions" / "predictions.json").exists()

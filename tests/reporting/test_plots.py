@@ -1,0 +1,96 @@
+"""The figures' content (what is drawn, from which numbers), read back from the matplotlib objects."""
+
+import numpy as np
+from helpers import random_sample_table
+
+from tcube_lightning.reporting.diagnostics import QUADRANTS, decision_diagnostics
+from tcube_lightning.reporting.plots import accuracy_heatmap, analysis_figures, close_figures, lambda_histograms, run_figures, scatter_rows, severity_curves
+
+ACCURACY = {
+    "in_domain": {"zeroshot": 0.8, "t3": 0.9},
+    "blur@2": {"zeroshot": 0.4, "t3": 0.6},
+    "blur@1": {"zeroshot": 0.6, "t3": 0.7},
+}
+
+
+def test_severity_curves_plot_top1_against_severity_per_method():
+    (figure,) = severity_curves(ACCURACY).values()
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert set(lines) == {"zeroshot", "t3"}
+    np.testing.assert_array_equal(lines["t3"].get_xdata(), [1, 2])  # sorted by severity
+    np.testing.assert_allclose(lines["t3"].get_ydata(), [70.0, 60.0])
+    close_figures({"blur": figure})
+
+
+def test_heatmap_holds_every_method_and_split():
+    figure = accuracy_heatmap(ACCURACY)
+    data = figure.axes[0].images[0].get_array()
+    np.testing.assert_allclose(data, [[80.0, 40.0, 60.0], [90.0, 60.0, 70.0]])
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["zeroshot", "t3"]
+    close_figures({"heatmap": figure})
+
+
+def test_lambda_histograms_count_every_sample_and_run_figures_names_them():
+    lambdas = {"in_domain": np.linspace(0.4, 0.6, 50), "blur@1": np.full(7, 0.5)}  # a constant λ too
+    figure = lambda_histograms(lambdas)
+    counts = [sum(p.get_height() for p in ax.patches) for ax in figure.axes[:2]]
+    assert counts == [50, 7]
+    tables = {split: random_sample_table(len(values)) | {"lambda": values} for split, values in lambdas.items()}
+    figures = run_figures(ACCURACY, tables, {split: decision_diagnostics(table) for split, table in tables.items()})
+    per_split = {f"{s}/{name}" for s in lambdas for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}
+    assert set(figures) == {"accuracy_heatmap", "lambda_histograms", "severity_blur", *per_split}
+    close_figures({**figures, "histograms": figure})
+
+
+def test_no_per_sample_figure_without_tables():
+    figures = run_figures(ACCURACY, {}, {})
+    assert set(figures) == {"accuracy_heatmap", "severity_blur"}
+    close_figures(figures)
+
+
+def test_the_analysis_figures_draw_every_coefficient_and_each_quadrants_samples():
+    table = random_sample_table(120)
+    quadrants = decision_diagnostics(table)["quadrants"]
+    figures = analysis_figures("blur@1", table, quadrants)
+    histograms = figures["blur@1/coefficients"].axes
+    assert [ax.get_title() for ax in histograms] == ["t3", "dawin", "xent", "maxconf"]
+    assert all(sum(p.get_height() for p in ax.patches) == 120 for ax in histograms)  # every sample, each weight
+    pt_right, ft_right = table["pred/zeroshot"] == table["label"], table["pred/expert"] == table["label"]
+    rows = {"both wrong": ~pt_right & ~ft_right, "only expert right": ~pt_right & ft_right,
+            "only pretrained right": pt_right & ~ft_right, "both right": pt_right & ft_right}  # fmt: skip
+    confidence = (table["prob/zeroshot"] + table["prob/expert"]) / 2
+    for stem, y in (("js_vs_dawin", table["w/dawin"]), ("confidence_vs_js", confidence)):
+        panels = figures[f"blur@1/{stem}"].axes
+        for ax, name in zip(panels, QUADRANTS):
+            points = ax.collections[0].get_offsets()
+            np.testing.assert_array_equal(points, np.column_stack([table["js"], y])[rows[name]])
+            assert ax.get_title().startswith(f"{name}: n={int(rows[name].sum())}")
+    rho = quadrants["both right"]["pearson_js_dawin"]
+    assert figures["blur@1/js_vs_dawin"].axes[3].get_title().endswith(f"ρ={rho:.3f}")
+    close_figures(figures)
+
+
+def test_scatter_plots_of_large_splits_draw_a_seeded_subset():
+    assert scatter_rows(10, cap=20).tolist() == list(range(10))
+    drawn = scatter_rows(1000, cap=100, seed=0)
+    assert len(drawn) == 100 == len(set(drawn.tolist())) and (np.diff(drawn) > 0).all() and drawn.max() < 1000
+    np.testing.assert_array_equal(drawn, scatter_rows(1000, cap=100, seed=0))  # repeatable
+
+
+def test_severity_curves_tell_seventeen_methods_apart():
+    methods = [f"method{i}" for i in range(17)]
+    accuracy = {f"blur@{k}": {m: 0.5 for m in methods} for k in (1, 2)}  # every line on top of the others
+    (figure,) = severity_curves(accuracy).values()
+    axes = figure.axes[0]
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in axes.get_lines()}
+    assert len(styles) == 17 and len({line.get_color() for line in axes.get_lines()}) == 10
+    figure.canvas.draw()
+    legend_box = axes.get_legend().get_window_extent()
+    assert legend_box.x0 >= axes.get_window_extent().x1  # the legend does not cover the lines
+    close_figures({"blur": figure})
+
+
+def test_histograms_have_axis_labels():
+    figure = lambda_histograms({"a": np.linspace(0, 1, 9)})
+    assert figure.axes[0].get_xlabel() == "λ" and figure.axes[0].get_ylabel() == "samples"
+    close_figures({"h": figure})
