@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcube_lightning.data import demo  # noqa: E402
-from tcube_lightning.cli.app import main as cli_main  # noqa: E402
-from tcube_lightning.merging.methods import DEFAULT_FAMILIES  # noqa: E402
+from tcube_lightning.cli.app import main as cli_main
+from tcube_lightning.data import demo
+from tcube_lightning.merging.methods import DEFAULT_FAMILIES
 
 SETTINGS = {
     "before": ["--model.heads=exact"],
@@ -41,9 +41,19 @@ SETTINGS = {
 
 def evaluate(extra: list[str], folder: Path) -> tuple[float, dict]:
     """Seconds for one full evaluation of the demo, and its results."""
-    args = ["test", "--config", "configs/demo.yaml", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--model.results_dir={folder}", "--model.plots=false", "--model.overwrite=true", "--model.grid=[]",
-            f"--model.methods=[{', '.join(DEFAULT_FAMILIES)}]", *extra]  # fmt: skip
+    args = [
+        "test",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--model.results_dir={folder}",
+        "--model.plots=false",
+        "--model.overwrite=true",
+        "--model.grid=[]",
+        f"--model.methods=[{', '.join(DEFAULT_FAMILIES)}]",
+        *extra,
+    ]
     start = time.perf_counter()
     cli_main(args)
     seconds = time.perf_counter() - start
@@ -67,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, row in rows.items():
         rate = row["images"] / row["seconds"]
         # Neither the diagnostic nor the grid changes an accuracy of the methods "before" has.
-        same = all(row["results"]["accuracy"][s][m] == a for s, per in base["results"]["accuracy"].items()
-                   for m, a in per.items())  # fmt: skip
+        same = all(
+            row["results"]["accuracy"][s][m] == a
+            for s, per in base["results"]["accuracy"].items()
+            for m, a in per.items()
+        )
         print(f"| {name} | {row['seconds']:.1f} | {rate:.1f} | {base['seconds'] / row['seconds']:.2f}x | {same} |")
     heads = rows["now"]["results"]["heads"]
     print(f"\nheads: {json.dumps(heads)}")

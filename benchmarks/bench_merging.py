@@ -35,15 +35,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcube_lightning.merging.coefficients import LambdaMapping  # noqa: E402
-from tcube_lightning.engine.torch_engine import TCubeEngine  # noqa: E402
-from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate  # noqa: E402
-from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head  # noqa: E402
-from tcube_lightning.loading.architecture import image_side  # noqa: E402
-from tcube_lightning.quiet import creating_empty_models  # noqa: E402
+from tcube_lightning.engine.torch_engine import TCubeEngine
+from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
+from tcube_lightning.loading.architecture import image_side
+from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate
+from tcube_lightning.merging.coefficients import LambdaMapping
+from tcube_lightning.quiet import creating_empty_models
 
-ROWS = ("clip-tiny:full", "biomedclip-tiny:full", "biomedclip-tiny:lora", "clip-b16:full", "biomedclip-base:full",
-        "biomedclip-base:lora")  # fmt: skip
+ROWS = (
+    "clip-tiny:full",
+    "biomedclip-tiny:full",
+    "biomedclip-tiny:lora",
+    "clip-b16:full",
+    "biomedclip-base:full",
+    "biomedclip-base:lora",
+)
 DEFAULT_ROWS = ROWS[:3]
 BATCH = {"clip-tiny": 32, "biomedclip-tiny": 32, "clip-b16": 8, "biomedclip-base": 8}
 CLIP = {"clip-tiny": "tcube-tiny-clip", "clip-b16": "ViT-B-16"}
@@ -51,10 +57,14 @@ MAPPING = LambdaMapping(gamma=50.0)
 """γ large enough that every sample gets its own weight, as with real disagreement."""
 LORA_RANK = 16
 BIOMEDCLIP = {  # the timm tower and its image size, the BERT sizes, the embedding width
-    "biomedclip-tiny": ("test_vit", 160, {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                          "intermediate_size": 64}, 32),
+    "biomedclip-tiny": (
+        "test_vit",
+        160,
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        32,
+    ),
     "biomedclip-base": ("vit_base_patch16_224", 224, {}, 512),
-}  # fmt: skip
+}
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -75,11 +85,14 @@ def build(model: str, kind: str, classes: int, device: str) -> tuple[torch.nn.Mo
     if kind == "lora":
         g = torch.Generator().manual_seed(1)
         updates = [
-            LowRankUpdate(f"visual.trunk.blocks.{i}.attn.qkv.weight",
-                          0.02 * torch.randn(LORA_RANK, block.attn.qkv.in_features, generator=g),
-                          0.02 * torch.randn(block.attn.qkv.out_features, LORA_RANK, generator=g), 1.0)
+            LowRankUpdate(
+                f"visual.trunk.blocks.{i}.attn.qkv.weight",
+                0.02 * torch.randn(LORA_RANK, block.attn.qkv.in_features, generator=g),
+                0.02 * torch.randn(block.attn.qkv.out_features, LORA_RANK, generator=g),
+                1.0,
+            )
             for i, block in enumerate(pretrained.visual.trunk.blocks)
-        ]  # fmt: skip
+        ]
         return pretrained.to(device), LoraAdapter("LoRA (benchmark)", "random", updates), tokens.to(device)
     expert = copy.deepcopy(pretrained)
     with torch.no_grad():
@@ -97,10 +110,20 @@ def biomedclip(model: str, classes: int) -> tuple[torch.nn.Module, torch.Tensor]
     timm_name, size, bert_sizes, embed_dim = BIOMEDCLIP[model]
     folder = Path(tempfile.mkdtemp(prefix="bench_biomedclip_"))
     BertConfig(**bert_sizes).save_pretrained(folder / "bert")
-    text = {"hf_model_name": str(folder / "bert"), "hf_tokenizer_name": str(folder / "bert"), "hf_proj_type": "mlp",
-            "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}  # fmt: skip
-    vision = {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
-              "image_size": size}  # fmt: skip
+    text = {
+        "hf_model_name": str(folder / "bert"),
+        "hf_tokenizer_name": str(folder / "bert"),
+        "hf_proj_type": "mlp",
+        "hf_pooler_type": "cls_last_hidden_state_pooler",
+        "context_length": 32,
+    }
+    vision = {
+        "timm_model_name": timm_name,
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": size,
+    }
     (folder / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}})
     )
@@ -121,7 +144,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def seconds_per_call(fn, device: str, calls: int) -> float:  # noqa: ANN001
+def seconds_per_call(fn, device: str, calls: int) -> float:
     sync(device)
     start = time.perf_counter()
     for _ in range(calls):
@@ -161,8 +184,16 @@ class Row:
             self.reference_states = (copy.deepcopy(pretrained.state_dict()), copy.deepcopy(full_expert.state_dict()))
             self.reference_model = copy.deepcopy(pretrained)
             del full_expert
-        self.engine = TCubeEngine(pretrained, expert, [tokens], [args.classes], MAPPING, samplewise="auto",
-                                  compile=args.compile, heads="interpolated")  # fmt: skip
+        self.engine = TCubeEngine(
+            pretrained,
+            expert,
+            [tokens],
+            [args.classes],
+            MAPPING,
+            samplewise="auto",
+            compile=args.compile,
+            heads="interpolated",
+        )
         self.tokens = tokens
         size = image_side(pretrained.visual.image_size)
         self.images = torch.randn(self.batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(self.device)
@@ -186,8 +217,9 @@ class Row:
             weights = self.engine.coefficients(self.images, 0).weights[""]
             logits = []
             for image, w in zip(self.images, weights.tolist()):
-                self.reference_model.load_state_dict({k: w * ft[k] + (1 - w) * pt[k] if pt[k].is_floating_point()
-                                                      else pt[k] for k in pt})  # fmt: skip
+                self.reference_model.load_state_dict(
+                    {k: w * ft[k] + (1 - w) * pt[k] if pt[k].is_floating_point() else pt[k] for k in pt}
+                )
                 head = zero_shot_head(self.reference_model, self.tokens, self.args.classes)
                 logits.append(clip_logits(self.reference_model, image[None], head)[0])
             return torch.stack(logits)
@@ -204,14 +236,22 @@ class Row:
         reference_seconds = seconds_per_call(self.reference, self.device, 1)
         difference = float((self.t3().float() - self.reference().float()).abs().max())
         return {
-            "row": f"{self.model}:{self.kind}", "batch_size": self.batch, "path": self.engine.samplewise_summary(),
-            "t3_vs_t3_batch": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                               "repeats": len(ratios), "calls_per_repeat": calls},
+            "row": f"{self.model}:{self.kind}",
+            "batch_size": self.batch,
+            "path": self.engine.samplewise_summary(),
+            "t3_vs_t3_batch": {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+                "repeats": len(ratios),
+                "calls_per_repeat": calls,
+            },
             "t3_batch_images_per_s": self.batch / statistics.median(batch_seconds),
             "t3_images_per_s": self.batch / statistics.median(t3_seconds),
             "t3_vs_reference": reference_seconds / statistics.median(t3_seconds),
-            "max_abs_logit_diff_vs_per_sample_merges": difference, "param_bytes": self.param_bytes,
-        }  # fmt: skip
+            "max_abs_logit_diff_vs_per_sample_merges": difference,
+            "param_bytes": self.param_bytes,
+        }
 
 
 def peak(args: argparse.Namespace, row: str, path: str) -> int:
@@ -262,8 +302,13 @@ def main(argv: list[str] | None = None) -> None:
             bytes_ = peak(args, row, path) if args.no_isolate else isolated_peak(argv, row, path)
             result[f"{path}_peak_over_params"] = bytes_ / result["param_bytes"]
         results.append(result)
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-              "bf16": args.bf16, "compile": args.compile, "classes": args.classes, "rows": results}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "bf16": args.bf16,
+        "compile": args.compile,
+        "classes": args.classes,
+        "rows": results,
+    }
     print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_" + "_".join(r.replace(":", "-") for r in args.rows) + f"_{args.device.replace(':', '')}"
@@ -284,10 +329,12 @@ def print_report(report: dict) -> None:
         model, kind = row["row"].split(":")
         ratio, path = row["t3_vs_t3_batch"], row["path"]
         label = f"{path['path']} ({path.get('pass', path.get('reason'))})"
-        print(f"| {model} | {kind} | {row['batch_size']} | {label} | {ratio['median']:.2f} [{ratio['min']:.2f}, "
-              f"{ratio['max']:.2f}] of {ratio['repeats']} | {row['t3_vs_reference']:.2f} "
-              f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
-              f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} |")  # fmt: skip
+        print(
+            f"| {model} | {kind} | {row['batch_size']} | {label} | {ratio['median']:.2f} [{ratio['min']:.2f}, "
+            f"{ratio['max']:.2f}] of {ratio['repeats']} | {row['t3_vs_reference']:.2f} "
+            f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
+            f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} |"
+        )
     print()
     for row in report["rows"]:
         model, kind = row["row"].split(":")

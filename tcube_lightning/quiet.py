@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 NOT_ACTIONABLE_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of an API torch 2.14 deprecates

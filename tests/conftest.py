@@ -9,12 +9,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import open_clip  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import (  # noqa: E402
+import open_clip
+import pytest
+import torch
+
+from helpers import (
     ARCH,
     CLASSNAMES,
     GAMMA,
@@ -24,7 +25,7 @@ from helpers import (  # noqa: E402
     run_cli_in_process,
     write_medmnist_npz,
 )
-from model_sources import build_biomedclip  # noqa: E402
+from model_sources import build_biomedclip
 
 
 @pytest.fixture(scope="session")

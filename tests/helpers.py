@@ -87,13 +87,20 @@ def random_sample_table(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     label = rng.integers(0, 3, count)
     js = (rng.random(count) * np.log(2)).astype(np.float32)
     return {
-        "index": np.arange(count), "label": label, "js": js, "lambda": rng.random(count),
-        "w/t3": rng.random(count), "w/dawin": (0.3 * js + 0.2 * rng.random(count)).astype(np.float32),
-        "w/xent": rng.random(count), "w/maxconf": rng.random(count),
-        "pred/zeroshot": np.where(rng.random(count) < 0.6, label, (label + 1) % 3), "prob/zeroshot": rng.random(count),
-        "pred/expert": np.where(rng.random(count) < 0.5, label, (label + 2) % 3), "prob/expert": rng.random(count),
+        "index": np.arange(count),
+        "label": label,
+        "js": js,
+        "lambda": rng.random(count),
+        "w/t3": rng.random(count),
+        "w/dawin": (0.3 * js + 0.2 * rng.random(count)).astype(np.float32),
+        "w/xent": rng.random(count),
+        "w/maxconf": rng.random(count),
+        "pred/zeroshot": np.where(rng.random(count) < 0.6, label, (label + 1) % 3),
+        "prob/zeroshot": rng.random(count),
+        "pred/expert": np.where(rng.random(count) < 0.5, label, (label + 2) % 3),
+        "prob/expert": rng.random(count),
         "flip": rng.random(count) < 0.1,
-    }  # fmt: skip
+    }
 
 
 def write_medimeta(folder: Path, dataset_id: str, task: str, classnames: list[str], n: int, size: int = 28) -> None:
@@ -108,10 +115,14 @@ def write_medimeta(folder: Path, dataset_id: str, task: str, classnames: list[st
     total = n + 3  # three images that belong to the training split only
     labels = np.arange(total) % len(classnames)
     info = {
-        "id": dataset_id, "name": dataset_id.upper(), "domain": "test", "input_size": [3, size, size],
-        "tasks": [{"task_name": task, "task_target": "MULTICLASS_CLASSIFICATION",
-                   "labels": dict(enumerate(classnames))}],
-    }  # fmt: skip
+        "id": dataset_id,
+        "name": dataset_id.upper(),
+        "domain": "test",
+        "input_size": [3, size, size],
+        "tasks": [
+            {"task_name": task, "task_target": "MULTICLASS_CLASSIFICATION", "labels": dict(enumerate(classnames))}
+        ],
+    }
     (root / "info.yaml").write_text(yaml.safe_dump(info))
     with h5py.File(root / "images.hdf5", "w") as h5:
         h5.create_dataset("images", data=rng.integers(0, 256, (total, size, size, 3), dtype=np.uint8))
@@ -231,7 +242,7 @@ def oracle_predictions(clip_pair, npz_root, split_file, weights, merge_text=True
     return logits, raw["test_labels"][:, 0]
 
 
-def load_benchmark():  # noqa: ANN201 - the script as a module
+def load_benchmark():
     """benchmarks/bench_merging.py as a module, to call its ``main`` in-process."""
     import importlib.util
 

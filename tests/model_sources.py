@@ -13,9 +13,10 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from helpers import LOGIT_SCALE, make_expert_state_dict
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
+
+from helpers import LOGIT_SCALE, make_expert_state_dict
 
 BIOMEDCLIP_REPO, BERT_REPO = "tcube/tiny-biomedclip", "tcube/tiny-bert"
 BIOMEDCLIP_SIZE = 160
@@ -127,7 +128,7 @@ def open_clip_model(arch: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------- peft adapters
-def write_peft_adapter(model: nn.Module, folder: Path, **config) -> nn.Module:  # noqa: ANN003 - LoraConfig's fields
+def write_peft_adapter(model: nn.Module, folder: Path, **config) -> nn.Module:
     """A peft LoRA adapter on ``model`` (changed in place into peft's model, which is returned), with random A and B
     (init_lora_weights=False) so that the expert differs; ``modules_to_save`` copies get seeded noise."""
     from peft import LoraConfig, get_peft_model
@@ -184,7 +185,7 @@ def write_robustmedclip(generalist: nn.Module, path: Path, rank: int = 4) -> nn.
 
 
 # ----------------------------------------------------------------------------------------------- transformers CLIP
-def tiny_clip_config():  # noqa: ANN201 - transformers' CLIPConfig
+def tiny_clip_config():
     from transformers import CLIPConfig
 
     text = {
@@ -227,7 +228,7 @@ def write_transformers_clips(root: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------------- oracles
-def split_images(npz: Path, size: int, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):  # noqa: ANN201
+def split_images(npz: Path, size: int, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
     """A MedMNIST npz split's test images through CLIP's evaluation transform, and its labels."""
     import numpy as np
     from PIL import Image

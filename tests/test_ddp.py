@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import LOGITS_ATOL, REPO, run_cli_in_process, subprocess_env, write_medmnist_npz
 
+from helpers import LOGITS_ATOL, REPO, run_cli_in_process, subprocess_env, write_medmnist_npz
 from tcube_lightning.cli.app import main
 from tcube_lightning.merging.methods import METHOD_FAMILIES
 from tcube_lightning.reporting.samples import read_table, read_tables
@@ -33,16 +33,32 @@ def arguments(clip_pair, tmp_path_factory):
     write_medmnist_npz(root / "breastmnist.npz", 8, 2)
     write_medmnist_npz(root / "few.npz", 3, 2, seed=5)
     return [
-        "test", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20", "--model.samplewise=vectorized",
-        f"--data.root={root}", "--data.modality=breast", "--data.splits=[in_domain, corrupted]",
-        "--data.size=28", "--data.image_size=28", "--data.corruption_source=on_the_fly", "--data.batch_size=3",
-        "--data.corruptions=[speckle_noise, pixelate]", "--data.severities=[5]", '--data.sources={"few": "few.npz"}',
-        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--model.plots=false",
-        "--seed_everything=0", "--model.grid=[{gamma: 4}]", "--model.export_samples=true",
-        f"--model.methods=[{', '.join(METHOD_FAMILIES)}]", "--model.adamerging.steps=2",
+        "test",
+        "--model.arch=tcube-tiny-clip",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        "--model.gamma=20",
+        "--model.samplewise=vectorized",
+        f"--data.root={root}",
+        "--data.modality=breast",
+        "--data.splits=[in_domain, corrupted]",
+        "--data.size=28",
+        "--data.image_size=28",
+        "--data.corruption_source=on_the_fly",
+        "--data.batch_size=3",
+        "--data.corruptions=[speckle_noise, pixelate]",
+        "--data.severities=[5]",
+        '--data.sources={"few": "few.npz"}',
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--model.plots=false",
+        "--seed_everything=0",
+        "--model.grid=[{gamma: 4}]",
+        "--model.export_samples=true",
+        f"--model.methods=[{', '.join(METHOD_FAMILIES)}]",
+        "--model.adamerging.steps=2",
         "--model.adamerging.batch_size=4",  # every process learns AdaMerging's coefficients from the same images
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +87,21 @@ def predict_arguments(arguments, clip_pair):
     """predict on the test run's data: two sources, one ("few") a single batch that the second process never reads."""
     root = next(a for a in arguments if a.startswith("--data.root="))
     return [
-        "predict", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.gamma=20", "--model.methods=[t3, t3_batch, t3_cluster]",
-        root, '--data.sources={"in": "breastmnist.npz", "few": "few.npz"}', "--data.flag=breastmnist",
-        "--data.size=28", "--data.image_size=28", "--data.batch_size=3", "--trainer.accelerator=cpu",
+        "predict",
+        "--model.arch=tcube-tiny-clip",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        "--model.gamma=20",
+        "--model.methods=[t3, t3_batch, t3_cluster]",
+        root,
+        '--data.sources={"in": "breastmnist.npz", "few": "few.npz"}',
+        "--data.flag=breastmnist",
+        "--data.size=28",
+        "--data.image_size=28",
+        "--data.batch_size=3",
+        "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +146,7 @@ def test_what_ddp_spawn_sends_to_its_processes_pickles(arguments, tmp_path, monk
     from tcube_lightning.cli import app as cli
 
     captured = {}
+
     def capture(self, model, datamodule, **kwargs):  # the Trainer's test, stopped before anything is set up
         captured.update(m=model, d=datamodule)
 

@@ -15,10 +15,22 @@ def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
     # The environment's setuptools builds it: an isolated build environment would add 5 s of installing, and
     # what the wheel holds comes from pyproject.toml either way (the Dockerfile's install builds in isolation).
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(REPO)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = tmp_path.glob("tcube_lightning-*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -44,13 +56,23 @@ def test_sigterm_stops_the_run_with_a_failing_exit_status(clip_pair, npz_root, t
     a fresh process of the command line, through ``python -m tcube_lightning`` (the other cases, bad input's exit
     status 2 among them, run the same entry point in-process)."""
     out = tmp_path / "results"
-    args = cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=1", f"--model.results_dir={out}",
-                    "--model.methods=[zeroshot, t3, t3_batch]")  # split b: 21 batches, far longer than one poll
+    args = cli_args(
+        clip_pair,
+        npz_root,
+        tmp_path,
+        "--data.batch_size=1",
+        f"--model.results_dir={out}",
+        "--model.methods=[zeroshot, t3, t3_batch]",
+    )  # split b: 21 batches, far longer than one poll
     env = subprocess_env()
     run = subprocess.Popen(
-        [sys.executable, "-m", "tcube_lightning", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "tcube_lightning", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (out / "results.json").exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, load_benchmark
 
+from helpers import REPO, load_benchmark
 from tcube_lightning.cli.app import main
 
 

@@ -14,10 +14,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tcube_lightning.cli.configpaths import absolute_namespace_paths, inline_config_files
+from tcube_lightning.cli.parser import EvaluationParser
 from tcube_lightning.data.datamodule import EvaluationDataModule
 from tcube_lightning.errors import InputError
 from tcube_lightning.evaluation.module import TCubeModule
-from tcube_lightning.cli.parser import EvaluationParser
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.reporting.runfolder import discard_own
 
@@ -32,9 +32,14 @@ class RunFolder(SaveConfigCallback):
         pass
 
     def on_test_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if dataloader_idx > 0:  # the module finished the first split in this batch's step
             self._save(trainer, pl_module)
 
@@ -49,8 +54,9 @@ class RunFolder(SaveConfigCallback):
             return
         folder = pl_module.report.results_dir
         folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
-                         multifile=self.multifile)  # fmt: skip
+        self.parser.save(
+            self.config, str(folder / self.config_filename), skip_none=False, overwrite=True, multifile=self.multifile
+        )
         self.already_saved = True
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -178,10 +184,14 @@ def main(args: list[str] | None = None) -> TCubeCLI:
 def stopped_by(name: str, number: int, subcommand: str) -> NoReturn:
     """Exit 128 + the signal's number, saying what the stopped run left and how to complete it."""
     if subcommand == "predict":  # predict cannot resume: each table is written whole
-        left = ("source; predictions/ holds the tables of the sources finished so far, and no predictions.json: run "
-                "again with --model.overwrite true to predict every source")  # fmt: skip
+        left = (
+            "source; predictions/ holds the tables of the sources finished so far, and no predictions.json: run "
+            "again with --model.overwrite true to predict every source"
+        )
     else:
-        left = ("split; results.json holds the splits finished so far (its missing_splits names the rest): run again "
-                "with --model.resume true to complete it")  # fmt: skip
+        left = (
+            "split; results.json holds the splits finished so far (its missing_splits names the rest): run again "
+            "with --model.resume true to complete it"
+        )
     print(f"tcube-lightning: stopped by {name} before the last {left}", file=sys.stderr)
     sys.exit(128 + number)

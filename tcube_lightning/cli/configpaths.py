@@ -4,8 +4,9 @@ config.yaml a run saves (and results.json's config) resumes from any folder."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from jsonargparse import Namespace
@@ -59,14 +60,15 @@ def absolute_namespace_paths(config: Namespace, cwd: Path) -> None:
     for group in ("model", "data", "trainer"):
         prefix = f"{group}."
         resolve_group(
-            group, lambda k: config.get(prefix + k), lambda k, v: config.__setitem__(prefix + k, v),
-            lambda k: prefix + k in config, cwd,
-        )  # fmt: skip
+            group,
+            lambda k, prefix=prefix: config.get(prefix + k),
+            lambda k, v, prefix=prefix: config.__setitem__(prefix + k, v),
+            lambda k, prefix=prefix: prefix + k in config,
+            cwd,
+        )
 
 
-def resolve_group(
-    group: str, get: Callable, put: Callable, has: Callable, folder: Path
-) -> None:  # fmt: skip
+def resolve_group(group: str, get: Callable, put: Callable, has: Callable, folder: Path) -> None:
     """Resolve one group's path options through accessors (a mapping's, or a parsed namespace's)."""
     for key in INPUTS.get(group, ()):
         if has(key):

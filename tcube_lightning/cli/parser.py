@@ -12,11 +12,26 @@ from typing import NoReturn
 from lightning.pytorch.cli import LightningArgumentParser
 
 TRAINING_ONLY = (
-    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
-    "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps",
-    "enable_checkpointing", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
-    "detect_anomaly", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
-)  # fmt: skip
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "max_time",
+    "limit_train_batches",
+    "limit_val_batches",
+    "overfit_batches",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "num_sanity_val_steps",
+    "log_every_n_steps",
+    "enable_checkpointing",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "detect_anomaly",
+    "sync_batchnorm",
+    "reload_dataloaders_every_n_epochs",
+)
 """Trainer arguments that change nothing in an evaluation (epochs, optimisation, validation, checkpoints)."""
 UNKNOWN_NAMES = (r"--([\w.]+)", r'[Kk]ey "([\w.]+)"', r"option '([\w.]+)'")
 """Where jsonargparse's messages name an option or config key it does not know."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import collections
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -15,11 +16,19 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from tcube_lightning.errors import InputError
 from tcube_lightning.data.modalities import get_modality, known_corruptions, modality_corruptions
-from tcube_lightning.data.readers import SEVERITIES, CorruptedOnTheFly, HFImages, MedIMetaImages, read_medmnist_npz, read_medmnistc_file, write_npz_atomic
+from tcube_lightning.data.readers import (
+    SEVERITIES,
+    CorruptedOnTheFly,
+    HFImages,
+    MedIMetaImages,
+    read_medmnist_npz,
+    read_medmnistc_file,
+    write_npz_atomic,
+)
 from tcube_lightning.data.splitnames import corrupted_split_name
 from tcube_lightning.data.unlabelled import read_unlabelled
+from tcube_lightning.errors import InputError
 
 SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
 
@@ -42,7 +51,7 @@ def medmnist_classnames(flag: str) -> list[str]:
 class Preprocessed(Dataset):
     """A reader's (PIL image, label) samples through the CLIP preprocessing transform."""
 
-    def __init__(self, base: Dataset, transform) -> None:  # noqa: ANN001 - any callable
+    def __init__(self, base: Dataset, transform) -> None:
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
@@ -96,7 +105,7 @@ class EvaluationDataModule(L.LightningDataModule):
         splits: list[str] | None = None,
         sources: dict[str, str] | None = None,
         corruptions: list[str] | None = None,
-        severities: list[int] = list(SEVERITIES),
+        severities: tuple[int, ...] = SEVERITIES,
         corruption_source: Literal["files", "on_the_fly"] = "files",
         size: int = 224,
         flag: str | None = None,
@@ -194,8 +203,10 @@ class EvaluationDataModule(L.LightningDataModule):
                 "Hugging Face dataset folder under data.root)"
             )
         if self.classnames is None:
-            raise InputError("data.classnames: predict names its classes by data.classnames (in the order of the "
-                             "model's labels) or by a data.flag / modality's MedMNIST metadata")  # fmt: skip
+            raise InputError(
+                "data.classnames: predict names its classes by data.classnames (in the order of the "
+                "model's labels) or by a data.flag / modality's MedMNIST metadata"
+            )
         check_distinct("predict", self.classnames)
         problems = []
         for name, source in self.sources.items():
@@ -356,7 +367,7 @@ class WholeBatchSampler(DistributedSampler):
         self.indices = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, size))]
         self.num_samples = len(self.indices)
 
-    def __iter__(self):  # noqa: ANN204 - an iterator of indices
+    def __iter__(self):
         return iter(self.indices)
 
     def __len__(self) -> int:

@@ -36,9 +36,17 @@ from tcube_lightning.quiet import creating_empty_models
 ARCH = "tcube-tiny-clip"
 IMAGE_SIZE = 28
 CLASSES = (
-    "circle", "square", "triangle", "cross", "ring",
-    "horizontal stripes", "vertical stripes", "diagonal stripes", "dots", "checkerboard",
-)  # fmt: skip
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "ring",
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "dots",
+    "checkerboard",
+)
 EXPERT_CLASSES = CLASSES[:6]
 CONDITIONS = ("clean", "low contrast", "noisy", "blurred", "dark")
 EXPERT_CONDITION = "noisy"
@@ -185,9 +193,14 @@ def build_demo(
     write_split(out / "demo_in_domain.npz", EXPERT_CLASSES, (EXPERT_CONDITION,), per_class, seed + 2)
     write_split(out / "demo_shifted.npz", EXPERT_CLASSES, SHIFTED_CONDITIONS, per_class, seed + 3)
     info = {
-        "format_version": FORMAT_VERSION, "arch": ARCH, "classes": EXPERT_CLASSES, "seed": seed,
-        "generalist_steps": generalist_steps, "expert_steps": expert_steps, "per_class": per_class,
-    }  # fmt: skip
+        "format_version": FORMAT_VERSION,
+        "arch": ARCH,
+        "classes": EXPERT_CLASSES,
+        "seed": seed,
+        "generalist_steps": generalist_steps,
+        "expert_steps": expert_steps,
+        "per_class": per_class,
+    }
     (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"demo written to {out} in {time.perf_counter() - start:.1f} s")
 

@@ -29,34 +29,76 @@ MODALITIES = {
     m.name: m
     for m in (
         Modality(
-            "blood", "bloodmnist", "pbc", "cell_class",
-            ("pixelate", "jpeg_compression", "defocus_blur", "motion_blur", "brightness_up", "brightness_down",
-             "contrast_up", "contrast_down", "saturate", "stain_deposit", "bubble"),
+            "blood",
+            "bloodmnist",
+            "pbc",
+            "cell_class",
+            (
+                "pixelate",
+                "jpeg_compression",
+                "defocus_blur",
+                "motion_blur",
+                "brightness_up",
+                "brightness_down",
+                "contrast_up",
+                "contrast_down",
+                "saturate",
+                "stain_deposit",
+                "bubble",
+            ),
             ("a microscopic image of a {} blood cell.", "a photo of a {}."),
         ),
         Modality(
-            "breast", "breastmnist", "mammo_mass", "pathology",
-            ("pixelate", "jpeg_compression", "speckle_noise", "motion_blur", "brightness_up", "brightness_down",
-             "contrast_down"),
+            "breast",
+            "breastmnist",
+            "mammo_mass",
+            "pathology",
+            (
+                "pixelate",
+                "jpeg_compression",
+                "speckle_noise",
+                "motion_blur",
+                "brightness_up",
+                "brightness_down",
+                "contrast_down",
+            ),
             ("a breast ultrasound image showing a {} finding.", "a photo of a {}."),
         ),
         Modality(
-            "retina", "retinamnist", "fundus", "disease_presence",
-            ("pixelate", "jpeg_compression", "gaussian_noise", "speckle_noise", "defocus_blur", "motion_blur",
-             "brightness_down", "contrast_down"),
+            "retina",
+            "retinamnist",
+            "fundus",
+            "disease_presence",
+            (
+                "pixelate",
+                "jpeg_compression",
+                "gaussian_noise",
+                "speckle_noise",
+                "defocus_blur",
+                "motion_blur",
+                "brightness_down",
+                "contrast_down",
+            ),
             ("a retinal fundus image showing {}.", "a photo of a {}."),
         ),
         Modality(
-            "oct", "octmnist", "oct", "disease_class",
+            "oct",
+            "octmnist",
+            "oct",
+            "disease_class",
             ("pixelate", "jpeg_compression", "speckle_noise", "defocus_blur", "motion_blur", "contrast_down"),
             ("a retinal OCT scan showing {}.", "a photo of a {}."),
         ),
         Modality(
-            "pneumonia", "pneumoniamnist", "pneumonia", "disease_class", None,
+            "pneumonia",
+            "pneumoniamnist",
+            "pneumonia",
+            "disease_class",
+            None,
             ("a chest X-ray showing {}.", "a photo of a {}."),
         ),
     )
-}  # fmt: skip
+}
 
 
 def get_modality(name: str) -> Modality:

@@ -262,7 +262,7 @@ def as_image(value: object) -> Image.Image:
     return value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value, dtype=np.uint8))
 
 
-def load_hf_dataset(folder: Path, split: str = "test"):  # noqa: ANN201 - a datasets.Dataset
+def load_hf_dataset(folder: Path, split: str = "test"):
     """One split of a Hugging Face ``datasets`` folder (``save_to_disk``, parquet files or an image folder), read
     offline; at least one row."""
     import datasets
@@ -280,7 +280,9 @@ def load_hf_dataset(folder: Path, split: str = "test"):  # noqa: ANN201 - a data
             data = datasets.load_dataset("imagefolder", data_dir=str(folder))
     except (IndexError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
         # datasets raises IndexError for a saved dataset of 0 rows, EmptyDatasetError for a folder without data
-        raise InputError(f"{folder}: split {split!r} is empty (no rows or no data files could be read: {err!r})")
+        raise InputError(
+            f"{folder}: split {split!r} is empty (no rows or no data files could be read: {err!r})"
+        ) from err
     if isinstance(data, datasets.DatasetDict):
         if split not in data and len(data) == 1:
             split = next(iter(data))

@@ -5,14 +5,21 @@ it may have are not read) and a Hugging Face dataset without a label column. Eac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tcube_lightning.data.readers import (
+    as_image,
+    checked_images,
+    dataset_folder_kind,
+    image_column,
+    load_hf_dataset,
+    npz_arrays,
+)
 from tcube_lightning.errors import InputError
-from tcube_lightning.data.readers import as_image, checked_images, dataset_folder_kind, image_column, load_hf_dataset, npz_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -10,8 +10,8 @@ matches direct text passes at seeded check points within a tolerance on the logi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tcube_lightning.loading.lora import LowRankUpdate
 from tcube_lightning.engine.samplewise import PerSamplePass, row_weights, self_attention
+from tcube_lightning.loading.lora import LowRankUpdate
 
 SCALES = ("logit_scale",)
 """Merged per row by ``logit_scale``, outside the towers."""
@@ -121,8 +121,15 @@ class LeafWisePass(PerSamplePass):
             y.view(-1, y.shape[-1])[:, columns].addmm_(low.reshape(-1, low.shape[-1]), update.up.to(y.dtype).T)
         return y
 
-    def _linear_rows(self, x: torch.Tensor, prefix: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                     weight_name: str = "weight", bias_name: str = "bias") -> torch.Tensor:  # fmt: skip
+    def _linear_rows(
+        self,
+        x: torch.Tensor,
+        prefix: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_name: str = "weight",
+        bias_name: str = "bias",
+    ) -> torch.Tensor:
         x = self._batch(x)
         y = F.linear(x, weight, bias)
         ft_weight, ft_bias = self._value(prefix + weight_name, weight), self._value(prefix + bias_name, bias)
@@ -130,10 +137,10 @@ class LeafWisePass(PerSamplePass):
             y = torch.lerp(y, F.linear(x, ft_weight, ft_bias), self._w(y))
         return self._low_rank_terms(y, x, prefix + weight_name)
 
-    def _linear(self, name: str, module: nn.Linear):  # noqa: ANN202 - the module's new forward
+    def _linear(self, name: str, module: nn.Linear):
         return lambda x: self._linear_rows(x, f"{name}.", module.weight, module.bias)
 
-    def _layer_norm(self, name: str, module: nn.LayerNorm):  # noqa: ANN202
+    def _layer_norm(self, name: str, module: nn.LayerNorm):
         def forward(x: torch.Tensor) -> torch.Tensor:
             normed = F.layer_norm(self._batch(x), module.normalized_shape, None, None, module.eps)
             w = self._w(normed)
@@ -144,14 +151,14 @@ class LeafWisePass(PerSamplePass):
 
         return forward
 
-    def _layer_scale(self, name: str, module: nn.Module):  # noqa: ANN202
+    def _layer_scale(self, name: str, module: nn.Module):
         def forward(x: torch.Tensor) -> torch.Tensor:
             x = self._batch(x)
             return x * torch.lerp(module.gamma, self._value(f"{name}.gamma", module.gamma), self._w(x))
 
         return forward
 
-    def _conv(self, name: str, module: nn.Conv2d):  # noqa: ANN202
+    def _conv(self, name: str, module: nn.Conv2d):
         def forward(x: torch.Tensor) -> torch.Tensor:
             x = self._batch(x)
             y = module._conv_forward(x, module.weight, module.bias)
@@ -160,10 +167,17 @@ class LeafWisePass(PerSamplePass):
 
         return forward
 
-    def _embedding(self, name: str, module: nn.Embedding):  # noqa: ANN202
+    def _embedding(self, name: str, module: nn.Embedding):
         def lookup(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-            return F.embedding(ids, table, module.padding_idx, module.max_norm, module.norm_type,
-                               module.scale_grad_by_freq, module.sparse)  # fmt: skip
+            return F.embedding(
+                ids,
+                table,
+                module.padding_idx,
+                module.max_norm,
+                module.norm_type,
+                module.scale_grad_by_freq,
+                module.sparse,
+            )
 
         def forward(ids: torch.Tensor) -> torch.Tensor:
             ids = self._batch(ids)
@@ -172,10 +186,10 @@ class LeafWisePass(PerSamplePass):
 
         return forward
 
-    def _attention(self, name: str, module: nn.MultiheadAttention):  # noqa: ANN202
+    def _attention(self, name: str, module: nn.MultiheadAttention):
         out_proj = module.out_proj
 
-        def forward(query, key, value, need_weights=True, attn_mask=None, **flags):  # noqa: ANN001, ANN202, ANN003
+        def forward(query, key, value, need_weights=True, attn_mask=None, **flags):
             padded, causal = flags.get("key_padding_mask") is not None, flags.get("is_causal")
             if key is not query or value is not query or padded or causal:
                 raise RuntimeError("only self-attention without key padding or causal flags runs per row")
@@ -222,9 +236,13 @@ def plan_leaves(model: nn.Module, changed: set[str]) -> tuple[dict[str, str], li
                     continue
                 shape = tuple(model.get_parameter(parameter).shape)
                 if not shape or shape[0] != 1:
-                    return {}, [], (
-                        f"{parameter} ({type(module).__name__}, shape {shape}) differs between the models and is "
-                        "neither in a leaf this pass knows nor batch-broadcast (leading dimension 1)"
+                    return (
+                        {},
+                        [],
+                        (
+                            f"{parameter} ({type(module).__name__}, shape {shape}) differs between the models and is "
+                            "neither in a leaf this pass knows nor batch-broadcast (leading dimension 1)"
+                        ),
                     )
                 per_row.append(parameter)
     return handlers, per_row, None

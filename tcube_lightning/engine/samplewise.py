@@ -11,8 +11,8 @@ copies of the weights. Architectures outside this pattern fall back to ``per_sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -180,11 +180,11 @@ class SampleWiseCLIP(PerSamplePass):
 
     def _attention(
         self, x: torch.Tensor, pt: nn.MultiheadAttention, ft: nn.MultiheadAttention, w: torch.Tensor, mask
-    ) -> torch.Tensor:  # noqa: ANN001
+    ) -> torch.Tensor:
         qkv = partial(self._linear, pt=pt, ft=ft, w=w, weight="in_proj_weight")
         return self_attention(x, qkv, partial(self._linear, pt=pt.out_proj, ft=ft.out_proj, w=w), pt.num_heads, mask)
 
-    def _transformer(self, x: torch.Tensor, pt: nn.Module, ft: nn.Module, w: torch.Tensor, mask=None) -> torch.Tensor:  # noqa: ANN001
+    def _transformer(self, x: torch.Tensor, pt: nn.Module, ft: nn.Module, w: torch.Tensor, mask=None) -> torch.Tensor:
         for block_pt, block_ft in zip(pt.resblocks, ft.resblocks):
             attn = self._attention(
                 self._layer_norm(x, block_pt.ln_1, block_ft.ln_1, w), block_pt.attn, block_ft.attn, w, mask

@@ -7,23 +7,24 @@ The LightningModule drives it (devices, metrics, splits); tests use it directly,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from tcube_lightning.merging.coefficients import LambdaMapping
-from tcube_lightning.errors import InputError
 from tcube_lightning.engine.heads import HeadInterpolant, fit_head_interpolant
 from tcube_lightning.engine.leafwise import LeafWisePass, changed_parameters, leafwise_reason
-from tcube_lightning.loading.lora import LoraAdapter
-from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
-from tcube_lightning.merging.methods import BatchContext
-from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
-from tcube_lightning.loading.architecture import image_side
 from tcube_lightning.engine.samplewise import PerSamplePass, SampleWiseCLIP, per_sample_loop, unsupported_reason
+from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
+from tcube_lightning.errors import InputError
+from tcube_lightning.loading.architecture import image_side
+from tcube_lightning.loading.lora import LoraAdapter
+from tcube_lightning.merging.coefficients import LambdaMapping
+from tcube_lightning.merging.methods import BatchContext
+from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
 HeadMode = Literal["interpolated", "exact"]

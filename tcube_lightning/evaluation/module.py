@@ -14,24 +14,31 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
-from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture, grid_mappings
-from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED, CostMeter
-from tcube_lightning.reporting.diagnostics import decision_diagnostics
+from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.engine.torch_engine import BatchCoefficients, TCubeEngine
-from tcube_lightning.errors import InputError
-from tcube_lightning.loading import plan_models
-from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
-from tcube_lightning.reporting.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
 from tcube_lightning.engine.zero_shot import tokenize_prompts
+from tcube_lightning.errors import InputError
 from tcube_lightning.evaluation.options import check_prediction_options, check_run_options, method_families
 from tcube_lightning.evaluation.predicting import PredictHooks
+from tcube_lightning.loading import plan_models
+from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
+from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture, grid_mappings
+from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.quiet import quiet_lightning
-from tcube_lightning.reporting.report import RunReport, coefficient_statistics, load_previous, log_adaptation, log_batch_coefficients, mixture_summary
+from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED, CostMeter
+from tcube_lightning.reporting.diagnostics import decision_diagnostics
+from tcube_lightning.reporting.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
+from tcube_lightning.reporting.report import (
+    RunReport,
+    coefficient_statistics,
+    load_previous,
+    log_adaptation,
+    log_batch_coefficients,
+    mixture_summary,
+)
 from tcube_lightning.reporting.results import jsonable
 from tcube_lightning.reporting.runfolder import clear_earlier_run
 from tcube_lightning.reporting.samples import SampleTable, lambda_column, prediction_columns
-from tcube_lightning.data.splitnames import is_corrupted
 
 quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
 
@@ -278,8 +285,11 @@ class TCubeModule(PredictHooks, L.LightningModule):
 
     def _weight_range(self) -> tuple[float, float] | None:
         """The expert weights the dynamic methods can merge at (a little wider, for float32 rounding of λ)."""
-        ranges = [self.engine.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
-                  for m in self.methods.values() if m.weight_source is not None]  # fmt: skip
+        ranges = [
+            self.engine.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
+            for m in self.methods.values()
+            if m.weight_source is not None
+        ]
         if not ranges:
             return None
         return min(low for low, _ in ranges) - 1e-6, max(high for _, high in ranges) + 1e-6
@@ -311,8 +321,12 @@ class TCubeModule(PredictHooks, L.LightningModule):
                     logits = method.logits(contexts[method.setting])
                 columns |= self._update_metrics(split, name, logits, labels)
         if self.clustered:
-            for key, values in {"index": columns["index"], "pt": shared.pt_logits, "ft": shared.ft_logits,
-                                **shared.weights}.items():  # fmt: skip
+            for key, values in {
+                "index": columns["index"],
+                "pt": shared.pt_logits,
+                "ft": shared.ft_logits,
+                **shared.weights,
+            }.items():
                 self.cluster_cache[split][key].append(values.detach())
         with self.cost.measure(DIAGNOSTICS if self.engine.extreme_weights else None, len(labels)):
             extremes = self.engine.extreme_predictions(images, class_set)
@@ -326,9 +340,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
         settings, store, learnt = self.adamerging, self.engine.store, {}
         for name, method in self.adapted.items():
             with self.cost.measure(name, len(dataset)):
-                adaptation = adapt(store.pretrained, store.expert, self.engine.pt_heads[class_set],
-                                   batches(dataset, settings.batch_size, settings.seed),
-                                   method.adaptation == "layer", settings)  # fmt: skip
+                adaptation = adapt(
+                    store.pretrained,
+                    store.expert,
+                    self.engine.pt_heads[class_set],
+                    batches(dataset, settings.batch_size, settings.seed),
+                    method.adaptation == "layer",
+                    settings,
+                )
                 self.engine.set_adapted(name, merged_flat(store, adaptation))
             learnt[name] = adaptation.record()
             if self.logger is not None and self.trainer.is_global_zero:

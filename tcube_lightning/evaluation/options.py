@@ -11,9 +11,14 @@ from tcube_lightning.reporting.results import check_results_dir
 
 
 def check_run_options(
-    resume: bool, results_dir: str | None, overwrite: bool, clusters: int, heads: str, head_tolerance: float,
+    resume: bool,
+    results_dir: str | None,
+    overwrite: bool,
+    clusters: int,
+    heads: str,
+    head_tolerance: float,
     samplewise: str,
-) -> None:  # fmt: skip
+) -> None:
     """Where results go (writable; earlier results kept unless resumed or overwritten) and the engine's modes."""
     if resume and results_dir is None:
         raise InputError("model.resume needs model.results_dir: the folder whose results.json to continue")
@@ -34,7 +39,6 @@ def method_families(methods: list[str] | str | None) -> list[str]:
     if unknown:
         raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
     return list(methods or DEFAULT_FAMILIES)
-
 
 
 def check_prediction_options(results_dir: str | None, resume: bool, overwrite: bool) -> None:

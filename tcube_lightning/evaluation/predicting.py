@@ -26,9 +26,14 @@ class PredictHooks:
             return
         folder = self.report.results_dir / FOLDER
         sources = {s: {**n, "complete": n["rows"] == n["total"]} for s, n in self.prediction_counts.items()}
-        summary = {"complete": all(n["complete"] for n in sources.values()), "sources": sources,
-                   "methods": list(self.methods), "classnames": self.split_classnames, **self.report.details,
-                   "config": self.run_config}  # fmt: skip
+        summary = {
+            "complete": all(n["complete"] for n in sources.values()),
+            "sources": sources,
+            "methods": list(self.methods),
+            "classnames": self.split_classnames,
+            **self.report.details,
+            "config": self.run_config,
+        }
         write_summary(folder, summary)
         short = {s: f"{n['rows']} of {n['total']}" for s, n in sources.items() if not n["complete"]}
         if short:

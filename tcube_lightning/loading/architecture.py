@@ -9,9 +9,9 @@ back to random weights when the schema's own are missing) and every weights file
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch
@@ -99,10 +99,10 @@ class Architecture:
         return open_clip.get_tokenizer(self.name, cache_dir=self.cache_dir)
 
 
-
 def image_side(size: int | tuple[int, ...] | list[int]) -> int:
     """An open_clip image size (an int, or the sides of a square) as the one side."""
     return size[0] if isinstance(size, (tuple, list)) else size
+
 
 def register_model_config(path: str | Path) -> None:
     """Make a user's open_clip model config (a JSON file, or a folder of them) known by its file name."""

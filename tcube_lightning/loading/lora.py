@@ -266,7 +266,7 @@ def _rank_and_alpha(config: dict, module_name: str) -> tuple[int, float]:
     """r and lora_alpha for one module: peft's rank_pattern / alpha_pattern (first key matching the end of the
     module name) over the defaults."""
 
-    def pattern(patterns: dict, default):  # noqa: ANN001, ANN202
+    def pattern(patterns: dict, default):
         for key, value in (patterns or {}).items():
             if re.match(rf"(.*\.)?({key})$", module_name):
                 return value

@@ -12,8 +12,8 @@ tensors, recomputed every step, as FusionBench does.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,11 @@ class AdaMergingSettings:
     adapt_on: str | None = None
 
     def __post_init__(self) -> None:
-        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in ("steps", "batch_size")
-                    if getattr(self, name) < 1]  # fmt: skip
+        problems = [
+            f"{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("steps", "batch_size")
+            if getattr(self, name) < 1
+        ]
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not math.isfinite(self.init):
@@ -82,7 +85,7 @@ def batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tens
     epoch = 0
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        for (images, _labels) in DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size):
+        for images, _labels in DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size):
             yield images
         epoch += 1
 
@@ -120,9 +123,14 @@ def adapt(
 
 
 def merged_logits(
-    pretrained: nn.Module, base: dict, deltas: dict, lam: torch.Tensor, images: torch.Tensor, head: torch.Tensor,
+    pretrained: nn.Module,
+    base: dict,
+    deltas: dict,
+    lam: torch.Tensor,
+    images: torch.Tensor,
+    head: torch.Tensor,
     scale: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Zero-shot logits of the image tower at θ_pt + λ·Δ, tensor by tensor, λ kept in the graph."""
     params = {n.removeprefix(IMAGE_TOWER): base[n] + lam[i % len(lam)] * deltas[n] for i, n in enumerate(base)}
     features = torch.func.functional_call(pretrained.visual, params, (images,), strict=False)

@@ -8,15 +8,23 @@ means adding one entry to ``build_methods``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
-from tcube_lightning.merging.coefficients import batch_coefficient, cross_entropy_ratio, dawin_entropy_ratio, log_mixture, max_confidence_ratio, top_probabilities
 from tcube_lightning.errors import InputError
-from tcube_lightning.merging.store import FusedParameterStore
+from tcube_lightning.merging.coefficients import (
+    batch_coefficient,
+    cross_entropy_ratio,
+    dawin_entropy_ratio,
+    log_mixture,
+    max_confidence_ratio,
+    top_probabilities,
+)
 from tcube_lightning.merging.rules import dare, interpolate, slerp, task_arithmetic, ties
+from tcube_lightning.merging.store import FusedParameterStore
 
 # DaWin's calibrated softmax temperatures (pretrained, expert) for CLIP architectures, from its code.
 DAWIN_TEMPERATURES = {"ViT-B-16": (0.96, 1.0066), "ViT-B-32": (0.9576, 0.9733), "ViT-L-14": (1.0767, 0.9545)}
@@ -175,59 +183,149 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
     t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch.removesuffix("-quickgelu"), (1.0, 1.0))
     m3 = m3_weight(s.seed)
     methods = [
-        Method("zeroshot", "zeroshot", "pretrained generalist alone", "CLIP zero-shot (Radford et al., ICML 2021)",
-               lambda ctx: ctx.pt_logits),
-        Method("expert", "expert", "fine-tuned expert alone", "the expert's own predictions",
-               lambda ctx: ctx.ft_logits),
-        Method("ensemble", "ensemble", "mean of the two models' probabilities",
-               f"output ensemble, a baseline of {DAWIN}", output_ensemble),
-        Method("select", "select", "per sample, the more confident model", "confidence-based model selection",
-               confidence_selection),
-    ]  # fmt: skip
+        Method(
+            "zeroshot",
+            "zeroshot",
+            "pretrained generalist alone",
+            "CLIP zero-shot (Radford et al., ICML 2021)",
+            lambda ctx: ctx.pt_logits,
+        ),
+        Method(
+            "expert", "expert", "fine-tuned expert alone", "the expert's own predictions", lambda ctx: ctx.ft_logits
+        ),
+        Method(
+            "ensemble",
+            "ensemble",
+            "mean of the two models' probabilities",
+            f"output ensemble, a baseline of {DAWIN}",
+            output_ensemble,
+        ),
+        Method(
+            "select",
+            "select",
+            "per sample, the more confident model",
+            "confidence-based model selection",
+            confidence_selection,
+        ),
+    ]
     for alpha in s.wise_alphas:
         methods.append(
-            Method(f"wise_ft@{alpha:g}", "wise_ft", f"WiSE-FT, expert weight {alpha:g}",
-                   "WiSE-FT (Wortsman et al., CVPR 2022)",
-                   static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.ft_flat, a))
-        )  # fmt: skip
+            Method(
+                f"wise_ft@{alpha:g}",
+                "wise_ft",
+                f"WiSE-FT, expert weight {alpha:g}",
+                "WiSE-FT (Wortsman et al., CVPR 2022)",
+                static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.ft_flat, a),
+            )
+        )
     methods += [
-        Method("slerp", "slerp", f"per-tensor SLERP, weight {s.slerp_alpha:g}", "SLERP per tensor (as in mergekit)",
-               static_rule=lambda st: slerp(st.pt_flat, st.ft_flat, s.slerp_alpha, st.segments)),
-        Method("task_arithmetic", "task_arithmetic", f"task arithmetic, scale {s.task_scale:g}",
-               "task arithmetic (Ilharco et al., ICLR 2023)",
-               static_rule=lambda st: task_arithmetic(st.pt_flat, st.ft_flat, s.task_scale)),
-        Method("ties", "ties", f"TIES, density {s.ties_density:g}, scale {s.ties_scale:g}",
-               "TIES-Merging (Yadav et al., NeurIPS 2023)",
-               static_rule=lambda st: ties(st.pt_flat, st.ft_flat, s.ties_density, s.ties_scale)),
-        Method("dare", "dare", f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
-               "DARE (Yu et al., ICML 2024)",
-               static_rule=lambda st: dare(st.pt_flat, st.ft_flat, s.dare_drop, s.dare_scale, s.seed)),
-        Method("m3", "m3", f"M³, random weight λ = {m3:.4f} (seed {s.seed})",
-               "M³ Mixup Model Merge (Zhou et al., 2025)",
-               static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3)),
-        Method("t3", "t3", "T³: weights merged per sample with λ(x) from JS", T3, weight_source="t3",
-               **_sample_wise(lambda ctx: ctx.t3_weights)),
-        Method("t3_batch", "t3_batch", "T³_B: one merge per batch at the batch's mean λ", T3, batch_merge,
-               weight_source="t3", merge_weights=batch_weights),
-        Method("dawin", "dawin", f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})", DAWIN,
-               weight_source="ratio", **_sample_wise(_ratio(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft)))),
-        Method("maxconf", "maxconf", "per-sample merge, max-confidence ratio", f"a variant in {DAWIN}",
-               weight_source="ratio", **_sample_wise(_ratio(max_confidence_ratio))),
-        Method("xent", "xent", "per-sample merge, X-entropy ratio (ensemble pseudo labels)", f"a variant in {DAWIN}",
-               weight_source="ratio", **_sample_wise(_ratio(cross_entropy_ratio))),
-        Method("t3_cluster", "t3_cluster", "T³ weights grouped by a Beta mixture, one merge per component",
-               f"{T3} with the Beta-mixture clustering of {DAWIN}", coefficient=lambda pt, ft, t3: t3,
-               weight_source="t3"),
-        Method("dawin_cluster", "dawin_cluster",
-               f"DaWin weights{' with offset adjustment' if s.dawin_offset else ''} grouped by a Beta mixture",
-               f"{DAWIN}, Beta-mixture clustering",
-               coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset),
-               weight_source="ratio"),
-        Method("adamerging_task", "adamerging_task", "AdaMerging, one coefficient learnt by entropy minimisation",
-               ADAMERGING, adaptation="task"),
-        Method("adamerging_layer", "adamerging_layer", "AdaMerging, one coefficient per image-tower tensor",
-               ADAMERGING, adaptation="layer"),
-    ]  # fmt: skip
+        Method(
+            "slerp",
+            "slerp",
+            f"per-tensor SLERP, weight {s.slerp_alpha:g}",
+            "SLERP per tensor (as in mergekit)",
+            static_rule=lambda st: slerp(st.pt_flat, st.ft_flat, s.slerp_alpha, st.segments),
+        ),
+        Method(
+            "task_arithmetic",
+            "task_arithmetic",
+            f"task arithmetic, scale {s.task_scale:g}",
+            "task arithmetic (Ilharco et al., ICLR 2023)",
+            static_rule=lambda st: task_arithmetic(st.pt_flat, st.ft_flat, s.task_scale),
+        ),
+        Method(
+            "ties",
+            "ties",
+            f"TIES, density {s.ties_density:g}, scale {s.ties_scale:g}",
+            "TIES-Merging (Yadav et al., NeurIPS 2023)",
+            static_rule=lambda st: ties(st.pt_flat, st.ft_flat, s.ties_density, s.ties_scale),
+        ),
+        Method(
+            "dare",
+            "dare",
+            f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
+            "DARE (Yu et al., ICML 2024)",
+            static_rule=lambda st: dare(st.pt_flat, st.ft_flat, s.dare_drop, s.dare_scale, s.seed),
+        ),
+        Method(
+            "m3",
+            "m3",
+            f"M³, random weight λ = {m3:.4f} (seed {s.seed})",
+            "M³ Mixup Model Merge (Zhou et al., 2025)",
+            static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3),
+        ),
+        Method(
+            "t3",
+            "t3",
+            "T³: weights merged per sample with λ(x) from JS",
+            T3,
+            weight_source="t3",
+            **_sample_wise(lambda ctx: ctx.t3_weights),
+        ),
+        Method(
+            "t3_batch",
+            "t3_batch",
+            "T³_B: one merge per batch at the batch's mean λ",
+            T3,
+            batch_merge,
+            weight_source="t3",
+            merge_weights=batch_weights,
+        ),
+        Method(
+            "dawin",
+            "dawin",
+            f"DaWin entropy ratio, temperatures ({t_pt:g}, {t_ft:g})",
+            DAWIN,
+            weight_source="ratio",
+            **_sample_wise(_ratio(lambda pt, ft: dawin_entropy_ratio(pt, ft, t_pt, t_ft))),
+        ),
+        Method(
+            "maxconf",
+            "maxconf",
+            "per-sample merge, max-confidence ratio",
+            f"a variant in {DAWIN}",
+            weight_source="ratio",
+            **_sample_wise(_ratio(max_confidence_ratio)),
+        ),
+        Method(
+            "xent",
+            "xent",
+            "per-sample merge, X-entropy ratio (ensemble pseudo labels)",
+            f"a variant in {DAWIN}",
+            weight_source="ratio",
+            **_sample_wise(_ratio(cross_entropy_ratio)),
+        ),
+        Method(
+            "t3_cluster",
+            "t3_cluster",
+            "T³ weights grouped by a Beta mixture, one merge per component",
+            f"{T3} with the Beta-mixture clustering of {DAWIN}",
+            coefficient=lambda pt, ft, t3: t3,
+            weight_source="t3",
+        ),
+        Method(
+            "dawin_cluster",
+            "dawin_cluster",
+            f"DaWin weights{' with offset adjustment' if s.dawin_offset else ''} grouped by a Beta mixture",
+            f"{DAWIN}, Beta-mixture clustering",
+            coefficient=lambda pt, ft, t3: dawin_entropy_ratio(pt, ft, t_pt, t_ft, s.dawin_offset),
+            weight_source="ratio",
+        ),
+        Method(
+            "adamerging_task",
+            "adamerging_task",
+            "AdaMerging, one coefficient learnt by entropy minimisation",
+            ADAMERGING,
+            adaptation="task",
+        ),
+        Method(
+            "adamerging_layer",
+            "adamerging_layer",
+            "AdaMerging, one coefficient per image-tower tensor",
+            ADAMERGING,
+            adaptation="layer",
+        ),
+    ]
     return {m.name: m for m in methods}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+
 def interpolate(pt: torch.Tensor, ft: torch.Tensor, weight: float) -> torch.Tensor:
     """(1 − w)·θ_pt + w·θ_ft: WiSE-FT (Wortsman et al., CVPR 2022) at a fixed w, and M³ at a random one."""
     return torch.lerp(pt, ft, weight)

@@ -45,7 +45,7 @@ class ParameterViews(nn.Module):
                 view.copy_(params[name])
             params[name].data = view
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         # Empty the parameters (views) first so that they are not copied one by one as well, then re-point them.
         for attribute in self.placements:
             for param in getattr(self, attribute).parameters():
@@ -93,8 +93,11 @@ class FusedParameterStore(ParameterViews):
             self._flat(name, sum(n for _, n in self.segments), reference)
         pretrained, expert = pretrained.requires_grad_(False).eval(), expert.requires_grad_(False).eval()
         working = _copy_without_parameters(pretrained)
-        for attribute, model, flat in (("pretrained", pretrained, "pt_flat"), ("expert", expert, "ft_flat"),
-                                       ("working", working, "merged_flat")):  # fmt: skip
+        for attribute, model, flat in (
+            ("pretrained", pretrained, "pt_flat"),
+            ("expert", expert, "ft_flat"),
+            ("working", working, "merged_flat"),
+        ):
             self._bind(attribute, model, {n: (flat, self.offsets[n]) for n in self.names}, copy_in=model is not working)
         self.merged_flat.copy_(self.pt_flat)
         self.weight: float | None = 0.0

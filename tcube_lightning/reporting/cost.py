@@ -6,9 +6,9 @@ results.json, which stays byte-identical across repeats and process counts."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import perf_counter
-from typing import Callable, Iterator
 
 import torch
 

@@ -62,7 +62,7 @@ def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_objects(values.cpu())).to(values.device)
 
 
-def split_metrics(num_classes: int, labels) -> MetricCollection:  # noqa: ANN001 - array-like
+def split_metrics(num_classes: int, labels) -> MetricCollection:
     """Top-1, balanced accuracy (macro recall), calibration (ECE, 15 bins, L1; negative log-likelihood) and,
     where every class occurs in the split, macro AUC."""
     metrics = {
@@ -71,6 +71,6 @@ def split_metrics(num_classes: int, labels) -> MetricCollection:  # noqa: ANN001
         "ece": ExactCalibrationError(num_classes=num_classes, n_bins=15, norm="l1"),
         "nll": NegativeLogLikelihood(),
     }
-    if len(set(int(v) for v in labels)) == num_classes:
+    if len({int(v) for v in labels}) == num_classes:
         metrics["auc"] = MulticlassAUROC(num_classes=num_classes, average="macro")
     return MetricCollection(metrics)

@@ -13,13 +13,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-from tcube_lightning.reporting.diagnostics import QUADRANTS, quadrant_indices  # noqa: E402
-from tcube_lightning.data.splitnames import parse_corrupted  # noqa: E402
+from tcube_lightning.data.splitnames import parse_corrupted
+from tcube_lightning.reporting.diagnostics import QUADRANTS, quadrant_indices
 
 DPI = 100
 SCATTER_CAP = 4000
@@ -29,8 +29,9 @@ SCATTER_CAP = 4000
 def lambda_histograms(lambdas: dict[str, np.ndarray], columns: int = 4) -> Figure:
     """One small histogram of the per-sample λ for every split."""
     rows = math.ceil(len(lambdas) / columns)
-    fig, axes = plt.subplots(rows, min(columns, len(lambdas)), figsize=(3 * min(columns, len(lambdas)), 2.4 * rows),
-                             dpi=DPI, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, min(columns, len(lambdas)), figsize=(3 * min(columns, len(lambdas)), 2.4 * rows), dpi=DPI, squeeze=False
+    )
     for ax, (split, values) in zip(axes.flat, lambdas.items()):
         low, high = float(values.min()), float(values.max())
         pad = max(1e-3, 0.05 * (high - low))  # λ can be (nearly) constant: keep the bins finite
@@ -66,7 +67,7 @@ def severity_curves(accuracy: dict[str, dict[str, float]]) -> dict[str, Figure]:
     return figures
 
 
-def line_styles():  # noqa: ANN201 - an endless iterator of keyword dicts
+def line_styles():
     """A distinct (colour, line style, marker) for every line: 10 colours × 4 dash patterns × 6 markers, so
     that 17 methods (and more) stay apart even where colours repeat or lines overlap."""
     colours = plt.get_cmap("tab10").colors
@@ -135,8 +136,9 @@ def quadrant_scatter(
         rows = drawn[quadrant[drawn] == index]
         ax.scatter(table["js"][rows], y[rows], s=6, alpha=0.5, color="tab:blue")
         rho = correlations.get(name)
-        ax.set_title(f"{name}: n={int((quadrant == index).sum())}" + (f", ρ={rho:.3f}" if rho is not None else ""),
-                     fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"{name}: n={int((quadrant == index).sum())}" + (f", ρ={rho:.3f}" if rho is not None else ""), fontsize=9
+        )
         ax.set_xlabel("JS", fontsize=8)
         ax.set_ylabel(y_label, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -158,9 +160,10 @@ def analysis_figures(split: str, table: dict[str, np.ndarray], quadrants: dict[s
     return {
         f"{split}/coefficients": coefficient_histograms(table, split),
         f"{split}/js_vs_dawin": quadrant_scatter(table, table["w/dawin"], "DaWin entropy ratio", split, rho),
-        f"{split}/confidence_vs_js": quadrant_scatter(table, confidence, "combined confidence ½(c_pt + c_ft)",
-                                                      split, {}),
-    }  # fmt: skip
+        f"{split}/confidence_vs_js": quadrant_scatter(
+            table, confidence, "combined confidence ½(c_pt + c_ft)", split, {}
+        ),
+    }
 
 
 def run_figures(

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tcube_lightning.reporting.results import write_atomic
 
@@ -27,7 +26,7 @@ LEAVE_OUT = ("index", "label", "finite", "flip")
 
 def prediction_table(
     table: dict[str, np.ndarray], identities: list[str], classnames: list[str], methods: list[str]
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """A source's gathered per-sample table as written: the image; each selected method's predicted class (by name)
     and its probability; the two models' own (``zeroshot``, ``expert``) if not selected; then JS, λ and the weights."""
     rows = table["index"].astype(int)

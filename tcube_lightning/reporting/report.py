@@ -16,20 +16,34 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tcube_lightning.errors import InputError
 from tcube_lightning.merging.adamerging import Adaptation
 from tcube_lightning.merging.coefficients import BetaMixture
 from tcube_lightning.reporting.console import print_summary
 from tcube_lightning.reporting.cost import SHARED
 from tcube_lightning.reporting.diagnostics import lambda_spread_warning, mean
-from tcube_lightning.errors import InputError
 from tcube_lightning.reporting.plots import render_figures, run_figures, save_images
-from tcube_lightning.reporting.results import corruption_errors, npz_bytes, summary_rows, write_atomic, write_results, write_summary
+from tcube_lightning.reporting.results import (
+    corruption_errors,
+    npz_bytes,
+    summary_rows,
+    write_atomic,
+    write_results,
+    write_summary,
+)
 from tcube_lightning.reporting.samples import flatten_tables, is_analysis_column, lambda_column, read_tables
 
 SPLIT_RECORD_KEYS = (
-    "accuracy", "metrics", "coefficients", "diagnostics", "num_samples", "nonfinite_samples", "clusters", "adaptation",
+    "accuracy",
+    "metrics",
+    "coefficients",
+    "diagnostics",
+    "num_samples",
+    "nonfinite_samples",
+    "clusters",
+    "adaptation",
     "classnames",
-)  # fmt: skip
+)
 """What results.json holds per split, each key mapping split → value."""
 
 
@@ -87,8 +101,9 @@ def read_results(path: Path) -> dict[str, Any]:
     missing = [key for key in ("config", *SPLIT_RECORD_KEYS) if not isinstance(results.get(key), dict)]
     if missing:
         raise InputError(f"model.resume: {path} lacks {missing}: it was not written by a tcube-lightning run")
-    incomplete = [f"{key}[{split!r}]" for split in results["accuracy"] for key in SPLIT_RECORD_KEYS
-                  if split not in results[key]]  # fmt: skip
+    incomplete = [
+        f"{key}[{split!r}]" for split in results["accuracy"] for key in SPLIT_RECORD_KEYS if split not in results[key]
+    ]
     if incomplete:
         raise InputError(f"model.resume: {path} lacks {incomplete[:5]}: the file was edited or cut")
     return results
@@ -116,8 +131,9 @@ def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
     done = [split for split in previous["accuracy"] if split not in previous.get("partial_splits", {})]
     rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {done}")
     tables = read_tables(Path(results_dir) / ANALYSIS_FILE)
-    return {split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, tables.get(split))
-            for split in done}  # fmt: skip
+    return {
+        split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, tables.get(split)) for split in done
+    }
 
 
 ANALYSIS_FILE = "analysis.npz"
@@ -275,8 +291,11 @@ def log_batch_coefficients(
 ) -> None:
     """A batch's λ and JS as ``{split}/{name}_{mean,min,max}`` scalars at ``step`` (the batch's index in the
     one-process order) and, with TensorBoard and ``histograms`` (rank 0), as histograms."""
-    scalars = {f"{split}/{name}_{stat}": float(getattr(v, stat)()) for name, v in values.items()
-               for stat in ("mean", "min", "max")}  # fmt: skip
+    scalars = {
+        f"{split}/{name}_{stat}": float(getattr(v, stat)())
+        for name, v in values.items()
+        for stat in ("mean", "min", "max")
+    }
     logger.log_metrics(scalars, step=step)
     if isinstance(logger, TensorBoardLogger) and histograms:
         for name, v in values.items():

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tcube_lightning.errors import InputError
 from tcube_lightning.data.splitnames import is_corrupted, parse_corrupted
+from tcube_lightning.errors import InputError
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> None:
@@ -176,8 +176,9 @@ def summary_rows(
     partial = partial or {}
     corrupted = [s for s in accuracy if is_corrupted(s)]
     plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
-    columns = {s: f"{s} (partial {partial[s]['evaluated']}/{partial[s]['total']})" if s in partial else s
-               for s in plain}  # fmt: skip
+    columns = {
+        s: f"{s} (partial {partial[s]['evaluated']}/{partial[s]['total']})" if s in partial else s for s in plain
+    }
     suffix = " (partial)" if set(corrupted) & set(partial) else ""
     rows = []
     for method in next(iter(accuracy.values()), {}):

@@ -13,9 +13,20 @@ import shutil
 from pathlib import Path
 
 RUN_ARTIFACTS = (
-    "results.json", "results.md", "summary.md", "summary.csv", "summary.json", "cost.json", "analysis.npz",
-    "config.yaml", "hparams.yaml", "plots", "samples", "predictions", "events.out.tfevents.*",
-)  # fmt: skip
+    "results.json",
+    "results.md",
+    "summary.md",
+    "summary.csv",
+    "summary.json",
+    "cost.json",
+    "analysis.npz",
+    "config.yaml",
+    "hparams.yaml",
+    "plots",
+    "samples",
+    "predictions",
+    "events.out.tfevents.*",
+)
 """What a run writes into its folder (files, folders, TensorBoard's event files)."""
 
 

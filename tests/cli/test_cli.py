@@ -6,6 +6,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
+from scipy.spatial.distance import jensenshannon
+from scipy.special import expit, softmax
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
 from helpers import (
     ARCH,
     CLASSNAMES,
@@ -22,20 +28,14 @@ from helpers import (
     write_hub_cache,
     write_medmnist_npz,
 )
-from PIL import Image
-from scipy.spatial.distance import jensenshannon
-from scipy.special import expit, softmax
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
-
-from tcube_lightning.engine import torch_engine as engine
-from tcube_lightning.reporting import report
 from tcube_lightning.cli.app import main
-from tcube_lightning.merging.coefficients import fit_beta_mixture
-from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED
-from tcube_lightning.merging.methods import METHOD_FAMILIES, m3_weight
-from tcube_lightning.reporting.samples import read_tables
+from tcube_lightning.engine import torch_engine as engine
 from tcube_lightning.engine.samplewise import per_sample_loop
+from tcube_lightning.merging.coefficients import fit_beta_mixture
+from tcube_lightning.merging.methods import METHOD_FAMILIES, m3_weight
+from tcube_lightning.reporting import report
+from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED
+from tcube_lightning.reporting.samples import read_tables
 
 LAMBDA_ATOL = lambda_atol(GAMMA)
 
@@ -292,7 +292,7 @@ def test_dawin_cluster_with_offset_uses_whole_split_statistics(clip_pair, npz_ro
     )
     results, _ = run_cli_in_process(args)
     assert "offset" in results["methods"]["dawin_cluster"]
-    logits, labels = oracle_predictions(clip_pair, npz_root, SPLITS["a"], [0.0, 1.0])
+    logits, _ = oracle_predictions(clip_pair, npz_root, SPLITS["a"], [0.0, 1.0])
     p_pt, p_ft = softmax(logits[0.0], -1), softmax(logits[1.0], -1)
     h_pt, h_ft = -(p_pt * np.log(p_pt)).sum(1), -(p_ft * np.log(p_ft)).sum(1)
     b = (h_pt.std(ddof=1) / h_pt.mean() + h_ft.std(ddof=1) / h_ft.mean()) / 2
@@ -312,7 +312,7 @@ def test_non_finite_logits_are_counted_and_keep_lambda_finite(batch8_run, clip_p
 
     monkeypatch.setattr(engine, "clip_logits", first_row_nan)
     extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.methods=[zeroshot, wise_ft, t3_batch]")
-    with pytest.warns(UserWarning, match="non-finite logits .* for 8 sample"):
+    with pytest.warns(UserWarning, match=r"non-finite logits .* for 8 sample"):
         results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
     assert results["nonfinite_samples"] == {"a": 5, "b": 3}  # row 0 of each batch
     clean = batch8_run[0]
@@ -396,9 +396,10 @@ def bad(tmp_path_factory):
     (root / "corrupt.pt").write_bytes(b"\x80\x02 not a checkpoint")
     (root / "random.npz").write_bytes(bytes(range(256)) * 4)  # NumPy would call it "pickled (object) data"
     config = {
-        "embed_dim": 32, "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }  # fmt: skip
+    }
     (root / "other-arch.json").write_text(json.dumps(config))
     open_clip.add_model_config(root / "other-arch.json")
     torch.save(open_clip.create_model("other-arch").state_dict(), root / "other.pt")
@@ -428,29 +429,63 @@ def bad(tmp_path_factory):
         (['--data.sources={{"h": "{bad}/hf_empty"}}'], "hf_empty: split 'test' is empty"),
         (['--data.sources={{"h": "{bad}/no_data"}}'], "no_data: split 'test' is empty"),
         (["--model.expert_checkpoint={bad}/notes.txt"], "notes.txt is not a checkpoint file"),
-        (['--data.sources={{"h": "{bad}/hf_named"}}'], "data.classnames ['circle', 'square', 'triangle', 'cross'] "
-                                                        "disagree with the class names"),
-        (["--data.root={bad}", "--data.modality=breast", "--data.splits=[in_domain, base_to_novel]"],
-         "4 problems with the data:\n  - data file not found: {bad}/breastmnist_224.npz"),
-        (["--model.resume=true", "--model.results_dir={bad}/malformed"],
-         "model.resume: {bad}/malformed/results.json holds a list, not a tcube-lightning results object"),
+        (
+            ['--data.sources={{"h": "{bad}/hf_named"}}'],
+            "data.classnames ['circle', 'square', 'triangle', 'cross'] disagree with the class names",
+        ),
+        (
+            ["--data.root={bad}", "--data.modality=breast", "--data.splits=[in_domain, base_to_novel]"],
+            "4 problems with the data:\n  - data file not found: {bad}/breastmnist_224.npz",
+        ),
+        (
+            ["--model.resume=true", "--model.results_dir={bad}/malformed"],
+            "model.resume: {bad}/malformed/results.json holds a list, not a tcube-lightning results object",
+        ),
         (["--model.grid=[{{gamma: 4}}, {{gamma: -1}}]"], "model.grid[1] (gamma=-1): model.gamma must be >= 0"),
         (["--model.grid=[{{}}]"], "model.grid[0] sets none of ['gamma', 'lambda_min', 'lambda_max', 'lambda_weights']"),
         (["--model.grid=[{{gamma: 4}}, {{gamma: 4.0}}]"], "model.grid[1] repeats the setting 'gamma=4'"),
         (["--model.grid=[{{lambda_weights: expert}}]"], "model.grid[0] (lambda_weights=expert) is the run's own"),
         (["--model.grid=[{{gama: 4}}]"], "model.grid[0]: unknown field(s) ['gama'] (did you mean gamma?)"),
-        (["--data.classnames=[circle, Circle, square, ' circle ']"],
-         "class names must be distinct as the prompts read them (case and spacing ignored); repeated: ['circle', "
-         "'Circle', ' circle ']"),
+        (
+            ["--data.classnames=[circle, Circle, square, ' circle ']"],
+            "class names must be distinct as the prompts read them (case and spacing ignored); repeated: ['circle', "
+            "'Circle', ' circle ']",
+        ),
         (['--data.sources={{"r": "{bad}/random.npz"}}'], "random.npz: not an npz file (a zip archive of .npy arrays"),
     ],
-    ids=["lambda-range", "unknown-method", "missing-data", "image-size", "gamma", "corrupt-checkpoint",
-         "architecture-mismatch", "unknown-arch", "empty-split", "image-dtype",
-         "labels-range", "unknown-modality", "unknown-corruption", "severity", "dare-drop", "clusters",
-         "fractional-labels", "empty-hf-dataset", "empty-hf-folder", "not-a-checkpoint", "classnames-disagree",
-         "every-missing-file", "malformed-results", "grid-gamma", "grid-empty", "grid-repeat", "grid-own",
-         "grid-unknown-field", "repeated-classnames", "random-bytes-npz"],
-)  # fmt: skip
+    ids=[
+        "lambda-range",
+        "unknown-method",
+        "missing-data",
+        "image-size",
+        "gamma",
+        "corrupt-checkpoint",
+        "architecture-mismatch",
+        "unknown-arch",
+        "empty-split",
+        "image-dtype",
+        "labels-range",
+        "unknown-modality",
+        "unknown-corruption",
+        "severity",
+        "dare-drop",
+        "clusters",
+        "fractional-labels",
+        "empty-hf-dataset",
+        "empty-hf-folder",
+        "not-a-checkpoint",
+        "classnames-disagree",
+        "every-missing-file",
+        "malformed-results",
+        "grid-gamma",
+        "grid-empty",
+        "grid-repeat",
+        "grid-own",
+        "grid-unknown-field",
+        "repeated-classnames",
+        "random-bytes-npz",
+    ],
+)
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
     extra = [o.format(bad=bad) for o in overrides]
     args = cli_args(clip_pair, npz_root, tmp_path, f"--model.model_config={bad / 'other-arch.json'}", *extra)
@@ -491,13 +526,22 @@ def test_settings_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, 
     # A reference method that is not evaluated: said at once; an error where corrupted splits need it.
     write_medmnist_npz(tmp_path / "breastmnist.npz", 4, 2)
     corrupted = [
-        "test", f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, t3]", "--model.mce_reference=ensemble",
-        f"--data.root={tmp_path}", "--data.modality=breast", "--data.splits=[in_domain, corrupted]", "--data.size=28",
-        "--data.image_size=28", "--data.corruption_source=on_the_fly", "--data.corruptions=[pixelate]",
+        "test",
+        f"--model.arch={ARCH}",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        "--model.methods=[zeroshot, t3]",
+        "--model.mce_reference=ensemble",
+        f"--data.root={tmp_path}",
+        "--data.modality=breast",
+        "--data.splits=[in_domain, corrupted]",
+        "--data.size=28",
+        "--data.image_size=28",
+        "--data.corruption_source=on_the_fly",
+        "--data.corruptions=[pixelate]",
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
-    ]  # fmt: skip
-    with pytest.warns(UserWarning, match="'ensemble' is not among the evaluated methods"):
+    ]
+    with pytest.warns(UserWarning, match=r"'ensemble' is not among the evaluated methods"):
         message = run_cli_expecting_error(corrupted, capsys)
     assert "model.mce_reference: 'ensemble' is not among the evaluated methods" in message
     assert "unrecognized arguments: --model.gamm" in run_cli_expecting_error(

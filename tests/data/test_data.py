@@ -4,12 +4,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from helpers import CLASSNAMES, write_medmnist_npz
 from PIL import Image
 
+from helpers import CLASSNAMES, write_medmnist_npz
 from tcube_lightning.data.datamodule import EvaluationDataModule, medmnist_classnames, medmnist_filename
-from tcube_lightning.errors import InputError
 from tcube_lightning.data.readers import read_medmnist_npz
+from tcube_lightning.errors import InputError
 
 
 def test_official_file_names():
@@ -21,7 +21,7 @@ def test_class_names_come_from_medmnist_info():
     names = medmnist_classnames("pneumoniamnist")
     assert names == ["normal", "pneumonia"]
     assert len(medmnist_classnames("bloodmnist")) == 8
-    with pytest.raises(InputError, match="unknown MedMNIST dataset 'nosuchmnist'"):
+    with pytest.raises(InputError, match=r"unknown MedMNIST dataset 'nosuchmnist'"):
         medmnist_classnames("nosuchmnist")
 
 
@@ -29,9 +29,12 @@ def test_class_names_come_from_medmnist_info():
 def test_datamodule_yields_clip_preprocessed_batches(tmp_path, size, rgb):
     write_medmnist_npz(tmp_path / medmnist_filename("tinymnist", size), 10, 4, size=size, rgb=rgb)
     data = EvaluationDataModule(
-        root=str(tmp_path), sources={"in_domain": medmnist_filename("tinymnist", size)}, classnames=CLASSNAMES,
-        image_size=size, batch_size=4,
-    )  # fmt: skip
+        root=str(tmp_path),
+        sources={"in_domain": medmnist_filename("tinymnist", size)},
+        classnames=CLASSNAMES,
+        image_size=size,
+        batch_size=4,
+    )
     data.setup("test")
     (loader,) = data.test_dataloader()
     images, labels = next(iter(loader))
@@ -60,14 +63,14 @@ def test_wrong_dtype_is_reported(tmp_path):
     np.savez(
         tmp_path / "bad.npz", test_images=np.zeros((2, 28, 28), np.float32), test_labels=np.zeros((2, 1), np.uint8)
     )
-    with pytest.raises(InputError, match="must be uint8 of shape"):
+    with pytest.raises(InputError, match=r"must be uint8 of shape"):
         read_medmnist_npz(tmp_path / "bad.npz")
 
 
 def test_labels_out_of_range_are_reported(tmp_path):
     write_medmnist_npz(tmp_path / "six.npz", 12, 6)
     data = EvaluationDataModule(root=str(tmp_path), sources={"x": "six.npz"}, classnames=CLASSNAMES)
-    with pytest.raises(InputError, match="label\\(s\\) outside 0..3 for 4 class names"):
+    with pytest.raises(InputError, match=r"label\(s\) outside 0..3 for 4 class names"):
         data.setup("test")
 
 
@@ -75,10 +78,10 @@ def test_corrupt_file_is_reported(tmp_path):
     import zipfile
 
     (tmp_path / "broken.npz").write_bytes(b"not a zip file")
-    with pytest.raises(InputError, match="broken.npz: not an npz file"):
+    with pytest.raises(InputError, match=r"broken.npz: not an npz file"):
         read_medmnist_npz(tmp_path / "broken.npz")
     with zipfile.ZipFile(tmp_path / "cut.npz", "w") as archive:  # a zip archive, but no .npy array in it
         archive.writestr("test_images.npy", b"\x93NUMPY cut short")
         archive.writestr("test_labels.npy", b"")
-    with pytest.raises(InputError, match="cut.npz: not a readable npz"):
+    with pytest.raises(InputError, match=r"cut.npz: not a readable npz"):
         read_medmnist_npz(tmp_path / "cut.npz")

@@ -6,10 +6,10 @@ import re
 import numpy as np
 import torch
 import yaml
-from helpers import REPO
 
-from tcube_lightning.data import demo
+from helpers import REPO
 from tcube_lightning.cli.app import main
+from tcube_lightning.data import demo
 from tcube_lightning.merging.methods import build_methods, with_grid
 
 
@@ -40,7 +40,9 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     capsys.readouterr()
     main(
         [
-            "test", "--config", str(REPO / "configs" / "demo.yaml"),
+            "test",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
             f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
             f"--model.expert_checkpoint={first / 'expert.pt'}",
             f"--data.root={first}",
@@ -49,7 +51,7 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
             "--model.plots=false",  # drawn and checked in test_protocol.py
             "--model.adamerging.steps=2",  # the config's 500 steps per split: checked in test_adamerging.py
         ]
-    )  # fmt: skip
+    )
     printed = capsys.readouterr().out
     (results_file,) = (tmp_path / "runs").rglob("results.json")
     results = json.loads(results_file.read_text())

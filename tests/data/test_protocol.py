@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from helpers import (
     REPO,
     run_cli_in_process,
@@ -13,12 +15,16 @@ from helpers import (
     write_medmnistc_stacked,
     write_modality_data,
 )
-from PIL import Image
-
 from tcube_lightning.data.datamodule import EvaluationDataModule
-from tcube_lightning.errors import InputError
 from tcube_lightning.data.modalities import MODALITIES, modality_corruptions
-from tcube_lightning.data.readers import CorruptedOnTheFly, HFImages, MedIMetaImages, read_medmnist_npz, read_medmnistc_file
+from tcube_lightning.data.readers import (
+    CorruptedOnTheFly,
+    HFImages,
+    MedIMetaImages,
+    read_medmnist_npz,
+    read_medmnistc_file,
+)
+from tcube_lightning.errors import InputError
 
 
 def test_registry_covers_the_five_modalities_with_medmnist_class_names():
@@ -44,10 +50,10 @@ def test_medimeta_reader_reads_the_test_split_and_its_class_names(tmp_path):
     image, label = data[0]
     np.testing.assert_array_equal(np.asarray(image), first)
     assert label == 3 % 2
-    with pytest.raises(InputError, match="no task 'nope'; tasks: \\['pathology'\\]"):
+    with pytest.raises(InputError, match=r"no task 'nope'; tasks: \['pathology'\]"):
         MedIMetaImages(tmp_path, "mammo_mass", "nope")
     with pytest.raises(
-        InputError, match="MedIMeta data set 'fundus' not found: expected .*fundus/info.yaml; found \\['mammo_mass'\\]"
+        InputError, match=r"MedIMeta data set 'fundus' not found: expected .*fundus/info.yaml; found \['mammo_mass'\]"
     ):
         MedIMetaImages(tmp_path, "fundus", "disease_presence")
 
@@ -61,7 +67,7 @@ def test_medmnistc_layouts_and_severity_blocks(tmp_path):
     write_medmnist_npz(tmp_path / "breastmnist" / "test" / "motion_blur_severity_2.npz", 5, 2)
     assert len(read_medmnistc_file(tmp_path, "breastmnist", "motion_blur", 2)) == 5
     with pytest.raises(
-        InputError, match="expected .*breastmnist/jpeg_compression.npz .* or .*jpeg_compression_severity_1.npz"
+        InputError, match=r"expected .*breastmnist/jpeg_compression.npz .* or .*jpeg_compression_severity_1.npz"
     ):
         read_medmnistc_file(tmp_path, "breastmnist", "jpeg_compression", 1)
 
@@ -82,7 +88,7 @@ def test_on_the_fly_corruption_is_medmnistc_and_reproducible(tmp_path):
     in_workers = [a for batch in DataLoader(noisy, batch_size=2, num_workers=2, collate_fn=to_array) for a in batch]
     for a, b in zip(first, in_workers):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(InputError, match="'bubble' is not a medmnistc corruption of breastmnist"):
+    with pytest.raises(InputError, match=r"'bubble' is not a medmnistc corruption of breastmnist"):
         CorruptedOnTheFly(base, "breastmnist", "bubble", 1)
 
 
@@ -113,9 +119,13 @@ def test_hf_dataset_folders(tmp_path, layout):
 def test_datamodule_builds_every_split_of_a_modality(tmp_path):
     write_modality_data(tmp_path, "breastmnist", ("mammo_mass", "pathology"), ["pixelate", "motion_blur"])
     data = EvaluationDataModule(
-        root=str(tmp_path), modality="breast", corruptions=["pixelate", "motion_blur"], severities=[1, 4], size=28,
+        root=str(tmp_path),
+        modality="breast",
+        corruptions=["pixelate", "motion_blur"],
+        severities=[1, 4],
+        size=28,
         image_size=28,
-    )  # fmt: skip
+    )
     data.setup("test")
     assert data.split_names == [
         "in_domain",
@@ -149,7 +159,7 @@ def test_bad_data_options_are_named(tmp_path, kwargs, message):
 def test_missing_protocol_data_is_reported_before_models_load(tmp_path):
     write_medmnist_npz(tmp_path / "octmnist.npz", 8, 4)
     data = EvaluationDataModule(root=str(tmp_path), modality="oct", splits=["in_domain", "base_to_novel"], size=28)
-    with pytest.raises(InputError, match="MedIMeta data set 'oct' not found: expected .*medimeta/oct/info.yaml"):
+    with pytest.raises(InputError, match=r"MedIMeta data set 'oct' not found: expected .*medimeta/oct/info.yaml"):
         data.setup("test")
 
 
@@ -159,14 +169,25 @@ def test_each_modality_config_runs_end_to_end(clip_pair, tmp_path, modality):
     corruption = modality_corruptions(m)[0]
     write_modality_data(tmp_path / "data", m.medmnist_flag, (m.medimeta_dataset, m.medimeta_task), [corruption])
     args = [
-        "test", "--config", str(REPO / "configs" / f"{modality}.yaml"),
-        "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, expert, wise_ft, t3, t3_batch]",
-        f"--data.root={tmp_path / 'data'}", "--data.size=28", "--data.image_size=28", "--data.num_workers=0",
-        "--data.pin_memory=false", f"--data.corruptions=[{corruption}]", "--data.severities=[1, 2]",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false", "--model.plots=false",
-    ]  # fmt: skip
+        "test",
+        "--config",
+        str(REPO / "configs" / f"{modality}.yaml"),
+        "--model.arch=tcube-tiny-clip",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        "--model.methods=[zeroshot, expert, wise_ft, t3, t3_batch]",
+        f"--data.root={tmp_path / 'data'}",
+        "--data.size=28",
+        "--data.image_size=28",
+        "--data.num_workers=0",
+        "--data.pin_memory=false",
+        f"--data.corruptions=[{corruption}]",
+        "--data.severities=[1, 2]",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+        "--model.plots=false",
+    ]
     results, run_dir = run_cli_in_process(args)
     splits = ["in_domain", "base_to_novel", f"{corruption}@1", f"{corruption}@2"]
     assert list(results["accuracy"]) == splits
@@ -196,13 +217,24 @@ def test_on_the_fly_and_hf_sources_through_the_cli(clip_pair, tmp_path):
     hf = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(7)]}, features=features)
     hf.save_to_disk(str(tmp_path / "extra"))
     args = [
-        "test", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, t3]",
-        f"--data.root={tmp_path}", "--data.modality=breast", "--data.splits=[in_domain, corrupted]",
-        "--data.size=28", "--data.image_size=28", "--data.corruption_source=on_the_fly",
-        "--data.corruptions=[speckle_noise]", "--data.severities=[5]", '--data.sources={"extra": "extra"}',
-        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false", "--model.plots=false",
-    ]  # fmt: skip
+        "test",
+        "--model.arch=tcube-tiny-clip",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        "--model.methods=[zeroshot, t3]",
+        f"--data.root={tmp_path}",
+        "--data.modality=breast",
+        "--data.splits=[in_domain, corrupted]",
+        "--data.size=28",
+        "--data.image_size=28",
+        "--data.corruption_source=on_the_fly",
+        "--data.corruptions=[speckle_noise]",
+        "--data.severities=[5]",
+        '--data.sources={"extra": "extra"}',
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+        "--model.plots=false",
+    ]
     results, _ = run_cli_in_process(args)
     assert results["num_samples"] == {"in_domain": 8, "speckle_noise@5": 8, "extra": 7}
     again, _ = run_cli_in_process([a.replace("runs", "runs2") for a in args])
@@ -211,10 +243,17 @@ def test_on_the_fly_and_hf_sources_through_the_cli(clip_pair, tmp_path):
 
 def test_on_the_fly_corruptions_are_cached_when_asked(tmp_path):
     write_medmnist_npz(tmp_path / "breastmnist.npz", 5, 2)
-    options = dict(
-        root=str(tmp_path), modality="breast", splits=["corrupted"], corruptions=["speckle_noise"], severities=[2],
-        size=28, image_size=28, corruption_source="on_the_fly", corruption_cache=str(tmp_path / "cache"),
-    )  # fmt: skip
+    options = {
+        "root": str(tmp_path),
+        "modality": "breast",
+        "splits": ["corrupted"],
+        "corruptions": ["speckle_noise"],
+        "severities": [2],
+        "size": 28,
+        "image_size": 28,
+        "corruption_source": "on_the_fly",
+        "corruption_cache": str(tmp_path / "cache"),
+    }
     first = EvaluationDataModule(**options)
     first.setup("test")
     cached = tmp_path / "cache" / "breastmnist" / "test" / "speckle_noise_severity_2_seed_0.npz"
@@ -235,12 +274,21 @@ def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
 
     write_modality_data(tmp_path / "data", "breastmnist", ("mammo_mass", "pathology"), ["pixelate"])
     args = [
-        "test", "--model.arch=tcube-tiny-clip", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", "--model.methods=[zeroshot, expert, t3]",
-        f"--data.root={tmp_path / 'data'}", "--data.modality=breast", "--data.size=28", "--data.image_size=28",
-        "--data.splits=[in_domain, corrupted]", "--data.corruptions=[pixelate]", "--data.severities=[1, 2]",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+        "test",
+        "--model.arch=tcube-tiny-clip",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        "--model.methods=[zeroshot, expert, t3]",
+        f"--data.root={tmp_path / 'data'}",
+        "--data.modality=breast",
+        "--data.size=28",
+        "--data.image_size=28",
+        "--data.splits=[in_domain, corrupted]",
+        "--data.corruptions=[pixelate]",
+        "--data.severities=[1, 2]",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+    ]
     _, run_dir = run_cli_in_process(args)
     splits = ("in_domain", "pixelate@1", "pixelate@2")
     per_split = {f"{split}/{name}" for split in splits for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}

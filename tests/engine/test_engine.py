@@ -7,6 +7,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.special import expit, softmax
+
 from helpers import (
     ARCH,
     CLASSNAMES,
@@ -19,15 +22,12 @@ from helpers import (
     oracle_logits,
     oracle_model,
 )
-from scipy.spatial.distance import jensenshannon
-from scipy.special import expit, softmax
-
 from tcube_lightning.engine import torch_engine as engine_module
-from tcube_lightning.merging.coefficients import LambdaMapping
 from tcube_lightning.engine.torch_engine import TCubeEngine
-from tcube_lightning.loading import load_clip
-from tcube_lightning.merging.rules import interpolate
 from tcube_lightning.engine.zero_shot import tokenize_prompts
+from tcube_lightning.loading import load_clip
+from tcube_lightning.merging.coefficients import LambdaMapping
+from tcube_lightning.merging.rules import interpolate
 
 STATIC = {"wise": lambda store: interpolate(store.pt_flat, store.ft_flat, 0.3)}
 

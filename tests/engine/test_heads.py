@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-from helpers import rounding_atol
 
+from helpers import rounding_atol
 from tcube_lightning.engine.heads import HeadInterpolant, barycentric_matrix, chebyshev_nodes, fit_head_interpolant
 
 

@@ -7,6 +7,7 @@ import json
 import open_clip
 import pytest
 import torch
+
 from helpers import (
     ARCH,
     CLASSNAMES,
@@ -18,14 +19,13 @@ from helpers import (
     rounding_atol,
 )
 from model_sources import BIOMEDCLIP_DEPTH, BIOMEDCLIP_SIZE, interpolated, variance_preserving, write_peft_adapter
-
 from tcube_lightning.engine import leafwise
-from tcube_lightning.merging.coefficients import LambdaMapping
-from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.leafwise import LeafWisePass, changed_parameters, leafwise_reason
+from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.loading import plan_models
-from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
+from tcube_lightning.merging.coefficients import LambdaMapping
 from tcube_lightning.merging.rules import dare, interpolate, slerp, ties
+from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
 
 DEEP_EMBEDDING_ATOL = rounding_atol(1.0, depth=BIOMEDCLIP_DEPTH)
 """Unit-norm embeddings through the deeper BiomedCLIP-shaped towers."""
@@ -78,8 +78,15 @@ def test_timm_and_bert_towers_run_per_sample_exactly(timm_pair):
     assert leafwise_reason(pt, set(changed_parameters(pt, ft))) is None
     vectorized = LeafWisePass(pt, changed_parameters(pt, ft))
     oracle = copy.deepcopy(pt)
-    check_pass(vectorized, oracle, pt.state_dict(), ft.state_dict(), open_clip.get_tokenizer(arch), BIOMEDCLIP_SIZE,
-               DEEP_EMBEDDING_ATOL)  # fmt: skip
+    check_pass(
+        vectorized,
+        oracle,
+        pt.state_dict(),
+        ft.state_dict(),
+        open_clip.get_tokenizer(arch),
+        BIOMEDCLIP_SIZE,
+        DEEP_EMBEDDING_ATOL,
+    )
     assert not [m for m in pt.modules() if "forward" in m.__dict__]  # every leaf given back its own forward
 
 
@@ -88,8 +95,9 @@ def test_lora_experts_run_per_sample_by_their_low_rank_term(biomedclip, hf_cache
     arch = f"local-dir:{biomedclip['folder']}"
     generalist = open_clip.create_model(arch).eval()
     if adapter == "peft":
-        peft_model = write_peft_adapter(copy.deepcopy(generalist), tmp_path, r=4, lora_alpha=4,
-                                        target_modules=["qkv", "query", "value"])  # image and text towers  # fmt: skip
+        peft_model = write_peft_adapter(
+            copy.deepcopy(generalist), tmp_path, r=4, lora_alpha=4, target_modules=["qkv", "query", "value"]
+        )  # image and text towers
         expert_state, checkpoint = peft_model.merge_and_unload().state_dict(), tmp_path
     else:
         from model_sources import write_robustmedclip
@@ -101,23 +109,38 @@ def test_lora_experts_run_per_sample_by_their_low_rank_term(biomedclip, hf_cache
         expert_state = loaded.expert.expert(loaded.pretrained).state_dict()  # the loader's, checked in test_loading
     store = LowRankStore(loaded.pretrained, loaded.expert)
     vectorized = LeafWisePass(store.pretrained, {}, store.updates())
-    check_pass(vectorized, copy.deepcopy(generalist), generalist.state_dict(), expert_state,
-               open_clip.get_tokenizer(arch), BIOMEDCLIP_SIZE, DEEP_EMBEDDING_ATOL)  # fmt: skip
+    check_pass(
+        vectorized,
+        copy.deepcopy(generalist),
+        generalist.state_dict(),
+        expert_state,
+        open_clip.get_tokenizer(arch),
+        BIOMEDCLIP_SIZE,
+        DEEP_EMBEDDING_ATOL,
+    )
 
 
 def test_lora_on_open_clip_multihead_attention_runs_per_sample(clip_pair, tmp_path):
     from tcube_lightning.loading import load_clip
 
-    peft_model = write_peft_adapter(load_clip(ARCH, clip_pair[0]), tmp_path, r=4, lora_alpha=2,
-                                    target_modules=["attn", "c_fc"])  # fmt: skip
+    peft_model = write_peft_adapter(
+        load_clip(ARCH, clip_pair[0]), tmp_path, r=4, lora_alpha=2, target_modules=["attn", "c_fc"]
+    )
     expert_state = copy.deepcopy(peft_model).merge_and_unload().state_dict()  # out_proj counted twice, as peft does
     loaded = plan_models(ARCH, str(clip_pair[0]), str(tmp_path)).load()
     store = LowRankStore(loaded.pretrained, loaded.expert)
     assert leafwise_reason(store.pretrained, store.adapter.changed_parameters()) is None
     vectorized = LeafWisePass(store.pretrained, {}, store.updates())
     pt_state = torch.load(clip_pair[0], weights_only=True)
-    check_pass(vectorized, load_clip(ARCH, clip_pair[0]), pt_state, expert_state, open_clip.get_tokenizer(ARCH), 28,
-               EMBEDDING_ATOL)  # fmt: skip
+    check_pass(
+        vectorized,
+        load_clip(ARCH, clip_pair[0]),
+        pt_state,
+        expert_state,
+        open_clip.get_tokenizer(ARCH),
+        28,
+        EMBEDDING_ATOL,
+    )
 
 
 def test_what_the_pass_cannot_run_is_named(clip_pair):
@@ -129,12 +152,22 @@ def test_what_the_pass_cannot_run_is_named(clip_pair):
 
 
 def make_engine(pt, expert, tokens, samplewise="vectorized"):
-    engine = TCubeEngine(pt, expert, [tokens], [len(CLASSNAMES)], LambdaMapping(gamma=GAMMA), merge_text=True,
-                         samplewise=samplewise, heads="exact")  # fmt: skip
-    rules = {"wise": lambda st: interpolate(st.pt_flat, st.ft_flat, 0.3),
-             "ties": lambda st: ties(st.pt_flat, st.ft_flat, 0.2, 1.0),
-             "dare": lambda st: dare(st.pt_flat, st.ft_flat, 0.5, 1.0, 0),
-             "slerp": lambda st: slerp(st.pt_flat, st.ft_flat, 0.5, st.segments)}  # fmt: skip
+    engine = TCubeEngine(
+        pt,
+        expert,
+        [tokens],
+        [len(CLASSNAMES)],
+        LambdaMapping(gamma=GAMMA),
+        merge_text=True,
+        samplewise=samplewise,
+        heads="exact",
+    )
+    rules = {
+        "wise": lambda st: interpolate(st.pt_flat, st.ft_flat, 0.3),
+        "ties": lambda st: ties(st.pt_flat, st.ft_flat, 0.2, 1.0),
+        "dare": lambda st: dare(st.pt_flat, st.ft_flat, 0.5, 1.0, 0),
+        "slerp": lambda st: slerp(st.pt_flat, st.ft_flat, 0.5, st.segments),
+    }
     engine.prepare(rules, extremes=False, weight_range=(0.0, 1.0))
     return engine
 
@@ -149,8 +182,11 @@ def test_a_lora_store_gives_the_engine_the_same_models_as_the_materialised_exper
     lora = make_engine(loaded.pretrained, loaded.expert, tokens)
     full = make_engine(load_clip(ARCH, clip_pair[0]), loaded.expert.expert(loaded.pretrained), tokens)
     assert isinstance(lora.store, LowRankStore) and isinstance(full.store, FusedParameterStore)
-    own = sum(b.numel() for name, b in lora.store.named_buffers() if name in ("pt_flat", "pt_targets", "ft_targets",
-                                                                              "merged_targets"))  # fmt: skip
+    own = sum(
+        b.numel()
+        for name, b in lora.store.named_buffers()
+        if name in ("pt_flat", "pt_targets", "ft_targets", "merged_targets")
+    )
     assert own < 1.5 * lora.store.num_parameters  # the generalist and three copies of the targets only
     images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     weights = torch.tensor(WEIGHTS)
@@ -158,11 +194,13 @@ def test_a_lora_store_gives_the_engine_the_same_models_as_the_materialised_exper
     for got, want in ((a.pt_logits, b.pt_logits), (a.ft_logits, b.ft_logits)):
         torch.testing.assert_close(got, want, atol=LOGITS_ATOL, rtol=0)
     for name in ("wise", "ties", "dare", "slerp"):
-        torch.testing.assert_close(lora.static_logits(images, name), full.static_logits(images, name),
-                                   atol=LOGITS_ATOL, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            lora.static_logits(images, name), full.static_logits(images, name), atol=LOGITS_ATOL, rtol=0
+        )
     torch.testing.assert_close(lora.merged_logits(images, 0.3), full.merged_logits(images, 0.3), atol=0, rtol=0)
-    torch.testing.assert_close(lora.sample_merged_logits(images, weights), full.sample_merged_logits(images, weights),
-                               atol=LOGITS_ATOL, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        lora.sample_merged_logits(images, weights), full.sample_merged_logits(images, weights), atol=LOGITS_ATOL, rtol=0
+    )
     assert lora.samplewise_summary() == {"path": "vectorized", "pass": "leaf-wise, low-rank (LoRA)"}
 
 

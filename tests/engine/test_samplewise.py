@@ -6,10 +6,10 @@ import math
 import open_clip
 import pytest
 import torch
-from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
 
-from tcube_lightning.merging.store import FusedParameterStore
+from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
 from tcube_lightning.engine.samplewise import SampleWiseCLIP, unsupported_reason
+from tcube_lightning.merging.store import FusedParameterStore
 
 
 def tiny_config(**vision_text_extra) -> dict:
@@ -95,5 +95,5 @@ def test_heads_for_many_weights_match_per_weight_heads(pair):
 def test_architectures_outside_the_pattern_are_named():
     resnet = open_clip.create_model("RN50")
     assert "ModifiedResNet" in unsupported_reason(resnet)
-    with pytest.raises(NotImplementedError, match="ModifiedResNet"):
+    with pytest.raises(NotImplementedError, match=r"ModifiedResNet"):
         SampleWiseCLIP(resnet, resnet)

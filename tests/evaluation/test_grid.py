@@ -11,12 +11,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from helpers import CLASSNAMES, FRACTION_ATOL, GAMMA, SPLITS, cli_args, rounding_atol, run_cli_in_process
 from scipy.stats import pearsonr
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tcube_lightning.reporting.diagnostics import QUADRANTS
+from helpers import CLASSNAMES, FRACTION_ATOL, GAMMA, SPLITS, cli_args, rounding_atol, run_cli_in_process
 from tcube_lightning.engine.torch_engine import TCubeEngine
+from tcube_lightning.reporting.diagnostics import QUADRANTS
 from tcube_lightning.reporting.samples import read_table, read_tables
 
 SETTING = "gamma=4,lambda_weights=pretrained"
@@ -24,9 +24,13 @@ RHO_ATOL = rounding_atol(1.0, torch.float64)
 """ρ in [−1, 1], computed twice in float64 from the same float32 values: sums in another order."""
 GRID_METHODS = ("t3", "t3_batch", "t3_cluster")
 COMMON = (
-    "--data.batch_size=8", "--model.methods=[zeroshot, expert, t3, t3_batch, t3_cluster]", "--model.heads=exact",
-    "--model.samplewise=loop", "--model.export_samples=true", "--model.plots=false",
-)  # fmt: skip
+    "--data.batch_size=8",
+    "--model.methods=[zeroshot, expert, t3, t3_batch, t3_cluster]",
+    "--model.heads=exact",
+    "--model.samplewise=loop",
+    "--model.export_samples=true",
+    "--model.plots=false",
+)
 
 
 def run_counting_image_forwards(args: list[str]) -> tuple[dict, object, int]:
@@ -80,11 +84,12 @@ def test_grid_columns_equal_a_separate_run_with_that_setting(grid_run, separate_
     # Sample by sample: the grid's λ, weights, predictions and probabilities are the separate run's own.
     for split in SPLITS:
         ours, theirs = (read_table(run[1] / "samples" / f"{split}.npz") for run in (grid_run, separate_run))
-        pairs = {f"lambda[{SETTING}]": "lambda", **{f"{kind}/{m}[{SETTING}]": f"{kind}/{m}" for m in GRID_METHODS
-                                                    for kind in ("w", "pred", "prob")}}  # fmt: skip
+        pairs = {
+            f"lambda[{SETTING}]": "lambda",
+            **{f"{kind}/{m}[{SETTING}]": f"{kind}/{m}" for m in GRID_METHODS for kind in ("w", "pred", "prob")},
+        }
         for column, own in pairs.items():
             np.testing.assert_array_equal(ours[column], theirs[own], err_msg=column)
-
 
 
 def test_the_grid_adds_no_pretrained_or_expert_forward(grid_run, separate_run):
@@ -123,8 +128,9 @@ def test_the_export_holds_every_sample_in_order_with_each_methods_values(grid_ru
         # The paper's Figure 2 statistic in results.json: Pearson's ρ of JS and DaWin's ratio over each quadrant.
         pt_right, ft_right = exported["pred/zeroshot"] == labels, exported["pred/expert"] == labels
         compared = 0
-        for name, rows in zip(QUADRANTS, (~pt_right & ~ft_right, ~pt_right & ft_right, pt_right & ~ft_right,
-                                          pt_right & ft_right)):  # fmt: skip
+        for name, rows in zip(
+            QUADRANTS, (~pt_right & ~ft_right, ~pt_right & ft_right, pt_right & ~ft_right, pt_right & ft_right)
+        ):
             cell = results["diagnostics"][split]["quadrants"][name]
             assert cell["count"] == rows.sum()
             if rows.sum() > 2:

@@ -9,9 +9,9 @@ import signal
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import ARCH, CLASSNAMES, GAMMA, TEMPLATES, cli_args, run_cli_expecting_error
 from PIL import Image
 
+from helpers import ARCH, CLASSNAMES, GAMMA, TEMPLATES, cli_args, run_cli_expecting_error
 from tcube_lightning.cli.app import main
 from tcube_lightning.evaluation.module import TCubeModule
 from tcube_lightning.reporting.samples import read_table
@@ -21,12 +21,21 @@ METHODS = "--model.methods=[t3, t3_batch, dawin_cluster]"
 
 def predict_args(clip_pair, root, out, sources, *extra):
     return [
-        "predict", f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}", f"--data.root={root}", f"--data.sources={json.dumps(sources)}",
-        f"--data.classnames={json.dumps(CLASSNAMES)}", f"--data.templates={json.dumps(TEMPLATES)}",
-        "--data.image_size=28", "--data.batch_size=8", f"--model.gamma={GAMMA}", f"--model.results_dir={out}",
-        "--trainer.enable_progress_bar=false", *extra,
-    ]  # fmt: skip
+        "predict",
+        f"--model.arch={ARCH}",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={clip_pair[1]}",
+        f"--data.root={root}",
+        f"--data.sources={json.dumps(sources)}",
+        f"--data.classnames={json.dumps(CLASSNAMES)}",
+        f"--data.templates={json.dumps(TEMPLATES)}",
+        "--data.image_size=28",
+        "--data.batch_size=8",
+        f"--model.gamma={GAMMA}",
+        f"--model.results_dir={out}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def read_csv(path):
@@ -36,8 +45,18 @@ def read_csv(path):
 
 def test_predictions_are_what_test_exports_for_the_same_images(clip_pair, npz_root, tmp_path):
     exported = tmp_path / "test"
-    main(cli_args(clip_pair, npz_root, tmp_path / "runs", METHODS, "--data.batch_size=8", f"--model.gamma={GAMMA}",
-                  "--model.export_samples=true", f"--model.results_dir={exported}"))  # fmt: skip
+    main(
+        cli_args(
+            clip_pair,
+            npz_root,
+            tmp_path / "runs",
+            METHODS,
+            "--data.batch_size=8",
+            f"--model.gamma={GAMMA}",
+            "--model.export_samples=true",
+            f"--model.results_dir={exported}",
+        )
+    )
     out = tmp_path / "predict"
     main(predict_args(clip_pair, npz_root, out, {"a": "tiny_a.npz"}, METHODS))
     table, export = pq.read_table(out / "predictions" / "a.parquet").to_pydict(), read_table(exported / "samples/a.npz")
@@ -64,8 +83,11 @@ def test_an_image_folder_nested_or_flat_keeps_every_files_path(clip_pair, tmp_pa
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match=r"partial predictions: .*'scans': '2 of 4'"):
-        main(predict_args(clip_pair, tmp_path, out, {"scans": "scans"}, "--data.batch_size=2",
-                          "--trainer.limit_predict_batches=1"))  # fmt: skip
+        main(
+            predict_args(
+                clip_pair, tmp_path, out, {"scans": "scans"}, "--data.batch_size=2", "--trainer.limit_predict_batches=1"
+            )
+        )
     assert json.loads((out / "predictions" / "predictions.json").read_text())["complete"] is False
     main(predict_args(clip_pair, tmp_path, tmp_path / "whole", {"scans": "scans"}))
     rows = read_csv(tmp_path / "whole" / "predictions" / "scans.csv")

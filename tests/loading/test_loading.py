@@ -9,6 +9,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.special import expit, softmax
+
 from helpers import (
     ARCH,
     CLASSNAMES,
@@ -34,13 +37,10 @@ from model_sources import (
     write_transformers_clips,
     zero_shot_logits,
 )
-from scipy.spatial.distance import jensenshannon
-from scipy.special import expit, softmax
-
+from tcube_lightning.engine.samplewise import unsupported_reason
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import load_clip, plan_models
 from tcube_lightning.reporting.samples import read_table
-from tcube_lightning.engine.samplewise import unsupported_reason
 
 BIOMEDCLIP_ATOL = rounding_atol(LOGIT_SCALE, depth=BIOMEDCLIP_DEPTH)
 """Zero-shot logits (LOGIT_SCALE × a cosine) through the deeper BiomedCLIP-shaped towers."""
@@ -195,7 +195,7 @@ def test_biomedclip_from_an_offline_cache_end_to_end(
 
 def test_schema_files_missing_from_the_cache_or_folder_are_named_before_loading(biomedclip, hf_cache, tmp_path, capsys):
     with pytest.raises(
-        InputError, match="open_clip_config.json of the Hugging Face repository tcube/elsewhere is not in"
+        InputError, match=r"open_clip_config.json of the Hugging Face repository tcube/elsewhere is not in"
     ):
         plan_models("hf-hub:tcube/elsewhere", None, str(biomedclip["expert"]), cache_dir=str(hf_cache))
     empty = tmp_path / "cache"
@@ -274,8 +274,11 @@ def test_peft_lora_on_an_open_clip_vit_counts_multihead_attention_as_peft_does(
     import copy
 
     merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
-    args = (f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}",
-            f"--model.expert_checkpoint={folder}")  # fmt: skip
+    args = (
+        f"--model.arch={ARCH}",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.expert_checkpoint={folder}",
+    )
     results, run = run_cli_in_process(cli(small_split, tmp_path, size=28, extra=args))
     assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise, low-rank (LoRA)"}
     generalist = load_clip(ARCH, clip_pair[0])
@@ -308,8 +311,12 @@ def test_robustmedclip_lora_is_the_expert_its_code_computes(
             prefix = f"lora_vit.lora_vit.trunk.blocks.{i}.attn.qkv.linear_"
             down, up = factors[f"{prefix}a_{part}.weight"], factors[f"{prefix}b_{part}.weight"]
             qkv[j * width : (j + 1) * width] += up @ down
-    args = (f"--model.arch=local-dir:{biomedclip['folder']}", f"--model.expert_checkpoint={tmp_path / 'model.pth'}",
-            f"--model.cache_dir={hf_cache}", *HALF)  # fmt: skip
+    args = (
+        f"--model.arch=local-dir:{biomedclip['folder']}",
+        f"--model.expert_checkpoint={tmp_path / 'model.pth'}",
+        f"--model.cache_dir={hf_cache}",
+        *HALF,
+    )
     results, run = run_cli_in_process(cli(small_split, tmp_path / "run", extra=args))
     assert results["models"]["expert"]["kind"] == "LoRA (RobustMedCLIP)"
     oracle = OpenClipOracle(biomedclip_generalist, biomedclip_generalist.state_dict(), merged, biomedclip_tokens, 4)
@@ -320,15 +327,17 @@ def test_robustmedclip_lora_is_the_expert_its_code_computes(
     state["text_encoder.proj.0.weight"] = state["text_encoder.proj.0.weight"] + 1
     torch.save(state, tmp_path / "other.pth")
     plan = plan_models(f"local-dir:{biomedclip['folder']}", None, str(tmp_path / "other.pth"), str(hf_cache))
-    with pytest.raises(InputError, match="text_encoder.proj.0.weight differs from the generalist's text.proj.0.weight"):
+    with pytest.raises(
+        InputError, match=r"text_encoder.proj.0.weight differs from the generalist's text.proj.0.weight"
+    ):
         plan.load()
 
 
 def test_wrong_adapters_are_refused_naming_the_field(biomedclip, hf_cache, clip_pair, peft_on_tiny_clip, tmp_path):
     folder, _ = peft_on_tiny_clip
-    with pytest.raises(InputError, match="made on a CLIP, and the generalist \\(CustomTextCLIP\\).*another base model"):
+    with pytest.raises(InputError, match=r"made on a CLIP, and the generalist \(CustomTextCLIP\).*another base model"):
         plan_models(f"local-dir:{biomedclip['folder']}", None, str(folder), str(hf_cache)).load()
-    with pytest.raises(InputError, match="pretrained_checkpoint: .* is a peft LoRA adapter"):
+    with pytest.raises(InputError, match=r"pretrained_checkpoint: .* is a peft LoRA adapter"):
         plan_models(ARCH, str(folder), str(clip_pair[1]))
     config = json.loads((folder / "adapter_config.json").read_text())
     for change, message in (
@@ -346,8 +355,10 @@ def test_wrong_adapters_are_refused_naming_the_field(biomedclip, hf_cache, clip_
 
 
 def test_unreadable_weights_files_are_named(clip_pair, peft_on_tiny_clip, transformers_clips, tmp_path):
-    for source, weights in ((peft_on_tiny_clip[0], "adapter_model.safetensors"),
-                            (transformers_clips["ft"], "model.safetensors")):  # fmt: skip
+    for source, weights in (
+        (peft_on_tiny_clip[0], "adapter_model.safetensors"),
+        (transformers_clips["ft"], "model.safetensors"),
+    ):
         broken = tmp_path / source.name
         shutil.copytree(source, broken)
         (broken / weights).write_bytes(b"not a file of tensors")

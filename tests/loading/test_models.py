@@ -5,11 +5,11 @@ import json
 import open_clip
 import pytest
 import torch
-from helpers import ARCH, CLASSNAMES, TEMPLATES, write_hub_cache
 
+from helpers import ARCH, CLASSNAMES, TEMPLATES, write_hub_cache
+from tcube_lightning.engine.zero_shot import tokenize_prompts, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import load_clip
-from tcube_lightning.engine.zero_shot import tokenize_prompts, zero_shot_head
 
 
 def test_training_style_checkpoint_with_module_prefix_loads(clip_pair, tmp_path):
@@ -21,18 +21,18 @@ def test_training_style_checkpoint_with_module_prefix_loads(clip_pair, tmp_path)
 
 
 def test_unknown_architecture_lists_close_names():
-    with pytest.raises(InputError, match="no model config named 'ViT-B-99'.*ViT-B"):
+    with pytest.raises(InputError, match=r"no model config named 'ViT-B-99'.*ViT-B"):
         load_clip("ViT-B-99", "nothing.pt")
 
 
 def test_missing_and_corrupt_checkpoints_are_reported(tmp_path):
-    with pytest.raises(InputError, match="checkpoint: file not found"):
+    with pytest.raises(InputError, match=r"checkpoint: file not found"):
         load_clip(ARCH, tmp_path / "nothing.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(InputError, match="junk.pt is not a checkpoint file"):
+    with pytest.raises(InputError, match=r"junk.pt is not a checkpoint file"):
         load_clip(ARCH, tmp_path / "junk.pt")
     (tmp_path / "cut.pt").write_bytes(b"\x80\x02 a pickle cut short")  # looks like one, does not load
-    with pytest.raises(InputError, match="could not be loaded into architecture 'tcube-tiny-clip'"):
+    with pytest.raises(InputError, match=r"could not be loaded into architecture 'tcube-tiny-clip'"):
         load_clip(ARCH, tmp_path / "cut.pt")
 
 
@@ -115,13 +115,13 @@ def test_openai_archive_needs_a_quickgelu_architecture(openai_archive, tmp_path)
     config = {**OPENAI_STYLE, "quick_gelu": False}
     (tmp_path / "tcube-openai-gelu.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "tcube-openai-gelu.json")
-    with pytest.raises(InputError, match="trained with QuickGELU .* 'tcube-openai-gelu'.*\"quick_gelu\": true"):
+    with pytest.raises(InputError, match=r"trained with QuickGELU .* 'tcube-openai-gelu'.*\"quick_gelu\": true"):
         load_clip("tcube-openai-gelu", openai_archive)
 
 
 def test_pretrained_tag_loads_from_the_local_cache(clip_pair, tmp_path, monkeypatch):
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, ARCH, {"cached": {"hf_hub": "tcube/tiny-clip/"}})
-    with pytest.raises(InputError, match="tag 'cached' of 'tcube-tiny-clip' is not in the local cache"):
+    with pytest.raises(InputError, match=r"tag 'cached' of 'tcube-tiny-clip' is not in the local cache"):
         load_clip(ARCH, "cached", cache_dir=str(tmp_path))
     write_hub_cache(tmp_path, "tcube/tiny-clip", clip_pair[0])
     model = load_clip(ARCH, "cached", cache_dir=str(tmp_path))
@@ -131,7 +131,7 @@ def test_pretrained_tag_loads_from_the_local_cache(clip_pair, tmp_path, monkeypa
 
 
 def test_pretrained_tag_with_the_wrong_activation_and_unknown_tags_are_refused():
-    with pytest.raises(InputError, match="tag 'openai' was trained with QuickGELU .* use 'ViT-B-16-quickgelu'"):
+    with pytest.raises(InputError, match=r"tag 'openai' was trained with QuickGELU .* use 'ViT-B-16-quickgelu'"):
         load_clip("ViT-B-16", "openai")
-    with pytest.raises(InputError, match="file not found: laion9 .*pretrained tag of 'ViT-B-16': .*'openai'"):
+    with pytest.raises(InputError, match=r"file not found: laion9 .*pretrained tag of 'ViT-B-16': .*'openai'"):
         load_clip("ViT-B-16", "laion9")

@@ -8,11 +8,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+
 from helpers import ARCH, CLASSNAMES, FRACTION_ATOL, TEMPLATES, cli_args, run_cli_expecting_error, run_cli_in_process
 from model_sources import split_images
-
-from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
 from tcube_lightning.loading import load_clip
+from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
 from tcube_lightning.merging.store import FusedParameterStore
 
 STEPS, BATCH = 6, 8
@@ -46,8 +46,9 @@ def reference(pt_sd, ft_sd, images, head, layer_wise, steps, lr, init=0.3, clamp
     epochs = [torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + e)) for e in range(3)]
     flat_batches = [batch for order in epochs for batch in order.split(BATCH)]
     for step in range(steps):
-        merged = {n.removeprefix("visual."): pt_sd[n] + lam[i % len(lam)] * (ft_sd[n] - pt_sd[n])
-                  for i, n in enumerate(names)}  # fmt: skip
+        merged = {
+            n.removeprefix("visual."): pt_sd[n] + lam[i % len(lam)] * (ft_sd[n] - pt_sd[n]) for i, n in enumerate(names)
+        }
         features = torch.func.functional_call(model.visual, merged, (images[flat_batches[step]],))
         logits = pt_sd["logit_scale"].exp() * F.normalize(features, dim=-1) @ head.T
         p = logits.softmax(-1)
@@ -65,8 +66,9 @@ def ours(clip_pair, images, labels, head, layer_wise, settings):
     """The product's adaptation on the preprocessed images (as the data module gives them: image, label)."""
     store = FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
     dataset = list(zip(images, labels.tolist()))
-    result = adapt(store.pretrained, store.expert, head, batches(dataset, settings.batch_size, settings.seed),
-                   layer_wise, settings)  # fmt: skip
+    result = adapt(
+        store.pretrained, store.expert, head, batches(dataset, settings.batch_size, settings.seed), layer_wise, settings
+    )
     return store, result
 
 
@@ -82,8 +84,9 @@ def test_adapted_coefficients_and_accuracy_match_the_reference(clip_pair, settin
     model = store.load(merged_flat(store, result))
     oracle = open_clip.create_model(ARCH).eval()
     names = [n for n in pt_sd if n.startswith("visual.") and n in dict(oracle.named_parameters())]
-    oracle.load_state_dict({**pt_sd, **{n: pt_sd[n] + expected[i % len(expected)] * (ft_sd[n] - pt_sd[n])
-                                        for i, n in enumerate(names)}})  # fmt: skip
+    oracle.load_state_dict(
+        {**pt_sd, **{n: pt_sd[n] + expected[i % len(expected)] * (ft_sd[n] - pt_sd[n]) for i, n in enumerate(names)}}
+    )
     with torch.no_grad():
         ours_pred = (F.normalize(model.encode_image(images), dim=-1) @ head.T).argmax(-1)
         their_pred = (F.normalize(oracle.encode_image(images), dim=-1) @ head.T).argmax(-1)
@@ -102,8 +105,14 @@ def test_one_task_wise_step_from_0_3_moves_against_the_measured_gradient(clip_pa
     model = open_clip.create_model(ARCH).eval()
 
     def entropy_at(lam):
-        model.load_state_dict({k: pt_sd[k] + lam * (ft_sd[k] - pt_sd[k]) if k.startswith("visual.") and
-                               pt_sd[k].is_floating_point() else pt_sd[k] for k in pt_sd})  # fmt: skip
+        model.load_state_dict(
+            {
+                k: pt_sd[k] + lam * (ft_sd[k] - pt_sd[k])
+                if k.startswith("visual.") and pt_sd[k].is_floating_point()
+                else pt_sd[k]
+                for k in pt_sd
+            }
+        )
         with torch.no_grad():
             p = (pt_sd["logit_scale"].exp() * F.normalize(model.encode_image(first), dim=-1) @ head.T).softmax(-1)
         return float(-(p * p.log()).sum(-1).mean())
@@ -123,8 +132,12 @@ def test_clamping_keeps_the_coefficients_in_0_1(clip_pair, setting):
 
 
 def test_the_command_line_records_what_was_learnt(clip_pair, npz_root, tmp_path, capsys):
-    extra = ("--model.methods=[zeroshot, adamerging_task, adamerging_layer]", "--model.adamerging.steps=3",
-             "--model.adamerging.batch_size=8", "--data.batch_size=8")  # fmt: skip
+    extra = (
+        "--model.methods=[zeroshot, adamerging_task, adamerging_layer]",
+        "--model.adamerging.steps=3",
+        "--model.adamerging.batch_size=8",
+        "--data.batch_size=8",
+    )
     results, folder = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
     for split in ("a", "b"):
         task, layer = (results["adaptation"][split][m] for m in ("adamerging_task", "adamerging_layer"))

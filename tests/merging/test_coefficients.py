@@ -5,12 +5,23 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import rounding_atol
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
 
-from tcube_lightning.merging.coefficients import LambdaMapping, batch_coefficient, cross_entropy_ratio, dawin_entropy_ratio, entropy, expert_weight, fit_beta_mixture, js_divergence, max_confidence_ratio, t3_lambda
+from helpers import rounding_atol
 from tcube_lightning.errors import InputError
+from tcube_lightning.merging.coefficients import (
+    LambdaMapping,
+    batch_coefficient,
+    cross_entropy_ratio,
+    dawin_entropy_ratio,
+    entropy,
+    expert_weight,
+    fit_beta_mixture,
+    js_divergence,
+    max_confidence_ratio,
+    t3_lambda,
+)
 
 
 @pytest.fixture
@@ -21,7 +32,7 @@ def logits_pair():
     )
 
 
-def float64_atol(logits) -> float:  # noqa: ANN001 - tensors
+def float64_atol(logits) -> float:
     """float64 maths on both sides: rounding relative to the largest logit the coefficients start from."""
     return rounding_atol(max(float(abs(x).max()) for x in logits), torch.float64)
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from helpers import ARCH
 
+from helpers import ARCH
 from tcube_lightning.loading import load_clip
-from tcube_lightning.merging.store import FusedParameterStore
 from tcube_lightning.merging.rules import dare, slerp, ties
+from tcube_lightning.merging.store import FusedParameterStore
 
 
 @pytest.fixture(scope="module")

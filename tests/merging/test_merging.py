@@ -3,12 +3,12 @@
 import open_clip
 import pytest
 import torch
-from helpers import ARCH, CLASSNAMES, LOGITS_ATOL, TEMPLATES, oracle_logits
 
+from helpers import ARCH, CLASSNAMES, LOGITS_ATOL, TEMPLATES, oracle_logits
+from tcube_lightning.engine.zero_shot import clip_logits, tokenize_prompts, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import load_clip
 from tcube_lightning.merging.store import FusedParameterStore
-from tcube_lightning.engine.zero_shot import clip_logits, tokenize_prompts, zero_shot_head
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +56,5 @@ def test_moving_the_store_rebinds_the_views(clip_pair):
 
 def test_mismatched_architectures_are_rejected_with_the_differences(clip_pair):
     other = open_clip.create_model("RN50", pretrained=None)
-    with pytest.raises(InputError, match="same parameters.*First differences"):
+    with pytest.raises(InputError, match=r"same parameters.*First differences"):
         FusedParameterStore(load_clip(ARCH, clip_pair[0]), other)

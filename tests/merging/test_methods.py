@@ -3,10 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from helpers import rounding_atol
 from scipy.special import softmax
 
-from tcube_lightning.merging.methods import METHOD_FAMILIES, BaselineSettings, BatchContext, build_methods, confidence_selection, output_ensemble, with_grid
+from helpers import rounding_atol
+from tcube_lightning.merging.methods import (
+    METHOD_FAMILIES,
+    BaselineSettings,
+    BatchContext,
+    build_methods,
+    confidence_selection,
+    output_ensemble,
+    with_grid,
+)
 
 
 def context(pt_logits, ft_logits, weights=None, calls=None):
@@ -64,8 +72,9 @@ def test_the_grid_copies_every_method_merging_with_t3_weights_after_it():
     t3 = names.index("t3")
     assert names[t3 : t3 + 3] == ["t3", "t3[gamma=4]", "t3[gamma=8,lambda_weights=pretrained]"]
     copies = {n for n in names if "[" in n}
-    assert copies == {f"{m}[{s}]" for m in ("t3", "t3_batch", "t3_cluster")
-                      for s in ("gamma=4", "gamma=8,lambda_weights=pretrained")}  # fmt: skip
+    assert copies == {
+        f"{m}[{s}]" for m in ("t3", "t3_batch", "t3_cluster") for s in ("gamma=4", "gamma=8,lambda_weights=pretrained")
+    }
     copy = methods["t3_batch[gamma=4]"]
     assert copy.setting == "gamma=4" and copy.family == "t3_batch" and copy.predict is methods["t3_batch"].predict
     assert methods["t3_batch"].setting == ""

@@ -4,9 +4,9 @@ the λ-spread warning."""
 import numpy as np
 import pytest
 import torch
-from helpers import random_sample_table, rounding_atol
 from scipy.stats import pearsonr
 
+from helpers import random_sample_table, rounding_atol
 from tcube_lightning.reporting.diagnostics import QUADRANTS, decision_diagnostics, lambda_spread_warning, pearson
 
 FLOAT64_RHO_ATOL = rounding_atol(1.0, torch.float64)
@@ -18,9 +18,11 @@ def test_quadrants_count_samples_average_js_and_correlate_js_with_dawins_ratio()
     result = decision_diagnostics(table)
     pt_right, ft_right = table["pred/zeroshot"] == table["label"], table["pred/expert"] == table["label"]
     masks = {
-        "both wrong": ~pt_right & ~ft_right, "only expert right": ~pt_right & ft_right,
-        "only pretrained right": pt_right & ~ft_right, "both right": pt_right & ft_right,
-    }  # fmt: skip
+        "both wrong": ~pt_right & ~ft_right,
+        "only expert right": ~pt_right & ft_right,
+        "only pretrained right": pt_right & ~ft_right,
+        "both right": pt_right & ft_right,
+    }
     assert list(result["quadrants"]) == list(QUADRANTS)
     for name, mask in masks.items():
         cell = result["quadrants"][name]

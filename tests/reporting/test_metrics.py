@@ -1,10 +1,12 @@
 """Per-split calibration metrics against NumPy implementations of their definitions, and independent of the
 order the samples arrive in (as under DDP)."""
 
+import itertools
+
 import numpy as np
 import torch
-from helpers import rounding_atol
 
+from helpers import rounding_atol
 from tcube_lightning.reporting.metrics import ExactCalibrationError, NegativeLogLikelihood
 
 
@@ -13,7 +15,7 @@ def numpy_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     confidence, correct = probs.max(1), probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
     total = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in itertools.pairwise(edges):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
             total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())

@@ -1,10 +1,18 @@
 """The figures' content (what is drawn, from which numbers), read back from the matplotlib objects."""
 
 import numpy as np
-from helpers import random_sample_table
 
+from helpers import random_sample_table
 from tcube_lightning.reporting.diagnostics import QUADRANTS, decision_diagnostics
-from tcube_lightning.reporting.plots import accuracy_heatmap, analysis_figures, close_figures, lambda_histograms, run_figures, scatter_rows, severity_curves
+from tcube_lightning.reporting.plots import (
+    accuracy_heatmap,
+    analysis_figures,
+    close_figures,
+    lambda_histograms,
+    run_figures,
+    scatter_rows,
+    severity_curves,
+)
 
 ACCURACY = {
     "in_domain": {"zeroshot": 0.8, "t3": 0.9},
@@ -56,8 +64,12 @@ def test_the_analysis_figures_draw_every_coefficient_and_each_quadrants_samples(
     assert [ax.get_title() for ax in histograms] == ["t3", "dawin", "xent", "maxconf"]
     assert all(sum(p.get_height() for p in ax.patches) == 120 for ax in histograms)  # every sample, each weight
     pt_right, ft_right = table["pred/zeroshot"] == table["label"], table["pred/expert"] == table["label"]
-    rows = {"both wrong": ~pt_right & ~ft_right, "only expert right": ~pt_right & ft_right,
-            "only pretrained right": pt_right & ~ft_right, "both right": pt_right & ft_right}  # fmt: skip
+    rows = {
+        "both wrong": ~pt_right & ~ft_right,
+        "only expert right": ~pt_right & ft_right,
+        "only pretrained right": pt_right & ~ft_right,
+        "both right": pt_right & ft_right,
+    }
     confidence = (table["prob/zeroshot"] + table["prob/expert"]) / 2
     for stem, y in (("js_vs_dawin", table["w/dawin"]), ("confidence_vs_js", confidence)):
         panels = figures[f"blur@1/{stem}"].axes
@@ -79,7 +91,7 @@ def test_scatter_plots_of_large_splits_draw_a_seeded_subset():
 
 def test_severity_curves_tell_seventeen_methods_apart():
     methods = [f"method{i}" for i in range(17)]
-    accuracy = {f"blur@{k}": {m: 0.5 for m in methods} for k in (1, 2)}  # every line on top of the others
+    accuracy = {f"blur@{k}": dict.fromkeys(methods, 0.5) for k in (1, 2)}  # every line on top of the others
     (figure,) = severity_curves(accuracy).values()
     axes = figure.axes[0]
     styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in axes.get_lines()}

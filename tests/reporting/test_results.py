@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from tcube_lightning.data.splitnames import corrupted_split_name, is_corrupted, parse_corrupted
 from tcube_lightning.errors import InputError
 from tcube_lightning.reporting.report import SPLIT_RECORD_KEYS, RunReport, load_previous
-from tcube_lightning.reporting.results import corruption_errors, summary_rows, write_atomic, write_results, write_summary
-from tcube_lightning.data.splitnames import corrupted_split_name, is_corrupted, parse_corrupted
+from tcube_lightning.reporting.results import (
+    corruption_errors,
+    summary_rows,
+    write_atomic,
+    write_results,
+    write_summary,
+)
 
 ACCURACY = {
     "in_domain": {"zeroshot": 0.8, "t3": 0.9},
@@ -103,8 +109,15 @@ def test_the_report_writes_every_finished_split_in_protocol_order(tmp_path):
     assert list(written["accuracy"]) == ["in_domain", "blur@2"]  # protocol order, not finishing order
     assert written["corruption_errors"]["ce"]["zeroshot"]["blur"] == pytest.approx(1.0)
     assert written["missing_splits"] == ["blur@1"] and written["complete"] is False
-    assert set(written) == {*SPLIT_RECORD_KEYS, "methods", "config", "missing_splits", "partial_splits", "complete",
-                            "corruption_errors"}  # fmt: skip
+    assert set(written) == {
+        *SPLIT_RECORD_KEYS,
+        "methods",
+        "config",
+        "missing_splits",
+        "partial_splits",
+        "complete",
+        "corruption_errors",
+    }
     # An earlier run's records, and each split's per-sample table, read back for resume, are the ones written.
     previous = load_previous(tmp_path, config)
     assert previous["in_domain"]["accuracy"] == {"zeroshot": 0.8} and list(previous) == ["in_domain", "blur@2"]
@@ -134,12 +147,14 @@ def test_resume_compares_only_what_changes_the_numbers(tmp_path, monkeypatch):
     [
         ("[1, 2]", "holds a list, not a tcube-lightning results object"),
         ('{"config": {}, "accuracy": {}}', r"lacks \['metrics'"),
-        ('{"config": {}, "accuracy": {"a": {}}' + "".join(f', "{k}": {{}}' for k in SPLIT_RECORD_KEYS[1:]) + "}",
-         r"lacks \[\"metrics\['a'\]\""),
+        (
+            '{"config": {}, "accuracy": {"a": {}}' + "".join(f', "{k}": {{}}' for k in SPLIT_RECORD_KEYS[1:]) + "}",
+            r"lacks \[\"metrics\['a'\]\"",
+        ),
         ("{not json", "is not valid JSON"),
     ],
     ids=["list", "missing-keys", "missing-split", "not-json"],
-)  # fmt: skip
+)
 def test_resume_reads_only_a_results_file_it_understands(tmp_path, content, message):
     (tmp_path / "results.json").write_text(content)
     with pytest.raises(InputError, match=message):

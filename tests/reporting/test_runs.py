@@ -9,18 +9,18 @@ import signal
 import numpy as np
 import pytest
 import yaml
-from helpers import CLASSNAMES, SPLITS, TEMPLATES, cli_args, run_cli_expecting_error, run_cli_in_process
 from PIL import Image
 
-from tcube_lightning.engine import torch_engine as engine_module
+from helpers import CLASSNAMES, SPLITS, TEMPLATES, cli_args, run_cli_expecting_error, run_cli_in_process
 from tcube_lightning.cli.app import main
+from tcube_lightning.engine import torch_engine as engine_module
 from tcube_lightning.evaluation.module import TCubeModule
 
 
 def test_a_partial_evaluation_says_so_everywhere_and_resume_completes_it(clip_pair, npz_root, tmp_path, caplog):
     out = tmp_path / "results"
     extra = ("--data.batch_size=8", "--model.methods=[zeroshot, t3_cluster]", f"--model.results_dir={out}")
-    with pytest.warns(UserWarning, match="partial results: .*a 16 of 37, b 16 of 21"):
+    with pytest.warns(UserWarning, match=r"partial results: .*a 16 of 37, b 16 of 21"):
         limited = cli_args(clip_pair, npz_root, tmp_path, *extra, "--trainer.limit_test_batches=2")
         results, _ = run_cli_in_process(limited)
     assert results["complete"] is False and results["missing_splits"] == []
@@ -30,8 +30,16 @@ def test_a_partial_evaluation_says_so_everywhere_and_resume_completes_it(clip_pa
     assert (out / "summary.csv").read_text().splitlines()[0] == "method,a (partial 16/37),b (partial 16/21)"
     again, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "again", *extra, "--model.resume=true"))
     assert again["complete"] is True and again["partial_splits"] == {} and again["num_samples"] == {"a": 37, "b": 21}
-    one, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "dev", "--model.methods=[zeroshot]",
-                                         "--trainer.fast_dev_run=true", "--data.batch_size=4"))  # fmt: skip
+    one, _ = run_cli_in_process(
+        cli_args(
+            clip_pair,
+            npz_root,
+            tmp_path / "dev",
+            "--model.methods=[zeroshot]",
+            "--trainer.fast_dev_run=true",
+            "--data.batch_size=4",
+        )
+    )
     assert one["partial_splits"] == {"a": {"evaluated": 4, "total": 37}, "b": {"evaluated": 4, "total": 21}}
 
 
@@ -55,7 +63,7 @@ def test_a_run_that_finishes_no_split_leaves_no_folder(clip_pair, npz_root, tmp_
 
     monkeypatch.setattr(engine_module.TCubeEngine, "coefficients", failing)  # after the models have loaded
     for extra in ((), (f"--model.results_dir={tmp_path / 'results'}",)):
-        with pytest.raises(RuntimeError, match="out of memory"):
+        with pytest.raises(RuntimeError, match=r"out of memory"):
             main(cli_args(clip_pair, npz_root, tmp_path / "runs", "--model.methods=[zeroshot]", *extra))
     assert not list((tmp_path / "runs").rglob("version_*")) and not (tmp_path / "results").exists()
 
@@ -68,12 +76,22 @@ def test_paths_in_a_config_file_are_read_from_its_folder_and_a_run_resumes_from_
     shutil.copytree(npz_root, project / "data")
     shutil.copytree(clip_pair[0].parent, project / "models")
     config = {
-        "model": {"arch": "tcube-tiny-clip", "pretrained_checkpoint": "../models/pretrained.pt",
-                  "expert_checkpoint": "../models/expert.pt", "methods": ["zeroshot", "t3"], "plots": False},
-        "data": {"root": "../data", "sources": SPLITS, "classnames": CLASSNAMES, "templates": TEMPLATES,
-                 "image_size": 28},
+        "model": {
+            "arch": "tcube-tiny-clip",
+            "pretrained_checkpoint": "../models/pretrained.pt",
+            "expert_checkpoint": "../models/expert.pt",
+            "methods": ["zeroshot", "t3"],
+            "plots": False,
+        },
+        "data": {
+            "root": "../data",
+            "sources": SPLITS,
+            "classnames": CLASSNAMES,
+            "templates": TEMPLATES,
+            "image_size": 28,
+        },
         "trainer": {"default_root_dir": "../runs", "enable_progress_bar": False},
-    }  # fmt: skip
+    }
     (project / "configs" / "run.yaml").write_text(yaml.safe_dump(config))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -92,9 +110,18 @@ def test_an_image_folder_names_its_classes(clip_pair, tmp_path, capsys):
     for i, name in enumerate(["circle", "cross", "square"]):
         (folder / name).mkdir(parents=True)
         Image.fromarray(np.full((28, 28, 3), 60 * i, np.uint8)).save(folder / name / f"{i}.png")
-    args = [a for a in cli_args(clip_pair, tmp_path, tmp_path / "runs", "--model.methods=[zeroshot, t3]",
-                                "--model.lambda_min=0.3", "--model.lambda_max=0.3")  # fmt: skip
-            if not a.startswith(("--data.sources", "--data.classnames"))]
+    args = [
+        a
+        for a in cli_args(
+            clip_pair,
+            tmp_path,
+            tmp_path / "runs",
+            "--model.methods=[zeroshot, t3]",
+            "--model.lambda_min=0.3",
+            "--model.lambda_max=0.3",
+        )
+        if not a.startswith(("--data.sources", "--data.classnames"))
+    ]
     with pytest.warns(UserWarning, match=r"lambda_min = lambda_max = 0.3000: T³ is a fixed interpolation") as warned:
         results, _ = run_cli_in_process([*args, '--data.sources={"scans": "scans"}'])
     assert results["classnames"] == {"scans": ["circle", "cross", "square"]}
@@ -106,8 +133,9 @@ def test_errors_are_one_line_with_a_suggestion_and_help_is_about_evaluating(clip
     typo = run_cli_expecting_error(cli_args(clip_pair, npz_root, tmp_path, "--model.gama=2"), capsys)
     assert "did you mean --model.gamma?" in typo and len(typo.strip().splitlines()) == 2 and "--help" in typo
     (tmp_path / "typo.yaml").write_text("model:\n  gama: 2\n")
-    in_file = run_cli_expecting_error([*cli_args(clip_pair, npz_root, tmp_path), f"--config={tmp_path / 'typo.yaml'}"],
-                                      capsys)  # fmt: skip
+    in_file = run_cli_expecting_error(
+        [*cli_args(clip_pair, npz_root, tmp_path), f"--config={tmp_path / 'typo.yaml'}"], capsys
+    )
     assert "--model.gamma" in in_file and len(in_file.strip().splitlines()) == 2
     missing = run_cli_expecting_error(["test", "--config", str(tmp_path / "nowhere.yaml")], capsys)
     assert "nowhere.yaml" in missing and len(missing.strip().splitlines()) == 2
