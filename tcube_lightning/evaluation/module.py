@@ -1,10 +1,9 @@
-"""The LightningModule: the run's life cycle around the engine. Argument checks, metrics, ``test_step``, each
-split's finish with its DDP reductions; the maths is in ``engine`` and ``coefficients``, what a run writes in
-``report``."""
+"""The LightningModule: the run's life cycle around the engine. Set-up, ``test_step``, each split's finish with its
+DDP reductions; the maths is in ``engine`` and ``merging``, what a run writes in ``reporting``, the clustered second
+pass and AdaMerging's adaptation in their own rooms beside this one."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -12,30 +11,23 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
 from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.engine.torch_engine import BatchCoefficients, TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
 from tcube_lightning.errors import InputError
+from tcube_lightning.evaluation.adaptation import adapt_methods
+from tcube_lightning.evaluation.clustered import ClusteredPass
 from tcube_lightning.evaluation.options import check_prediction_options, check_run_options, method_families
 from tcube_lightning.evaluation.predicting import PredictHooks
 from tcube_lightning.loading import plan_models
-from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
-from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, fit_beta_mixture, grid_mappings
+from tcube_lightning.merging.adamerging import AdaMergingSettings
+from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, grid_mappings
 from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED, CostMeter
-from tcube_lightning.reporting.diagnostics import decision_diagnostics
-from tcube_lightning.reporting.metrics import PER_SAMPLE_STATES, gather_from_all_ranks, split_metrics
-from tcube_lightning.reporting.report import (
-    RunReport,
-    coefficient_statistics,
-    load_previous,
-    log_adaptation,
-    log_batch_coefficients,
-    mixture_summary,
-)
+from tcube_lightning.reporting.metrics import RunMetrics
+from tcube_lightning.reporting.report import RunReport, load_previous, log_batch_coefficients, split_record
 from tcube_lightning.reporting.results import jsonable
 from tcube_lightning.reporting.runfolder import clear_earlier_run
 from tcube_lightning.reporting.samples import SampleTable, lambda_column, prediction_columns
@@ -219,16 +211,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
             hp.heads,
             hp.head_tolerance,
         )
-        self.metrics = nn.ModuleDict(
-            {
-                self._key(split, name): split_metrics(
-                    self.class_counts[self.split_class_set[split]], data.datasets[split].base.labels
-                )
-                for split in self.split_names
-                for name in self.methods
-                if not self.predicting  # no labels: predictions only
-            }
-        )
+        labelled = [] if self.predicting else self.split_names  # predicting: no labels, no metrics
+        splits = {s: (self.class_counts[self.split_class_set[s]], data.datasets[s].base.labels) for s in labelled}
+        self.metrics = RunMetrics(splits, list(self.methods))
         # Every sample's values (gathered from all processes at the split's end): exact, order-free statistics,
         # the quadrants, the analysis figures and the export.
         self.tables = {split: SampleTable() for split in self.split_names}
@@ -246,10 +231,6 @@ class TCubeModule(PredictHooks, L.LightningModule):
                 f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
             )
 
-    @staticmethod
-    def _key(split: str, name: str) -> str:
-        return f"{split}__{name}".replace(".", "_")
-
     def on_test_start(self) -> None:
         """The engine's heads and fixed merges, once, on the device; the report of this run."""
         self._start()
@@ -258,10 +239,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         hp = self.hparams
         self.batches_seen = dict.fromkeys(self.split_names, 0)
         self.cost = CostMeter(self.device)
-        self.clustered = {n: m for n, m in self.methods.items() if m.is_clustered}
-        cached = ("index", "pt", "ft", *self.engine.settings)  # the settings' T³ weights, by label
-        self.cluster_cache = {s: {key: [] for key in cached} for s in self.split_names}
-        self.cluster_summaries: dict[str, dict[str, dict]] = {s: {} for s in self.split_names}
+        clustered = {n: m for n, m in self.methods.items() if m.is_clustered}
+        self.clustered = ClusteredPass(clustered, self.split_names, list(self.engine.settings), hp.clusters)
         self.finished_splits = 0
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
         self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
@@ -319,15 +298,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
             if not method.is_clustered:  # those predict in the second pass
                 with self.cost.measure(name, len(labels)):
                     logits = method.logits(contexts[method.setting])
-                columns |= self._update_metrics(split, name, logits, labels)
-        if self.clustered:
-            for key, values in {
-                "index": columns["index"],
-                "pt": shared.pt_logits,
-                "ft": shared.ft_logits,
-                **shared.weights,
-            }.items():
-                self.cluster_cache[split][key].append(values.detach())
+                columns |= self.update_metrics(split, name, logits, labels)
+        self.clustered.keep(split, columns["index"], shared)
         with self.cost.measure(DIAGNOSTICS if self.engine.extreme_weights else None, len(labels)):
             extremes = self.engine.extreme_predictions(images, class_set)
         if extremes is not None:
@@ -335,31 +307,15 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.tables[split].add(columns)
 
     def _adapt(self, split: str, dataset: torch.utils.data.Dataset, class_set: int) -> dict[str, dict]:
-        """AdaMerging on ``dataset``'s images, for every adapted method: their merged models into the engine; what
-        they learnt, for results.json and TensorBoard. Every process learns the same from the same images."""
-        settings, store, learnt = self.adamerging, self.engine.store, {}
-        for name, method in self.adapted.items():
-            with self.cost.measure(name, len(dataset)):
-                adaptation = adapt(
-                    store.pretrained,
-                    store.expert,
-                    self.engine.pt_heads[class_set],
-                    batches(dataset, settings.batch_size, settings.seed),
-                    method.adaptation == "layer",
-                    settings,
-                )
-                self.engine.set_adapted(name, merged_flat(store, adaptation))
-            learnt[name] = adaptation.record()
-            if self.logger is not None and self.trainer.is_global_zero:
-                log_adaptation(self.logger, split, name, adaptation)
-        return learnt
+        logger = self.logger if self.trainer.is_global_zero else None
+        return adapt_methods(self.engine, self.adapted, split, dataset, class_set, self.adamerging, self.cost, logger)
 
-    def _update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    def update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """Into the method's metrics; returns its prediction columns where the samples are exported."""
         probs = logits.float().softmax(-1)
         if self.predicting:
             return prediction_columns(method, probs)
-        self.metrics[self._key(split, method)].update(probs, labels)
+        self.metrics.update(split, method, probs, labels)
         return prediction_columns(method, probs) if self.hparams.export_samples else {}
 
     def _sample_columns(self, split: str, shared: BatchCoefficients, contexts: dict, labels: torch.Tensor) -> dict:
@@ -379,47 +335,6 @@ class TCubeModule(PredictHooks, L.LightningModule):
         return columns
 
     # ------------------------------------------------------------- split ends
-    def _clustered_pass(self, index: int) -> None:
-        """Pass 2 of the clustered methods on split ``index``: fit a Beta mixture to the split's coefficients
-        (all ranks'), then run every sample through the model merged at its component's mean, one merge per
-        component. Pass 1's pretrained and expert forwards are not repeated."""
-        split = self.split_names[index]
-        cache = {key: torch.cat(values) for key, values in self.cluster_cache[split].items()}
-        local_rows = gather_from_all_ranks(torch.tensor([len(cache["pt"])]))
-        start = int(local_rows[: self.global_rank].sum())
-        everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
-        assignments, means = {}, {}
-        for name, method in self.clustered.items():
-            coefficients = method.coefficient(everything["pt"], everything["ft"], everything[method.setting])
-            mixture = fit_beta_mixture(coefficients, self.hparams.clusters)
-            local = coefficients[start : start + len(cache["pt"])]
-            assignments[name] = mixture.assign(local).to(self.device)
-            means[name] = [float(m) for m in mixture.means]
-            self.cluster_summaries[split][name] = mixture_summary(mixture)
-            if mixture.note:
-                rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
-        # Under the trainer's precision (e.g. bf16 autocast), like test_step: this pass may run from an epoch hook.
-        with self.trainer.precision_plugin.test_step_context():
-            self._clustered_predictions(index, assignments, means, cache["index"])
-
-    def _clustered_predictions(self, index: int, assignments: dict, means: dict, sample_index: torch.Tensor) -> None:
-        """Every local sample through the model merged at its component's mean, into the metrics and the table."""
-        split = self.split_names[index]
-        class_set = self.split_class_set[split]
-        offset = 0  # only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early
-        loaders = self.trainer.predict_dataloaders if self.predicting else self.trainer.test_dataloaders
-        for batch in itertools.islice(loaders[index], self.batches_seen[split]):
-            images, labels = self.transfer_batch_to_device(batch, self.device, index)
-            rows = slice(offset, offset + len(labels))
-            columns = {"index": sample_index[rows]}
-            for name in self.clustered:
-                weights = torch.tensor(means[name], device=self.device)[assignments[name][rows]]
-                with self.cost.measure(name, len(labels)):
-                    logits = self.engine.grouped_logits(images, weights, class_set)
-                columns |= {f"w/{name}": weights} | self._update_metrics(split, name, logits, labels)
-            self.tables[split].add(columns)
-            offset += len(labels)
-
     def _finish_splits_before(self, index: int) -> None:
         """Finish every split before ``index``, in order, on every process, including those that got no batch
         of a split: each finish reduces across processes, so all must take part."""
@@ -427,44 +342,24 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self._finish_split(self.finished_splits)
             self.finished_splits += 1
 
-    def _take_part_without_batches(self, split: str) -> None:
-        """A process that read no batch of ``split`` joins its reductions with empty, correctly shaped states."""
-        classes = self.class_counts[self.split_class_set[split]]
-        no_logits = torch.empty(0, classes, device=self.device)
-        no_labels = torch.empty(0, dtype=torch.long, device=self.device)
-        for name in self.methods if not self.predicting else ():  # counting metrics need nothing, the rest do
-            for metric in self.metrics[self._key(split, name)].values():
-                if isinstance(metric, PER_SAMPLE_STATES):
-                    metric.update(no_logits, no_labels)
-        for key, values in self.cluster_cache[split].items():
-            values.append(no_logits if key in ("pt", "ft") else no_labels if key == "index" else no_logits.new_empty(0))
-
     def _finish_split(self, index: int) -> None:
         """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
         split = self.split_names[index]
-        if self.batches_seen[split] == 0:
-            self._take_part_without_batches(split)
-        if self.clustered:
-            self._clustered_pass(index)
+        if self.batches_seen[split] == 0:  # this process joins the reductions all the same
+            self.metrics.join_without_samples(split, self.device)
+            self.clustered.keep_nothing(split, self.class_counts[self.split_class_set[split]], self.device)
+        if self.clustered.methods:
+            self.clustered.run(self, index)
         if self.predicting:
             self._write_predictions(split)
             return
-        metrics = {
-            m: {k: float(v) for k, v in self.metrics[self._key(split, m)].compute().items()} for m in self.methods
-        }
+        metrics = self.metrics.compute(split)
         table = self.tables[split].gather()
-        record = {
-            "accuracy": {m: values["top1"] for m, values in metrics.items()},
-            "metrics": metrics,
-            "coefficients": coefficient_statistics(table, list(self.grid)),
-            "diagnostics": decision_diagnostics(table),
-            "num_samples": len(table["index"]),
-            "total_samples": len(self.trainer.datamodule.datasets[split]),
-            "nonfinite_samples": int((~table["finite"]).sum()),
-            "clusters": self.cluster_summaries[split],
-            "adaptation": self.adaptations.get(split, {}),
-            "classnames": self.split_classnames[split],
-        }
+        total = len(self.trainer.datamodule.datasets[split])
+        adaptation, classnames = self.adaptations.get(split, {}), self.split_classnames[split]
+        record = split_record(
+            metrics, table, list(self.grid), total, self.clustered.summaries[split], adaptation, classnames
+        )
         if self.trainer.is_global_zero:
             self._remove_replaced_run()
             self.report.add_split(split, record, table)

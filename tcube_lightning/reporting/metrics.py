@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassCalibrationError
 from torchmetrics.functional.classification.calibration_error import _ce_compute
@@ -74,3 +75,49 @@ def split_metrics(num_classes: int, labels) -> MetricCollection:
     if len({int(v) for v in labels}) == num_classes:
         metrics["auc"] = MulticlassAUROC(num_classes=num_classes, average="macro")
     return MetricCollection(metrics)
+
+
+class RunMetrics(nn.Module):
+    """Every evaluated (split, method)'s metrics (``split_metrics``), updated batch by batch and reduced across
+    processes when a split is computed.
+
+    Args:
+        splits: Split → (its class count, its labels).
+        methods: The evaluated methods' names (none when predicting: no labels).
+    """
+
+    def __init__(self, splits: dict[str, tuple[int, object]], methods: list[str]) -> None:
+        super().__init__()
+        self.methods = list(methods)
+        self.classes = {split: classes for split, (classes, _) in splits.items()}
+        collections = {
+            self._key(split, method): split_metrics(classes, labels)
+            for split, (classes, labels) in splits.items()
+            for method in self.methods
+        }
+        self.collections = nn.ModuleDict(collections)
+
+    @staticmethod
+    def _key(split: str, method: str) -> str:
+        return f"{split}__{method}".replace(".", "_")  # ModuleDict keys may not hold dots
+
+    def update(self, split: str, method: str, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.collections[self._key(split, method)].update(probs, labels)
+
+    def join_without_samples(self, split: str, device: torch.device) -> None:
+        """A process that read no batch of ``split`` joins the reductions with empty, correctly shaped states."""
+        if split not in self.classes:  # no metrics of it (predicting)
+            return
+        no_probs = torch.empty(0, self.classes[split], device=device)
+        no_labels = torch.empty(0, dtype=torch.long, device=device)
+        for method in self.methods:  # counting metrics need nothing, the rest do
+            for metric in self.collections[self._key(split, method)].values():
+                if isinstance(metric, PER_SAMPLE_STATES):
+                    metric.update(no_probs, no_labels)
+
+    def compute(self, split: str) -> dict[str, dict[str, float]]:
+        """The split's metrics by method, reduced over every process (every process must call it)."""
+        return {
+            method: {name: float(value) for name, value in self.collections[self._key(split, method)].compute().items()}
+            for method in self.methods
+        }

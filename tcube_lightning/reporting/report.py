@@ -21,7 +21,7 @@ from tcube_lightning.merging.adamerging import Adaptation
 from tcube_lightning.merging.coefficients import BetaMixture
 from tcube_lightning.reporting.console import print_summary
 from tcube_lightning.reporting.cost import SHARED
-from tcube_lightning.reporting.diagnostics import lambda_spread_warning, mean
+from tcube_lightning.reporting.diagnostics import decision_diagnostics, lambda_spread_warning, mean
 from tcube_lightning.reporting.plots import render_figures, run_figures, save_images
 from tcube_lightning.reporting.results import (
     corruption_errors,
@@ -62,6 +62,31 @@ def coefficient_statistics(table: dict[str, np.ndarray], grid: list[str]) -> dic
     if grid:
         statistics["grid"] = {label: lambda_statistics(table[lambda_column(label)]) for label in grid}
     return statistics
+
+
+def split_record(
+    metrics: dict[str, dict[str, float]],
+    table: dict[str, np.ndarray],
+    grid: list[str],
+    total_samples: int,
+    clusters: dict[str, dict],
+    adaptation: dict[str, dict],
+    classnames: list[str],
+) -> dict[str, Any]:
+    """A finished split's record (``SPLIT_RECORD_KEYS`` and its total sample count) from its reduced metrics, by
+    method, and its gathered per-sample table."""
+    return {
+        "accuracy": {method: values["top1"] for method, values in metrics.items()},
+        "metrics": metrics,
+        "coefficients": coefficient_statistics(table, grid),
+        "diagnostics": decision_diagnostics(table),
+        "num_samples": len(table["index"]),
+        "total_samples": total_samples,
+        "nonfinite_samples": int((~table["finite"]).sum()),
+        "clusters": clusters,
+        "adaptation": adaptation,
+        "classnames": classnames,
+    }
 
 
 def mixture_summary(mixture: BetaMixture) -> dict:

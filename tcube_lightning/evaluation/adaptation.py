@@ -1,0 +1,39 @@
+"""AdaMerging's adaptation inside a run: each adapted method learns its coefficients on a split's images before that
+split is evaluated (or once, on ``adamerging.adapt_on``), and its merged model goes into the engine."""
+
+from __future__ import annotations
+
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import Dataset
+
+from tcube_lightning.engine.torch_engine import TCubeEngine
+from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
+from tcube_lightning.merging.methods import Method
+from tcube_lightning.reporting.cost import CostMeter
+from tcube_lightning.reporting.report import log_adaptation
+
+
+def adapt_methods(
+    engine: TCubeEngine,
+    methods: dict[str, Method],
+    split: str,
+    dataset: Dataset,
+    class_set: int,
+    settings: AdaMergingSettings,
+    cost: CostMeter,
+    logger: Logger | None,
+) -> dict[str, dict]:
+    """AdaMerging on ``dataset``'s images for every adapted method, classified by the generalist's head of
+    ``class_set``: their merged models into the engine; what they learnt, for results.json and (``logger``, given on
+    rank 0 only) TensorBoard. Every process learns the same from the same images."""
+    store, learnt = engine.store, {}
+    for name, method in methods.items():
+        with cost.measure(name, len(dataset)):
+            images = batches(dataset, settings.batch_size, settings.seed)
+            layer_wise = method.adaptation == "layer"
+            adaptation = adapt(store.pretrained, store.expert, engine.pt_heads[class_set], images, layer_wise, settings)
+            engine.set_adapted(name, merged_flat(store, adaptation))
+        learnt[name] = adaptation.record()
+        if logger is not None:
+            log_adaptation(logger, split, name, adaptation)
+    return learnt
