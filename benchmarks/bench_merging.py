@@ -6,13 +6,16 @@ For each model and expert kind (a full fine-tuned copy, or a rank-16 LoRA on eve
   …) so that the machine's load falls on both alike; the median ratio of the repeats, with their spread;
 - T³ / reference: over a per-sample reference loop (a state_dict merge, ``load_state_dict`` and a text pass per
   sample, as DaWin's code does), which also gives the largest |logit| difference of T³ from per-sample merges;
-- peak memory over one model's parameters of T³_B and T³, each measured in a process of its own.
+- peak memory over one model's parameters of T³_B and T³, each measured in a process of its own;
+- the merge T³_B and every static method pay: the store's fused merge against its bandwidth floor (one ``torch.add``
+  over as many floats) and a state_dict merge with ``load_state_dict`` against the fused one.
 Every T³ and T³_B figure includes the pretrained and expert forwards that give λ; zero-shot heads come from
 interpolants fitted once (untimed, as a run does in its set-up). Models have random weights: ``clip-tiny``
 (the bundled tcube-tiny-clip), ``clip-b16`` (open_clip's ViT-B-16), ``biomedclip-tiny`` (timm's test_vit and a
 2-layer BERT) and ``biomedclip-base`` (ViT-B/16 and BERT-base: BiomedCLIP's sizes). Besides its table it prints,
-per row, ``T3 vs T3_B [<model> <expert kind>]: <ratio>x`` and ``max |logit diff| vs per-sample merges [<model>
-<expert kind>]: <value>``, for scripts to compare runs.
+per row, ``T3 vs T3_B [<model> <expert kind>]: <ratio>x``, ``max |logit diff| vs per-sample merges [<model>
+<expert kind>]: <value>``, ``fused merge vs bandwidth floor [<model> <expert kind>]: <ratio>x`` and ``state_dict
+merge vs fused merge [<model> <expert kind>]: <ratio>x``, for scripts to compare runs.
 
     python benchmarks/bench_merging.py --rows biomedclip-base:full biomedclip-base:lora --batch-size 8
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import itertools
 import json
 import math
 import os
@@ -108,27 +113,28 @@ def biomedclip(model: str, classes: int) -> tuple[torch.nn.Module, torch.Tensor]
     from transformers import BertConfig
 
     timm_name, size, bert_sizes, embed_dim = BIOMEDCLIP[model]
-    folder = Path(tempfile.mkdtemp(prefix="bench_biomedclip_"))
-    BertConfig(**bert_sizes).save_pretrained(folder / "bert")
-    text = {
-        "hf_model_name": str(folder / "bert"),
-        "hf_tokenizer_name": str(folder / "bert"),
-        "hf_proj_type": "mlp",
-        "hf_pooler_type": "cls_last_hidden_state_pooler",
-        "context_length": 32,
-    }
-    vision = {
-        "timm_model_name": timm_name,
-        "timm_model_pretrained": False,
-        "timm_pool": "",
-        "timm_proj": "linear",
-        "image_size": size,
-    }
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}})
-    )
-    with creating_empty_models():
-        pretrained = open_clip.create_model(f"local-dir:{folder}", load_weights=False, pretrained_text=False)
+    with tempfile.TemporaryDirectory(prefix="bench_biomedclip_") as name:  # read while the model is built only
+        folder = Path(name)
+        BertConfig(**bert_sizes).save_pretrained(folder / "bert")
+        text = {
+            "hf_model_name": str(folder / "bert"),
+            "hf_tokenizer_name": str(folder / "bert"),
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler",
+            "context_length": 32,
+        }
+        vision = {
+            "timm_model_name": timm_name,
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": size,
+        }
+        (folder / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}})
+        )
+        with creating_empty_models():
+            pretrained = open_clip.create_model(f"local-dir:{folder}", load_weights=False, pretrained_text=False)
     lengths = torch.randint(4, 12, (classes,), generator=torch.Generator().manual_seed(2))
     tokens = torch.zeros(classes, 32, dtype=torch.long)
     for c, length in enumerate(lengths.tolist()):
@@ -234,6 +240,7 @@ class Row:
             t3_seconds.append(seconds_per_call(self.t3, self.device, calls))
             ratios.append(batch_seconds[-1] / t3_seconds[-1])  # throughput of T³ over that of T³_B
         reference_seconds = seconds_per_call(self.reference, self.device, 1)
+        merge = self.merge_times()
         difference = float((self.t3().float() - self.reference().float()).abs().max())
         return {
             "row": f"{self.model}:{self.kind}",
@@ -251,12 +258,40 @@ class Row:
             "t3_vs_reference": reference_seconds / statistics.median(t3_seconds),
             "max_abs_logit_diff_vs_per_sample_merges": difference,
             "param_bytes": self.param_bytes,
+            "merge": merge,
         }
+
+    def merge_times(self) -> dict:
+        """What T³_B and every static method pay per merge: the store's fused merge (alternating weights, so that each
+        call computes), its bandwidth floor (one ``torch.add`` over as many floats) and a state_dict merge with
+        ``load_state_dict``, interleaved; medians of the repeats, in seconds."""
+        store = self.engine.store
+        floats = getattr(store, store.merged_buffers[0]).numel()  # every parameter, or a LoRA expert's targets
+        a, b, out = (torch.randn(floats, generator=torch.Generator().manual_seed(i)).to(self.device) for i in range(3))
+        weights = itertools.cycle((0.3, 0.7))
+        pt, ft = self.reference_states
+        paths = {
+            "fused": lambda: store.merge(next(weights)),
+            "floor": lambda: torch.add(a, b, alpha=0.3, out=out),
+            "state_dict": lambda: self.reference_model.load_state_dict(
+                {k: torch.lerp(pt[k], ft[k], 0.3) if pt[k].is_floating_point() else pt[k] for k in pt}
+            ),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in paths}
+        with torch.no_grad():
+            once = {name: max(seconds_per_call(function, self.device, 1), 1e-9) for name, function in paths.items()}
+            calls = {name: max(1, math.ceil(self.args.min_time / 10 / once[name])) for name in paths}
+            for _ in range(self.args.repeats):
+                for name, function in paths.items():
+                    seconds[name].append(seconds_per_call(function, self.device, calls[name]))
+        return {"floats": floats, **{f"{name}_s": statistics.median(values) for name, values in seconds.items()}}
 
 
 def peak(args: argparse.Namespace, row: str, path: str) -> int:
     """Peak memory while ``path`` runs, models included: CUDA's max_memory_allocated, or on CPU the peak resident
-    set less the process's size after imports (coarser)."""
+    set less the process's size before the models are built (coarser), after a garbage collection so that memory freed
+    on the way does not count against the row."""
+    gc.collect()
     base = current_rss()
     measured = Row(args, row, reference=False)
     if args.device.startswith("cuda"):
@@ -323,7 +358,8 @@ def print_report(report: dict) -> None:
     print(f"\n{report['device']}, {report['classes']} classes, {precision}, merged text tower, interpolated heads")
     print(
         "| model | expert | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference | max logit diff "
-        "| peak / params T3_B, T3 |\n|---|---|---:|---|---:|---:|---:|---:|"
+        "| peak / params T3_B, T3 | fused merge / floor | state_dict merge / fused |\n"
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
     )
     for row in report["rows"]:
         model, kind = row["row"].split(":")
@@ -333,7 +369,8 @@ def print_report(report: dict) -> None:
             f"| {model} | {kind} | {row['batch_size']} | {label} | {ratio['median']:.2f} [{ratio['min']:.2f}, "
             f"{ratio['max']:.2f}] of {ratio['repeats']} | {row['t3_vs_reference']:.2f} "
             f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
-            f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} |"
+            f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} "
+            f"| {merge_vs_floor(row):.2f} | {state_dict_vs_fused(row):.1f} |"
         )
     print()
     for row in report["rows"]:
@@ -341,6 +378,16 @@ def print_report(report: dict) -> None:
         print(f"T3 vs T3_B [{model} {kind}]: {row['t3_vs_t3_batch']['median']:.2f}x")
         difference = row["max_abs_logit_diff_vs_per_sample_merges"]
         print(f"max |logit diff| vs per-sample merges [{model} {kind}]: {difference:.1e}")
+        print(f"fused merge vs bandwidth floor [{model} {kind}]: {merge_vs_floor(row):.2f}x")
+        print(f"state_dict merge vs fused merge [{model} {kind}]: {state_dict_vs_fused(row):.1f}x")
+
+
+def merge_vs_floor(row: dict) -> float:
+    return row["merge"]["fused_s"] / row["merge"]["floor_s"]
+
+
+def state_dict_vs_fused(row: dict) -> float:
+    return row["merge"]["state_dict_s"] / row["merge"]["fused_s"]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ timing is asserted; the logit differences are, against the tolerances of what ea
 
 import json
 import re
+import tempfile
 
 from helpers import LOGITS_ATOL, load_benchmark
 
@@ -10,7 +11,9 @@ HEAD_TOLERANCE = 1e-4
 """The interpolated heads' own bound on a logit's change (the engine's default ``head_tolerance``)."""
 
 
-def test_benchmark_runs_and_reports_every_row(tmp_path, capsys):
+def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system_temp"))  # where its temporary folders would stay
+    (tmp_path / "system_temp").mkdir()
     bench = load_benchmark()
     rows = ["clip-tiny:full", "biomedclip-tiny:lora"]
     options = ["--rows", *rows, "--batch-size", "3", "--classes", "2", "--repeats", "2", "--min-time", "0"]
@@ -27,4 +30,10 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys):
         assert row["t3_peak_over_params"] >= 0 and row["t3_batch_peak_over_params"] >= 0  # coarse in one process
         assert re.search(rf"^T3 vs T3_B \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
         assert re.search(rf"^max \|logit diff\| vs per-sample merges \[{label}\]: \S+$", printed, flags=re.M)
+        merge = row["merge"]
+        assert merge["fused_s"] > 0 and merge["floor_s"] > 0 and merge["state_dict_s"] > 0
+        assert re.search(rf"^fused merge vs bandwidth floor \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
+        assert re.search(rf"^state_dict merge vs fused merge \[{label}\]: \d+\.\dx$", printed, flags=re.M)
     assert report["rows"][1]["path"]["pass"] == "leaf-wise, low-rank (LoRA)"
+    assert report["rows"][1]["merge"]["floats"] < report["rows"][0]["merge"]["floats"]  # a LoRA merge: its targets
+    assert not list((tmp_path / "system_temp").iterdir())  # the BiomedCLIP-shaped rows' config folders are gone

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from tcube_lightning.engine.heads import HeadInterpolant, fit_head_interpolant
-from tcube_lightning.engine.leafwise import LeafWisePass, changed_parameters, leafwise_reason
-from tcube_lightning.engine.samplewise import PerSamplePass, SampleWiseCLIP, per_sample_loop, unsupported_reason
+from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason, per_sample_loop
 from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import image_side
@@ -91,10 +90,8 @@ class TCubeEngine(nn.Module):
         else:
             self.store = FusedParameterStore(pretrained, expert)
             self.changed = set(changed_parameters(self.store.pretrained, self.store.expert))
-            standard = unsupported_reason(self.store.pretrained) is None
-            self.pass_name = "open_clip CLIP" if standard else "leaf-wise"
-        by_hand = self.pass_name == "open_clip CLIP"
-        self.unsupported_reason = None if by_hand else leafwise_reason(pretrained, self.changed)
+            self.pass_name = "leaf-wise"
+        self.unsupported_reason = leafwise_reason(pretrained, self.changed)
         if samplewise == "vectorized" and self.unsupported_reason is not None:
             reason = self.unsupported_reason
             raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
@@ -149,12 +146,10 @@ class TCubeEngine(nn.Module):
             self.head_summary["class_sets"] = [summary for _, summary in fits]
         return path
 
-    def _per_sample_pass(self) -> PerSamplePass | None:
-        """The exact per-sample pass for this model, on the store's device: open_clip's own towers by hand, the rest
-        leaf by leaf, checked on a seeded probe against per-sample merges (None, with the reason, if it fails)."""
+    def _per_sample_pass(self) -> LeafWisePass | None:
+        """The exact per-sample pass for this model, on the store's device, checked on a seeded probe against
+        per-sample merges (None, with the reason, if it fails)."""
         store = self.store
-        if self.pass_name == "open_clip CLIP":
-            return SampleWiseCLIP(store.pretrained, store.expert)
         if isinstance(store, LowRankStore):
             dense = {n: store.expert.get_parameter(n) for n in store.adapter.replacements}
             vectorized = LeafWisePass(store.pretrained, dense, store.updates())
@@ -173,7 +168,7 @@ class TCubeEngine(nn.Module):
             return None
         return vectorized
 
-    def _probe_error(self, vectorized: PerSamplePass) -> float:
+    def _probe_error(self, vectorized: LeafWisePass) -> float:
         """The largest difference of image and text embeddings between ``vectorized`` and per-sample merges, on three
         seeded images and prompts, each row with its own weight, in float32."""
         device = self.store.pt_flat.device

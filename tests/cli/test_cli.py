@@ -30,7 +30,7 @@ from helpers import (
 )
 from tcube_lightning.cli.app import main
 from tcube_lightning.engine import torch_engine as engine
-from tcube_lightning.engine.samplewise import per_sample_loop
+from tcube_lightning.engine.per_sample import per_sample_loop
 from tcube_lightning.merging.coefficients import fit_beta_mixture
 from tcube_lightning.merging.methods import METHOD_FAMILIES, m3_weight
 from tcube_lightning.reporting import report
@@ -222,7 +222,7 @@ def test_exact_and_interpolated_heads_give_the_same_results(batch8_run, clip_pai
 
 
 def test_the_sample_wise_path_taken_is_recorded(batch8_run, clip_pair, npz_root, tmp_path, caplog):
-    assert batch8_run[0]["samplewise"] == {"path": "vectorized", "pass": "open_clip CLIP"}
+    assert batch8_run[0]["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
     extra = ("--model.methods=[t3]", '--data.sources={"a": "tiny_a.npz"}', "--model.heads=exact")
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
     assert results["samplewise"] == {"path": "loop", "reason": "exact heads on CPU"}

@@ -37,7 +37,7 @@ from model_sources import (
     write_transformers_clips,
     zero_shot_logits,
 )
-from tcube_lightning.engine.samplewise import unsupported_reason
+from tcube_lightning.engine.per_sample import changed_parameters, leafwise_reason
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import load_clip, plan_models
 from tcube_lightning.reporting.samples import read_table
@@ -374,7 +374,8 @@ def test_transformers_clip_checkpoints_run_every_path_as_transformers_computes_t
 ):
     plan = plan_models(None, str(transformers_clips["pt"]), str(transformers_clips["ft"]))
     loaded = plan.load()
-    assert unsupported_reason(loaded.pretrained) is None  # open_clip's standard CLIP: the vectorized pass runs it
+    changed = set(changed_parameters(loaded.pretrained, loaded.expert))
+    assert leafwise_reason(loaded.pretrained, changed) is None  # open_clip's standard CLIP: the exact pass runs it
     assert plan.architecture.image_size == 28 and plan.architecture.quick_gelu
     tokenizer = plan.architecture.tokenizer()
     tokens = tokenizer([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
@@ -391,7 +392,7 @@ def test_transformers_clip_checkpoints_run_every_path_as_transformers_computes_t
     )
     results, run = run_cli_in_process(cli(small_split, tmp_path / "run", size=28, extra=model_args))
     assert results["models"]["architecture"] == f"the CLIPModel config of {transformers_clips['pt']}"
-    assert results["samplewise"] == {"path": "vectorized", "pass": "open_clip CLIP"}
+    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
     check_against_oracle(run, oracle, images, LOGITS_ATOL)
     # A vision-only checkpoint, and an architecture that is not the checkpoint's, are refused before anything loads.
     for arch, expert, message in (

@@ -1,4 +1,4 @@
-"""The leaf-wise per-sample pass (timm and Hugging Face towers; LoRA experts by their low-rank term) and the LoRA
+"""The per-sample pass on timm and Hugging Face towers (full experts; LoRA experts by their low-rank term) and the LoRA
 store, against per-sample merges written out by hand: models loaded from interpolated state_dicts."""
 
 import copy
@@ -19,8 +19,8 @@ from helpers import (
     rounding_atol,
 )
 from model_sources import BIOMEDCLIP_DEPTH, BIOMEDCLIP_SIZE, interpolated, variance_preserving, write_peft_adapter
-from tcube_lightning.engine import leafwise
-from tcube_lightning.engine.leafwise import LeafWisePass, changed_parameters, leafwise_reason
+from tcube_lightning.engine import per_sample
+from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.loading import plan_models
 from tcube_lightning.merging.coefficients import LambdaMapping
@@ -143,14 +143,6 @@ def test_lora_on_open_clip_multihead_attention_runs_per_sample(clip_pair, tmp_pa
     )
 
 
-def test_what_the_pass_cannot_run_is_named(clip_pair):
-    from tcube_lightning.loading import load_clip
-
-    pt, ft = load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1])
-    reason = leafwise_reason(pt, set(changed_parameters(pt, ft)))  # open_clip's own towers: SampleWiseCLIP's job
-    assert "neither in a leaf this pass knows nor batch-broadcast" in reason and "shape" in reason
-
-
 def make_engine(pt, expert, tokens, samplewise="vectorized"):
     engine = TCubeEngine(
         pt,
@@ -208,7 +200,7 @@ def test_a_pass_that_mixes_rows_is_caught_by_the_probe_and_the_loop_serves(timm_
     arch, pt, ft = timm_pair
     tokens = open_clip.get_tokenizer(arch)([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
     original = LeafWisePass.encode_image
-    monkeypatch.setattr(leafwise.LeafWisePass, "encode_image", lambda self, x, w: original(self, x, w).roll(1, 0))
+    monkeypatch.setattr(per_sample.LeafWisePass, "encode_image", lambda self, x, w: original(self, x, w).roll(1, 0))
     engine = make_engine(copy.deepcopy(pt), copy.deepcopy(ft), tokens, samplewise="auto")
     assert engine.samplewise_summary()["path"] == "loop"
     assert "from per-sample merges on a probe" in engine.samplewise_summary()["reason"]

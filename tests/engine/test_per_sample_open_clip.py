@@ -1,4 +1,5 @@
-"""The vectorized sample-wise pass against explicit per-sample merges, across architecture variants."""
+"""The per-sample pass on open_clip's own towers against explicit per-sample merges, across architecture variants;
+what it cannot run is named."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
-from tcube_lightning.engine.samplewise import SampleWiseCLIP, unsupported_reason
+from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason
 from tcube_lightning.merging.store import FusedParameterStore
 
 
@@ -50,6 +51,12 @@ def pair(request, tmp_path_factory):
     return name, FusedParameterStore(pt, ft)
 
 
+def per_sample_pass(store):
+    changed = changed_parameters(store.pretrained, store.expert)
+    assert leafwise_reason(store.pretrained, set(changed)) is None  # open_clip's own towers: every tensor differs
+    return LeafWisePass(store.pretrained, changed)
+
+
 def oracle(name, store, w):
     return oracle_model(store.pretrained.state_dict(), store.expert.state_dict(), w, arch=name)
 
@@ -60,8 +67,7 @@ WEIGHTS = [0.0, 1.0, 0.5, 0.5, 0.13, 0.87]
 
 def test_image_and_text_towers_match_per_sample_models(pair):
     name, store = pair
-    assert unsupported_reason(store.pretrained) is None
-    vectorized = SampleWiseCLIP(store.pretrained, store.expert)
+    vectorized = per_sample_pass(store)
     images = torch.randn(len(WEIGHTS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     tokens = open_clip.get_tokenizer(name)(["a photo of a cat.", "x", "a much longer prompt about a dog", "", "b", "c"])
     weights = torch.tensor(WEIGHTS)
@@ -81,7 +87,7 @@ def test_image_and_text_towers_match_per_sample_models(pair):
 
 def test_heads_for_many_weights_match_per_weight_heads(pair):
     name, store = pair
-    vectorized = SampleWiseCLIP(store.pretrained, store.expert)
+    vectorized = per_sample_pass(store)
     tokens = open_clip.get_tokenizer(name)([f"{t} {c}" for c in ("cat", "dog", "eel") for t in ("a", "the")])
     weights = torch.tensor([0.0, 0.3, 1.0])
     with torch.no_grad():
@@ -92,8 +98,13 @@ def test_heads_for_many_weights_match_per_weight_heads(pair):
             torch.testing.assert_close(heads[k], expected, atol=EMBEDDING_ATOL, rtol=0)
 
 
-def test_architectures_outside_the_pattern_are_named():
+def test_what_the_pass_cannot_run_is_named():
     resnet = open_clip.create_model("RN50")
-    assert "ModifiedResNet" in unsupported_reason(resnet)
-    with pytest.raises(NotImplementedError, match=r"ModifiedResNet"):
-        SampleWiseCLIP(resnet, resnet)
+    perturbed = open_clip.create_model("RN50")
+    with torch.no_grad():
+        for parameter in perturbed.parameters():
+            parameter.add_(0.01)
+    changed = set(changed_parameters(resnet, perturbed))
+    assert "BatchNorm2d, which this pass cannot run per row" in leafwise_reason(resnet, changed)
+    with pytest.raises(NotImplementedError, match="BatchNorm2d"):
+        LeafWisePass(resnet, {n: perturbed.get_parameter(n) for n in changed})

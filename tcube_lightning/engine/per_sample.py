@@ -1,0 +1,398 @@
+"""Exact per-sample merging in one batched pass, for every tower built of leaves whose output is affine in their own
+parameters: open_clip's ViT and text transformer, timm's VisionTransformer and Hugging Face BERT (BiomedCLIP), for
+full and for LoRA experts.
+
+Given its input x, a leaf such as Linear, Conv2d, LayerNorm, Embedding or LayerScale satisfies
+f(x; θ_pt + w·Δ) = f(x; θ_pt) + w·(f(x; θ_ft) − f(x; θ_pt)). Running every leaf so, each row of a batch with its own
+w, runs each sample through its own merged network, exactly: attention, activations and pooling act on the
+activations only. A LoRA target needs only its low-rank term, x·Wᵀ + b + w·s·(x·Aᵀ)·Bᵀ, and a leaf whose parameters
+are the same in both models runs once, as it is. ``nn.MultiheadAttention`` (open_clip's towers) runs split into its
+projections, each merged per row, with attention on the activations (q·kᵀ is not affine in the parameters).
+
+Parameters held outside leaves that differ are given per row, with a batch dimension in front where the model's code
+broadcasts (timm's ``cls_token`` and ``pos_embed``, open_clip's positional embeddings). Two of open_clip's need a word
+of their own: its class token, which its code cannot take one per row, is folded into the positional embedding's
+first row added right after it (``FOLDED``), and its raw output projections (``x @ P`` after pooling) are taken out
+of the towers during a pass and applied per row after them (``PROJECTIONS``).
+
+Whether a model's code really keeps rows apart is checked by the engine on a probe against per-sample merges; what
+this pass cannot run, it says (``leafwise_reason``), and the loop (``per_sample_loop``) serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tcube_lightning.loading.lora import LowRankUpdate
+
+SCALES = ("logit_scale",)
+"""Merged per row by ``logit_scale``, outside the towers."""
+FOLDED = {"visual.class_embedding": "visual.positional_embedding"}
+"""open_clip's class token (``_expand_token`` views it as one row) → the positional embedding added right after it,
+whose first row takes the class token's per-row Δ: [cls + w·Δcls; patches] + pos(w) = [cls; patches] + pos(w) with
+pos(w)[0] + w·Δcls."""
+PROJECTIONS = {"visual.proj": "encode_image", "text_projection": "encode_text"}
+"""open_clip's raw output projections and the encoder each ends: ``pooled @ P`` is skipped when P is None."""
+
+
+def per_sample_loop(
+    merged_logits: Callable[[torch.Tensor, float], torch.Tensor], images: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Each sample through the model merged with its own weight; samples sharing a weight share a merge."""
+    unique, group = torch.unique(weights, return_inverse=True)
+    logits = None
+    for k, weight in enumerate(unique.tolist()):
+        index = (group == k).nonzero().squeeze(1)
+        part = merged_logits(images[index], weight)
+        if logits is None:
+            logits = part.new_empty(len(images), part.shape[1])
+        logits[index] = part
+    return logits
+
+
+def row_weights(weights: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-row weights shaped to broadcast against a tensor of ``ndim`` dimensions."""
+    return weights.view(-1, *([1] * (ndim - 1)))
+
+
+def self_attention(
+    x: torch.Tensor,
+    qkv: Callable[[torch.Tensor], torch.Tensor],
+    out: Callable[[torch.Tensor], torch.Tensor],
+    heads: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """nn.MultiheadAttention's self-attention (batch first) with its projections given as functions, so that each
+    can merge per row: attention itself acts on the activations only."""
+    rows, length, width = x.shape
+    q, k, v = qkv(x).view(rows, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out(attended.transpose(1, 2).reshape(rows, length, width))
+
+
+def changed_parameters(pretrained: nn.Module, expert: nn.Module) -> dict[str, torch.Tensor]:
+    """A full expert's parameters that differ from the generalist's, by name: the others need no second pass."""
+    ft = dict(expert.named_parameters())
+    return {n: ft[n] for n, p in pretrained.named_parameters() if not torch.equal(p, ft[n])}
+
+
+class LeafWisePass:
+    """Row i of a batch runs through θ_pt + w_i·Δ, where Δ is given as expert values of changed parameters
+    (``dense``: a full expert's, or a LoRA adapter's replaced tensors) and low-rank updates (``low_rank``).
+
+    Args:
+        pretrained: The generalist; its leaves' forwards are taken over during a pass, and given back after.
+        dense: Changed parameters' expert values, by name.
+        low_rank: LoRA updates on Linear weights or ``nn.MultiheadAttention`` projections.
+    """
+
+    def __init__(
+        self, pretrained: nn.Module, dense: dict[str, torch.Tensor], low_rank: list[LowRankUpdate] = ()
+    ) -> None:
+        self.pt, self.dense = pretrained, dense
+        self.low_rank: dict[str, list[LowRankUpdate]] = defaultdict(list)
+        for update in low_rank:
+            self.low_rank[update.parameter].append(update)
+        self.scales = (pretrained.logit_scale, dense.get("logit_scale", pretrained.logit_scale))
+        plan = plan_leaves(pretrained, set(dense) | set(self.low_rank))
+        if plan.reason is not None:
+            raise NotImplementedError(plan.reason)
+        self.per_row, self.projections = plan.per_row, plan.projections
+        self.modules = dict(pretrained.named_modules())
+        self.forwards = {
+            name: getattr(self, f"_{kind}")(name, self.modules[name]) for name, kind in plan.leaves.items()
+        }
+        """Each changed leaf's per-row forward, built once; it reads the rows' weights of the pass under way."""
+        self.weights: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------ towers
+    def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings; row i uses expert weight ``weights[i]``."""
+        return self._encode("encode_image", images, weights)
+
+    def encode_text(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Normalised text embeddings; row i uses expert weight ``weights[i]``."""
+        return self._encode("encode_text", tokens, weights)
+
+    def _encode(self, encoder: str, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        with self._rows(weights) as projections:
+            features = getattr(self.pt, encoder)(inputs)
+            for name, pt in projections.items():
+                if PROJECTIONS[name] == encoder:
+                    features = torch.lerp(features @ pt, features @ self.dense[name], self._w(features))
+        return F.normalize(features, dim=-1)
+
+    def logit_scale(self, weights: torch.Tensor) -> torch.Tensor:
+        """exp of the per-row merged logit scale (it enters through exp, so it is merged before)."""
+        pt, ft = self.scales
+        return torch.lerp(pt, ft, weights.to(pt.dtype)).exp()
+
+    def zero_shot_heads(
+        self, prompt_tokens: torch.Tensor, weights: torch.Tensor, num_classes: int, chunk: int = 4096
+    ) -> torch.Tensor:
+        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight."""
+        prompts = len(prompt_tokens)
+        tokens = prompt_tokens.repeat(len(weights), 1)
+        rows = weights.repeat_interleave(prompts)
+        text = torch.cat(
+            [self.encode_text(tokens[i : i + chunk], rows[i : i + chunk]) for i in range(0, len(tokens), chunk)]
+        )
+        text = text.view(len(weights), num_classes, prompts // num_classes, -1).mean(dim=2)
+        return F.normalize(text, dim=-1)
+
+    def logits(
+        self,
+        images: torch.Tensor,
+        weights: torch.Tensor,
+        prompt_tokens: torch.Tensor | None,
+        num_classes: int,
+        fixed_head: torch.Tensor | None = None,
+        row_heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Zero-shot logits with per-sample merged towers; ``fixed_head`` skips merging the text tower, and
+        ``row_heads`` (rows, classes, dim) gives each row's merged head (interpolated) instead of text passes."""
+        features = self.encode_image(images, weights)
+        if fixed_head is not None:
+            scores = features @ fixed_head.T
+        elif row_heads is not None:
+            scores = torch.einsum("bd,bcd->bc", features, row_heads.to(features.dtype))
+        else:
+            unique, group = torch.unique(weights, return_inverse=True)
+            heads = self.zero_shot_heads(prompt_tokens, unique, num_classes)
+            scores = torch.einsum("bd,bcd->bc", features, heads[group])
+        return self.logit_scale(weights).unsqueeze(1) * scores
+
+    @contextlib.contextmanager
+    def _rows(self, weights: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        """During the block, the changed leaves run per row with ``weights``, the changed parameters held outside
+        leaves are per-row tensors, and the changed raw projections are taken out (yielded, by name, to be applied
+        per row); everything is given back after."""
+        self.weights = weights
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for name, forward in self.forwards.items():
+                self.modules[name].forward = forward
+            for name in self.per_row:
+                saved[name] = self._set(name, None)
+                self._set(name, self._per_row_value(name, saved[name]))
+            for name in self.projections:
+                saved[name] = self._set(name, None)
+            yield {name: saved[name] for name in self.projections}
+        finally:
+            for name in self.forwards:
+                self.modules[name].__dict__.pop("forward", None)
+            for name, value in saved.items():
+                self._set(name, value)
+            self.weights = None
+
+    def _set(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+        """Put ``value`` in place of the parameter ``name`` (None: leave it, or take it out); returns what was there."""
+        owner, _, attribute = name.rpartition(".")
+        parameters = self.modules[owner]._parameters
+        previous = parameters[attribute]
+        if value is not None or name in self.projections:
+            parameters[attribute] = value
+        return previous
+
+    # ----------------------------------------------------------------------------------------------- per row
+    def _w(self, like: torch.Tensor) -> torch.Tensor:
+        if len(like) != len(self.weights):
+            raise RuntimeError(f"a leaf saw {len(like)} rows, not the batch's {len(self.weights)}")
+        return row_weights(self.weights, like.ndim).to(like.dtype)
+
+    def _batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An input of one row the model broadcasts over the batch (BERT's position ids), as one row per sample."""
+        return x.expand(len(self.weights), *x.shape[1:]) if len(x) == 1 else x
+
+    def _per_row_value(self, name: str, pt: torch.Tensor) -> torch.Tensor:
+        """A parameter per row, pt + w_i·Δ, with a batch dimension in front where the model's code broadcasts (in
+        place of a leading dimension of 1), and the class token's Δ folded in where it is (``FOLDED``)."""
+        base = pt if pt.shape[0] == 1 else pt.unsqueeze(0)
+        w = row_weights(self.weights, base.ndim).to(pt.dtype)
+        value = torch.lerp(base, self._value(name, pt).view_as(base), w)
+        for token, target in FOLDED.items():
+            if target == name and token in self.dense:
+                token_pt = self.modules[token.rpartition(".")[0]].get_parameter(token.rpartition(".")[2])
+                value[:, 0] += w.view(-1, 1) * (self.dense[token] - token_pt)
+        return value
+
+    def _value(self, name: str, pt: torch.Tensor | None) -> torch.Tensor | None:
+        return self.dense.get(name, pt)
+
+    def _low_rank_terms(self, y: torch.Tensor, x: torch.Tensor, parameter: str) -> torch.Tensor:
+        """y plus w_i·s·(x·Aᵀ)·Bᵀ of every update of ``parameter`` (on its rows of the output, if given): w_i·s
+        scales the rank-r activations, and the second product accumulates into y, so the term costs two thin
+        products and nothing over the width of y."""
+        for update in self.low_rank.get(parameter, ()):
+            low = F.linear(x, update.down.to(x.dtype))
+            low = low * (self._w(low) * update.scale)
+            columns = slice(*update.rows) if update.rows else slice(None)
+            y.view(-1, y.shape[-1])[:, columns].addmm_(low.reshape(-1, low.shape[-1]), update.up.to(y.dtype).T)
+        return y
+
+    def _linear_rows(
+        self,
+        x: torch.Tensor,
+        prefix: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_name: str = "weight",
+        bias_name: str = "bias",
+    ) -> torch.Tensor:
+        x = self._batch(x)
+        y = F.linear(x, weight, bias)
+        ft_weight, ft_bias = self._value(prefix + weight_name, weight), self._value(prefix + bias_name, bias)
+        if ft_weight is not weight or ft_bias is not bias:
+            y = torch.lerp(y, F.linear(x, ft_weight, ft_bias), self._w(y))
+        return self._low_rank_terms(y, x, prefix + weight_name)
+
+    def _linear(self, name: str, module: nn.Linear) -> Callable:
+        return lambda x: self._linear_rows(x, f"{name}.", module.weight, module.bias)
+
+    def _layer_norm(self, name: str, module: nn.LayerNorm) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            normed = F.layer_norm(self._batch(x), module.normalized_shape, None, None, module.eps)
+            w = self._w(normed)
+            weight = torch.lerp(module.weight, self._value(f"{name}.weight", module.weight), w)
+            if module.bias is None:
+                return normed * weight
+            return normed * weight + torch.lerp(module.bias, self._value(f"{name}.bias", module.bias), w)
+
+        return forward
+
+    def _layer_scale(self, name: str, module: nn.Module) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x = self._batch(x)
+            return x * torch.lerp(module.gamma, self._value(f"{name}.gamma", module.gamma), self._w(x))
+
+        return forward
+
+    def _conv(self, name: str, module: nn.Conv2d) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x = self._batch(x)
+            y = module._conv_forward(x, module.weight, module.bias)
+            expert = (self._value(f"{name}.weight", module.weight), self._value(f"{name}.bias", module.bias))
+            return torch.lerp(y, module._conv_forward(x, *expert), self._w(y))
+
+        return forward
+
+    def _embedding(self, name: str, module: nn.Embedding) -> Callable:
+        def lookup(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            options = (module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse)
+            return F.embedding(ids, table, *options)
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            ids = self._batch(ids)
+            y = lookup(ids, module.weight)
+            return torch.lerp(y, lookup(ids, self._value(f"{name}.weight", module.weight)), self._w(y))
+
+        return forward
+
+    def _attention(self, name: str, module: nn.MultiheadAttention) -> Callable:
+        out_proj = module.out_proj
+
+        def qkv(x: torch.Tensor) -> torch.Tensor:
+            prefix, weight, bias = f"{name}.", module.in_proj_weight, module.in_proj_bias
+            return self._linear_rows(x, prefix, weight, bias, "in_proj_weight", "in_proj_bias")
+
+        def out(x: torch.Tensor) -> torch.Tensor:
+            return self._linear_rows(x, f"{name}.out_proj.", out_proj.weight, out_proj.bias)
+
+        def forward(query, key, value, need_weights=True, attn_mask=None, **flags):
+            padded, causal = flags.get("key_padding_mask") is not None, flags.get("is_causal")
+            if key is not query or value is not query or padded or causal:
+                raise RuntimeError("only self-attention without key padding or causal flags runs per row")
+            mask = attn_mask
+            if mask is not None:  # nn.MultiheadAttention's boolean masks mark what may not attend, SDPA's what may
+                mask = ~mask if mask.dtype == torch.bool else mask.to(query.dtype)
+            return self_attention(query, qkv, out, module.num_heads, mask), None
+
+        return forward
+
+
+class LeafPlan:
+    """How ``LeafWisePass`` runs a model: the handler of each changed leaf, the parameters given per row, the raw
+    projections applied after their tower, or why it cannot (``reason``)."""
+
+    def __init__(self) -> None:
+        self.leaves: dict[str, str] = {}
+        self.per_row: list[str] = []
+        self.projections: list[str] = []
+        self.reason: str | None = None
+
+
+def plan_leaves(model: nn.Module, changed: set[str]) -> LeafPlan:
+    """Which module runs per row with which handler, which parameters held outside leaves become per-row tensors or
+    projections applied per row, and why the model cannot run this way (``reason``, None when it can)."""
+    plan = LeafPlan()
+    for name, module in model.named_modules():
+        recurse = isinstance(module, nn.MultiheadAttention)  # its out_proj's parameters are its own here
+        own = {f"{name}.{k}" if name else k for k, _ in module.named_parameters(recurse=recurse)}
+        if not own & changed:
+            continue
+        kind = _leaf_kind(model, name, module)
+        if kind is None:
+            plan.reason = _outside_leaves(model, sorted(own & changed), plan)
+        elif kind.startswith("!"):
+            plan.reason = f"{name}: {kind[1:]}"
+        elif kind != "inside attention":  # an nn.MultiheadAttention's out_proj: its attention's handler uses it
+            plan.leaves[name] = kind
+        if plan.reason is not None:
+            return plan
+    return plan
+
+
+def _leaf_kind(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """The handler of a leaf this pass knows, ``!why`` for one it cannot run, None for a model's own module (its
+    parameters are then used in its own code: given per row, ``_outside_leaves``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if not module.batch_first or not module._qkv_same_embed_dim or module.bias_k is not None:
+            return "!an attention layer that is not batch-first self-attention with fused q/k/v"
+        return "attention"
+    if isinstance(module, nn.Linear):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        return "inside attention" if isinstance(model.get_submodule(parent), nn.MultiheadAttention) else "linear"
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        return "layer_norm"
+    if type(module).__name__ == "LayerScale" and set(dict(module.named_parameters(recurse=False))) == {"gamma"}:
+        return "layer_scale"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__module__.startswith("torch.nn"):  # a layer of torch's own this pass does not know
+        return f"!a {type(module).__name__}, which this pass cannot run per row"
+    return None
+
+
+def _outside_leaves(model: nn.Module, parameters: list[str], plan: LeafPlan) -> str | None:
+    """Changed parameters held outside leaves into ``plan`` (per row, folded or projections); why not, if not."""
+    for parameter in parameters:
+        shape = tuple(model.get_parameter(parameter).shape)
+        if parameter in SCALES:
+            continue
+        if parameter in PROJECTIONS and len(shape) == 2:
+            plan.projections.append(parameter)
+        elif parameter in FOLDED:
+            if FOLDED[parameter] not in plan.per_row:
+                plan.per_row.append(FOLDED[parameter])
+        elif not shape:
+            return f"{parameter} (a scalar) differs between the models and is outside every leaf this pass knows"
+        elif parameter not in plan.per_row:
+            plan.per_row.append(parameter)
+    return None
+
+
+def leafwise_reason(model: nn.Module, changed: set[str]) -> str | None:
+    """Why ``LeafWisePass`` cannot run ``model`` (None when its structure allows it; a probe confirms)."""
+    if getattr(model, "logit_bias", None) is not None:
+        return "the model has a logit bias (SigLIP)"
+    if not all(hasattr(model, f) for f in ("encode_image", "encode_text", "logit_scale")):
+        return f"{type(model).__name__} is not a CLIP (encode_image, encode_text, logit_scale)"
+    return plan_leaves(model, changed).reason
