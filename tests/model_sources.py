@@ -185,7 +185,7 @@ def write_robustmedclip(generalist: nn.Module, path: Path, rank: int = 4) -> nn.
 
 
 # ----------------------------------------------------------------------------------------------- transformers CLIP
-def tiny_clip_config():
+def tiny_clip_config(vision_width: int = 32, vision_mlp: int = 64):
     from transformers import CLIPConfig
 
     text = {
@@ -196,8 +196,8 @@ def tiny_clip_config():
         "max_position_embeddings": 77,
     }
     vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": vision_width,
+        "intermediate_size": vision_mlp,
         "num_attention_heads": 2,
         "num_hidden_layers": 2,
         "image_size": 28,
@@ -206,25 +206,56 @@ def tiny_clip_config():
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
 
 
+ODD_MLP = {"vision_width": 56, "vision_mlp": 115}
+"""A vision tower whose MLP width is not a multiple of its width: 115 / 56 · 56 is 114.99… in floats."""
+
+
 def write_transformers_clips(root: Path) -> dict[str, Path]:
-    """Two CLIPModel folders saved by transformers (a generalist and an expert = generalist + seeded noise, logit
-    scale 100) with OpenAI's normalisation in preprocessor_config.json, and a vision-only CLIPVisionModel folder."""
+    """CLIPModel folders saved by transformers (a generalist and an expert = generalist + seeded noise, logit scale
+    100) with OpenAI's normalisation in preprocessor_config.json: the tiny pair, and a pair with an odd MLP width
+    (``ODD_MLP``); and a vision-only CLIPVisionModel folder."""
     from transformers import CLIPModel, CLIPVisionModel
 
-    torch.manual_seed(0)
-    generalist = variance_preserving(CLIPModel(tiny_clip_config()))
-    state = generalist.state_dict()
-    state["logit_scale"] = torch.tensor(math.log(LOGIT_SCALE))
-    generalist.load_state_dict(state)
-    generalist.save_pretrained(root / "hf_pt")
-    expert = CLIPModel(tiny_clip_config())
-    expert.load_state_dict(make_expert_state_dict(state, scale=0.2))
-    expert.save_pretrained(root / "hf_ft")
     preprocessor = {"image_mean": list(OPENAI_DATASET_MEAN), "image_std": list(OPENAI_DATASET_STD)}
-    for name in ("hf_pt", "hf_ft"):
-        (root / name / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    for pair, sizes in (("", {}), ("odd_", ODD_MLP)):
+        torch.manual_seed(0)
+        generalist = variance_preserving(CLIPModel(tiny_clip_config(**sizes)))
+        state = generalist.state_dict()
+        state["logit_scale"] = torch.tensor(math.log(LOGIT_SCALE))
+        generalist.load_state_dict(state)
+        generalist.save_pretrained(root / f"hf_{pair}pt")
+        expert = CLIPModel(tiny_clip_config(**sizes))
+        expert.load_state_dict(make_expert_state_dict(state, scale=0.2))
+        expert.save_pretrained(root / f"hf_{pair}ft")
+        for name in (f"hf_{pair}pt", f"hf_{pair}ft"):
+            (root / name / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     CLIPVisionModel(tiny_clip_config().vision_config).save_pretrained(root / "hf_vision_only")
-    return {"pt": root / "hf_pt", "ft": root / "hf_ft", "vision_only": root / "hf_vision_only"}
+    folders = {
+        "pt": "hf_pt",
+        "ft": "hf_ft",
+        "odd_pt": "hf_odd_pt",
+        "odd_ft": "hf_odd_ft",
+        "vision_only": "hf_vision_only",
+    }
+    return {key: root / name for key, name in folders.items()}
+
+
+def write_peft_on_transformers_clip(folder: Path, root: Path) -> tuple[Path, nn.Module, Path]:
+    """A peft LoRA adapter on the CLIPModel in ``folder`` (every Linear kind: q/k/v/out_proj, fc1, fc2, both
+    projections), saved in ``root``/adapter; returns it, peft's model (its forward: the oracle of the expert) and
+    peft's own merge (``merge_and_unload``) saved as a CLIPModel folder, ``root``/merged."""
+    import copy
+    import shutil
+
+    from transformers import CLIPModel
+
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "visual_projection", "text_projection"]
+    peft_model = write_peft_adapter(
+        CLIPModel.from_pretrained(folder), root / "adapter", r=2, lora_alpha=4, target_modules=targets
+    )
+    copy.deepcopy(peft_model).merge_and_unload().save_pretrained(root / "merged")
+    shutil.copy(folder / "preprocessor_config.json", root / "merged")
+    return root / "adapter", peft_model, root / "merged"
 
 
 # ------------------------------------------------------------------------------------------------------- oracles
@@ -279,9 +310,15 @@ class TransformersOracle:
         self.model = pt_model.eval()  # reloaded below: hence the copies above
         self.tokens, self.num_classes = tokens, num_classes
 
-    @torch.no_grad()
     def logits(self, w: float, images: torch.Tensor) -> torch.Tensor:
         self.model.load_state_dict(interpolated(self.pt, self.ft, w))
-        out = self.model(input_ids=self.tokens, pixel_values=images)
-        head = F.normalize(out.text_embeds.view(self.num_classes, -1, out.text_embeds.shape[-1]).mean(1), dim=-1)
-        return self.model.logit_scale.exp() * out.image_embeds @ head.T
+        return transformers_logits(self.model, images, self.tokens, self.num_classes)
+
+
+@torch.no_grad()
+def transformers_logits(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Zero-shot logits by transformers' own CLIPModel forward (a peft model's too): prompt embeddings averaged per
+    class."""
+    out = model(input_ids=tokens, pixel_values=images)
+    head = F.normalize(out.text_embeds.view(num_classes, -1, out.text_embeds.shape[-1]).mean(1), dim=-1)
+    return model.logit_scale.exp() * out.image_embeds @ head.T

@@ -125,8 +125,18 @@ class LeafWisePass:
             features = getattr(self.pt, encoder)(inputs)
             for name, pt in projections.items():
                 if PROJECTIONS[name] == encoder:
-                    features = torch.lerp(features @ pt, features @ self.dense[name], self._w(features))
+                    features = self._project(features, name, pt)
         return F.normalize(features, dim=-1)
+
+    def _project(self, x: torch.Tensor, name: str, pt: torch.Tensor) -> torch.Tensor:
+        """x @ P per row: the expert's full P interpolated, or P_pt plus each LoRA term w_i·s·(x @ up) @ down (an
+        update of a raw projection is given in its own orientation: P += s·up @ down)."""
+        y = x @ pt
+        if name in self.dense:
+            y = torch.lerp(y, x @ self.dense[name], self._w(y))
+        for update in self.low_rank.get(name, ()):
+            y = y + ((x @ update.up.to(x.dtype)) * (self._w(x) * update.scale)) @ update.down.to(x.dtype)
+        return y
 
     def logit_scale(self, weights: torch.Tensor) -> torch.Tensor:
         """exp of the per-row merged logit scale (it enters through exp, so it is merged before)."""

@@ -76,6 +76,15 @@ class Architecture:
 
     def create(self) -> nn.Module:
         """The model with freshly initialised weights (none loaded, none downloaded), in eval mode."""
+        return self._build("cpu")
+
+    def skeleton(self) -> nn.Module:
+        """The model's parameter names and shapes without their memory (meta tensors): what an adapter is checked
+        against before any weights load."""
+        with torch.device("meta"):
+            return self._build("meta")
+
+    def _build(self, device: str) -> nn.Module:
         if self.name is None:
             return open_clip.CLIP(**self.model_cfg).eval().requires_grad_(False)
         overrides = {}
@@ -89,6 +98,7 @@ class Architecture:
                 pretrained_image=False,
                 pretrained_text=False,
                 cache_dir=self.cache_dir,
+                device=device,
                 **overrides,
             )
         return model.eval().requires_grad_(False)

@@ -165,17 +165,24 @@ def read_peft_config(folder: Path, field_name: str) -> dict:
     return config
 
 
-def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: str) -> LoraAdapter:
-    """The adapter's updates on ``base`` (the generalist): every target resolved, shaped and ranked as the config
-    says, or a clear error (an adapter for another base, a rank mismatch, an unsupported target)."""
+@dataclass(frozen=True)
+class PeftFactors:
+    """One LoRA module of a peft adapter as saved: its name (relative to the module peft wrapped), A and B, and its
+    scale s (alpha/r, alpha/√r with rsLoRA; peft's rank_pattern / alpha_pattern applied)."""
+
+    module: str
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+
+def read_peft_factors(folder: Path, config: dict, field_name: str) -> tuple[list[PeftFactors], dict[str, torch.Tensor]]:
+    """Every LoRA module's factors, each pair complete and of the rank adapter_config.json gives it, and the
+    adapter's other tensors (modules_to_save copies) by name; nothing of the base model is needed."""
     weights = next(folder / name for name in PEFT_WEIGHTS if (folder / name).is_file())
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_tensors(weights, field_name).items()}
-    prefix = _wrapped_prefix(base, config, folder)
-    modules = dict(base.named_modules())
-    params = dict(base.named_parameters())
-    lora_modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-    updates, replacements, notes = [], {}, []
-    for key in lora_modules:
+    factors = []
+    for key in sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}):
         if f"{key}.lora_A.weight" not in tensors or f"{key}.lora_B.weight" not in tensors:
             kinds = sorted(k.rsplit(".", 2)[-2] for k in tensors if k.startswith(f"{key}.lora_"))
             raise InputError(
@@ -183,22 +190,37 @@ def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: s
                 "MultiheadAttention targets are supported (no embedding or DoRA tensors)"
             )
         down, up = tensors.pop(f"{key}.lora_A.weight"), tensors.pop(f"{key}.lora_B.weight")
+        owner = key.removesuffix(".base_layer.out_proj").replace(".base_layer", "")  # what the config names
+        rank, alpha = _rank_and_alpha(config, owner)
+        if down.shape[0] != rank or up.shape[1] != down.shape[0]:
+            raise InputError(
+                f"{field_name}: {folder}: {key} has rank {down.shape[0]} (lora_A) and {up.shape[1]} (lora_B) but "
+                f"adapter_config.json says r={rank}"
+            )
+        factors.append(PeftFactors(key, down, up, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)))
+    return factors, tensors
+
+
+def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: str) -> LoraAdapter:
+    """The adapter's updates on ``base``, an open_clip model (its skeleton suffices: names and shapes are read, no
+    values): every target resolved, shaped and ranked as the config says, or a clear error (an adapter for another
+    base, a rank mismatch, an unsupported target)."""
+    factors, tensors = read_peft_factors(folder, config, field_name)
+    prefix = _wrapped_prefix(base, config, folder, field_name)
+    modules = dict(base.named_modules())
+    params = dict(base.named_parameters())
+    updates, replacements, notes = [], {}, []
+    for factor in factors:
+        key, down, up, scale = factor.module, factor.down, factor.up, factor.scale
         inner_out_proj = key.endswith(".base_layer.out_proj")
         module_name = prefix + key.replace(".base_layer", "")
-        owner = prefix + key.removesuffix(".base_layer.out_proj") if inner_out_proj else module_name
         module = modules.get(module_name)
         if module is None:
             raise InputError(
-                f"{field_name}: {folder} targets {module_name}, which the generalist does not have: an "
-                "adapter for another base model?"
+                f"{field_name}: {folder} targets {module_name}, which the generalist ({type(base).__name__}) does "
+                "not have: an adapter for another base model?"
             )
         parameter = _target_parameter(module, module_name, field_name, folder)
-        rank, alpha = _rank_and_alpha(config, owner.removeprefix(prefix))
-        if down.shape[0] != rank or up.shape[1] != down.shape[0]:
-            raise InputError(
-                f"{field_name}: {folder}: {module_name} has rank {down.shape[0]} (lora_A) and "
-                f"{up.shape[1]} (lora_B) but adapter_config.json says r={rank}"
-            )
         target = params[parameter]
         if (up.shape[0], down.shape[1]) != tuple(target.shape):
             raise InputError(
@@ -206,7 +228,6 @@ def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: s
                 f"the generalist's {parameter} is {tuple(target.shape)}: an adapter for another base "
                 "model?"
             )
-        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         if inner_out_proj:
             scale, notes = 2 * scale, [PEFT_MHA_NOTE]
         elif isinstance(modules.get(module_name.rsplit(".", 1)[0]), nn.MultiheadAttention):
@@ -236,17 +257,23 @@ def read_peft_adapter(folder: Path, config: dict, base: nn.Module, field_name: s
     return LoraAdapter("LoRA (peft)", str(folder), updates, replacements, notes)
 
 
-def _wrapped_prefix(base: nn.Module, config: dict, folder: Path) -> str:
+def peft_base_class(config: dict) -> str | None:
+    """The class of the model peft wrapped, as it recorded it (auto_mapping), if it did."""
+    return (config.get("auto_mapping") or {}).get("base_model_class")
+
+
+def _wrapped_prefix(base: nn.Module, config: dict, folder: Path, field_name: str) -> str:
     """Where in the CLIP the module peft wrapped sits (its module names are relative to it): the whole model, or
     one tower, by the class name peft recorded in auto_mapping."""
-    wrapped = (config.get("auto_mapping") or {}).get("base_model_class")
+    wrapped = peft_base_class(config)
     if wrapped is None or wrapped == type(base).__name__:
         return ""
     found = [name for name, module in base.named_modules() if type(module).__name__ == wrapped]
     if len(found) != 1:
         raise InputError(
-            f"{folder}: the adapter was made on a {wrapped}, and the generalist ({type(base).__name__}) "
-            f"has {len(found)} modules of that class {found[:4]}: an adapter for another base model?"
+            f"{field_name}: {folder}: the adapter was made on a {wrapped}, and the generalist "
+            f"({type(base).__name__}) has {len(found)} modules of that class {found[:4]}: an adapter for another "
+            "base model?"
         )
     return found[0] + "."
 

@@ -46,7 +46,8 @@ class Source:
     location: str
     field: str
     details: dict = dataclasses.field(default_factory=dict)
-    """What identifying it read and loading needs again: a peft adapter's config, a CLIPModel's converted config."""
+    """What identifying it read and loading needs again: a peft adapter's config (and, once checked against the
+    generalist, the adapter), a CLIPModel's converted config."""
 
 
 @dataclass
@@ -97,9 +98,7 @@ class ModelPlan:
         """Both models, in eval mode; a LoRA expert as its adapter on the generalist."""
         pretrained = load_source(self.architecture, self.pretrained)
         if self.expert.kind == PEFT:
-            expert = lora.read_peft_adapter(
-                Path(self.expert.location), self.expert.details, pretrained, self.expert.field
-            )
+            expert = self.expert.details["adapter"]  # read and checked against the generalist's skeleton already
         elif self.expert.kind == ROBUSTMEDCLIP:
             expert = lora.read_robustmedclip(Path(self.expert.location), pretrained, self.expert.field)
         else:
@@ -136,9 +135,26 @@ def plan_models(
             "an expert on a generalist; give it as model.expert_checkpoint"
         )
     expert = identify(expert_checkpoint, architecture, "model.expert_checkpoint")
+    if expert.kind == PEFT:
+        expert = dataclasses.replace(expert, details={**expert.details, "adapter": peft_adapter(architecture, expert)})
     if architecture.is_schema:
         _check_tokenizer(architecture)
     return ModelPlan(architecture, pretrained, expert)
+
+
+def peft_adapter(architecture: Architecture, expert: Source) -> lora.LoraAdapter:
+    """A peft adapter's updates, read and checked against the generalist's parameter names and shapes (its skeleton:
+    no weights load), with the module names of the model it was made on: open_clip's, or a transformers CLIPModel's
+    mapped onto the converted model."""
+    folder, config, skeleton = Path(expert.location), expert.details["config"], architecture.skeleton()
+    if architecture.name is None:
+        return transformers_clip.read_peft_adapter(folder, config, skeleton, expert.field)
+    if transformers_clip.made_on_clipmodel(lora.read_peft_factors(folder, config, expert.field)[0], config):
+        raise InputError(
+            f"{expert.field}: {folder} is an adapter made on a transformers CLIPModel, and the generalist is "
+            f"{architecture.label}: give that CLIPModel's folder as model.pretrained_checkpoint, model.arch left out"
+        )
+    return lora.read_peft_adapter(folder, config, skeleton, expert.field)
 
 
 def resolve_architecture(arch: str | None, pretrained_checkpoint: str | None, cache_dir: str | None) -> Architecture:
@@ -206,7 +222,7 @@ def identify(checkpoint: str | None, architecture: Architecture, field: str) -> 
 
 def _identify_folder(folder: Path, architecture: Architecture, field: str) -> Source:
     if lora.is_peft_adapter(folder):
-        return Source(PEFT, str(folder), field, lora.read_peft_config(folder, field))
+        return Source(PEFT, str(folder), field, {"config": lora.read_peft_config(folder, field)})
     if transformers_clip.is_transformers_folder(folder):
         config = transformers_clip.read_config(folder, field)
         converted = transformers_clip.open_clip_config(config, field)

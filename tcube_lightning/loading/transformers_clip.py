@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from torch import nn
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading import lora
 from tcube_lightning.loading.tensorfiles import read_tensors
 
 OPENAI_BPE_VOCAB = 49408
@@ -41,6 +45,9 @@ TOWER_KEYS = {  # everything outside the layers; projections are transposed (nn.
 TRANSPOSED_KEYS = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
 IGNORED_SUFFIXES = ("position_ids",)
 """Buffers older transformers versions saved; open_clip computes them."""
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+"""Concatenated, in this order, into open_clip's ``attn.in_proj_weight``."""
+ENCODER_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)$")
 
 
 def is_transformers_folder(path: str | Path) -> bool:
@@ -99,7 +106,7 @@ def open_clip_config(config: dict, field: str) -> dict:
             "width": width,
             "layers": tower.get("num_hidden_layers", default_layers),
             "heads": heads,
-            "mlp_ratio": tower.get("intermediate_size", default_mlp) / width,
+            "mlp_ratio": exact_mlp_ratio(width, tower.get("intermediate_size", default_mlp)),
         }
 
     v, t = sizes(vision, 768, 12, 12, 3072), sizes(text, 512, 8, 12, 2048)
@@ -127,6 +134,21 @@ def open_clip_config(config: dict, field: str) -> dict:
     }
 
 
+def exact_mlp_ratio(width: int, mlp_width: int) -> float:
+    """The ``mlp_ratio`` for which open_clip builds exactly ``mlp_width`` (it builds ``int(width · mlp_ratio)``, and
+    intermediate / width in floats may land just below, e.g. 115 / 56 · 56 = 114.99…): the smallest float at or above
+    that quotient whose product with the width reaches the width asked for."""
+    ratio = mlp_width / width
+    while int(width * ratio) < mlp_width:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def mlp_width(width: int, mlp_ratio: float) -> int:
+    """The MLP width open_clip builds for a tower (how configs are compared: the ratio is only its means)."""
+    return int(width * mlp_ratio)
+
+
 def config_differences(model_cfg: dict, converted: dict) -> list[str]:
     """Where an architecture's open_clip config differs from a converted checkpoint's, every field with its default
     filled in (shapes alone would not show a different head count or activation): "field: ours vs checkpoint's"."""
@@ -137,6 +159,8 @@ def config_differences(model_cfg: dict, converted: dict) -> list[str]:
         differences.append(f"quick_gelu: {bool(model_cfg.get('quick_gelu', False))} vs {converted['quick_gelu']}")
     for key, cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
         ours, theirs = (dataclasses.asdict(cls(**cfg.get(key, {}))) for cfg in (model_cfg, converted))
+        for fields in (ours, theirs):
+            fields["mlp_ratio"] = mlp_width(fields["width"], fields["mlp_ratio"])  # compared as the width built
         differences += [f"{key}.{name}: {ours[name]} vs {theirs[name]}" for name in ours if ours[name] != theirs[name]]
     return differences
 
@@ -203,3 +227,72 @@ def convert_state_dict(state: dict[str, torch.Tensor], model_cfg: dict, field: s
     if left:
         raise InputError(f"{field}: CLIPModel tensors with no open_clip counterpart: {left[:8]}")
     return converted
+
+
+# ---------------------------------------------------------------------------------------------- peft LoRA on CLIPModel
+def open_clip_target(module: str) -> tuple[str, int | None, bool] | None:
+    """The converted model's parameter a CLIPModel Linear layer becomes: (name, which third of the fused q/k/v rows,
+    transposed), or None for a module that is no such layer."""
+    if f"{module}.weight" in TRANSPOSED_KEYS:
+        return TRANSPOSED_KEYS[f"{module}.weight"], None, True
+    layer = ENCODER_LAYER.match(module)
+    if layer is None:
+        return None
+    tower, index, name = layer.groups()
+    block = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}."
+    if name in QKV:
+        return f"{block}attn.in_proj_weight", QKV.index(name), False
+    if name in LAYER_KEYS and name not in ("layer_norm1", "layer_norm2"):
+        return f"{block}{LAYER_KEYS[name]}.weight", None, False
+    return None
+
+
+def made_on_clipmodel(factors: list[lora.PeftFactors], config: dict) -> bool:
+    """Whether a peft adapter was made on a transformers CLIPModel: peft recorded that class, or its modules have a
+    CLIPModel's names."""
+    return lora.peft_base_class(config) == "CLIPModel" or any(open_clip_target(f.module) for f in factors)
+
+
+def read_peft_adapter(folder: Path, config: dict, skeleton: nn.Module, field: str) -> lora.LoraAdapter:
+    """A peft LoRA adapter made on a transformers CLIPModel as low-rank updates of the converted open_clip model
+    (``skeleton``: names and shapes): q/k/v updates on their rows of ``in_proj_weight``, out_proj, fc1 and fc2 on
+    theirs, the visual and text projections transposed (P = Wᵀ, so ΔP = s·Aᵀ·Bᵀ). Every mismatch is an error naming
+    the option, before any weights load."""
+    wrapped = lora.peft_base_class(config)
+    if wrapped not in (None, "CLIPModel"):
+        raise InputError(
+            f"{field}: {folder} is an adapter made on a {wrapped}, and the generalist is a transformers CLIPModel: "
+            "an adapter for another base model?"
+        )
+    factors, others = lora.read_peft_factors(folder, config, field)
+    if others:
+        raise InputError(
+            f"{field}: {folder} holds whole tensors {sorted(others)[:4]} (modules_to_save): on a transformers "
+            "CLIPModel only LoRA factors of its Linear layers are read"
+        )
+    params = dict(skeleton.named_parameters())
+    updates = []
+    for factor in factors:
+        target = open_clip_target(factor.module)
+        if target is None or target[0] not in params:
+            raise InputError(
+                f"{field}: {folder} targets {factor.module}, which is not a Linear layer of this CLIPModel (the "
+                "encoder layers' q/k/v/out_proj, fc1, fc2, or visual_projection / text_projection): an adapter for "
+                "another base model?"
+            )
+        name, third, transposed = target
+        shape = tuple(params[name].shape)
+        expected = shape[::-1] if transposed else shape if third is None else (shape[0] // 3, shape[1])
+        if (factor.up.shape[0], factor.down.shape[1]) != expected:
+            raise InputError(
+                f"{field}: {folder}: {factor.module}'s update is {factor.up.shape[0]}×{factor.down.shape[1]} but "
+                f"that layer of the generalist is {expected[0]}×{expected[1]}: an adapter for another base model?"
+            )
+        if transposed:
+            updates.append(lora.LowRankUpdate(name, factor.up.T.contiguous(), factor.down.T.contiguous(), factor.scale))
+        else:
+            rows = None if third is None else (third * expected[0], (third + 1) * expected[0])
+            updates.append(lora.LowRankUpdate(name, factor.down, factor.up, factor.scale, rows))
+    if not updates:
+        raise InputError(f"{field}: {folder} holds no LoRA update")
+    return lora.LoraAdapter("LoRA (peft)", str(folder), updates)

@@ -29,10 +29,13 @@ from model_sources import (
     BIOMEDCLIP_DEPTH,
     BIOMEDCLIP_REPO,
     BIOMEDCLIP_SIZE,
+    ODD_MLP,
     OpenClipOracle,
     TransformersOracle,
     split_images,
+    transformers_logits,
     write_peft_adapter,
+    write_peft_on_transformers_clip,
     write_robustmedclip,
     write_transformers_clips,
     zero_shot_logits,
@@ -363,9 +366,9 @@ def test_unreadable_weights_files_are_named(clip_pair, peft_on_tiny_clip, transf
         shutil.copytree(source, broken)
         (broken / weights).write_bytes(b"not a file of tensors")
         generalist = clip_pair[0] if weights.startswith("adapter") else transformers_clips["pt"]
-        plan = plan_models(ARCH if weights.startswith("adapter") else None, str(generalist), str(broken))
+        arch = ARCH if weights.startswith("adapter") else None
         with pytest.raises(InputError, match=f"model.expert_checkpoint: {broken / weights} could not be read"):
-            plan.load()
+            plan_models(arch, str(generalist), str(broken)).load()  # an adapter: refused while planning
 
 
 # ---------------------------------------------------------------------------------------------------- transformers
@@ -406,3 +409,78 @@ def test_transformers_clip_checkpoints_run_every_path_as_transformers_computes_t
             extra=(f"--model.pretrained_checkpoint={transformers_clips['pt']}", f"--model.expert_checkpoint={expert}"),
         )
         assert message.split(".*")[0] in run_cli_expecting_error(args, capsys)
+
+
+@pytest.fixture(scope="module")
+def peft_on_transformers_clip(transformers_clips, tmp_path_factory):
+    return write_peft_on_transformers_clip(transformers_clips["pt"], tmp_path_factory.mktemp("peft_clipmodel"))
+
+
+def test_peft_lora_on_a_transformers_clip_is_the_expert_peft_computes(
+    transformers_clips, peft_on_transformers_clip, small_split, tmp_path
+):
+    adapter, peft_model, merged = peft_on_transformers_clip
+    plan = plan_models(None, str(transformers_clips["pt"]), str(adapter))
+    loaded = plan.load()
+    tokens = plan.architecture.tokenizer()([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
+    images, _ = split_images(small_split / "small.npz", 28)
+    expert = loaded.expert.expert(loaded.pretrained)
+    theirs = transformers_logits(peft_model, images, tokens, 4)  # peft's forward on transformers' CLIPModel
+    torch.testing.assert_close(zero_shot_logits(expert, images, tokens, 4), theirs, atol=LOGITS_ATOL, rtol=0)
+    targets = loaded.record["expert"]["targets"]
+    assert {"visual.proj", "text_projection", "visual.transformer.resblocks.1.attn.in_proj_weight"} <= set(targets)
+    assert {"transformer.resblocks.0.attn.out_proj.weight", "transformer.resblocks.0.mlp.c_proj.weight"} <= set(targets)
+    # End to end on the low-rank pass, against transformers' forward of models interpolated towards peft's own merge.
+    model_args = (f"--model.pretrained_checkpoint={transformers_clips['pt']}", f"--model.expert_checkpoint={adapter}")
+    results, run = run_cli_in_process(
+        cli(small_split, tmp_path, *model_args, size=28, extra=("--model.samplewise=vectorized",))
+    )
+    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise, low-rank (LoRA)"}
+    check_against_oracle(run, TransformersOracle(transformers_clips["pt"], merged, tokens, 4), images, LOGITS_ATOL)
+
+
+def test_adapters_for_another_base_are_refused_by_option_before_any_weights_load(
+    transformers_clips,
+    peft_on_transformers_clip,
+    peft_on_tiny_clip,
+    clip_pair,
+    small_split,
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    monkeypatch.setattr("tcube_lightning.loading.sources.load_source", lambda *a: pytest.fail("a model was loaded"))
+    on_clipmodel, on_open_clip = peft_on_transformers_clip[0], peft_on_tiny_clip[0]
+    for generalist, adapter, message in (
+        (
+            (f"--model.arch={ARCH}", f"--model.pretrained_checkpoint={clip_pair[0]}"),
+            on_clipmodel,
+            f"model.expert_checkpoint: {on_clipmodel} is an adapter made on a transformers CLIPModel, and the "
+            f"generalist is {ARCH}: give that CLIPModel's folder as model.pretrained_checkpoint",
+        ),
+        (
+            (f"--model.pretrained_checkpoint={transformers_clips['pt']}",),
+            on_open_clip,
+            f"model.expert_checkpoint: {on_open_clip} is an adapter made on a CLIP, and the generalist is a "
+            "transformers CLIPModel",
+        ),
+        (
+            (f"--model.pretrained_checkpoint={transformers_clips['odd_pt']}",),
+            on_clipmodel,
+            "vision_model.encoder.layers.0.mlp.fc1's update is 64×32 but that layer of the generalist is 115×56",
+        ),
+    ):
+        args = cli(small_split, tmp_path, *generalist, size=28, extra=(f"--model.expert_checkpoint={adapter}",))
+        assert message in run_cli_expecting_error(args, capsys)
+
+
+def test_an_mlp_width_that_is_no_multiple_of_the_width_converts_exactly(transformers_clips, small_split):
+    loaded = plan_models(None, str(transformers_clips["odd_pt"]), str(transformers_clips["odd_ft"])).load()
+    assert loaded.pretrained.visual.transformer.resblocks[0].mlp.c_fc.out_features == ODD_MLP["vision_mlp"]
+    tokens = open_clip.SimpleTokenizer()([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
+    images, _ = split_images(small_split / "small.npz", 28)
+    oracle = TransformersOracle(transformers_clips["odd_pt"], transformers_clips["odd_ft"], tokens, 4)
+    for w, model in ((0.0, loaded.pretrained), (1.0, loaded.expert)):
+        torch.testing.assert_close(
+            zero_shot_logits(model, images, tokens, 4), oracle.logits(w, images), atol=LOGITS_ATOL, rtol=0
+        )
