@@ -260,3 +260,55 @@ def run_cli_expecting_error(args: list[str], capsys: pytest.CaptureFixture) -> s
         main(args)
     assert stop.value.code == 2
     return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------- DICOM
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    rescale: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None,
+    voi_lut: tuple[int, np.ndarray] | None = None,
+    frames: int = 1,
+    transfer_syntax: str | None = None,
+) -> Path:
+    """A DICOM file written by pydicom: 16-bit unsigned grayscale ``pixels`` (H, W) (repeated ``frames`` times), with
+    a rescale (slope, intercept), a window (center, width) or a VOI LUT (first mapped value, table) if given. A
+    ``transfer_syntax`` other than explicit little endian gets bytes no decoder can read (a compressed file whose
+    decoder is missing)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CR", "tcube-test"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = rescale[0], rescale[1], "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if voi_lut is not None:
+        first, table = voi_lut
+        item = pydicom.Dataset()
+        item.LUTDescriptor = [len(table), first, 16]
+        item.add_new("LUTData", "US", [int(v) for v in table])
+        ds.VOILUTSequence = [item]
+    if transfer_syntax is None:
+        ds.PixelData = np.tile(pixels.astype(np.uint16), (frames, 1, 1)).tobytes()
+    else:
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([b"\xff\xd8 not a decodable stream \xff\xd9" for _ in range(frames)])
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path

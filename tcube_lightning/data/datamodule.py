@@ -12,16 +12,17 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import open_clip
-import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from tcube_lightning.data.images import DicomFiles, ImageFolder
 from tcube_lightning.data.modalities import get_modality, known_corruptions, modality_corruptions
 from tcube_lightning.data.readers import (
     SEVERITIES,
     CorruptedOnTheFly,
     HFImages,
     MedIMetaImages,
+    dataset_folder_kind,
     read_medmnist_npz,
     read_medmnistc_file,
     write_npz_atomic,
@@ -49,7 +50,7 @@ def medmnist_classnames(flag: str) -> list[str]:
 
 
 class Preprocessed(Dataset):
-    """A reader's (PIL image, label) samples through the CLIP preprocessing transform."""
+    """A reader's (PIL image, label, …) samples through the CLIP preprocessing transform."""
 
     def __init__(self, base: Dataset, transform) -> None:
         self.base, self.transform = base, transform
@@ -57,9 +58,9 @@ class Preprocessed(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[index]
-        return self.transform(image), label
+    def __getitem__(self, index: int) -> tuple:
+        image, *rest = self.base[index]
+        return self.transform(image), *rest
 
 
 class EvaluationDataModule(L.LightningDataModule):
@@ -96,6 +97,10 @@ class EvaluationDataModule(L.LightningDataModule):
         seed: Seed of the on-the-fly corruptions.
         corruption_cache: With on-the-fly corruptions, a folder where each generated split is saved (in the
             T³ authors' MedMNIST-C layout) the first time and read back on later runs.
+        dicom: Which files of image folders are DICOM: ``suffix`` (those ending in .dcm or .dicom) or ``all`` (every
+            file that is not a PNG, JPEG, TIFF, …: a PACS export's files often have no suffix).
+        dicom_windowing: Apply a DICOM file's VOI LUT or window (Window Center/Width), as viewers display it; false
+            maps the modality values' whole range to 8 bits.
     """
 
     def __init__(
@@ -120,6 +125,8 @@ class EvaluationDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         corruption_cache: str | None = None,
+        dicom: DicomFiles = "suffix",
+        dicom_windowing: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged with the final metrics, by the module
@@ -141,6 +148,9 @@ class EvaluationDataModule(L.LightningDataModule):
             raise InputError(f"data.corruption_source must be 'files' or 'on_the_fly', got {corruption_source!r}")
         if batch_size < 1:
             raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
+        if dicom not in ("suffix", "all"):
+            raise InputError(f"data.dicom must be 'suffix' or 'all', got {dicom!r}")
+        self.dicom, self.dicom_windowing = dicom, dicom_windowing
         flag = flag or (self.modality.medmnist_flag if self.modality else None)
         self.root, self.flag, self.size = Path(root), flag, size
         self.kinds = list(splits or SPLIT_KINDS) if self.modality else []
@@ -161,6 +171,8 @@ class EvaluationDataModule(L.LightningDataModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.datasets: dict[str, Dataset] = {}
         self.split_classnames: dict[str, list[str]] = {}
+        self.dicom_records: dict[str, dict] = {}
+        """What reading each split's DICOM files applies (``images.dicom_summary``), for the splits that have any."""
 
     @property
     def split_names(self) -> list[str]:
@@ -193,6 +205,8 @@ class EvaluationDataModule(L.LightningDataModule):
                 )
             self.datasets[name] = Preprocessed(dataset, transform)
             self.split_classnames[name] = classnames
+            if getattr(dataset, "dicom", None):
+                self.dicom_records[name] = dataset.dicom
 
     def _setup_unlabelled(self, transform: Callable) -> None:
         """predict: every source as unlabelled images (each row named in ``identities``), all predicted among the
@@ -211,12 +225,14 @@ class EvaluationDataModule(L.LightningDataModule):
         problems = []
         for name, source in self.sources.items():
             try:
-                images = read_unlabelled(self.root / source, self.split_key)
+                images = read_unlabelled(self.root / source, self.split_key, self.dicom, self.dicom_windowing)
             except InputError as err:
                 problems.append(str(err))
                 continue
             self.datasets[name] = Preprocessed(images, transform)
             self.split_classnames[name] = self.classnames
+            if images.dicom:
+                self.dicom_records[name] = images.dicom
         raise_problems(problems)
 
     def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
@@ -251,7 +267,10 @@ class EvaluationDataModule(L.LightningDataModule):
         path = self.root / self.sources[name]
         if path.suffix == ".npz" or not path.is_dir():
             return read_medmnist_npz(path, self.split_key), self.given_classnames(name, path)
-        dataset = HFImages(path, self.split_key)
+        if dataset_folder_kind(path) == "imagefolder":
+            dataset = ImageFolder(path, True, self.dicom, self.dicom_windowing, self.split_key)
+        else:
+            dataset = HFImages(path, self.split_key)
         own = dataset.classnames  # a ClassLabel's names, or an image folder's (its subfolders, alphabetical)
         if own is None:
             return dataset, self.given_classnames(name, path)

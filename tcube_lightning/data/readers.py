@@ -6,7 +6,7 @@
 - MedMNIST-C corruptions applied on the fly through ``medmnistc`` (seeded per sample);
 - MedIMeta's layout (``info.yaml``, ``images.hdf5``, ``task_labels/``, ``splits/``), with the HDF5 file
   opened lazily in each DataLoader worker (h5py handles do not survive a fork);
-- Hugging Face ``datasets`` folders (``save_to_disk``, parquet files, or an image folder).
+- Hugging Face ``datasets`` folders (``save_to_disk`` or parquet files); image folders are ``images.ImageFolder``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tcube_lightning.data.images import as_rgb, to_uint8
 from tcube_lightning.errors import InputError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -237,7 +238,7 @@ class MedIMetaImages(Dataset):
 
 
 class HFImages(Dataset):
-    """A Hugging Face ``datasets`` folder: saved with ``save_to_disk``, parquet files, or an image folder."""
+    """A Hugging Face ``datasets`` folder: saved with ``save_to_disk``, or parquet files."""
 
     def __init__(self, folder: str | Path, split: str = "test") -> None:
         folder = Path(folder)
@@ -254,30 +255,31 @@ class HFImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         row = self.data[index]
-        return as_image(row[self.image_column]).convert("RGB"), int(row[self.label_column])
+        return as_image(row[self.image_column]), int(row[self.label_column])
 
 
 def as_image(value: object) -> Image.Image:
-    """A dataset's image cell (decoded already, or an array) as a PIL image."""
-    return value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value, dtype=np.uint8))
+    """A dataset's image cell (decoded already, or an array) as an 8-bit RGB image (``images.as_rgb``: arrays and
+    images of more than 8 bits are scaled from their own range, never clipped)."""
+    if isinstance(value, Image.Image):
+        return as_rgb(value)
+    array = np.asarray(value)
+    return Image.fromarray(array if array.dtype == np.uint8 else to_uint8(array)).convert("RGB")
 
 
 def load_hf_dataset(folder: Path, split: str = "test"):
-    """One split of a Hugging Face ``datasets`` folder (``save_to_disk``, parquet files or an image folder), read
-    offline; at least one row."""
+    """One split of a Hugging Face ``datasets`` folder (``save_to_disk`` or parquet files), read offline; at least one
+    row."""
     import datasets
 
     if not folder.is_dir():
         raise InputError(f"HF dataset folder not found: {folder}")
     datasets.disable_progress_bars()  # "Downloading data" bars for local files read offline
     try:
-        kind = dataset_folder_kind(folder)
-        if kind == "saved":
+        if dataset_folder_kind(folder) == "saved":
             data = datasets.load_from_disk(str(folder))
-        elif kind == "parquet":
-            data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
         else:
-            data = datasets.load_dataset("imagefolder", data_dir=str(folder))
+            data = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(folder.rglob("*.parquet"))])
     except (IndexError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
         # datasets raises IndexError for a saved dataset of 0 rows, EmptyDatasetError for a folder without data
         raise InputError(
@@ -295,8 +297,8 @@ def load_hf_dataset(folder: Path, split: str = "test"):
 
 
 def dataset_folder_kind(folder: Path) -> str:
-    """How a dataset folder is read: ``saved`` (``save_to_disk``), ``parquet`` (parquet files in it or below) or
-    ``imagefolder`` (image files)."""
+    """How a folder is read: ``saved`` (``save_to_disk``), ``parquet`` (parquet files in it or below) or
+    ``imagefolder`` (image files, ``images.ImageFolder``)."""
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         return "saved"
     return "parquet" if any(folder.rglob("*.parquet")) else "imagefolder"

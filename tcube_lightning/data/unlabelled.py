@@ -1,7 +1,7 @@
 """Unlabelled images, for ``predict``: an image folder (flat, or nested without class meaning: every image file in
-it, named by its path relative to the folder), a MedMNIST-style npz without labels (its ``{split}_images``; labels
-it may have are not read) and a Hugging Face dataset without a label column. Each sample is (RGB PIL image, row);
-``identities`` names every row in the tables predict writes."""
+it, DICOM included, named by its path relative to the folder), a MedMNIST-style npz without labels (its
+``{split}_images``; labels it may have are not read) and a Hugging Face dataset without a label column. Each sample is
+(RGB PIL image, row, readable): an image that cannot be read is skipped, not fatal, and ``why_unreadable`` says why."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tcube_lightning.data.images import DicomFiles, ImageFolder
 from tcube_lightning.data.readers import (
     as_image,
     checked_images,
@@ -21,38 +22,55 @@ from tcube_lightning.data.readers import (
 )
 from tcube_lightning.errors import InputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+UNREADABLE = (InputError, OSError, ValueError)
+"""How reading one image fails (a file of another format, cut short; a dataset cell that is no image)."""
 
 
 class UnlabelledImages(Dataset):
-    """Images by row, each with its identity (a relative path or a row number)."""
+    """Images by row, each with its identity (a relative path or a row number).
 
-    def __init__(self, load: Callable[[int], Image.Image], identities: list[str]) -> None:
-        self.load, self.identities = load, identities
+    Args:
+        load: Row → 8-bit RGB image.
+        identities: Every row's name in the tables predict writes.
+        dicom: What reading the source's DICOM files applies (``images.dicom_summary``), if it has any.
+    """
+
+    def __init__(self, load: Callable[[int], Image.Image], identities: list[str], dicom: dict | None = None) -> None:
+        self.load, self.identities, self.dicom = load, identities, dicom
 
     def __len__(self) -> int:
         return len(self.identities)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.load(index).convert("RGB"), index
+    def __getitem__(self, index: int) -> tuple[Image.Image, int, bool]:
+        """(image, row, True), or a blank image and False where the image cannot be read."""
+        try:
+            return self.load(index), index, True
+        except UNREADABLE:
+            return Image.new("RGB", (1, 1)), index, False
+
+    def why_unreadable(self, index: int) -> str:
+        """Why row ``index`` cannot be read (asked again where the batch said so: cheap, and the same answer)."""
+        try:
+            self.load(index)
+        except UNREADABLE as err:
+            return str(err)
+        return "could not be read when it was predicted"
 
 
-def read_unlabelled(path: Path, split: str = "test") -> UnlabelledImages:
+def read_unlabelled(
+    path: Path, split: str = "test", dicom: DicomFiles = "suffix", windowing: bool = True
+) -> UnlabelledImages:
     """The unlabelled images at ``path``: an npz file, an image folder, or a Hugging Face dataset folder."""
     if path.is_dir():
-        return _image_folder(path) if dataset_folder_kind(path) == "imagefolder" else _hf_dataset(path, split)
+        if dataset_folder_kind(path) == "imagefolder":
+            folder = ImageFolder(path, labelled=False, dicom=dicom, windowing=windowing)
+            return UnlabelledImages(folder.load, folder.identities, folder.dicom)
+        return _hf_dataset(path, split)
     if not path.is_file():
         raise InputError(f"data file not found: {path} (expected an image folder, an npz or a Hugging Face dataset)")
     key = f"{split}_images"
     images = checked_images(path, split, npz_arrays(path, (key,))[key])
-    return UnlabelledImages(lambda i: Image.fromarray(images[i]), [str(i) for i in range(len(images))])
-
-
-def _image_folder(folder: Path) -> UnlabelledImages:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
-    return UnlabelledImages(lambda i: Image.open(files[i]), [p.relative_to(folder).as_posix() for p in files])
+    return UnlabelledImages(lambda i: Image.fromarray(images[i]).convert("RGB"), [str(i) for i in range(len(images))])
 
 
 def _hf_dataset(folder: Path, split: str) -> UnlabelledImages:

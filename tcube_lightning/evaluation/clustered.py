@@ -79,7 +79,9 @@ class ClusteredPass:
         loaders = trainer.predict_dataloaders if module.predicting else trainer.test_dataloaders
         # Only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early.
         for batch in itertools.islice(loaders[index], module.batches_seen[split]):
-            images, labels = module.transfer_batch_to_device(batch, module.device, index)
+            images, labels = module.readable(module.transfer_batch_to_device(batch, module.device, index))
+            if not len(labels):  # predicting, a batch of unreadable images only
+                continue
             local = slice(offset, offset + len(labels))
             columns = {"index": rows[local]}
             for name in self.methods:

@@ -250,6 +250,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.report.details["heads"] = self.engine.head_summary
         self.report.details["models"] = self.models_record
         self.report.details["samplewise"] = summary = self.engine.samplewise_summary()
+        if self.trainer.datamodule.dicom_records:  # what reading each split's DICOM files applied
+            self.report.details["dicom"] = self.trainer.datamodule.dicom_records
         self.adaptations: dict[str, dict] = {}
         if self.adapt_on is not None:  # once, on the split named; every split then uses what it learnt
             learnt = self._adapt(*self.adapt_on)
@@ -279,13 +281,12 @@ class TCubeModule(PredictHooks, L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(batch, dataloader_idx)
+        self._step(*batch, dataloader_idx)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, dataloader_idx: int) -> None:
         """One batch of a split: every method's predictions, into the metrics and the split's per-sample table.
         Predicting, ``labels`` are the rows' numbers in their source (their identities), and go to no metric."""
         self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
-        images, labels = batch
         split = self.split_names[dataloader_idx]
         class_set = self.split_class_set[split]
         if self.adapted and self.adapt_on is None and self.batches_seen[split] == 0:  # before the split's first batch
@@ -310,6 +311,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
         logger = self.logger if self.trainer.is_global_zero else None
         return adapt_methods(self.engine, self.adapted, split, dataset, class_set, self.adamerging, self.cost, logger)
 
+    @staticmethod
+    def readable(batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's images and labels; predicting, (images, rows, readable) without the rows that could not be read."""
+        if len(batch) == 3:
+            images, rows, readable = batch
+            return images[readable], rows[readable]
+        return batch
+
     def update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """Into the method's metrics; returns its prediction columns where the samples are exported."""
         probs = logits.float().softmax(-1)
@@ -326,7 +335,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         lambdas = {lambda_column(label): lam for label, lam in shared.lambdas.items()}
         if self.logger is not None:
             log_batch_coefficients(self.logger, split, step, {**lambdas, "js": shared.js}, self.trainer.is_global_zero)
-        index = step * self.trainer.datamodule.batch_size + torch.arange(len(labels), device=labels.device)
+        # The samples' positions in the split: predicting, the rows' own numbers (unreadable rows are left out).
+        first = step * self.trainer.datamodule.batch_size
+        index = labels if self.predicting else first + torch.arange(len(labels), device=labels.device)
         columns = {"index": index, "label": labels, "finite": shared.finite, "js": shared.js, **lambdas}
         for name, method in self.weight_methods.items():
             columns[f"w/{name}"] = method.merge_weights(contexts[method.setting])

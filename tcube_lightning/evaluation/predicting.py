@@ -3,8 +3,10 @@ metrics, each source's table written once the source is finished (``reporting.pr
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tcube_lightning.reporting.metrics import gather_objects
 from tcube_lightning.reporting.predictions import FOLDER, prediction_table, write_prediction_table, write_summary
 
 
@@ -14,18 +16,30 @@ class PredictHooks:
     the one-process order."""
 
     def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(batch, dataloader_idx)
+        """A batch of (images, rows, readable): the rows that could not be read are kept aside, the others predicted."""
+        self._finish_splits_before(dataloader_idx)
+        split = self.split_names[dataloader_idx]
+        self.skipped[split].append(batch[1][~batch[2]].cpu())
+        images, rows = self.readable(batch)
+        if len(rows):
+            self._step(images, rows, dataloader_idx)
+        else:  # every image of the batch unreadable
+            self.batches_seen[split] += 1
 
     def on_predict_start(self) -> None:
         self._start()
         self.prediction_counts: dict[str, dict] = {}
+        self.skipped: dict[str, list[torch.Tensor]] = {split: [] for split in self.split_names}
+        """Rows that could not be read, per source, on this process."""
 
     def on_predict_epoch_end(self) -> None:
         self._finish_splits_before(len(self.split_names))
         if not self.trainer.is_global_zero:
             return
         folder = self.report.results_dir / FOLDER
-        sources = {s: {**n, "complete": n["rows"] == n["total"]} for s, n in self.prediction_counts.items()}
+        sources = {
+            s: {**n, "complete": n["rows"] + len(n["skipped"]) == n["total"]} for s, n in self.prediction_counts.items()
+        }
         summary = {
             "complete": all(n["complete"] for n in sources.values()),
             "sources": sources,
@@ -35,6 +49,12 @@ class PredictHooks:
             "config": self.run_config,
         }
         write_summary(folder, summary)
+        unreadable = {s: len(n["skipped"]) for s, n in sources.items() if n["skipped"]}
+        if unreadable:
+            rank_zero_warn(
+                f"images that could not be read were skipped ({unreadable} per source): predictions.json lists each "
+                "with why, and the tables' `skipped` column says so on its row"
+            )
         short = {s: f"{n['rows']} of {n['total']}" for s, n in sources.items() if not n["complete"]}
         if short:
             rank_zero_warn(
@@ -44,12 +64,21 @@ class PredictHooks:
         rank_zero_info(f"Predictions written to {folder}: <source>.csv and <source>.parquet for {list(sources)}")
 
     def _write_predictions(self, split: str) -> None:
-        """A finished source: its table (every process takes part in the gather), written by rank 0."""
+        """A finished source: its table (every process takes part in the gathers), written by rank 0, with the rows
+        that could not be read listed as skipped, each with why."""
         table = self.tables[split].gather()
+        skipped_rows = sorted(int(r) for part in gather_objects(self.skipped[split]) for rows in part for r in rows)
         if self.trainer.is_global_zero:
             self._remove_replaced_run()
-            identities = self.trainer.datamodule.datasets[split].base.identities
-            columns = prediction_table(table, identities, self.split_classnames[split], list(self.methods))
+            source = self.trainer.datamodule.datasets[split].base
+            skipped = {row: source.why_unreadable(row) for row in skipped_rows}
+            columns = prediction_table(
+                table, source.identities, self.split_classnames[split], list(self.methods), skipped
+            )
             write_prediction_table(self.report.results_dir / FOLDER, split, columns)
-            self.prediction_counts[split] = {"rows": len(table["index"]), "total": len(identities)}
+            self.prediction_counts[split] = {
+                "rows": len(table["index"]),
+                "total": len(source.identities),
+                "skipped": {source.identities[row]: why for row, why in skipped.items()},
+            }
         self.results_written = True

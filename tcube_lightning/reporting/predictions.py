@@ -20,24 +20,44 @@ from tcube_lightning.reporting.results import write_atomic
 FOLDER = "predictions"
 IMAGE = "image"
 """The row's identity: the file's path relative to the source folder, or the row's number in an npz or dataset."""
+SKIPPED = "skipped"
+"""Why an image could not be read (and so has no predictions); blank for the others."""
 LEAVE_OUT = ("index", "label", "finite", "flip")
 """Per-sample columns of the test tables that mean nothing here (no labels) or repeat the row's identity."""
 
 
 def prediction_table(
-    table: dict[str, np.ndarray], identities: list[str], classnames: list[str], methods: list[str]
+    table: dict[str, np.ndarray],
+    identities: list[str],
+    classnames: list[str],
+    methods: list[str],
+    skipped: dict[int, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """A source's gathered per-sample table as written: the image; each selected method's predicted class (by name)
-    and its probability; the two models' own (``zeroshot``, ``expert``) if not selected; then JS, λ and the weights."""
-    rows = table["index"].astype(int)
-    columns = {IMAGE: np.asarray(identities, dtype=object)[rows]}
+    and its probability; the two models' own (``zeroshot``, ``expert``) if not selected; then JS, λ and the weights;
+    last, ``skipped``: why an image could not be read (``skipped``: row → why; its other cells empty), else blank.
+    Rows in the source's order."""
+    skipped = skipped or {}
+    rows = np.concatenate([table["index"].astype(int), np.asarray(list(skipped), dtype=int)])
+    order = np.argsort(rows, kind="stable")
+
+    def with_skipped(values: np.ndarray) -> np.ndarray:
+        """The predicted rows' values, then an empty cell (None: blank in the CSV, null in Parquet) per skipped row,
+        in row order."""
+        if not skipped:
+            return values
+        return np.concatenate([values.astype(object), np.full(len(skipped), None, dtype=object)])[order]
+
+    columns = {IMAGE: np.asarray(identities, dtype=object)[rows[order]]}
     predicted = list(dict.fromkeys([*methods, "zeroshot", "expert"]))
     for method in predicted:
-        columns[f"pred/{method}"] = np.asarray(classnames, dtype=object)[table[f"pred/{method}"]]
-        columns[f"prob/{method}"] = table[f"prob/{method}"]
+        columns[f"pred/{method}"] = with_skipped(np.asarray(classnames, dtype=object)[table[f"pred/{method}"]])
+        columns[f"prob/{method}"] = with_skipped(table[f"prob/{method}"])
     for name, values in table.items():
         if name not in LEAVE_OUT and name not in columns:
-            columns[name] = values
+            columns[name] = with_skipped(values)
+    reasons = [""] * (len(rows) - len(skipped)) + list(skipped.values())
+    columns[SKIPPED] = np.asarray(reasons, dtype=object)[order]
     return columns
 
 

@@ -427,7 +427,7 @@ def bad(tmp_path_factory):
         (["--model.clusters=0"], "model.clusters must be >= 1"),
         (['--data.sources={{"f": "{bad}/fractional.npz"}}'], "1 label(s) are not whole class indices (first: 1.5)"),
         (['--data.sources={{"h": "{bad}/hf_empty"}}'], "hf_empty: split 'test' is empty"),
-        (['--data.sources={{"h": "{bad}/no_data"}}'], "no_data: split 'test' is empty"),
+        (['--data.sources={{"h": "{bad}/no_data"}}'], "no_data: no image files (.png, .jpg"),
         (["--model.expert_checkpoint={bad}/notes.txt"], "notes.txt is not a checkpoint file"),
         (
             ['--data.sources={{"h": "{bad}/hf_named"}}'],

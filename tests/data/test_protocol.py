@@ -16,6 +16,7 @@ from helpers import (
     write_modality_data,
 )
 from tcube_lightning.data.datamodule import EvaluationDataModule
+from tcube_lightning.data.images import ImageFolder
 from tcube_lightning.data.modalities import MODALITIES, modality_corruptions
 from tcube_lightning.data.readers import (
     CorruptedOnTheFly,
@@ -93,7 +94,7 @@ def test_on_the_fly_corruption_is_medmnistc_and_reproducible(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet", "imagefolder"])
-def test_hf_dataset_folders(tmp_path, layout):
+def test_hf_dataset_and_image_folders(tmp_path, layout):
     import datasets
 
     images = [Image.fromarray(np.full((28, 28, 3), 20 * i, np.uint8)) for i in range(6)]
@@ -110,7 +111,7 @@ def test_hf_dataset_folders(tmp_path, layout):
         for i, (image, label) in enumerate(zip(images, labels)):
             (folder / "test" / "abc"[label]).mkdir(parents=True, exist_ok=True)
             image.save(folder / "test" / "abc"[label] / f"{i}.png")
-    read = HFImages(folder)
+    read = ImageFolder(folder, labelled=True, split="test") if layout == "imagefolder" else HFImages(folder)
     assert len(read) == 6 and read.classnames == ["a", "b", "c"]
     pairs = sorted((int(np.asarray(img)[0, 0, 0]), label) for img, label in (read[i] for i in range(6)))
     assert pairs == [(20 * i, i % 3) for i in range(6)]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import ARCH, CLASSNAMES, GAMMA, TEMPLATES, cli_args, run_cli_expecting_error
+from helpers import ARCH, CLASSNAMES, GAMMA, TEMPLATES, cli_args, run_cli_expecting_error, write_dicom
 from tcube_lightning.cli.app import main
 from tcube_lightning.evaluation.module import TCubeModule
 from tcube_lightning.reporting.samples import read_table
@@ -70,7 +70,8 @@ def test_predictions_are_what_test_exports_for_the_same_images(clip_pair, npz_ro
     assert [r["pred/t3"] for r in rows] == table["pred/t3"]
     np.testing.assert_allclose([float(r["prob/t3"]) for r in rows], table["prob/t3"], rtol=1e-6)
     summary = json.loads((out / "predictions" / "predictions.json").read_text())
-    assert summary["complete"] and summary["sources"] == {"a": {"rows": 37, "total": 37, "complete": True}}
+    assert summary["complete"]
+    assert summary["sources"] == {"a": {"rows": 37, "total": 37, "skipped": {}, "complete": True}}
     assert summary["methods"] == ["t3", "t3_batch", "dawin_cluster"]
 
 
@@ -127,3 +128,34 @@ def test_an_interrupted_prediction_run_exits_non_zero_and_says_it_is_incomplete(
     assert "stopped by SIGINT before the last source" in capsys.readouterr().err
     assert (out / "predictions" / "a.csv").is_file()  # a finished source's table is whole
     assert not (out / "predictions" / "b.csv").exists() and not (out / "predictions" / "predictions.json").exists()
+
+
+def test_unreadable_images_are_skipped_with_why_and_the_others_predicted(clip_pair, tmp_path):
+    folder = tmp_path / "export"  # a PACS export: DICOM files without a suffix, one of them broken, one a cine loop
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        write_dicom(folder / f"IM{i:04d}", rng.integers(0, 4096, size=(28, 28)).astype(np.uint16))
+    (folder / "IM0002").write_bytes(b"cut short by the export")
+    write_dicom(folder / "IM0009", np.zeros((28, 28), np.uint16), frames=2)
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(folder / "photo.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
+    out = tmp_path / "out"
+    main(predict_args(clip_pair, tmp_path, out, {"scans": "export"}, "--data.dicom=all", "--data.batch_size=2"))
+    summary = json.loads((out / "predictions" / "predictions.json").read_text())
+    source = summary["sources"]["scans"]
+    assert (source["rows"], source["total"], source["complete"]) == (5, 8, True)
+    assert set(source["skipped"]) == {"IM0002", "IM0009", "broken.png"}
+    assert "not a readable DICOM file" in source["skipped"]["IM0002"]
+    assert "a multi-frame DICOM (2 frames" in source["skipped"]["IM0009"]
+    assert "cannot be read as an image" in source["skipped"]["broken.png"]
+    assert summary["dicom"]["scans"]["files"] == 6 and set(summary["dicom"]["scans"]["unreadable"]) == {
+        str(folder / "IM0002"),
+        str(folder / "IM0009"),
+    }
+    rows = read_csv(out / "predictions" / "scans.csv")
+    assert [r["image"] for r in rows] == sorted(p.name for p in folder.iterdir())
+    for row in rows:
+        assert bool(row["skipped"]) == (row["image"] in source["skipped"]) == (row["pred/t3"] == "")
+    table = pq.read_table(out / "predictions" / "scans.parquet").to_pydict()
+    assert [p is None for p in table["prob/t3"]] == [r["skipped"] != "" for r in rows]
