@@ -66,6 +66,9 @@ class RunFolder(SaveConfigCallback):
             discard_own(folder, pl_module.started)
 
 
+INTERRUPTS: list[int] = []
+"""SIGINTs received by this run (Lightning turns the KeyboardInterrupt into an exit status of 1)."""
+
 EXAMPLES = """examples:
   the embedded demo (built by `make demo`):
     main.py test --config configs/demo.yaml
@@ -125,6 +128,17 @@ class TCubeCLI(LightningCLI):
         parser.add_lightning_class_args(self._model_class, "model")
         parser.add_lightning_class_args(self._datamodule_class, "data")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The run; stopped by a signal, it says what it left in its folder and how to complete it (``stopped_by``)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            stopped_by("SIGTERM", signal.SIGTERM, subcommand, self.model)
+        except SystemExit:
+            if INTERRUPTS:
+                stopped_by("SIGINT", signal.SIGINT, subcommand, self.model)
+            raise
+
     def before_instantiate_classes(self) -> None:
         """Paths given on the command line made absolute (those of config files already are: ``main``); one folder
         per run: with model.results_dir, the logger's events (and so config.yaml and hparams.yaml, which go to the
@@ -143,15 +157,14 @@ def main(args: list[str] | None = None) -> TCubeCLI:
     Lightning ends the first with a ``SystemExit`` that would say 0, the second with 1.
     """
     quiet_lightning()
-    interrupted: list[int] = []
+    INTERRUPTS.clear()
 
     def on_sigint(signum: int, frame: object) -> None:
-        interrupted.append(signum)
+        INTERRUPTS.append(signum)
         raise KeyboardInterrupt  # Lightning shuts the run down, then exits 1
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     args = sys.argv[1:] if args is None else args
-    subcommand = next((a for a in args if not a.startswith("-")), "test")
     try:
         return TCubeCLI(
             TCubeModule,
@@ -171,27 +184,27 @@ def main(args: list[str] | None = None) -> TCubeCLI:
     except InputError as err:
         print(f"tcube-lightning: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except SIGTERMException:
-        stopped_by("SIGTERM", signal.SIGTERM, subcommand)
-    except SystemExit:
-        if interrupted:
-            stopped_by("SIGINT", signal.SIGINT, subcommand)
-        raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
 
-def stopped_by(name: str, number: int, subcommand: str) -> NoReturn:
-    """Exit 128 + the signal's number, saying what the stopped run left and how to complete it."""
-    if subcommand == "predict":  # predict cannot resume: each table is written whole
+def stopped_by(name: str, number: int, subcommand: str, module: LightningModule) -> NoReturn:
+    """Exit 128 + the signal's number, saying what the stopped run left in its folder and how to complete it."""
+    report = getattr(module, "report", None)  # the run's folder, once the run has started
+    folder = report.results_dir if report else module.hparams.results_dir
+    written = getattr(module, "results_written", False)
+    if not written:
+        left = "its first split: nothing was written; run it again"
+    elif subcommand == "predict":  # predict cannot resume: each table is written whole
         left = (
-            "source; predictions/ holds the tables of the sources finished so far, and no predictions.json: run "
-            "again with --model.overwrite true to predict every source"
+            f"the last source; {folder}/predictions holds the tables of the sources finished so far, and no "
+            f"predictions.json: run again with --model.overwrite true --model.results_dir {folder} to predict every "
+            "source"
         )
     else:
         left = (
-            "split; results.json holds the splits finished so far (its missing_splits names the rest): run again "
-            "with --model.resume true to complete it"
+            f"the last split; {folder}/results.json holds the splits finished so far (its missing_splits names the "
+            f"rest): run again with --model.resume true --model.results_dir {folder} to complete it"
         )
-    print(f"tcube-lightning: stopped by {name} before the last {left}", file=sys.stderr)
+    print(f"tcube-lightning: stopped by {name} before {left}", file=sys.stderr)
     sys.exit(128 + number)

@@ -44,7 +44,7 @@ class EvaluationParser(LightningArgumentParser):
         if not self.exit_on_error:  # parsing from Python (tests, tools): raise, as jsonargparse does
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        cause = message.strip().splitlines()[0]
+        cause = one_line(message)
         known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
         names = _unknown_names(message)
         close = [match for name in names for match in difflib.get_close_matches(f"--{name}", known, n=1)]
@@ -65,3 +65,11 @@ def _unknown_names(message: str) -> list[str]:
     if not re.search(r"[Uu]nrecognized|not expected|[Nn]o action|does not accept", message):
         return []
     return [name for pattern in UNKNOWN_NAMES for name in re.findall(pattern, message)]
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """jsonargparse's message on one line, its cause included: it names the key on the first line and says what was
+    wrong on the next (``Parser key "model.lambda_weights": Expected a Literal[...]. Got value: foo``); long lists of
+    what was accepted are cut at ``limit`` characters."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import signal
+import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -162,8 +164,8 @@ class EvaluationDataModule(L.LightningDataModule):
         self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag) if flag else None
         """The names of the splits that do not name their own classes (None: every split must)."""
         self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
-        if any("{}" not in t for t in self.templates):
-            raise InputError(f"data.templates: each template needs one '{{}}' for the class name, got {self.templates}")
+        for template in self.templates:
+            check_template(template)
         self.split_key, self.image_size = split_key, image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
@@ -191,6 +193,13 @@ class EvaluationDataModule(L.LightningDataModule):
             check_distinct(name, classnames)
             labels = np.asarray(dataset.labels)
             if not np.issubdtype(labels.dtype, np.integer):
+                missing = np.asarray([v is None or (isinstance(v, float) and math.isnan(v)) for v in labels.tolist()])
+                if missing.any():
+                    raise InputError(
+                        f"split {name!r}: {int(missing.sum())} label(s) are missing (null or NaN; first at row "
+                        f"{int(np.flatnonzero(missing)[0])}); every sample needs a class index 0..{len(classnames) - 1}"
+                    )
+                labels = labels.astype(np.float64)
                 fractional = ~np.isfinite(labels) | (labels != np.round(labels))
                 if fractional.any():
                     raise InputError(
@@ -335,6 +344,7 @@ class EvaluationDataModule(L.LightningDataModule):
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.num_workers > 0,
+                worker_init_fn=leave_sigterm_to_the_main_process,
             )
             for name in self.split_names
         ]
@@ -347,12 +357,34 @@ class EvaluationDataModule(L.LightningDataModule):
         return WholeBatchSampler(dataset, self.batch_size, num_replicas=world_size, rank=self.trainer.global_rank)
 
 
+def leave_sigterm_to_the_main_process(worker: int) -> None:
+    """A DataLoader worker ignores SIGTERM: a scheduler signals the whole process group, and the main process stops
+    the run at the next batch (Lightning), saying how to resume, then ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def check_template(template: str) -> None:
+    """A prompt template has exactly one ``{}``, where the class name goes (a literal brace is ``{{`` or ``}}``)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise InputError(
+            f"data.templates: {template!r} is not a template ({err}); write a literal brace as {{{{ or }}}}"
+        ) from err
+    if fields != [""]:
+        raise InputError(
+            f"data.templates: {template!r} has {len(fields)} replacement field(s) {['{' + f + '}' for f in fields]}; "
+            "each template needs exactly one {} for the class name"
+        )
+
+
 def raise_problems(problems: list[str]) -> None:
     """One error for every problem found (each file that cannot be read named at once), if any."""
     if len(problems) == 1:
         raise InputError(problems[0])
     if problems:
-        raise InputError(f"{len(problems)} problems with the data:\n  - " + "\n  - ".join(problems))
+        listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1))
+        raise InputError(f"{len(problems)} problems with the data: {listed}")
 
 
 def check_distinct(split: str, classnames: list[str]) -> None:

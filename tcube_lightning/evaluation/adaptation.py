@@ -3,6 +3,8 @@ split is evaluated (or once, on ``adamerging.adapt_on``), and its merged model g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import Dataset
 
@@ -22,16 +24,19 @@ def adapt_methods(
     settings: AdaMergingSettings,
     cost: CostMeter,
     logger: Logger | None,
+    check: Callable[[], None],
 ) -> dict[str, dict]:
     """AdaMerging on ``dataset``'s images for every adapted method, classified by the generalist's head of
     ``class_set``: their merged models into the engine; what they learnt, for results.json and (``logger``, given on
-    rank 0 only) TensorBoard. Every process learns the same from the same images."""
+    rank 0 only) TensorBoard. ``check`` runs before every step (``adapt``). Every process learns the same from the same
+    images."""
     store, learnt = engine.store, {}
     for name, method in methods.items():
         with cost.measure(name, len(dataset)):
             images = batches(dataset, settings.batch_size, settings.seed)
             layer_wise = method.adaptation == "layer"
-            adaptation = adapt(store.pretrained, store.expert, engine.pt_heads[class_set], images, layer_wise, settings)
+            head = engine.pt_heads[class_set]
+            adaptation = adapt(store.pretrained, store.expert, head, images, layer_wise, settings, check)
             engine.set_adapted(name, merged_flat(store, adaptation))
         learnt[name] = adaptation.record()
         if logger is not None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.engine.torch_engine import BatchCoefficients, TCubeEngine
@@ -309,7 +310,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
 
     def _adapt(self, split: str, dataset: torch.utils.data.Dataset, class_set: int) -> dict[str, dict]:
         logger = self.logger if self.trainer.is_global_zero else None
-        return adapt_methods(self.engine, self.adapted, split, dataset, class_set, self.adamerging, self.cost, logger)
+        settings, cost = self.adamerging, self.cost
+        return adapt_methods(self.engine, self.adapted, split, dataset, class_set, settings, cost, logger, self._stop)
+
+    def _stop(self) -> None:
+        """Long work inside one batch (AdaMerging's adaptation) stops here when a SIGTERM came, as Lightning's loop
+        stops between batches."""
+        if self.trainer.received_sigterm:
+            raise SIGTERMException
 
     @staticmethod
     def readable(batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import Architecture
-from tcube_lightning.loading.tensorfiles import LOAD_ERRORS
+from tcube_lightning.loading.tensorfiles import LOAD_ERRORS, short_load_error
 
 
 def load_weights_file(architecture: Architecture, path: Path, field: str = "checkpoint") -> nn.Module:
@@ -27,7 +27,7 @@ def load_weights_file(architecture: Architecture, path: Path, field: str = "chec
         if not looks_like_a_checkpoint(path):
             raise not_a_checkpoint(field, path) from err
         raise InputError(
-            f"{field}: {path} could not be loaded into architecture {architecture.label!r}: {err}"
+            f"{field}: {path} could not be loaded into architecture {architecture.label!r}: {short_load_error(err)}"
         ) from err
     return model.eval().requires_grad_(False)
 
@@ -48,7 +48,9 @@ def load_openai_archive(architecture: Architecture, path: Path) -> nn.Module:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
-        raise InputError(f"checkpoint {path} does not fit architecture {architecture.label!r}: {err}") from err
+        raise InputError(
+            f"checkpoint {path} does not fit architecture {architecture.label!r}: {short_load_error(err)}"
+        ) from err
     return model.eval().requires_grad_(False)
 
 

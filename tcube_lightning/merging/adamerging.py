@@ -12,7 +12,7 @@ tensors, recomputed every step, as FusionBench does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,9 +97,11 @@ def adapt(
     images: Iterator[torch.Tensor],
     layer_wise: bool,
     settings: AdaMergingSettings,
+    check: Callable[[], None] = lambda: None,
 ) -> Adaptation:
-    """Learn λ on ``images`` (on the models' device); ``head``: the zero-shot class embeddings that classify. Runs
-    with gradients on, also inside Lightning's test loop, which runs without."""
+    """Learn λ on ``images`` (on the models' device); ``head``: the zero-shot class embeddings that classify;
+    ``check`` is called before each step (it raises to stop the adaptation: a run's SIGTERM). Runs with gradients on,
+    also inside Lightning's test loop, which runs without."""
     device = next(pretrained.parameters()).device
     pt = {n: p for n, p in pretrained.named_parameters() if n.startswith(IMAGE_TOWER)}
     ft = dict(expert.named_parameters())
@@ -111,6 +113,7 @@ def adapt(
         optimiser = torch.optim.Adam([lam], lr=settings.lr)
         curve = []
         for _, batch in zip(range(settings.steps), images):
+            check()
             entropy = mean_entropy(merged_logits(pretrained, base, deltas, lam, batch.to(device), classes, scale))
             optimiser.zero_grad()
             entropy.backward()

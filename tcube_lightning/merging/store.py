@@ -199,8 +199,8 @@ def check_same_parameters(pt_params: dict[str, torch.Tensor], ft_params: dict[st
         if a.shape != b.shape:
             problems.append(f"{name}: pretrained {tuple(a.shape)} vs expert {tuple(b.shape)}")
     if problems:
-        shown = "\n  ".join(sorted(problems)[:10])
+        shown = "; ".join(sorted(problems)[:5])
         raise InputError(
             f"The pretrained and expert models do not have the same parameters ({len(problems)} differences); "
-            f"they must share one architecture. First differences:\n  {shown}"
+            f"they must share one architecture. First differences: {shown}"
         )

@@ -61,6 +61,11 @@ def check_results_dir(results_dir: str | Path, resume: bool, overwrite: bool) ->
         raise InputError(f"model.results_dir: {existing} exists and is not a folder, so {path} cannot be made")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"model.results_dir: {existing} is not writable")
+    if existing != path:  # a folder is made there (permissions alone do not tell: /proc, read-only mounts)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".tcube-probe-", dir=existing))
+        except OSError as err:
+            raise InputError(f"model.results_dir: {path} cannot be made in {existing} ({err.strerror})") from err
     if (path / "results.json").exists() and not (resume or overwrite):
         raise InputError(
             f"model.results_dir: {path} already holds results.json from an earlier run; give --model.resume true to "

@@ -386,6 +386,10 @@ def bad(tmp_path_factory):
     image = Image.fromarray(np.zeros((28, 28, 3), np.uint8))
     named = datasets.Dataset.from_dict({"image": [image] * 2, "label": [0, 1]}, features=features)
     named.save_to_disk(str(root / "hf_named"))
+    unlabelled = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    (root / "hf_null_label").mkdir()
+    missing = datasets.Dataset.from_dict({"image": [image] * 3, "label": [0, 1, None]}, features=unlabelled)
+    missing.to_parquet(str(root / "hf_null_label" / "test.parquet"))
     np.savez(root / "empty.npz", test_images=np.zeros((0, 28, 28, 3), np.uint8), test_labels=np.zeros((0, 1), np.uint8))
     np.savez(
         root / "float.npz", test_images=np.zeros((4, 28, 28, 3), np.float32), test_labels=np.zeros((4, 1), np.uint8)
@@ -435,7 +439,7 @@ def bad(tmp_path_factory):
         ),
         (
             ["--data.root={bad}", "--data.modality=breast", "--data.splits=[in_domain, base_to_novel]"],
-            "4 problems with the data:\n  - data file not found: {bad}/breastmnist_224.npz",
+            "4 problems with the data: (1) data file not found: {bad}/breastmnist_224.npz",
         ),
         (
             ["--model.resume=true", "--model.results_dir={bad}/malformed"],
@@ -452,6 +456,16 @@ def bad(tmp_path_factory):
             "'Circle', ' circle ']",
         ),
         (['--data.sources={{"r": "{bad}/random.npz"}}'], "random.npz: not an npz file (a zip archive of .npy arrays"),
+        (
+            ["--model.lambda_weights=foo"],
+            "Parser key \"model.lambda_weights\": Expected a typing.Literal['pretrained', 'expert']. Got value: foo",
+        ),
+        (["--model.results_dir=/proc/tcube_x"], "model.results_dir: /proc/tcube_x cannot be made in /proc"),
+        (['--data.templates=["a {{}} of a {{}}"]'], "data.templates: 'a {{}} of a {{}}' has 2 replacement field(s)"),
+        (
+            ['--data.sources={{"h": "{bad}/hf_null_label"}}'],
+            "split 'h': 1 label(s) are missing (null or NaN; first at row 2)",
+        ),
     ],
     ids=[
         "lambda-range",
@@ -484,12 +498,19 @@ def bad(tmp_path_factory):
         "grid-unknown-field",
         "repeated-classnames",
         "random-bytes-npz",
+        "lambda-weights",
+        "results-dir-unmakeable",
+        "template-placeholders",
+        "hf-null-label",
     ],
 )
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
     extra = [o.format(bad=bad) for o in overrides]
     args = cli_args(clip_pair, npz_root, tmp_path, f"--model.model_config={bad / 'other-arch.json'}", *extra)
-    assert message.format(bad=bad) in run_cli_expecting_error(args, capsys)
+    said = run_cli_expecting_error(args, capsys)
+    assert message.format(bad=bad) in said.splitlines()[0]  # one line with its cause
+    assert len(said.splitlines()) == 1 or said.splitlines()[1].startswith("See `")  # then, at most, where the help is
+    assert len(said) < 1000  # a summary, not every key of a model
     assert not list(tmp_path.rglob("results.json"))
     assert not list(tmp_path.rglob("version_*"))  # no empty run folder left behind
 

@@ -160,5 +160,32 @@ def test_ctrl_c_stops_the_run_like_sigterm_saying_how_to_resume(clip_pair, npz_r
     with pytest.raises(SystemExit) as stop:
         main(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot]", f"--model.results_dir={out}"))
     assert stop.value.code == 130
-    assert "stopped by SIGINT before the last split" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"stopped by SIGINT before the last split; {out}/results.json holds the splits finished so far" in said
+    assert f"run again with --model.resume true --model.results_dir {out} to complete it" in said
     assert json.loads((out / "results.json").read_text())["missing_splits"] == ["b"]
+
+
+def test_sigterm_during_adamergings_adaptation_stops_within_a_step(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
+    """A real SIGTERM, to this process, while the first split adapts (hundreds of steps inside one batch): the run
+    stops at the next step and says that nothing was written."""
+    from tcube_lightning.evaluation import adaptation
+
+    drawn = []
+
+    def signalling(*args):
+        for step, images in enumerate(original(*args)):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it
+            drawn.append(step)
+            yield images
+
+    original = adaptation.batches
+    monkeypatch.setattr(adaptation, "batches", signalling)
+    out = tmp_path / "results"
+    args = ["--model.methods=[adamerging_task]", "--model.adamerging.steps=500", f"--model.results_dir={out}"]
+    with pytest.raises(SystemExit) as stop:
+        main(cli_args(clip_pair, npz_root, tmp_path, *args))
+    assert stop.value.code == 143 and len(drawn) == 4  # the check before step 4 stopped it
+    assert "stopped by SIGTERM before its first split: nothing was written; run it again" in capsys.readouterr().err
+    assert not out.exists()
