@@ -149,7 +149,10 @@ def test_datamodule_builds_every_split_of_a_modality(tmp_path):
         ({"modality": "breast", "splits": ["in_domain", "ood"]}, "unknown split kind\\(s\\) \\['ood'\\]"),
         ({"modality": "breast", "severities": [0, 6]}, "\\[0, 6\\] outside 1..5"),
         ({}, "give a modality, or sources"),
-        ({"modality": "breast", "templates": ["a photo"]}, "data.templates: each template needs one '\\{\\}'"),
+        (
+            {"modality": "breast", "templates": ["a photo"]},
+            r"data.templates: 'a photo' has 0 replacement field\(s\) \[\]; each template needs exactly one \{\}",
+        ),
     ],
 )
 def test_bad_data_options_are_named(tmp_path, kwargs, message):
