@@ -7,7 +7,7 @@ The LightningModule drives it (devices, metrics, splits); tests use it directly,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -22,7 +22,7 @@ from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import image_side
 from tcube_lightning.loading.lora import LoraAdapter
 from tcube_lightning.merging.coefficients import LambdaMapping
-from tcube_lightning.merging.methods import BatchContext
+from tcube_lightning.merging.methods import BatchContext, Method
 from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
@@ -186,6 +186,18 @@ class TCubeEngine(nn.Module):
                     reference = getattr(merged, encode)(rows[i : i + 1], normalize=True)[0]
                     error = max(error, float((ours[encode][i] - reference).abs().max()))
         return error
+
+    def weight_range(self, methods: Iterable[Method]) -> tuple[float, float] | None:
+        """The expert weights ``methods`` (the dynamic ones) can merge at, a little wider for float32 rounding of λ:
+        what the heads are interpolated over (``prepare``)."""
+        ranges = [
+            self.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
+            for m in methods
+            if m.weight_source is not None
+        ]
+        if not ranges:
+            return None
+        return min(low for low, _ in ranges) - 1e-6, max(high for _, high in ranges) + 1e-6
 
     def samplewise_summary(self) -> dict:
         """Which per-sample path ``prepare`` chose: the pass that runs it, or why the loop does (results.json)."""

@@ -3,8 +3,10 @@ split is evaluated (or once, on ``adamerging.adapt_on``), and its merged model g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
+import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import Dataset
 
@@ -27,18 +29,29 @@ def adapt_methods(
     check: Callable[[], None],
 ) -> dict[str, dict]:
     """AdaMerging on ``dataset``'s images for every adapted method, classified by the generalist's head of
-    ``class_set``: their merged models into the engine; what they learnt, for results.json and (``logger``, given on
-    rank 0 only) TensorBoard. ``check`` runs before every step (``adapt``). Every process learns the same from the same
-    images."""
+    ``class_set``, on ``settings.threads`` CPU threads: their merged models into the engine; what they learnt, for
+    results.json and (``logger``, given on rank 0 only) TensorBoard. ``check`` runs before every step (``adapt``).
+    Every process learns the same from the same images."""
     store, learnt = engine.store, {}
-    for name, method in methods.items():
-        with cost.measure(name, len(dataset)):
-            images = batches(dataset, settings.batch_size, settings.seed)
-            layer_wise = method.adaptation == "layer"
-            head = engine.pt_heads[class_set]
-            adaptation = adapt(store.pretrained, store.expert, head, images, layer_wise, settings, check)
-            engine.set_adapted(name, merged_flat(store, adaptation))
-        learnt[name] = adaptation.record()
-        if logger is not None:
-            log_adaptation(logger, split, name, adaptation)
+    with torch_threads(settings.threads):
+        for name, method in methods.items():
+            with cost.measure(name, len(dataset)):
+                images = batches(dataset, settings.batch_size, settings.seed)
+                layer_wise, head = method.adaptation == "layer", engine.pt_heads[class_set]
+                adaptation = adapt(store.pretrained, store.expert, head, images, layer_wise, settings, check)
+                engine.set_adapted(name, merged_flat(store, adaptation))
+            learnt[name] = adaptation.record()
+            if logger is not None:
+                log_adaptation(logger, split, name, adaptation)
     return learnt
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (None: left as they are) for the block, then given back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

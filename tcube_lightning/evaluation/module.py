@@ -28,10 +28,16 @@ from tcube_lightning.merging.methods import BaselineSettings, build_methods, wit
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED, CostMeter
 from tcube_lightning.reporting.metrics import RunMetrics
-from tcube_lightning.reporting.report import RunReport, load_previous, log_batch_coefficients, split_record
+from tcube_lightning.reporting.report import (
+    RunReport,
+    load_previous,
+    log_batch_coefficients,
+    split_record,
+    trainer_settings,
+)
 from tcube_lightning.reporting.results import jsonable
 from tcube_lightning.reporting.runfolder import clear_earlier_run
-from tcube_lightning.reporting.samples import SampleTable, lambda_column, prediction_columns
+from tcube_lightning.reporting.samples import SampleTable, batch_columns, lambda_column, prediction_columns
 
 quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
 
@@ -165,6 +171,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         default = ["t3"] if self.predicting and hp.methods is None else self.method_families
         families, every = set(default), self._all_methods()
         self.methods = {n: m for n, m in every.items() if m.family in families}
+        if self.predicting:
+            chosen = "as model.methods names them" if hp.methods is not None else "the default; model.methods chooses"
+            rank_zero_info(f"predict runs {list(self.methods)} ({chosen})")
         self.adapted = {n: m for n, m in self.methods.items() if m.is_adapted}
         adapt_on = self.adamerging.adapt_on if self.adapted else None
         if adapt_on is not None and adapt_on not in data.split_names:
@@ -177,7 +186,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         }
         self.all_split_names = data.split_names
         run_keys = {k: v for k, v in hp.items() if k[0] != "_" and k not in ("resume", "overwrite")}
-        self.run_config = jsonable({"model": run_keys, "data": data.hparams})
+        self.run_config = jsonable({"model": run_keys, "data": data.hparams, "trainer": trainer_settings(self.trainer)})
         self.previous = load_previous(hp.results_dir, self.run_config) if hp.resume else {}
         for split in self.previous:
             data.drop_split(split)
@@ -247,7 +256,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
         static_rules = {n: m.static_rule for n, m in self.methods.items() if m.is_static}
         extremes = hp.diagnose_extremes and "t3" in self.methods
-        path = self.engine.prepare(static_rules, extremes=extremes, weight_range=self._weight_range())
+        path = self.engine.prepare(
+            static_rules, extremes=extremes, weight_range=self.engine.weight_range(self.methods.values())
+        )
         self.report.details["heads"] = self.engine.head_summary
         self.report.details["models"] = self.models_record
         self.report.details["samplewise"] = summary = self.engine.samplewise_summary()
@@ -264,17 +275,6 @@ class TCubeModule(PredictHooks, L.LightningModule):
         descriptions = {m.name: m.description for m in self.methods.values()}
         settings = (self.all_split_names, descriptions, self.run_config, self.hparams.mce_reference, self.previous)
         return RunReport(results_dir, *settings, export=self.hparams.export_samples)
-
-    def _weight_range(self) -> tuple[float, float] | None:
-        """The expert weights the dynamic methods can merge at (a little wider, for float32 rounding of λ)."""
-        ranges = [
-            self.engine.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
-            for m in self.methods.values()
-            if m.weight_source is not None
-        ]
-        if not ranges:
-            return None
-        return min(low for low, _ in ranges) - 1e-6, max(high for _, high in ranges) + 1e-6
 
     def _lambda_spread(self) -> tuple[float, tuple[float, float]] | None:
         """The λ-spread warning's threshold and λ's reachable range where T³ is evaluated, else None (no warning)."""
@@ -340,17 +340,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
         # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
         step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
         self.batches_seen[split] += 1
-        lambdas = {lambda_column(label): lam for label, lam in shared.lambdas.items()}
-        if self.logger is not None:
-            log_batch_coefficients(self.logger, split, step, {**lambdas, "js": shared.js}, self.trainer.is_global_zero)
         # The samples' positions in the split: predicting, the rows' own numbers (unreadable rows are left out).
         first = step * self.trainer.datamodule.batch_size
         index = labels if self.predicting else first + torch.arange(len(labels), device=labels.device)
-        columns = {"index": index, "label": labels, "finite": shared.finite, "js": shared.js, **lambdas}
-        for name, method in self.weight_methods.items():
-            columns[f"w/{name}"] = method.merge_weights(contexts[method.setting])
-        for name, logits in (("zeroshot", shared.pt_logits), ("expert", shared.ft_logits)):
-            columns |= prediction_columns(name, logits.float().softmax(-1))
+        weights = {name: method.merge_weights(contexts[method.setting]) for name, method in self.weight_methods.items()}
+        columns = batch_columns(index, labels, shared, weights)
+        if self.logger is not None:
+            scalars = {name: columns[name] for name in (*map(lambda_column, shared.lambdas), "js")}
+            log_batch_coefficients(self.logger, split, step, scalars, self.trainer.is_global_zero)
         return columns
 
     # ------------------------------------------------------------- split ends

@@ -39,6 +39,9 @@ class AdaMergingSettings:
         seed: Seed of the order the images are drawn in.
         adapt_on: A split to adapt on once, whose coefficients every split then uses; None: each split adapts on
             its own images before its evaluation (the method's transductive protocol).
+        threads: torch's CPU threads during the adaptation; None keeps the run's. On a machine other work keeps
+            busy, torch's default (one per core) can run each step an order of magnitude slower than one thread
+            (benchmarks/bench_adamerging.py): give 1 there.
     """
 
     steps: int = 500
@@ -48,6 +51,7 @@ class AdaMergingSettings:
     clamp: bool = True
     seed: int = 0
     adapt_on: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         problems = [
@@ -59,6 +63,8 @@ class AdaMergingSettings:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not math.isfinite(self.init):
             problems.append(f"init must be finite, got {self.init}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1 (or null: the run's), got {self.threads}")
         if problems:
             raise InputError("model.adamerging: " + "; ".join(problems))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -99,10 +100,25 @@ def mixture_summary(mixture: BetaMixture) -> dict:
 RESUME_IGNORES = {
     "model": ("results_dir", "plots", "samplewise", "compile", "cache_dir", "min_lambda_spread"),
     "data": ("num_workers", "pin_memory", "corruption_cache"),
+    "trainer": (),
 }
 """Settings that do not change a run's numbers (where files go, how fast, what is drawn or warned about; the
 sample-wise paths and compiled forwards agree to float rounding): resume accepts an earlier run that differs in
-these. Every other model and data setting must be the same."""
+these. Every other model and data setting must be the same, and so must the Trainer's that change numbers
+(``NUMERIC_TRAINER_SETTINGS``)."""
+NUMERIC_TRAINER_SETTINGS = ("precision", "deterministic", "benchmark")
+"""The Trainer's settings that change a run's numbers (recorded in results.json's config.trainer): its precision
+(bf16 and float32 logits differ), deterministic algorithms and cuDNN's benchmark (another kernel, other rounding). The
+process and device counts do not: 1 and N processes give the same results."""
+
+
+def trainer_settings(trainer: Trainer) -> dict[str, Any]:
+    """The Trainer's settings that change a run's numbers (``NUMERIC_TRAINER_SETTINGS``), as this run has them."""
+    return {
+        "precision": str(trainer.precision),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "benchmark": bool(torch.backends.cudnn.benchmark),
+    }
 
 
 def resume_relevant(config: dict) -> dict:
@@ -142,10 +158,12 @@ def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
         return {}
     previous = read_results(path)
     old, new = resume_relevant(previous["config"]), resume_relevant(run_config)
+    if "trainer" not in previous["config"]:  # written before the Trainer's settings were recorded: not known
+        new["trainer"] = old["trainer"]
     if old != new:
         differing = sorted(
             f"{group}.{key}"
-            for group in ("model", "data")
+            for group in RESUME_IGNORES
             for key in set(old[group]) | set(new[group])
             if old[group].get(key) != new[group].get(key)
         )
@@ -235,7 +253,7 @@ class RunReport:
     def write(self) -> tuple[Path, Path]:
         results = self.results()
         paths = write_results(self.results_dir, results)
-        write_summary(self.results_dir, self.summary_rows(results))
+        write_summary(self.results_dir, self.summary_rows(results), results["missing_splits"])
         order = [s for s in self.split_order if s in self.tables]
         write_atomic(self.results_dir / ANALYSIS_FILE, npz_bytes(flatten_tables({s: self.tables[s] for s in order})))
         return paths
@@ -243,7 +261,7 @@ class RunReport:
     @staticmethod
     def summary_rows(results: dict) -> list[dict]:
         errors = results.get("corruption_errors", {}).get("ce", {})
-        return summary_rows(results["accuracy"], errors, results.get("partial_splits", {}))
+        return summary_rows(results["accuracy"], errors, results.get("partial_splits", {}), results["missing_splits"])
 
     def finish(
         self,

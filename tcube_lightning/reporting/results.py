@@ -101,6 +101,9 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
     results_dir = Path(results_dir)
     json_path, md_path = results_dir / "results.json", results_dir / "results.md"
     markdown = ""
+    if results.get("missing_splits"):
+        markdown += "## Missing splits\n\nThe run stopped before these splits: every mean and CE here leaves them out "
+        markdown += f"(resume completes them): {', '.join(results['missing_splits'])}\n\n"
     if results.get("partial_splits"):
         markdown += "## Partial results\n\nFewer samples were evaluated than these splits hold:\n\n"
         markdown += "".join(f"- {s}: {n['evaluated']} of {n['total']}\n" for s, n in results["partial_splits"].items())
@@ -173,18 +176,29 @@ def corruption_errors(accuracy: dict[str, dict[str, float]], reference: str) -> 
 
 
 def summary_rows(
-    accuracy: dict[str, dict[str, float]], errors: dict[str, dict[str, float]], partial: dict | None = None
+    accuracy: dict[str, dict[str, float]],
+    errors: dict[str, dict[str, float]],
+    partial: dict | None = None,
+    missing: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
     top-1 over the corrupted splits, and mCE. A column from fewer samples than its splits hold says so in its
-    name (``a (partial 64/498)``, ``corrupted_mean (partial)``), so that no summary file passes for complete."""
+    name (``a (partial 64/498)``, ``corrupted_mean (partial)``), and a mean over fewer corrupted splits than the run
+    has (``missing``: an interrupted run's) says how many (``corrupted_mean (5 of 10 splits)``), so that no summary
+    file passes for complete."""
     partial = partial or {}
     corrupted = [s for s in accuracy if is_corrupted(s)]
     plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
     columns = {
         s: f"{s} (partial {partial[s]['evaluated']}/{partial[s]['total']})" if s in partial else s for s in plain
     }
-    suffix = " (partial)" if set(corrupted) & set(partial) else ""
+    not_done = [s for s in missing or () if is_corrupted(s)]
+    suffix = "".join(
+        [
+            f" ({len(corrupted)} of {len(corrupted) + len(not_done)} splits)" if not_done else "",
+            " (partial)" if set(corrupted) & set(partial) else "",
+        ]
+    )
     rows = []
     for method in next(iter(accuracy.values()), {}):
         row: dict[str, Any] = {"method": method}
@@ -197,8 +211,9 @@ def summary_rows(
     return rows
 
 
-def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """summary.md, summary.csv and summary.json (accuracies in percent in the Markdown table)."""
+def write_summary(results_dir: str | Path, rows: list[dict[str, Any]], missing: list[str] | None = None) -> list[Path]:
+    """summary.md, summary.csv and summary.json (accuracies in percent in the Markdown table); summary.md names the
+    splits an interrupted run still lacks under its table."""
     results_dir = Path(results_dir)
     columns = list(rows[0]) if rows else ["method"]
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
@@ -210,6 +225,8 @@ def write_summary(results_dir: str | Path, rows: list[dict[str, Any]]) -> list[P
     writer.writeheader()
     writer.writerows(rows)
     paths = [results_dir / "summary.md", results_dir / "summary.csv", results_dir / "summary.json"]
+    if missing:
+        lines += ["", f"Missing splits (not evaluated yet, left out of every mean): {', '.join(missing)}"]
     write_atomic(paths[0], "\n".join(lines) + "\n")
     write_atomic(paths[1], buffer.getvalue())
     write_atomic(paths[2], json.dumps(rows, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tcube_lightning.engine.torch_engine import BatchCoefficients
 from tcube_lightning.reporting.metrics import gather_objects
 
 INDEX = "index"
@@ -32,6 +33,19 @@ def prediction_columns(method: str, probs: torch.Tensor) -> dict[str, torch.Tens
     """A method's predicted class and that class's probability, per sample."""
     top = probs.max(-1)
     return {f"pred/{method}": top.indices, f"prob/{method}": top.values}
+
+
+def batch_columns(
+    index: torch.Tensor, labels: torch.Tensor, shared: BatchCoefficients, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A batch's columns from its shared forwards: index, label, finite, JS, λ per setting, each dynamic method's
+    expert weight (``weights``, by method), and the two models' own predictions."""
+    lambdas = {lambda_column(label): lam for label, lam in shared.lambdas.items()}
+    columns = {"index": index, "label": labels, "finite": shared.finite, "js": shared.js, **lambdas}
+    columns |= {f"w/{name}": w for name, w in weights.items()}
+    for name, logits in (("zeroshot", shared.pt_logits), ("expert", shared.ft_logits)):
+        columns |= prediction_columns(name, logits.float().softmax(-1))
+    return columns
 
 
 def is_analysis_column(name: str) -> bool:

@@ -43,7 +43,7 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def test_predictions_are_what_test_exports_for_the_same_images(clip_pair, npz_root, tmp_path):
+def test_predictions_are_what_test_exports_for_the_same_images(clip_pair, npz_root, tmp_path, caplog):
     exported = tmp_path / "test"
     main(
         cli_args(
@@ -73,6 +73,8 @@ def test_predictions_are_what_test_exports_for_the_same_images(clip_pair, npz_ro
     assert summary["complete"]
     assert summary["sources"] == {"a": {"rows": 37, "total": 37, "skipped": {}, "complete": True}}
     assert summary["methods"] == ["t3", "t3_batch", "dawin_cluster"]
+    said = [record.getMessage() for record in caplog.records]
+    assert "predict runs ['t3', 't3_batch', 'dawin_cluster'] (as model.methods names them)" in said
 
 
 def test_an_image_folder_nested_or_flat_keeps_every_files_path(clip_pair, tmp_path):

@@ -152,3 +152,24 @@ def test_the_command_line_records_what_was_learnt(clip_pair, npz_root, tmp_path,
     assert "model.adamerging.adapt_on: 'c' is not a split of this run" in run_cli_expecting_error(bad, capsys)
     steps = cli_args(clip_pair, npz_root, tmp_path / "bad", *extra, "--model.adamerging.steps=0")
     assert "model.adamerging: steps must be >= 1, got 0" in run_cli_expecting_error(steps, capsys)
+
+
+def test_the_adaptation_runs_on_the_threads_asked_for_and_gives_them_back(clip_pair, npz_root, tmp_path, monkeypatch):
+    from tcube_lightning.evaluation import adaptation
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    original = adaptation.adapt
+    monkeypatch.setattr(adaptation, "adapt", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        extra = ("--model.methods=[adamerging_task]", "--model.adamerging.steps=1", "--model.adamerging.threads=1")
+        run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # splits a and b on one thread; the run's given back
+    finally:
+        torch.set_num_threads(before)

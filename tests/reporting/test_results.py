@@ -57,6 +57,18 @@ def test_summary_rows_and_files(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())[0]["mCE"] == 1.0
 
 
+def test_means_over_fewer_splits_than_the_run_has_say_so(tmp_path):
+    """An interrupted run: its corrupted mean and mCE come from the splits done, which their names say, and the
+    summary names the splits missing."""
+    missing = ["blur@3", "noise@3", "base_to_novel"]
+    rows = summary_rows(ACCURACY, {"t3": {"mCE": 0.75}}, missing=missing)
+    assert set(rows[1]) == {"method", "in_domain", "corrupted_mean (3 of 5 splits)", "mCE (3 of 5 splits)"}
+    write_summary(tmp_path, rows, missing)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| method | in_domain | corrupted_mean (3 of 5 splits) | mCE (3 of 5 splits) |" in text
+    assert "Missing splits (not evaluated yet, left out of every mean): blur@3, noise@3, base_to_novel" in text
+
+
 def test_results_files_are_readable_like_other_files(tmp_path):
     previous = os.umask(0o022)
     try:

@@ -164,6 +164,8 @@ def test_ctrl_c_stops_the_run_like_sigterm_saying_how_to_resume(clip_pair, npz_r
     assert f"stopped by SIGINT before the last split; {out}/results.json holds the splits finished so far" in said
     assert f"run again with --model.resume true --model.results_dir {out} to complete it" in said
     assert json.loads((out / "results.json").read_text())["missing_splits"] == ["b"]
+    assert "## Missing splits\n\nThe run stopped before these splits" in (out / "results.md").read_text()
+    assert "Missing splits (not evaluated yet, left out of every mean): b" in (out / "summary.md").read_text()
 
 
 def test_sigterm_during_adamergings_adaptation_stops_within_a_step(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
@@ -189,3 +191,24 @@ def test_sigterm_during_adamergings_adaptation_stops_within_a_step(clip_pair, np
     assert stop.value.code == 143 and len(drawn) == 4  # the check before step 4 stopped it
     assert "stopped by SIGTERM before its first split: nothing was written; run it again" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_refuses_a_run_whose_numbers_would_differ_naming_the_trainer_setting(
+    clip_pair, npz_root, tmp_path, capsys, monkeypatch
+):
+    original = TCubeModule.test_step
+
+    def interrupted_in_split_b(self, batch, batch_idx, dataloader_idx=0):
+        original(self, batch, batch_idx, dataloader_idx)
+        if dataloader_idx == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TCubeModule, "test_step", interrupted_in_split_b)
+    out = tmp_path / "results"
+    args = cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot]", f"--model.results_dir={out}")
+    with pytest.raises(SystemExit):
+        main([*args, "--trainer.precision=bf16-mixed"])
+    assert json.loads((out / "results.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"
+    monkeypatch.setattr(TCubeModule, "test_step", original)
+    said = run_cli_expecting_error([*args, "--trainer.precision=32-true", "--model.resume=true"], capsys)
+    assert "was written with another configuration (differs in ['trainer.precision'])" in said
