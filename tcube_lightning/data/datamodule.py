@@ -18,6 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from tcube_lightning.data.images import DicomFiles, ImageFolder
+from tcube_lightning.data.mixing import build_mixes
 from tcube_lightning.data.modalities import get_modality, known_corruptions, modality_corruptions
 from tcube_lightning.data.readers import (
     SEVERITIES,
@@ -52,7 +53,8 @@ def medmnist_classnames(flag: str) -> list[str]:
 
 
 class Preprocessed(Dataset):
-    """A reader's (PIL image, label, …) samples through the CLIP preprocessing transform."""
+    """A reader's samples through the CLIP preprocessing transform, as the batches' fields: ``image`` and ``label``
+    from a (PIL image, label) pair, or a reader's own fields (``UnlabelledImages``: ``readable`` too)."""
 
     def __init__(self, base: Dataset, transform) -> None:
         self.base, self.transform = base, transform
@@ -60,9 +62,11 @@ class Preprocessed(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple:
-        image, *rest = self.base[index]
-        return self.transform(image), *rest
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        sample = dict(zip(("image", "label"), sample)) if isinstance(sample, tuple) else dict(sample)
+        sample["image"] = self.transform(sample["image"])
+        return sample
 
 
 class EvaluationDataModule(L.LightningDataModule):
@@ -103,6 +107,9 @@ class EvaluationDataModule(L.LightningDataModule):
             file that is not a PNG, JPEG, TIFF, …: a PACS export's files often have no suffix).
         dicom_windowing: Apply a DICOM file's VOI LUT or window (Window Center/Width), as viewers display it; false
             maps the modality values' whole range to 8 bits.
+        mixes: Mixed splits: a new split's name → the run's splits it mixes, by name or shell pattern, e.g.
+            ``{stream: [in_domain, '*@*']}`` (every corrupted split); shuffled once with ``seed`` into one split whose
+            batches mix them, every sample with its own class set (``mixing.py``). ``test`` only.
     """
 
     def __init__(
@@ -129,6 +136,7 @@ class EvaluationDataModule(L.LightningDataModule):
         corruption_cache: str | None = None,
         dicom: DicomFiles = "suffix",
         dicom_windowing: bool = True,
+        mixes: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged with the final metrics, by the module
@@ -153,6 +161,7 @@ class EvaluationDataModule(L.LightningDataModule):
         if dicom not in ("suffix", "all"):
             raise InputError(f"data.dicom must be 'suffix' or 'all', got {dicom!r}")
         self.dicom, self.dicom_windowing = dicom, dicom_windowing
+        self.mixes = dict(mixes or {})
         flag = flag or (self.modality.medmnist_flag if self.modality else None)
         self.root, self.flag, self.size = Path(root), flag, size
         self.kinds = list(splits or SPLIT_KINDS) if self.modality else []
@@ -187,6 +196,8 @@ class EvaluationDataModule(L.LightningDataModule):
             return
         transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
         if stage == "predict":
+            if self.mixes:
+                raise InputError("data.mixes: mixed splits are evaluated by test; predict reads each source as it is")
             self._setup_unlabelled(transform)
             return
         for name, (dataset, classnames) in self._read_splits().items():
@@ -216,6 +227,7 @@ class EvaluationDataModule(L.LightningDataModule):
             self.split_classnames[name] = classnames
             if getattr(dataset, "dicom", None):
                 self.dicom_records[name] = dataset.dicom
+        self.datasets.update(build_mixes(self.mixes, self.datasets, self.split_classnames, self.seed))
 
     def _setup_unlabelled(self, transform: Callable) -> None:
         """predict: every source as unlabelled images (each row named in ``identities``), all predicted among the

@@ -1,7 +1,8 @@
 """Unlabelled images, for ``predict``: an image folder (flat, or nested without class meaning: every image file in
 it, DICOM included, named by its path relative to the folder), a MedMNIST-style npz without labels (its
 ``{split}_images``; labels it may have are not read) and a Hugging Face dataset without a label column. Each sample is
-(RGB PIL image, row, readable): an image that cannot be read is skipped, not fatal, and ``why_unreadable`` says why."""
+``image``, ``label`` (its row) and ``readable``: an image that cannot be read is skipped, not fatal, and
+``why_unreadable`` says why."""
 
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ class UnlabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.identities)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int, bool]:
-        """(image, row, True), or a blank image and False where the image cannot be read."""
+    def __getitem__(self, index: int) -> dict:
+        """The image and its row, readable; or a blank image, not readable, where the image cannot be read."""
         try:
-            return self.load(index), index, True
+            return {"image": self.load(index), "label": index, "readable": True}
         except UNREADABLE:
-            return Image.new("RGB", (1, 1)), index, False
+            return {"image": Image.new("RGB", (1, 1)), "label": index, "readable": False}
 
     def why_unreadable(self, index: int) -> str:
         """Why row ``index`` cannot be read (asked again where the batch said so: cheap, and the same answer)."""

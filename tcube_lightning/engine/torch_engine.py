@@ -246,17 +246,25 @@ class TCubeEngine(nn.Module):
         return BatchCoefficients(pt_logits, ft_logits, finite, js, lambdas, weights)
 
     def context(
-        self, images: torch.Tensor, batch: BatchCoefficients, class_set: int, setting: str = ""
+        self,
+        images: torch.Tensor,
+        batch: BatchCoefficients,
+        class_set: int,
+        setting: str = "",
+        batch_weights: torch.Tensor | None = None,
     ) -> BatchContext:
-        """What every method's ``predict`` receives for this batch, with the T³ weights of ``setting``."""
+        """What every method's ``predict`` receives for this batch, with the T³ weights of ``setting``;
+        ``batch_weights``: those of the whole batch where these rows are a part of it (a mixed split's group)."""
+        weights = batch.weights[setting]
         return BatchContext(
             images,
             batch.pt_logits,
             batch.ft_logits,
-            batch.weights[setting],
+            weights,
             partial(self.merged_logits, class_set=class_set),
             partial(self.sample_merged_logits, class_set=class_set),
             partial(self.static_logits, class_set=class_set),
+            weights if batch_weights is None else batch_weights,
         )
 
     @torch.no_grad()

@@ -6,12 +6,15 @@ Pass 1's pretrained and expert forwards are not repeated."""
 from __future__ import annotations
 
 import itertools
+import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tcube_lightning.engine.torch_engine import BatchCoefficients
+from tcube_lightning.evaluation.batches import class_set_groups
 from tcube_lightning.merging.coefficients import fit_beta_mixture
 from tcube_lightning.merging.methods import Method
 from tcube_lightning.reporting.metrics import gather_from_all_ranks
@@ -38,10 +41,13 @@ class ClusteredPass:
         self.summaries: dict[str, dict[str, dict]] = {s: {} for s in splits}
         """Each split's fitted mixtures, by method, for results.json."""
 
-    def keep(self, split: str, index: torch.Tensor, shared: BatchCoefficients) -> None:
-        """A batch of pass 1: what pass 2 needs of its samples."""
+    def keep(self, split: str, index: torch.Tensor, shared: BatchCoefficients, width: int) -> None:
+        """A batch of pass 1 (or a mixed batch's group): what pass 2 needs of its samples. The logits of a mix's
+        narrower class sets are padded with −inf to the split's ``width``: zero probability, so the coefficients
+        (entropies, confidences) are those of each sample's own classes."""
         if self.methods:
-            values = {"index": index, "pt": shared.pt_logits, "ft": shared.ft_logits, **shared.weights}
+            pt, ft = (F.pad(x, (0, width - x.shape[1]), value=-math.inf) for x in (shared.pt_logits, shared.ft_logits))
+            values = {"index": index, "pt": pt, "ft": ft, **shared.weights}
             for key, value in values.items():
                 self.cache[split][key].append(value.detach())
 
@@ -74,20 +80,21 @@ class ClusteredPass:
     def _predict(self, module: TCubeModule, index: int, assignments: dict, means: dict, rows: torch.Tensor) -> None:
         """Every local sample through the model merged at its component's mean, into the metrics and the table."""
         split = module.split_names[index]
-        class_set = module.split_class_set[split]
         trainer, offset = module.trainer, 0
         loaders = trainer.predict_dataloaders if module.predicting else trainer.test_dataloaders
         # Only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early.
         for batch in itertools.islice(loaders[index], module.batches_seen[split]):
-            images, labels = module.readable(module.transfer_batch_to_device(batch, module.device, index))
-            if not len(labels):  # predicting, a batch of unreadable images only
-                continue
-            local = slice(offset, offset + len(labels))
-            columns = {"index": rows[local]}
-            for name in self.methods:
-                weights = means[name][assignments[name][local]]
-                with module.cost.measure(name, len(labels)):
-                    logits = module.engine.grouped_logits(images, weights, class_set)
-                columns |= {f"w/{name}": weights} | module.update_metrics(split, name, logits, labels)
-            module.tables[split].add(columns)
-            offset += len(labels)
+            batch = module.readable(module.transfer_batch_to_device(batch, module.device, index))
+            groups = class_set_groups(module.class_sets[split], batch.get("source"))  # pass 1's order
+            for class_set, group in groups:
+                images, labels = batch["image"][group], batch["label"][group]
+                source = batch["source"][group] if "source" in batch else None
+                local = slice(offset, offset + len(labels))
+                columns = {"index": rows[local]}
+                for name in self.methods:
+                    weights = means[name][assignments[name][local]]
+                    with module.cost.measure(name, len(labels)):
+                        logits = module.engine.grouped_logits(images, weights, class_set)
+                    columns |= {f"w/{name}": weights} | module.update_metrics(split, name, logits, labels, source)
+                module.tables[split].add(columns)
+                offset += len(labels)

@@ -14,30 +14,33 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tcube_lightning.data.splitnames import is_corrupted
-from tcube_lightning.engine.torch_engine import BatchCoefficients, TCubeEngine
+from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
 from tcube_lightning.errors import InputError
 from tcube_lightning.evaluation.adaptation import adapt_methods
+from tcube_lightning.evaluation.batches import evaluate_batch
 from tcube_lightning.evaluation.clustered import ClusteredPass
 from tcube_lightning.evaluation.options import check_prediction_options, check_run_options, method_families
 from tcube_lightning.evaluation.predicting import PredictHooks
+from tcube_lightning.evaluation.splits import mixed_or_plain, one_class_set, split_sources
 from tcube_lightning.loading import plan_models
 from tcube_lightning.merging.adamerging import AdaMergingSettings
 from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, grid_mappings
 from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.quiet import quiet_lightning
-from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED, CostMeter
+from tcube_lightning.reporting.cost import CostMeter
+from tcube_lightning.reporting.deferral import coverage_columns, deferral
 from tcube_lightning.reporting.metrics import RunMetrics
 from tcube_lightning.reporting.report import (
     RunReport,
     load_previous,
-    log_batch_coefficients,
+    mix_record,
     split_record,
     trainer_settings,
 )
 from tcube_lightning.reporting.results import jsonable
 from tcube_lightning.reporting.runfolder import clear_earlier_run
-from tcube_lightning.reporting.samples import SampleTable, batch_columns, lambda_column, prediction_columns
+from tcube_lightning.reporting.samples import SampleTable, prediction_columns
 
 quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
 
@@ -178,8 +181,17 @@ class TCubeModule(PredictHooks, L.LightningModule):
         adapt_on = self.adamerging.adapt_on if self.adapted else None
         if adapt_on is not None and adapt_on not in data.split_names:
             raise InputError(f"model.adamerging.adapt_on: {adapt_on!r} is not a split of this run: {data.split_names}")
-        self.adapt_on = (adapt_on, data.datasets[adapt_on], list(data.split_classnames[adapt_on])) if adapt_on else None
+        if adapt_on is not None:  # AdaMerging's entropy is over one class set's head
+            why = "model.adamerging.adapt_on: AdaMerging adapts with one class set's zero-shot head"
+            names = one_class_set(adapt_on, split_sources(adapt_on, data), why)
+            self.adapt_on = (adapt_on, data.datasets[adapt_on], names)
+        else:
+            self.adapt_on = None
         """(split, its data, its class names, replaced by its class set's index below) to adapt on once."""
+        if self.adapted and adapt_on is None:
+            why = "AdaMerging adapts on each split with one class set's zero-shot head (model.adamerging.adapt_on: one)"
+            for split in data.split_names:
+                one_class_set(split, split_sources(split, data), why)
         # Per-sample weights kept for the analysis whether evaluated or not (cheap: the shared forwards give them).
         self.weight_methods = {
             n: m for n, m in every.items() if m.merge_weights and (m.per_sample or m.family in families)
@@ -197,14 +209,21 @@ class TCubeModule(PredictHooks, L.LightningModule):
                 self._new_report(Path(hp.results_dir)).finish(self.logger, hp.plots, self._lambda_spread())
             return
         self._check_data_fits(data)
-        # Splits can differ in their classes (base-to-novel): one prompt set, and head, per class list.
-        self.split_classnames = {s: list(data.split_classnames[s]) for s in self.split_names}
-        class_sets = list(dict.fromkeys(tuple(data.split_classnames[s]) for s in self.split_names))
-        if self.adapt_on is not None:  # its head classifies the adaptation, also when resume left the split out
-            class_sets = list(dict.fromkeys([*class_sets, tuple(self.adapt_on[2])]))
-            self.adapt_on = (*self.adapt_on[:2], class_sets.index(tuple(self.adapt_on[2])))
-        self.split_class_set = {s: class_sets.index(tuple(data.split_classnames[s])) for s in self.split_names}
+        # Splits can differ in their classes (base-to-novel), a mix's sources too: one prompt set, and head, per class
+        # list; each split's sources (itself, or a mix's) with their class names and labels.
+        self.split_sources = {s: split_sources(s, data) for s in self.split_names}
+        self.split_classnames = {s: mixed_or_plain(self.split_sources[s]) for s in self.split_names}
+        names = [tuple(source.classnames) for s in self.split_names for source in self.split_sources[s]]
+        adapt_names = [tuple(self.adapt_on[2])] if self.adapt_on is not None else []  # also when resume left it out
+        class_sets = list(dict.fromkeys([*names, *adapt_names]))
+        if self.adapt_on is not None:
+            self.adapt_on = (*self.adapt_on[:2], class_sets.index(adapt_names[0]))
+        self.class_sets = {
+            s: [class_sets.index(tuple(x.classnames)) for x in self.split_sources[s]] for s in self.split_names
+        }
+        """Each split's sources' class sets: one for a plain split, one per source split for a mix."""
         self.class_counts = [len(names) for names in class_sets]
+        self.widths = {s: max(self.class_counts[c] for c in sets) for s, sets in self.class_sets.items()}
         loaded = self.model_plan.load()
         self.models_record = loaded.record
         tokenizer = self.model_plan.architecture.tokenizer()
@@ -222,7 +241,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
             hp.head_tolerance,
         )
         labelled = [] if self.predicting else self.split_names  # predicting: no labels, no metrics
-        splits = {s: (self.class_counts[self.split_class_set[s]], data.datasets[s].base.labels) for s in labelled}
+        splits = {s: [(x.name, len(x.classnames), x.labels) for x in self.split_sources[s]] for s in labelled}
         self.metrics = RunMetrics(splits, list(self.methods))
         # Every sample's values (gathered from all processes at the split's end): exact, order-free statistics,
         # the quadrants, the analysis figures and the export.
@@ -281,32 +300,26 @@ class TCubeModule(PredictHooks, L.LightningModule):
         return (self.hparams.min_lambda_spread, self.mapping.lambda_range()) if "t3" in self.methods else None
 
     # ------------------------------------------------------------------ steps
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(*batch, dataloader_idx)
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, dataloader_idx: int) -> None:
-        """One batch of a split: every method's predictions, into the metrics and the split's per-sample table.
-        Predicting, ``labels`` are the rows' numbers in their source (their identities), and go to no metric."""
+    def _step(self, batch: dict, dataloader_idx: int) -> None:
+        """One batch of a split: every method's predictions, into the metrics and the split's per-sample table
+        (``batches.evaluate_batch``). Predicting, ``label`` is the row's number in its source (its identity)."""
         self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
         split = self.split_names[dataloader_idx]
-        class_set = self.split_class_set[split]
         if self.adapted and self.adapt_on is None and self.batches_seen[split] == 0:  # before the split's first batch
-            self.adaptations[split] = self._adapt(split, self.trainer.datamodule.datasets[split], class_set)
-        with self.cost.measure(SHARED, len(labels)):
-            shared = self.engine.coefficients(images, class_set)
-        contexts = {label: self.engine.context(images, shared, class_set, label) for label in shared.weights}
-        columns = self._sample_columns(split, shared, contexts, labels)
-        for name, method in self.methods.items():
-            if not method.is_clustered:  # those predict in the second pass
-                with self.cost.measure(name, len(labels)):
-                    logits = method.logits(contexts[method.setting])
-                columns |= self.update_metrics(split, name, logits, labels)
-        self.clustered.keep(split, columns["index"], shared)
-        with self.cost.measure(DIAGNOSTICS if self.engine.extreme_weights else None, len(labels)):
-            extremes = self.engine.extreme_predictions(images, class_set)
-        if extremes is not None:
-            columns["flip"] = extremes[0] != extremes[1]
-        self.tables[split].add(columns)
+            dataset = self.trainer.datamodule.datasets[split]
+            self.adaptations[split] = self._adapt(split, dataset, self.class_sets[split][0])
+        evaluate_batch(self, split, batch)
+
+    def batch_position(self, split: str, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler)
+        and its samples' positions in the split: predicting, the rows' own numbers (unreadable rows are left out)."""
+        step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
+        self.batches_seen[split] += 1
+        first = step * self.trainer.datamodule.batch_size
+        return step, labels if self.predicting else first + torch.arange(len(labels), device=labels.device)
 
     def _adapt(self, split: str, dataset: torch.utils.data.Dataset, class_set: int) -> dict[str, dict]:
         logger = self.logger if self.trainer.is_global_zero else None
@@ -320,35 +333,20 @@ class TCubeModule(PredictHooks, L.LightningModule):
             raise SIGTERMException
 
     @staticmethod
-    def readable(batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's images and labels; predicting, (images, rows, readable) without the rows that could not be read."""
-        if len(batch) == 3:
-            images, rows, readable = batch
-            return images[readable], rows[readable]
-        return batch
+    def readable(batch: dict) -> dict:
+        """A batch without the rows that could not be read (predicting: ``readable`` says which)."""
+        if "readable" not in batch:
+            return batch
+        return {field: values[batch["readable"]] for field, values in batch.items() if field != "readable"}
 
-    def update_metrics(self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor) -> dict:
-        """Into the method's metrics; returns its prediction columns where the samples are exported."""
+    def update_metrics(
+        self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
+    ) -> dict:
+        """Into the method's metrics (each row's ``source`` in a mixed split); returns its prediction columns."""
         probs = logits.float().softmax(-1)
-        if self.predicting:
-            return prediction_columns(method, probs)
-        self.metrics.update(split, method, probs, labels)
-        return prediction_columns(method, probs) if self.hparams.export_samples else {}
-
-    def _sample_columns(self, split: str, shared: BatchCoefficients, contexts: dict, labels: torch.Tensor) -> dict:
-        """This batch's per-sample columns (``samples.py``) from the shared forwards; logs its λ and JS."""
-        # The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler).
-        step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
-        self.batches_seen[split] += 1
-        # The samples' positions in the split: predicting, the rows' own numbers (unreadable rows are left out).
-        first = step * self.trainer.datamodule.batch_size
-        index = labels if self.predicting else first + torch.arange(len(labels), device=labels.device)
-        weights = {name: method.merge_weights(contexts[method.setting]) for name, method in self.weight_methods.items()}
-        columns = batch_columns(index, labels, shared, weights)
-        if self.logger is not None:
-            scalars = {name: columns[name] for name in (*map(lambda_column, shared.lambdas), "js")}
-            log_batch_coefficients(self.logger, split, step, scalars, self.trainer.is_global_zero)
-        return columns
+        if not self.predicting:
+            self.metrics.update(split, method, probs, labels, source)
+        return prediction_columns(method, probs)
 
     # ------------------------------------------------------------- split ends
     def _finish_splits_before(self, index: int) -> None:
@@ -362,20 +360,24 @@ class TCubeModule(PredictHooks, L.LightningModule):
         """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
         split = self.split_names[index]
         if self.batches_seen[split] == 0:  # this process joins the reductions all the same
-            self.metrics.join_without_samples(split, self.device)
-            self.clustered.keep_nothing(split, self.class_counts[self.split_class_set[split]], self.device)
+            self.clustered.keep_nothing(split, self.widths[split], self.device)
         if self.clustered.methods:
             self.clustered.run(self, index)
+        self.metrics.join_without_samples(split, self.device)
         if self.predicting:
             self._write_predictions(split)
             return
-        metrics = self.metrics.compute(split)
+        metrics, by_source = self.metrics.compute(split), self.metrics.compute_sources(split)
         table = self.tables[split].gather()
+        table |= coverage_columns(table, list(self.methods))  # each sample's place in each deferral order
         total = len(self.trainer.datamodule.datasets[split])
         adaptation, classnames = self.adaptations.get(split, {}), self.split_classnames[split]
         record = split_record(
             metrics, table, list(self.grid), total, self.clustered.summaries[split], adaptation, classnames
         )
+        record["deferral"] = deferral(table, list(self.methods))
+        if by_source:  # a mix: the same metrics for each source split's samples in it
+            record["sources"] = mix_record(by_source, table)
         if self.trainer.is_global_zero:
             self._remove_replaced_run()
             self.report.add_split(split, record, table)

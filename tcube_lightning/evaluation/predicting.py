@@ -15,14 +15,14 @@ class PredictHooks:
     tables without labels or metrics; each source's table written once the source is finished, on rank 0, rows in
     the one-process order."""
 
-    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """A batch of (images, rows, readable): the rows that could not be read are kept aside, the others predicted."""
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """A batch whose rows that could not be read (``readable``) are kept aside, the others predicted."""
         self._finish_splits_before(dataloader_idx)
         split = self.split_names[dataloader_idx]
-        self.skipped[split].append(batch[1][~batch[2]].cpu())
-        images, rows = self.readable(batch)
-        if len(rows):
-            self._step(images, rows, dataloader_idx)
+        self.skipped[split].append(batch["label"][~batch["readable"]].cpu())
+        batch = self.readable(batch)
+        if len(batch["label"]):
+            self._step(batch, dataloader_idx)
         else:  # every image of the batch unreadable
             self.batches_seen[split] += 1
 

@@ -85,14 +85,14 @@ class Adaptation:
 
 
 def batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """The images, endlessly, in the order AdaMerging draws them: epoch e shuffled by
-    ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + e))``, in batches of
-    ``batch_size`` (the last one of an epoch smaller). Every process draws the same ones."""
+    """The images of ``dataset``'s samples (dicts with an ``image``), endlessly, in the order AdaMerging draws them:
+    epoch e shuffled by ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + e))``, in
+    batches of ``batch_size`` (the last one of an epoch smaller). Every process draws the same ones."""
     epoch = 0
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        for images, _labels in DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size):
-            yield images
+        for batch in DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size):
+            yield batch["image"]
         epoch += 1
 
 

@@ -88,6 +88,9 @@ class BatchContext:
     """(images, weights) → logits where sample i runs through the model merged with weights[i]."""
     static_logits: Callable[[torch.Tensor, str], torch.Tensor]
     """(images, method name) → logits of that static method's precomputed merged model."""
+    batch_t3_weights: torch.Tensor
+    """T³'s weights of the whole batch, whose mean is T³_B's: the rows here, or more where a mixed split's batch is
+    evaluated in groups of one class set each."""
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,12 @@ def confidence_selection(ctx: BatchContext) -> torch.Tensor:
 
 def batch_merge(ctx: BatchContext) -> torch.Tensor:
     """The whole batch through one model merged with the batch's mean T³ weight (T³_B)."""
-    return ctx.merged_logits(ctx.images, float(batch_coefficient(ctx.t3_weights)))
+    return ctx.merged_logits(ctx.images, float(batch_coefficient(ctx.batch_t3_weights)))
 
 
 def batch_weights(ctx: BatchContext) -> torch.Tensor:
     """T³_B's weight, the batch's mean, for every sample of the batch."""
-    return batch_coefficient(ctx.t3_weights).expand(len(ctx.t3_weights))
+    return batch_coefficient(ctx.batch_t3_weights).expand(len(ctx.t3_weights))
 
 
 def _sample_wise(weights: Callable[[BatchContext], torch.Tensor]) -> dict:

@@ -1,6 +1,6 @@
 """Pictures of a run: λ histograms, accuracy against corruption severity, the method × split heat map, and per
 split the paper's analysis figures (coefficient histograms; JS against DaWin's ratio and against the combined
-confidence, per decision quadrant).
+confidence, per decision quadrant) and the risk–coverage curves of deferral.
 
 Each function returns a matplotlib Figure; ``render_figures`` draws each once, for the PNG files and TensorBoard.
 """
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tcube_lightning.data.splitnames import parse_corrupted
+from tcube_lightning.reporting.deferral import SCORES, ranking, selective_risks
 from tcube_lightning.reporting.diagnostics import QUADRANTS, quadrant_indices
 
 DPI = 100
@@ -147,6 +148,28 @@ def quadrant_scatter(
     return fig
 
 
+def risk_coverage(table: dict[str, np.ndarray], split: str) -> Figure:
+    """Deferral's risk–coverage curves (``deferral.py``) of every method in the table: the samples ranked by the
+    method's own top probability (left) and by JS between the two models (right), most trusted first."""
+    methods = [name.removeprefix("pred/") for name in table if name.startswith("pred/")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=DPI, sharey=True)
+    for ax, score, title in zip(axes, SCORES, ("by its own top probability", "by JS (the models agree first)")):
+        for method, style in zip(methods, line_styles()):
+            correct = table[f"pred/{method}"] == table["label"]
+            risks = selective_risks(correct, ranking(table, method, score))
+            coverage = np.arange(1, len(risks) + 1) / len(risks)
+            ax.plot(
+                coverage, risks, label=method, linewidth=1, markersize=3, markevery=max(1, len(risks) // 8), **style
+            )
+        ax.set_title(f"{split}: samples kept {title}", fontsize=9)
+        ax.set_xlabel("coverage (fraction kept; the rest deferred)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("selective risk (error on the kept)", fontsize=8)
+    axes[1].legend(fontsize=6, ncol=2, loc="upper left")
+    fixed_layout(fig, top=0.9)
+    return fig
+
+
 def fixed_layout(fig: Figure, top: float) -> None:
     """Margins for the per-split figures (small titles and labels), set rather than measured: ``tight_layout``
     draws a figure once more to measure its text, and a run has three such figures per split."""
@@ -163,6 +186,7 @@ def analysis_figures(split: str, table: dict[str, np.ndarray], quadrants: dict[s
         f"{split}/confidence_vs_js": quadrant_scatter(
             table, confidence, "combined confidence ½(c_pt + c_ft)", split, {}
         ),
+        f"{split}/risk_coverage": risk_coverage(table, split),
     }
 
 

@@ -44,6 +44,7 @@ SPLIT_RECORD_KEYS = (
     "clusters",
     "adaptation",
     "classnames",
+    "deferral",
 )
 """What results.json holds per split, each key mapping split → value."""
 
@@ -87,6 +88,19 @@ def split_record(
         "clusters": clusters,
         "adaptation": adaptation,
         "classnames": classnames,
+    }
+
+
+def mix_record(by_source: dict[str, dict[str, dict[str, float]]], table: dict[str, np.ndarray]) -> dict[str, dict]:
+    """A mixed split's metrics per source split (``by_source``: source → method → metrics) with each source's sample
+    count in the mix: what each method scored on the same images inside the stream."""
+    return {
+        source: {
+            "accuracy": {method: values["top1"] for method, values in metrics.items()},
+            "metrics": metrics,
+            "num_samples": int((table["source"] == position).sum()),
+        }
+        for position, (source, metrics) in enumerate(by_source.items())
     }
 
 
@@ -175,7 +189,12 @@ def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
     rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {done}")
     tables = read_tables(Path(results_dir) / ANALYSIS_FILE)
     return {
-        split: Previous({key: previous[key][split] for key in SPLIT_RECORD_KEYS}, tables.get(split)) for split in done
+        split: Previous(
+            {key: previous[key][split] for key in SPLIT_RECORD_KEYS}
+            | ({"sources": previous["sources"][split]} if split in previous.get("sources", {}) else {}),
+            tables.get(split),
+        )
+        for split in done
     }
 
 
@@ -239,6 +258,9 @@ class RunReport:
         what an interrupted run still lacks."""
         order = [s for s in self.split_order if s in self.records]
         results: dict[str, Any] = {key: {s: self.records[s][key] for s in order} for key in SPLIT_RECORD_KEYS}
+        mixes = {s: self.records[s]["sources"] for s in order if "sources" in self.records[s]}
+        if mixes:  # each mixed split's metrics per source split
+            results["sources"] = mixes
         results["methods"] = dict(self.methods)
         results["config"] = self.run_config
         results.update(self.details)
@@ -261,7 +283,8 @@ class RunReport:
     @staticmethod
     def summary_rows(results: dict) -> list[dict]:
         errors = results.get("corruption_errors", {}).get("ce", {})
-        return summary_rows(results["accuracy"], errors, results.get("partial_splits", {}), results["missing_splits"])
+        partial, missing = results.get("partial_splits", {}), results["missing_splits"]
+        return summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"))
 
     def finish(
         self,

@@ -127,10 +127,45 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
         if "flips_between_lambda_extremes" in diag:
             flips = diag["flips_between_lambda_extremes"]
             markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"
+    markdown += deferral_markdown(results.get("deferral", {}))
+    markdown += mix_markdown(results)
     markdown += adaptation_markdown(results.get("adaptation", {}))
     write_atomic(json_path, json.dumps(results, indent=2, default=_encode) + "\n")
     write_atomic(md_path, markdown)
     return json_path, md_path
+
+
+def deferral_markdown(deferral: dict[str, dict[str, dict]]) -> str:
+    """Per split, each method's AURC and accuracy at 80/90/95 % coverage when the samples least trusted by its own top
+    probability, or by JS, are handed to a person."""
+    text = ""
+    for split, methods in deferral.items():
+        text += f"\n## Deferral: {split}\n\nSamples ranked by the method's top probability | by JS (the models agree "
+        text += "first); AURC (lower is better), and top-1 (%) of the samples kept at 80, 90, 95 % coverage.\n\n"
+        text += "| method | AURC | AURC (JS) | top-1 at 80 / 90 / 95 % | top-1 at 80 / 90 / 95 % (JS) |\n"
+        text += "|---|---:|---:|---:|---:|\n"
+        for method, scores in methods.items():
+            kept = {s: " / ".join(f"{100 * v:.2f}" for v in scores[s]["accuracy_at"].values()) for s in scores}
+            text += f"| {method} | {scores['confidence']['aurc']:.4f} | {scores['js']['aurc']:.4f} "
+            text += f"| {kept['confidence']} | {kept['js']} |\n"
+    return text
+
+
+def mix_markdown(results: dict[str, Any]) -> str:
+    """Per mixed split, each method's top-1 on each source split's images alone (that split's own column, where the
+    run evaluated it) and inside the mix, side by side."""
+    text = ""
+    for mix, sources in results.get("sources", {}).items():
+        header = " | ".join(f"{source} alone | {source} in {mix}" for source in sources)
+        text += f"\n## Mixed split {mix}: each source alone and in the mix (top-1 %)\n\n| method | {header} |\n"
+        text += "|---|" + "---:|" * (2 * len(sources)) + "\n"
+        for method in results["accuracy"][mix]:
+            cells = []
+            for source, record in sources.items():
+                alone = results["accuracy"].get(source, {}).get(method)
+                cells += ["–" if alone is None else f"{100 * alone:.2f}", f"{100 * record['accuracy'][method]:.2f}"]
+            text += f"| {method} | " + " | ".join(cells) + " |\n"
+    return text
 
 
 def adaptation_markdown(adaptation: dict[str, dict[str, dict]]) -> str:
@@ -180,12 +215,14 @@ def summary_rows(
     errors: dict[str, dict[str, float]],
     partial: dict | None = None,
     missing: list[str] | None = None,
+    deferral: dict[str, dict[str, dict]] | None = None,
 ) -> list[dict[str, Any]]:
     """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
     top-1 over the corrupted splits, and mCE. A column from fewer samples than its splits hold says so in its
     name (``a (partial 64/498)``, ``corrupted_mean (partial)``), and a mean over fewer corrupted splits than the run
     has (``missing``: an interrupted run's) says how many (``corrupted_mean (5 of 10 splits)``), so that no summary
-    file passes for complete."""
+    file passes for complete. With ``deferral``, the mean AURC over the splits, by the method's top probability
+    (``AURC``) and by JS (``AURC (JS)``)."""
     partial = partial or {}
     corrupted = [s for s in accuracy if is_corrupted(s)]
     plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
@@ -207,6 +244,10 @@ def summary_rows(
         if corrupted:
             row["corrupted_mean" + suffix] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
             row["mCE" + suffix] = errors.get(method, {}).get("mCE", math.nan)
+        for score, column in (("confidence", "AURC"), ("js", "AURC (JS)")):
+            values = [methods[method][score]["aurc"] for methods in (deferral or {}).values() if method in methods]
+            if values:
+                row[column] = math.fsum(values) / len(values)
         rows.append(row)
     return rows
 
@@ -239,4 +280,6 @@ def summary_cell(column: str, value: float) -> str:
         return "n/a"
     if column == "ms/img":
         return f"{value:.2f}"
+    if column.startswith("AURC"):
+        return f"{value:.4f}"
     return f"{value:.3f}" if column.startswith("mCE") else f"{100 * value:.2f}"

@@ -4,8 +4,10 @@ one-process order. λ statistics, the decision quadrants, the analysis figures a
 Columns: ``index`` (the sample's position in the split), ``label``, ``finite`` (both models' logits finite),
 ``js``, ``lambda`` (and ``lambda[gamma=4]`` per ``model.grid`` setting), ``w/<method>`` (the expert weight a
 dynamic method merged the sample with), ``pred/<method>`` and ``prob/<method>`` (predicted class and its
-probability), ``flip`` (the models at λ_min and λ_max disagree). The pretrained and expert models' predictions
-are ``pred/zeroshot`` and ``pred/expert``.
+probability), ``flip`` (the models at λ_min and λ_max disagree); in a mixed split ``source`` (its source split's
+position among the mix's sources) and ``source_index`` (its index there); at the split's end ``coverage/js`` and
+``coverage/<method>`` (``deferral.coverage_columns``). The pretrained and expert models' predictions are
+``pred/zeroshot`` and ``pred/expert``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from tcube_lightning.engine.torch_engine import BatchCoefficients
 from tcube_lightning.reporting.metrics import gather_objects
 
 INDEX = "index"
-EXPORT_ONLY = ("pred/", "prob/")
-"""Column prefixes kept only for the export, except the two models' own (the quadrants and figures need those)."""
-MODEL_COLUMNS = ("zeroshot", "expert")
+EXPORT_ONLY = ("coverage/",)
+"""Column prefixes kept only for the export: each sample's place in the deferral orders (results.json has their
+summaries, and the figures recompute the orders from the predictions)."""
 
 
 def lambda_column(setting: str) -> str:
@@ -50,7 +52,7 @@ def batch_columns(
 
 def is_analysis_column(name: str) -> bool:
     """Kept for every run (analysis.npz); the others only in the export."""
-    return not name.startswith(EXPORT_ONLY) or name.split("/", 1)[1] in MODEL_COLUMNS
+    return not name.startswith(EXPORT_ONLY)
 
 
 class SampleTable:

@@ -37,7 +37,8 @@ def test_datamodule_yields_clip_preprocessed_batches(tmp_path, size, rgb):
     )
     data.setup("test")
     (loader,) = data.test_dataloader()
-    images, labels = next(iter(loader))
+    batch = next(iter(loader))
+    images, labels = batch["image"], batch["label"]
     assert images.shape == (4, 3, size, size) and images.dtype == torch.float32
     raw = np.load(tmp_path / medmnist_filename("tinymnist", size))
     np.testing.assert_array_equal(labels.numpy(), raw["test_labels"][:4, 0])

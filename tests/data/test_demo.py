@@ -55,10 +55,10 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     printed = capsys.readouterr().out
     (results_file,) = (tmp_path / "runs").rglob("results.json")
     results = json.loads(results_file.read_text())
-    assert results["num_samples"] == {"in_domain": 30, "shifted": 30}
+    assert results["num_samples"] == {"in_domain": 30, "shifted": 30, "mixed": 60}
     assert list(results["accuracy"]["shifted"]) == list(with_grid(build_methods(arch=demo.ARCH), ["gamma=8"]))
     # the final table (rich): one row per method with both splits' top-1 in percent
-    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │ +\d+\.\d\d │", printed)  # then ms/img
-    expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted")]
+    t3_row = re.search(r"│ t3 +│ +(\d+\.\d\d) │ +(\d+\.\d\d) │ +(\d+\.\d\d) │", printed)  # then AURC, …
+    expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted", "mixed")]
     assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]
     assert "│ t3[gamma=8] " in printed  # the config's grid column, named as in results.json

@@ -194,8 +194,9 @@ def test_each_modality_config_runs_end_to_end(clip_pair, tmp_path, modality):
     ]
     results, run_dir = run_cli_in_process(args)
     splits = ["in_domain", "base_to_novel", f"{corruption}@1", f"{corruption}@2"]
-    assert list(results["accuracy"]) == splits
-    assert results["num_samples"] == dict.fromkeys(splits, 10)
+    assert list(results["accuracy"]) == [*splits, "stream"]  # the config's mix: in-domain and every corrupted split
+    assert results["num_samples"] == dict.fromkeys(splits, 10) | {"stream": 30}
+    assert list(results["sources"]["stream"]) == [splits[0], *splits[2:]]
     acc = results["accuracy"]
     # CE and mCE against the formula, from the reported accuracies (reference: zeroshot).
     ce = results["corruption_errors"]["ce"]
@@ -206,8 +207,9 @@ def test_each_modality_config_runs_end_to_end(clip_pair, tmp_path, modality):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [row["method"] for row in summary] == list(acc["in_domain"])
     assert summary[0]["corrupted_mean"] == pytest.approx(np.mean([acc[s]["zeroshot"] for s in splits[2:]]))
-    assert (run_dir / "summary.csv").read_text().splitlines()[0] == "method,in_domain,base_to_novel,corrupted_mean,mCE"
-    assert "| method | in_domain | base_to_novel | corrupted_mean | mCE |" in (run_dir / "summary.md").read_text()
+    columns = "method,in_domain,base_to_novel,stream,corrupted_mean,mCE,AURC,AURC (JS)"
+    assert (run_dir / "summary.csv").read_text().splitlines()[0] == columns
+    assert "| " + " | ".join(columns.split(",")) + " |" in (run_dir / "summary.md").read_text()
     metrics = results["metrics"]["base_to_novel"]["t3"]
     assert set(metrics) >= {"top1", "balanced_accuracy"} and metrics["top1"] == acc["base_to_novel"]["t3"]
 
@@ -270,7 +272,9 @@ def test_on_the_fly_corruptions_are_cached_when_asked(tmp_path):
     second = EvaluationDataModule(**options)
     second.setup("test")
     assert cached.stat().st_mtime_ns == stamp  # read back, not regenerated
-    torch.testing.assert_close(second.datasets["speckle_noise@2"][3][0], first.datasets["speckle_noise@2"][3][0])
+    torch.testing.assert_close(
+        second.datasets["speckle_noise@2"][3]["image"], first.datasets["speckle_noise@2"][3]["image"]
+    )
 
 
 def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
@@ -295,7 +299,8 @@ def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
     ]
     _, run_dir = run_cli_in_process(args)
     splits = ("in_domain", "pixelate@1", "pixelate@2")
-    per_split = {f"{split}/{name}" for split in splits for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}
+    names = ("coefficients", "js_vs_dawin", "confidence_vs_js", "risk_coverage")
+    per_split = {f"{split}/{name}" for split in splits for name in names}
     expected = {"accuracy_heatmap", "lambda_histograms", "severity_pixelate", *per_split}
     plots = run_dir / "plots"
     assert {str(p.relative_to(plots).with_suffix("")) for p in plots.rglob("*.png")} == expected

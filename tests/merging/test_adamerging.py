@@ -65,7 +65,7 @@ def reference(pt_sd, ft_sd, images, head, layer_wise, steps, lr, init=0.3, clamp
 def ours(clip_pair, images, labels, head, layer_wise, settings):
     """The product's adaptation on the preprocessed images (as the data module gives them: image, label)."""
     store = FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
-    dataset = list(zip(images, labels.tolist()))
+    dataset = [{"image": image, "label": label} for image, label in zip(images, labels.tolist())]
     result = adapt(
         store.pretrained, store.expert, head, batches(dataset, settings.batch_size, settings.seed), layer_wise, settings
     )

@@ -20,14 +20,16 @@ from tcube_lightning.merging.methods import (
 def context(pt_logits, ft_logits, weights=None, calls=None):
     """A batch context whose model callables record what they were asked for."""
     record = calls if calls is not None else []
+    weights = torch.zeros(len(pt_logits)) if weights is None else torch.tensor(weights)
     return BatchContext(
         torch.arange(len(pt_logits)),
         pt_logits,
         ft_logits,
-        torch.zeros(len(pt_logits)) if weights is None else torch.tensor(weights),
+        weights,
         lambda images, w: record.append(("merged", w)) or torch.zeros(len(images), 2),
         lambda images, w: record.append(("sample", w.tolist())) or torch.zeros(len(images), 2),
         lambda images, name: record.append(("static", name)) or torch.zeros(len(images), 2),
+        weights,
     )
 
 

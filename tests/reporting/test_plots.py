@@ -45,7 +45,8 @@ def test_lambda_histograms_count_every_sample_and_run_figures_names_them():
     assert counts == [50, 7]
     tables = {split: random_sample_table(len(values)) | {"lambda": values} for split, values in lambdas.items()}
     figures = run_figures(ACCURACY, tables, {split: decision_diagnostics(table) for split, table in tables.items()})
-    per_split = {f"{s}/{name}" for s in lambdas for name in ("coefficients", "js_vs_dawin", "confidence_vs_js")}
+    names = ("coefficients", "js_vs_dawin", "confidence_vs_js", "risk_coverage")
+    per_split = {f"{s}/{name}" for s in lambdas for name in names}
     assert set(figures) == {"accuracy_heatmap", "lambda_histograms", "severity_blur", *per_split}
     close_figures({**figures, "histograms": figure})
 

@@ -27,7 +27,8 @@ def test_a_partial_evaluation_says_so_everywhere_and_resume_completes_it(clip_pa
     assert results["partial_splits"] == {"a": {"evaluated": 16, "total": 37}, "b": {"evaluated": 16, "total": 21}}
     assert results["num_samples"] == {"a": 16, "b": 16}  # the clustered methods' second pass too
     assert "## Partial results" in (out / "results.md").read_text()
-    assert (out / "summary.csv").read_text().splitlines()[0] == "method,a (partial 16/37),b (partial 16/21)"
+    header = "method,a (partial 16/37),b (partial 16/21),AURC,AURC (JS)"
+    assert (out / "summary.csv").read_text().splitlines()[0] == header
     again, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "again", *extra, "--model.resume=true"))
     assert again["complete"] is True and again["partial_splits"] == {} and again["num_samples"] == {"a": 37, "b": 21}
     one, _ = run_cli_in_process(
