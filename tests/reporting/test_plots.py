@@ -9,6 +9,7 @@ from tcube_lightning.reporting.plots import (
     analysis_figures,
     close_figures,
     lambda_histograms,
+    risk_coverage,
     run_figures,
     scatter_rows,
     severity_curves,
@@ -107,3 +108,18 @@ def test_histograms_have_axis_labels():
     figure = lambda_histograms({"a": np.linspace(0, 1, 9)})
     assert figure.axes[0].get_xlabel() == "λ" and figure.axes[0].get_ylabel() == "samples"
     close_figures({"h": figure})
+
+
+def test_risk_coverage_draws_each_models_selective_risk_by_both_scores():
+    table = random_sample_table(60, seed=4)
+    figure = risk_coverage(table, "s")
+    for ax, trust_of in zip(figure.axes, (lambda m: table[f"prob/{m}"], lambda m: -table["js"])):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"zeroshot", "expert"}
+        for method, line in lines.items():
+            correct = table[f"pred/{method}"] == table["label"]
+            order = np.lexsort((np.arange(60), -trust_of(method).astype(np.float64)))
+            expected = [1 - correct[order[:k]].mean() for k in range(1, 61)]
+            np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-12)
+            np.testing.assert_allclose(line.get_xdata(), np.arange(1, 61) / 60)
+    close_figures({"risk": figure})
