@@ -1,6 +1,8 @@
 """The evaluation protocol: every modality and data format, on files the tests write in the real layouts."""
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from tcube_lightning.data.readers import (
     read_medmnistc_file,
 )
 from tcube_lightning.errors import InputError
+from tcube_lightning.reporting import paper_table
 
 
 def test_registry_covers_the_five_modalities_with_medmnist_class_names():
@@ -167,32 +170,42 @@ def test_missing_protocol_data_is_reported_before_models_load(tmp_path):
         data.setup("test")
 
 
+@pytest.fixture(scope="module")
+def modality_runs(clip_pair, tmp_path_factory) -> dict[str, tuple[dict, Path, str]]:
+    """Every modality config run end to end on tiny data (its first corruption at severities 1 and 2): results.json,
+    the run's folder and the corruption, by modality."""
+    runs = {}
+    for modality, m in sorted(MODALITIES.items()):
+        root = tmp_path_factory.mktemp(modality)
+        corruption = modality_corruptions(m)[0]
+        write_modality_data(root / "data", m.medmnist_flag, (m.medimeta_dataset, m.medimeta_task), [corruption])
+        args = [
+            "test",
+            "--config",
+            str(REPO / "configs" / f"{modality}.yaml"),
+            "--model.arch=tcube-tiny-clip",
+            f"--model.pretrained_checkpoint={clip_pair[0]}",
+            f"--model.expert_checkpoint={clip_pair[1]}",
+            "--model.methods=[zeroshot, expert, wise_ft, t3, t3_batch]",
+            f"--data.root={root / 'data'}",
+            "--data.size=28",
+            "--data.image_size=28",
+            "--data.num_workers=0",
+            "--data.pin_memory=false",
+            f"--data.corruptions=[{corruption}]",
+            "--data.severities=[1, 2]",
+            f"--trainer.default_root_dir={root / 'runs'}",
+            f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+            "--model.plots=false",
+        ]
+        runs[modality] = (*run_cli_in_process(args), corruption)
+    return runs
+
+
 @pytest.mark.parametrize("modality", sorted(MODALITIES))
-def test_each_modality_config_runs_end_to_end(clip_pair, tmp_path, modality):
-    m = MODALITIES[modality]
-    corruption = modality_corruptions(m)[0]
-    write_modality_data(tmp_path / "data", m.medmnist_flag, (m.medimeta_dataset, m.medimeta_task), [corruption])
-    args = [
-        "test",
-        "--config",
-        str(REPO / "configs" / f"{modality}.yaml"),
-        "--model.arch=tcube-tiny-clip",
-        f"--model.pretrained_checkpoint={clip_pair[0]}",
-        f"--model.expert_checkpoint={clip_pair[1]}",
-        "--model.methods=[zeroshot, expert, wise_ft, t3, t3_batch]",
-        f"--data.root={tmp_path / 'data'}",
-        "--data.size=28",
-        "--data.image_size=28",
-        "--data.num_workers=0",
-        "--data.pin_memory=false",
-        f"--data.corruptions=[{corruption}]",
-        "--data.severities=[1, 2]",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-        "--model.plots=false",
-    ]
-    results, run_dir = run_cli_in_process(args)
+def test_each_modality_config_runs_end_to_end(modality_runs, modality):
+    results, run_dir, corruption = modality_runs[modality]
     splits = ["in_domain", "base_to_novel", f"{corruption}@1", f"{corruption}@2"]
     assert list(results["accuracy"]) == [*splits, "stream"]  # the config's mix: in-domain and every corrupted split
     assert results["num_samples"] == dict.fromkeys(splits, 10) | {"stream": 30}
@@ -212,6 +225,48 @@ def test_each_modality_config_runs_end_to_end(clip_pair, tmp_path, modality):
     assert "| " + " | ".join(columns.split(",")) + " |" in (run_dir / "summary.md").read_text()
     metrics = results["metrics"]["base_to_novel"]["t3"]
     assert set(metrics) >= {"top1", "balanced_accuracy"} and metrics["top1"] == acc["base_to_novel"]["t3"]
+
+
+def test_the_papers_table_across_the_five_modalities(modality_runs, tmp_path, capsys):
+    runs = [run_dir for _, run_dir, _ in modality_runs.values()]
+    paper_table.main([*map(str, runs), "--out", str(tmp_path / "table")])
+    with open(tmp_path / "table" / "table.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["zeroshot", "expert", "wise_ft@0.5", "t3", "t3_batch"]
+    for method, row in rows.items():
+        for modality, (results, _, corruption) in modality_runs.items():
+            accuracy = results["accuracy"]
+            assert float(row[f"{modality}/in_domain"]) == pytest.approx(accuracy["in_domain"][method])
+            assert float(row[f"{modality}/base_to_novel"]) == pytest.approx(accuracy["base_to_novel"][method])
+            corrupted = np.mean([accuracy[f"{corruption}@{s}"][method] for s in (1, 2)])
+            assert float(row[f"{modality}/corrupted"]) == pytest.approx(corrupted)
+            assert float(row[f"{modality}/mCE"]) == pytest.approx(results["corruption_errors"]["ce"][method]["mCE"])
+        for quantity in ("in_domain", "base_to_novel", "corrupted", "mCE"):
+            mean = np.mean([float(row[f"{modality}/{quantity}"]) for modality in modality_runs])
+            assert float(row[f"mean/{quantity}"]) == pytest.approx(mean)
+    markdown = (tmp_path / "table" / "table.md").read_text()
+    t3 = rows["t3"]
+    assert f"| t3 | {100 * float(t3['blood/in_domain']):.2f} |" in markdown
+    assert all(str(run / "results.json") in markdown for run in runs)  # the runs read, listed
+    latex = (tmp_path / "table" / "table.tex").read_text()
+    assert "\\begin{tabular}" in latex and "t3\\_batch & " in latex and "\\multicolumn{4}{c}{mean}" in latex
+    # Runs that do not fit together are said, not mixed.
+    for bad, message in (
+        ([runs[0], runs[0]], "modalities given more than once: ['blood']"),
+        ([runs[0], tmp_path], "no results.json"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            paper_table.main([*map(str, bad), "--out", str(tmp_path / "bad")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    other = tmp_path / "other" / "results.json"
+    other.parent.mkdir()
+    edited = json.loads((runs[1] / "results.json").read_text())
+    edited["config"]["model"]["gamma"] = 4.0
+    other.write_text(json.dumps(edited))
+    with pytest.raises(SystemExit):
+        paper_table.main([str(runs[0]), str(other), "--out", str(tmp_path / "bad")])
+    assert "model.gamma: 0.5 (blood) vs 4.0 (breast)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_on_the_fly_and_hf_sources_through_the_cli(clip_pair, tmp_path):
