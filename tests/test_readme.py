@@ -22,8 +22,8 @@ def readme_commands() -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            command = line.split(" #")[0].strip()
-            if command:
+            command = " ".join(line.split(" #")[0].split())
+            if command and not command.startswith("#"):
                 commands.append(command)
     return commands
 
@@ -51,6 +51,8 @@ def test_the_readme_has_the_commands_this_file_checks():
     assert others == [
         "make test",
         "make demo",
+        "python -m tcube_lightning.reporting.paper_table runs/blood runs/breast runs/retina runs/oct runs/pneumonia "
+        "--out paper_table",
         ".venv/bin/python benchmarks/bench_merging.py --rows clip-b16:full biomedclip-base:full biomedclip-base:lora "
         "--repeats 5",
         "docker build -t tcube-lightning .",
@@ -92,3 +94,15 @@ def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     done = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_paper_table_command_in_the_readme_has_options_that_exist(capsys):
+    from tcube_lightning.reporting import paper_table
+
+    (command,) = [c for c in COMMANDS if "paper_table" in c]
+    with pytest.raises(SystemExit) as done:
+        paper_table.main(["--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in re.findall(r"--[\w-]+", command):
+        assert option in help_text, option
