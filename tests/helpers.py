@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,19 @@ def write_dicom(
         ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- interruptions
+def interrupt_in_split(monkeypatch: pytest.MonkeyPatch, split: str, step: str = "test_step") -> None:
+    """A real SIGINT to this process right after the first batch of ``split`` (Ctrl+C), through the module's
+    ``step``; ``monkeypatch.undo`` lets the next run go through."""
+    from tcube_lightning.evaluation.module import TCubeModule
+
+    original = getattr(TCubeModule, step)
+
+    def interrupted(self, batch, batch_idx, dataloader_idx=0):
+        original(self, batch, batch_idx, dataloader_idx)  # its first batch finishes the splits before it
+        if self.split_names[dataloader_idx] == split:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TCubeModule, step, interrupted)

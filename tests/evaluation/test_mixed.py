@@ -3,17 +3,22 @@ sample in its own split for every output, static and per-sample method (the batc
 mix changes); the mix's records per source; bad mixes named before any model loads; resume of a run with a mix."""
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import LOGITS_ATOL, SPLITS, cli_args, lambda_atol, run_cli_expecting_error, run_cli_in_process
+from helpers import (
+    LOGITS_ATOL,
+    SPLITS,
+    cli_args,
+    interrupt_in_split,
+    lambda_atol,
+    run_cli_expecting_error,
+    run_cli_in_process,
+)
 from tcube_lightning.cli.app import main
 from tcube_lightning.data.datamodule import medmnist_classnames
-from tcube_lightning.evaluation.module import TCubeModule
 from tcube_lightning.reporting.samples import read_table
 
 MIX = '--data.mixes={"m": ["a", "scans"]}'
@@ -107,20 +112,13 @@ def test_bad_mixes_are_named_before_any_model_loads(clip_pair, npz_root, scans, 
 
 def test_a_run_with_a_mix_resumes_where_it_stopped(clip_pair, npz_root, scans, tmp_path, monkeypatch):
     """Stopped in the mix, after its sources are done: resume evaluates the mix alone, from sources it skips."""
-    original = TCubeModule.test_step
-
-    def interrupted_in_the_mix(self, batch, batch_idx, dataloader_idx=0):
-        original(self, batch, batch_idx, dataloader_idx)
-        if self.split_names[dataloader_idx] == "m":
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TCubeModule, "test_step", interrupted_in_the_mix)
+    interrupt_in_split(monkeypatch, "m")
     out = tmp_path / "results"
     args = mixed_args(clip_pair, npz_root, tmp_path, MIX, f"--model.results_dir={out}")
     with pytest.raises(SystemExit):
         main(args)
     assert json.loads((out / "results.json").read_text())["missing_splits"] == ["m"]
-    monkeypatch.setattr(TCubeModule, "test_step", original)
+    monkeypatch.undo()
     resumed, _ = run_cli_in_process([*args, "--model.resume=true"])
     whole, _ = run_cli_in_process(mixed_args(clip_pair, npz_root, tmp_path / "whole", MIX))
     assert resumed["complete"] and resumed["accuracy"] == whole["accuracy"] and resumed["sources"] == whole["sources"]

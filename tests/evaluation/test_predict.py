@@ -3,17 +3,23 @@ what ``test --model.export_samples true`` exports for the same images, image fol
 
 import csv
 import json
-import os
-import signal
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import ARCH, CLASSNAMES, GAMMA, TEMPLATES, cli_args, run_cli_expecting_error, write_dicom
+from helpers import (
+    ARCH,
+    CLASSNAMES,
+    GAMMA,
+    TEMPLATES,
+    cli_args,
+    interrupt_in_split,
+    run_cli_expecting_error,
+    write_dicom,
+)
 from tcube_lightning.cli.app import main
-from tcube_lightning.evaluation.module import TCubeModule
 from tcube_lightning.reporting.samples import read_table
 
 METHODS = "--model.methods=[t3, t3_batch, dawin_cluster]"
@@ -115,14 +121,7 @@ def test_bad_predict_input_is_refused_before_any_model_loads(clip_pair, npz_root
 def test_an_interrupted_prediction_run_exits_non_zero_and_says_it_is_incomplete(
     clip_pair, npz_root, tmp_path, capsys, monkeypatch
 ):
-    original = TCubeModule.predict_step
-
-    def interrupted_in_source_b(self, batch, batch_idx, dataloader_idx=0):
-        original(self, batch, batch_idx, dataloader_idx)
-        if dataloader_idx == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TCubeModule, "predict_step", interrupted_in_source_b)
+    interrupt_in_split(monkeypatch, "b", "predict_step")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         main(predict_args(clip_pair, npz_root, out, {"a": "tiny_a.npz", "b": "tiny_b.npz"}))

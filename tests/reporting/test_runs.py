@@ -11,10 +11,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import CLASSNAMES, SPLITS, TEMPLATES, cli_args, run_cli_expecting_error, run_cli_in_process
+from helpers import (
+    CLASSNAMES,
+    SPLITS,
+    TEMPLATES,
+    cli_args,
+    interrupt_in_split,
+    run_cli_expecting_error,
+    run_cli_in_process,
+)
 from tcube_lightning.cli.app import main
 from tcube_lightning.engine import torch_engine as engine_module
-from tcube_lightning.evaluation.module import TCubeModule
 
 
 def test_a_partial_evaluation_says_so_everywhere_and_resume_completes_it(clip_pair, npz_root, tmp_path, caplog):
@@ -149,14 +156,7 @@ def test_errors_are_one_line_with_a_suggestion_and_help_is_about_evaluating(clip
 
 
 def test_ctrl_c_stops_the_run_like_sigterm_saying_how_to_resume(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
-    original = TCubeModule.test_step
-
-    def interrupted_in_split_b(self, batch, batch_idx, dataloader_idx=0):
-        original(self, batch, batch_idx, dataloader_idx)  # split b's first step finishes split a
-        if dataloader_idx == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TCubeModule, "test_step", interrupted_in_split_b)
+    interrupt_in_split(monkeypatch, "b")
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as stop:
         main(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot]", f"--model.results_dir={out}"))
@@ -197,19 +197,12 @@ def test_sigterm_during_adamergings_adaptation_stops_within_a_step(clip_pair, np
 def test_resume_refuses_a_run_whose_numbers_would_differ_naming_the_trainer_setting(
     clip_pair, npz_root, tmp_path, capsys, monkeypatch
 ):
-    original = TCubeModule.test_step
-
-    def interrupted_in_split_b(self, batch, batch_idx, dataloader_idx=0):
-        original(self, batch, batch_idx, dataloader_idx)
-        if dataloader_idx == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TCubeModule, "test_step", interrupted_in_split_b)
+    interrupt_in_split(monkeypatch, "b")
     out = tmp_path / "results"
     args = cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot]", f"--model.results_dir={out}")
     with pytest.raises(SystemExit):
         main([*args, "--trainer.precision=bf16-mixed"])
     assert json.loads((out / "results.json").read_text())["config"]["trainer"]["precision"] == "bf16-mixed"
-    monkeypatch.setattr(TCubeModule, "test_step", original)
+    monkeypatch.undo()
     said = run_cli_expecting_error([*args, "--trainer.precision=32-true", "--model.resume=true"], capsys)
     assert "was written with another configuration (differs in ['trainer.precision'])" in said
