@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tcube_lightning.cli.app import main as cli_main
 from tcube_lightning.data import demo
-from tcube_lightning.merging.methods import DEFAULT_FAMILIES
+from tcube_lightning.merging.methods import ONE_EXPERT_DEFAULTS
 
 SETTINGS = {
     "before": ["--model.heads=exact"],
@@ -51,7 +51,7 @@ def evaluate(extra: list[str], folder: Path) -> tuple[float, dict]:
         "--model.plots=false",
         "--model.overwrite=true",
         "--model.grid=[]",
-        f"--model.methods=[{', '.join(DEFAULT_FAMILIES)}]",
+        f"--model.methods=[{', '.join(ONE_EXPERT_DEFAULTS)}]",
         *extra,
     ]
     start = time.perf_counter()

@@ -1,11 +1,14 @@
 """T³ against T³_B and against a per-sample reference, side by side in one run (a benchmark, not a test).
 
-For each model and expert kind (a full fine-tuned copy, or a rank-16 LoRA on every qkv of the image tower):
+For each model, expert kind (a full fine-tuned copy, or a rank-16 LoRA on every qkv of the image tower) and number of
+experts K (``model:kind:K``, K = 1 without the suffix; with several, T³-K, our extension of T³, with the run's default
+heads: the generalist's, ``merge_text`` false):
 - T³ / T³_B: throughput of T³ (each sample its own merge, through the run's engine, on the path ``samplewise:
   auto`` takes) over that of T³_B (one merge per batch at the mean λ), measured interleaved (T³_B, T³, T³_B, T³,
   …) so that the machine's load falls on both alike; the median ratio of the repeats, with their spread;
-- T³ / reference: over a per-sample reference loop (a state_dict merge, ``load_state_dict`` and a text pass per
-  sample, as DaWin's code does), which also gives the largest |logit| difference of T³ from per-sample merges;
+- T³ / reference: over a per-sample reference loop (a state_dict merge θ_pt + Σ_k w_k·τ_k, ``load_state_dict`` and,
+  with one expert, a text pass per sample, as DaWin's code does), which also gives the largest |logit| difference of
+  T³ from per-sample merges;
 - peak memory over one model's parameters of T³_B and T³, each measured in a process of its own;
 - the merge T³_B and every static method pay: the store's fused merge against its bandwidth floor (one ``torch.add``
   over as many floats) and a state_dict merge with ``load_state_dict`` against the fused one.
@@ -13,11 +16,13 @@ Every T³ and T³_B figure includes the pretrained and expert forwards that give
 interpolants fitted once (untimed, as a run does in its set-up). Models have random weights: ``clip-tiny``
 (the bundled tcube-tiny-clip), ``clip-b16`` (open_clip's ViT-B-16), ``biomedclip-tiny`` (timm's test_vit and a
 2-layer BERT) and ``biomedclip-base`` (ViT-B/16 and BERT-base: BiomedCLIP's sizes). Besides its table it prints,
-per row, ``T3 vs T3_B [<model> <expert kind>]: <ratio>x``, ``max |logit diff| vs per-sample merges [<model>
-<expert kind>]: <value>``, ``fused merge vs bandwidth floor [<model> <expert kind>]: <ratio>x`` and ``state_dict
-merge vs fused merge [<model> <expert kind>]: <ratio>x``, for scripts to compare runs.
+per row, ``T3 vs T3_B [<model> <expert kind> K=<k>]: <ratio>x``, ``T3 vs reference [<model> <expert kind>
+K=<k>]: <ratio>x``, ``max |logit diff| vs per-sample merges [<model> <expert kind> K=<k>]: <value>``, ``fused merge
+vs bandwidth floor [<model> <expert kind> K=<k>]: <ratio>x`` and ``state_dict merge vs fused merge [<model> <expert
+kind> K=<k>]: <ratio>x``, for scripts to compare runs; a one-expert row also under the label earlier runs printed,
+``[<model> <expert kind>]``.
 
-    python benchmarks/bench_merging.py --rows biomedclip-base:full biomedclip-base:lora --batch-size 8
+    python benchmarks/bench_merging.py --rows biomedclip-base:full biomedclip-base:lora:4 --batch-size 8
 """
 
 from __future__ import annotations
@@ -44,18 +49,21 @@ from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
 from tcube_lightning.loading.architecture import image_side
 from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate
-from tcube_lightning.merging.coefficients import LambdaMapping
+from tcube_lightning.merging.coefficients import LambdaMapping, batch_coefficient
 from tcube_lightning.quiet import creating_empty_models
 
-ROWS = (
+MODELS = ("clip-tiny", "biomedclip-tiny", "clip-b16", "biomedclip-base")
+KINDS = ("full", "lora")
+DEFAULT_ROWS = (
     "clip-tiny:full",
     "biomedclip-tiny:full",
     "biomedclip-tiny:lora",
-    "clip-b16:full",
-    "biomedclip-base:full",
-    "biomedclip-base:lora",
+    "clip-tiny:full:2",
+    "clip-tiny:full:4",
+    "clip-tiny:lora:4",
+    "biomedclip-tiny:full:4",
+    "biomedclip-tiny:lora:4",
 )
-DEFAULT_ROWS = ROWS[:3]
 BATCH = {"clip-tiny": 32, "biomedclip-tiny": 32, "clip-b16": 8, "biomedclip-base": 8}
 CLIP = {"clip-tiny": "tcube-tiny-clip", "clip-b16": "ViT-B-16"}
 MAPPING = LambdaMapping(gamma=50.0)
@@ -73,8 +81,9 @@ BIOMEDCLIP = {  # the timm tower and its image size, the BERT sizes, the embeddi
 
 
 # --------------------------------------------------------------------------------------------------------- models
-def build(model: str, kind: str, classes: int, device: str) -> tuple[torch.nn.Module, object, torch.Tensor]:
-    """Generalist, expert (a full model or a LoraAdapter) and class prompt tokens, seeded."""
+def build(model: str, kind: str, count: int, classes: int, device: str) -> tuple[torch.nn.Module, list, torch.Tensor]:
+    """Generalist, ``count`` experts (full models or LoraAdapters, each seeded differently; the first the same for
+    every K) and class prompt tokens, seeded."""
     torch.manual_seed(0)
     if model in CLIP:
         import open_clip
@@ -88,22 +97,40 @@ def build(model: str, kind: str, classes: int, device: str) -> tuple[torch.nn.Mo
         pretrained, tokens = biomedclip(model, classes)
     pretrained = pretrained.eval().requires_grad_(False)
     if kind == "lora":
-        g = torch.Generator().manual_seed(1)
-        updates = [
-            LowRankUpdate(
-                f"visual.trunk.blocks.{i}.attn.qkv.weight",
-                0.02 * torch.randn(LORA_RANK, block.attn.qkv.in_features, generator=g),
-                0.02 * torch.randn(block.attn.qkv.out_features, LORA_RANK, generator=g),
-                1.0,
-            )
-            for i, block in enumerate(pretrained.visual.trunk.blocks)
-        ]
-        return pretrained.to(device), LoraAdapter("LoRA (benchmark)", "random", updates), tokens.to(device)
-    expert = copy.deepcopy(pretrained)
-    with torch.no_grad():
-        for p_ft in expert.parameters():
-            p_ft.add_(0.02 * p_ft.abs().mean() * torch.randn_like(p_ft))
-    return pretrained.to(device), expert.to(device), tokens.to(device)
+        return pretrained.to(device), [lora_expert(pretrained, 1 + k) for k in range(count)], tokens.to(device)
+    experts = []
+    for _ in range(count):
+        expert = copy.deepcopy(pretrained)
+        with torch.no_grad():
+            for p_ft in expert.parameters():
+                p_ft.add_(0.02 * p_ft.abs().mean() * torch.randn_like(p_ft))
+        experts.append(expert.to(device))
+    return pretrained.to(device), experts, tokens.to(device)
+
+
+def lora_expert(pretrained: torch.nn.Module, seed: int) -> LoraAdapter:
+    """A rank-16 LoRA on every qkv projection of the image tower (timm's ``qkv``, open_clip's attention in_proj)."""
+    g = torch.Generator().manual_seed(seed)
+    visual = pretrained.visual
+    if hasattr(visual, "trunk"):
+        targets = {
+            f"visual.trunk.blocks.{i}.attn.qkv.weight": b.attn.qkv.weight for i, b in enumerate(visual.trunk.blocks)
+        }
+    else:
+        targets = {
+            f"visual.transformer.resblocks.{i}.attn.in_proj_weight": b.attn.in_proj_weight
+            for i, b in enumerate(visual.transformer.resblocks)
+        }
+    updates = [
+        LowRankUpdate(
+            name,
+            0.02 * torch.randn(LORA_RANK, weight.shape[1], generator=g),
+            0.02 * torch.randn(weight.shape[0], LORA_RANK, generator=g),
+            1.0,
+        )
+        for name, weight in targets.items()
+    ]
+    return LoraAdapter("LoRA (benchmark)", "random", updates)
 
 
 def biomedclip(model: str, classes: int) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -176,26 +203,57 @@ def peak_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
+def state_dict_merge(pt: dict, experts: list[dict], weights: list[float]) -> dict:
+    """θ_pt + Σ_k w_k·(θ_k − θ_pt) tensor by tensor (one expert's by ``torch.lerp``), as DaWin's code merges."""
+    if len(experts) == 1:
+        return {k: torch.lerp(pt[k], experts[0][k], weights[0]) if pt[k].is_floating_point() else pt[k] for k in pt}
+    return {
+        k: pt[k] + sum(w * (ft[k] - pt[k]) for w, ft in zip(weights, experts)) if pt[k].is_floating_point() else pt[k]
+        for k in pt
+    }
+
+
+def parse_row(row: str) -> tuple[str, str, int]:
+    """``model:kind`` or ``model:kind:K`` → (model, kind, K)."""
+    model, kind, *count = row.split(":")
+    if model not in MODELS or kind not in KINDS or len(count) > 1 or (count and not count[0].isdigit()):
+        raise argparse.ArgumentTypeError(f"{row!r}: expected model:kind[:K], model in {MODELS}, kind in {KINDS}")
+    return model, kind, int(count[0]) if count else 1
+
+
 class Row:
-    """One model and expert kind: the engine as a run builds it, and the three computations compared."""
+    """One model, expert kind and number of experts: the engine as a run builds it, and the three computations
+    compared."""
 
     def __init__(self, args: argparse.Namespace, row: str, reference: bool = True) -> None:
-        self.model, self.kind = row.split(":")
+        self.model, self.kind, self.count = parse_row(row)
         self.args, self.device = args, args.device
         self.batch = args.batch_size or BATCH[self.model]
-        pretrained, expert, tokens = build(self.model, self.kind, args.classes, self.device)
+        pretrained, experts, tokens = build(self.model, self.kind, self.count, args.classes, self.device)
         self.param_bytes = sum(p.numel() * p.element_size() for p in pretrained.parameters())
-        if reference:  # three more copies of the parameters: left out where peak memory is measured
-            full_expert = expert.expert(pretrained) if isinstance(expert, LoraAdapter) else expert
-            self.reference_states = (copy.deepcopy(pretrained.state_dict()), copy.deepcopy(full_expert.state_dict()))
+        self.adapter_bytes = sum(
+            t.numel() * t.element_size()
+            for e in experts
+            if isinstance(e, LoraAdapter)
+            for u in e.updates
+            for t in (u.down, u.up)
+        )
+        self.merge_text = self.count == 1  # the run's default: the generalist's head with several experts
+        if reference:  # more copies of the parameters: left out where peak memory is measured
+            full = [e.expert(pretrained) if isinstance(e, LoraAdapter) else e for e in experts]
+            self.reference_states = (
+                copy.deepcopy(pretrained.state_dict()),
+                [copy.deepcopy(e.state_dict()) for e in full],
+            )
             self.reference_model = copy.deepcopy(pretrained)
-            del full_expert
+            del full
         self.engine = TCubeEngine(
             pretrained,
-            expert,
+            experts,
             [tokens],
             [args.classes],
             MAPPING,
+            merge_text=self.merge_text,
             samplewise="auto",
             compile=args.compile,
             heads="interpolated",
@@ -206,27 +264,28 @@ class Row:
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
         with torch.no_grad(), self.autocast:
             self.engine.prepare({}, extremes=False, weight_range=MAPPING.weight_range())
+            self.pt_head = zero_shot_head(self.engine.store.pretrained, tokens, args.classes)
 
     def t3_batch(self) -> torch.Tensor:
         with torch.no_grad(), self.autocast:
             weights = self.engine.coefficients(self.images, 0).weights[""]
-            return self.engine.merged_logits(self.images, float(weights.mean()))
+            return self.engine.merged_logits(self.images, batch_coefficient(weights))
 
     def t3(self) -> torch.Tensor:
         with torch.no_grad(), self.autocast:
             return self.engine.sample_merged_logits(self.images, self.engine.coefficients(self.images, 0).weights[""])
 
     def reference(self) -> torch.Tensor:
-        """Per sample: the state_dict merge, load_state_dict, a text pass for the head, the image forward."""
-        pt, ft = self.reference_states
+        """Per sample: the state_dict merge, load_state_dict, with one expert a text pass for the head (with several,
+        the generalist's head, as the run), the image forward."""
+        pt, experts = self.reference_states
         with torch.no_grad(), self.autocast:
             weights = self.engine.coefficients(self.images, 0).weights[""]
             logits = []
             for image, w in zip(self.images, weights.tolist()):
-                self.reference_model.load_state_dict(
-                    {k: w * ft[k] + (1 - w) * pt[k] if pt[k].is_floating_point() else pt[k] for k in pt}
-                )
+                self.reference_model.load_state_dict(state_dict_merge(pt, experts, w))
                 head = zero_shot_head(self.reference_model, self.tokens, self.args.classes)
+                head = head if self.merge_text else self.pt_head
                 logits.append(clip_logits(self.reference_model, image[None], head)[0])
             return torch.stack(logits)
 
@@ -243,7 +302,9 @@ class Row:
         merge = self.merge_times()
         difference = float((self.t3().float() - self.reference().float()).abs().max())
         return {
-            "row": f"{self.model}:{self.kind}",
+            "row": f"{self.model}:{self.kind}" + (f":{self.count}" if self.count > 1 else ""),
+            "experts": self.count,
+            "heads": "merged text tower, interpolated" if self.merge_text else "the generalist's (merge_text false)",
             "batch_size": self.batch,
             "path": self.engine.samplewise_summary(),
             "t3_vs_t3_batch": {
@@ -258,6 +319,7 @@ class Row:
             "t3_vs_reference": reference_seconds / statistics.median(t3_seconds),
             "max_abs_logit_diff_vs_per_sample_merges": difference,
             "param_bytes": self.param_bytes,
+            "adapter_bytes": self.adapter_bytes,
             "merge": merge,
         }
 
@@ -266,15 +328,15 @@ class Row:
         call computes), its bandwidth floor (one ``torch.add`` over as many floats) and a state_dict merge with
         ``load_state_dict``, interleaved; medians of the repeats, in seconds."""
         store = self.engine.store
-        floats = getattr(store, store.merged_buffers[0]).numel()  # every parameter, or a LoRA expert's targets
+        floats = store.merged_flat.numel()  # every parameter, or the LoRA experts' targets
         a, b, out = (torch.randn(floats, generator=torch.Generator().manual_seed(i)).to(self.device) for i in range(3))
-        weights = itertools.cycle((0.3, 0.7))
-        pt, ft = self.reference_states
+        weights = itertools.cycle(([0.3] * self.count, [0.7] * self.count))
+        pt, experts = self.reference_states
         paths = {
             "fused": lambda: store.merge(next(weights)),
             "floor": lambda: torch.add(a, b, alpha=0.3, out=out),
             "state_dict": lambda: self.reference_model.load_state_dict(
-                {k: torch.lerp(pt[k], ft[k], 0.3) if pt[k].is_floating_point() else pt[k] for k in pt}
+                state_dict_merge(pt, experts, [0.3] * self.count)
             ),
         }
         seconds: dict[str, list[float]] = {name: [] for name in paths}
@@ -314,7 +376,7 @@ def isolated_peak(argv: list[str], row: str, path: str) -> int:
 # ----------------------------------------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS), help="model:expert kind")
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), help="model:expert kind[:number of experts]")
     parser.add_argument("--batch-size", type=int, help="default: 32, 8 for the ViT-B/16 models")
     parser.add_argument("--classes", type=int, default=8, help="classes (one prompt each) of the zero-shot head")
     parser.add_argument("--device", default="cpu")
@@ -327,6 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: row/path, measured in a subprocess
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    for row in args.rows:
+        try:
+            parse_row(row)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--rows: {err}")
     if args.peak:
         print(peak(args, *args.peak.split("/")))
         return
@@ -355,31 +422,35 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_report(report: dict) -> None:
     precision = ("bf16 autocast" if report["bf16"] else "fp32") + (", torch.compile" if report["compile"] else "")
-    print(f"\n{report['device']}, {report['classes']} classes, {precision}, merged text tower, interpolated heads")
+    print(f"\n{report['device']}, {report['classes']} classes, {precision}")
     print(
-        "| model | expert | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference | max logit diff "
-        "| peak / params T3_B, T3 | fused merge / floor | state_dict merge / fused |\n"
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
+        "| model | expert | K | heads | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference "
+        "| max logit diff | peak / params T3_B, T3 | adapters / params | fused merge / floor "
+        "| state_dict merge / fused |\n|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     for row in report["rows"]:
-        model, kind = row["row"].split(":")
+        model, kind, count = parse_row(row["row"])
         ratio, path = row["t3_vs_t3_batch"], row["path"]
         label = f"{path['path']} ({path.get('pass', path.get('reason'))})"
         print(
-            f"| {model} | {kind} | {row['batch_size']} | {label} | {ratio['median']:.2f} [{ratio['min']:.2f}, "
-            f"{ratio['max']:.2f}] of {ratio['repeats']} | {row['t3_vs_reference']:.2f} "
-            f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
+            f"| {model} | {kind} | {count} | {row['heads']} | {row['batch_size']} | {label} "
+            f"| {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] of {ratio['repeats']} "
+            f"| {row['t3_vs_reference']:.2f} | {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
             f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} "
+            f"| {row['adapter_bytes'] / row['param_bytes']:.3f} "
             f"| {merge_vs_floor(row):.2f} | {state_dict_vs_fused(row):.1f} |"
         )
     print()
     for row in report["rows"]:
-        model, kind = row["row"].split(":")
-        print(f"T3 vs T3_B [{model} {kind}]: {row['t3_vs_t3_batch']['median']:.2f}x")
-        difference = row["max_abs_logit_diff_vs_per_sample_merges"]
-        print(f"max |logit diff| vs per-sample merges [{model} {kind}]: {difference:.1e}")
-        print(f"fused merge vs bandwidth floor [{model} {kind}]: {merge_vs_floor(row):.2f}x")
-        print(f"state_dict merge vs fused merge [{model} {kind}]: {state_dict_vs_fused(row):.1f}x")
+        model, kind, count = parse_row(row["row"])
+        labels = [f"{model} {kind} K={count}"] + ([f"{model} {kind}"] if count == 1 else [])  # and as earlier runs
+        for label in labels:
+            print(f"T3 vs T3_B [{label}]: {row['t3_vs_t3_batch']['median']:.2f}x")
+            print(f"T3 vs reference [{label}]: {row['t3_vs_reference']:.2f}x")
+            difference = row["max_abs_logit_diff_vs_per_sample_merges"]
+            print(f"max |logit diff| vs per-sample merges [{label}]: {difference:.1e}")
+            print(f"fused merge vs bandwidth floor [{label}]: {merge_vs_floor(row):.2f}x")
+            print(f"state_dict merge vs fused merge [{label}]: {state_dict_vs_fused(row):.1f}x")
 
 
 def merge_vs_floor(row: dict) -> float:

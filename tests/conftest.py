@@ -42,6 +42,26 @@ def clip_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def expert_team(clip_pair, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Four experts of the tiny generalist, full and LoRA alternating: name → (checkpoint, θ_k as a state_dict; a
+    LoRA expert's from peft's own merge). ``full_a`` is the tiny pair's expert."""
+    from model_sources import write_peft_adapter
+    from tcube_lightning.loading import load_clip
+
+    folder = tmp_path_factory.mktemp("experts")
+    pretrained = torch.load(clip_pair[0], weights_only=True)
+    torch.save(make_expert_state_dict(pretrained, seed=2, scale=0.15), folder / "full_b.pt")
+    team = {"full_a": (clip_pair[1], torch.load(clip_pair[1], weights_only=True))}
+    for name, targets in (("lora_a", ["c_fc"]), ("lora_b", ["c_proj"])):
+        peft_model = write_peft_adapter(
+            load_clip(ARCH, clip_pair[0]), folder / name, r=2, lora_alpha=4, target_modules=targets
+        )
+        team[name] = (folder / name, peft_model.merge_and_unload().state_dict())
+    team["full_b"] = (folder / "full_b.pt", torch.load(folder / "full_b.pt", weights_only=True))
+    return {name: team[name] for name in ("full_a", "lora_a", "full_b", "lora_b")}
+
+
+@pytest.fixture(scope="session")
 def npz_root(tmp_path_factory) -> Path:
     """A folder with two 28-px test splits: 37 RGB images and 21 grayscale images."""
     root = tmp_path_factory.mktemp("data")

@@ -42,12 +42,13 @@ PROJECTIONS = {"visual.proj": "encode_image", "text_projection": "encode_text"}
 
 
 def per_sample_loop(
-    merged_logits: Callable[[torch.Tensor, float], torch.Tensor], images: torch.Tensor, weights: torch.Tensor
+    merged_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Each sample through the model merged with its own weight; samples sharing a weight share a merge."""
-    unique, group = torch.unique(weights, return_inverse=True)
+    """Each sample through the model merged with its own weights (rows × experts); samples sharing them share a
+    merge."""
+    unique, group = torch.unique(weights, dim=0, return_inverse=True)
     logits = None
-    for k, weight in enumerate(unique.tolist()):
+    for k, weight in enumerate(unique):
         index = (group == k).nonzero().squeeze(1)
         part = merged_logits(images[index], weight)
         if logits is None:
@@ -83,24 +84,31 @@ def changed_parameters(pretrained: nn.Module, expert: nn.Module) -> dict[str, to
 
 
 class LeafWisePass:
-    """Row i of a batch runs through θ_pt + w_i·Δ, where Δ is given as expert values of changed parameters
-    (``dense``: a full expert's, or a LoRA adapter's replaced tensors) and low-rank updates (``low_rank``).
+    """Row i of a batch runs through θ_pt + Σ_k w_ik·Δ_k, K experts' task vectors Δ_k each given as expert values of
+    changed parameters (``dense``: a full expert's, or a LoRA adapter's replaced tensors) and low-rank updates
+    (``low_rank``). Every leaf computes f(x; θ_pt) once and each expert's f(x; θ_k) only where that expert changes it:
+    with one expert ``torch.lerp`` (θ_pt + w·Δ), with more f(x; θ_pt) + Σ_k w_ik·(f(x; θ_k) − f(x; θ_pt)).
 
     Args:
         pretrained: The generalist; its leaves' forwards are taken over during a pass, and given back after.
-        dense: Changed parameters' expert values, by name.
-        low_rank: LoRA updates on Linear weights or ``nn.MultiheadAttention`` projections.
+        dense: Per expert, its changed parameters' values, by name.
+        low_rank: Per expert, its LoRA updates on Linear weights, ``nn.MultiheadAttention`` projections or raw
+            projections.
     """
 
     def __init__(
-        self, pretrained: nn.Module, dense: dict[str, torch.Tensor], low_rank: list[LowRankUpdate] = ()
+        self,
+        pretrained: nn.Module,
+        dense: list[dict[str, torch.Tensor]],
+        low_rank: list[list[LowRankUpdate]] | None = None,
     ) -> None:
-        self.pt, self.dense = pretrained, dense
-        self.low_rank: dict[str, list[LowRankUpdate]] = defaultdict(list)
-        for update in low_rank:
-            self.low_rank[update.parameter].append(update)
-        self.scales = (pretrained.logit_scale, dense.get("logit_scale", pretrained.logit_scale))
-        plan = plan_leaves(pretrained, set(dense) | set(self.low_rank))
+        self.pt, self.dense, self.count = pretrained, dense, len(dense)
+        self.low_rank: list[dict[str, list[LowRankUpdate]]] = [defaultdict(list) for _ in dense]
+        for k, updates in enumerate(low_rank or [[] for _ in dense]):
+            for update in updates:
+                self.low_rank[k][update.parameter].append(update)
+        changed = set().union(*(set(d) | set(u) for d, u in zip(dense, self.low_rank, strict=True)))
+        plan = plan_leaves(pretrained, changed)
         if plan.reason is not None:
             raise NotImplementedError(plan.reason)
         self.per_row, self.projections = plan.per_row, plan.projections
@@ -113,11 +121,11 @@ class LeafWisePass:
 
     # ------------------------------------------------------------------------------------------------ towers
     def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Normalised image embeddings; row i uses expert weight ``weights[i]``."""
+        """Normalised image embeddings; row i uses the experts' weights ``weights[i]`` (rows × experts)."""
         return self._encode("encode_image", images, weights)
 
     def encode_text(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Normalised text embeddings; row i uses expert weight ``weights[i]``."""
+        """Normalised text embeddings; row i uses the experts' weights ``weights[i]`` (rows × experts)."""
         return self._encode("encode_text", tokens, weights)
 
     def _encode(self, encoder: str, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -129,27 +137,32 @@ class LeafWisePass:
         return F.normalize(features, dim=-1)
 
     def _project(self, x: torch.Tensor, name: str, pt: torch.Tensor) -> torch.Tensor:
-        """x @ P per row: the expert's full P interpolated, or P_pt plus each LoRA term w_i·s·(x @ up) @ down (an
-        update of a raw projection is given in its own orientation: P += s·up @ down)."""
-        y = x @ pt
-        if name in self.dense:
-            y = torch.lerp(y, x @ self.dense[name], self._w(y))
-        for update in self.low_rank.get(name, ()):
-            y = y + ((x @ update.up.to(x.dtype)) * (self._w(x) * update.scale)) @ update.down.to(x.dtype)
+        """x @ P per row: each expert's full P mixed in, and each LoRA term w_ik·s·(x @ up) @ down (an update of a raw
+        projection is given in its own orientation: P += s·up @ down)."""
+        y = self._mix(x @ pt, [None if name not in d else x @ d[name] for d in self.dense])
+        for k, updates in enumerate(self.low_rank):
+            for update in updates.get(name, ()):
+                low = (x @ update.up.to(x.dtype)) * (self._w(k, x) * update.scale)
+                y = y + low @ update.down.to(x.dtype)
         return y
 
     def logit_scale(self, weights: torch.Tensor) -> torch.Tensor:
         """exp of the per-row merged logit scale (it enters through exp, so it is merged before)."""
-        pt, ft = self.scales
-        return torch.lerp(pt, ft, weights.to(pt.dtype)).exp()
+        self.weights = weights
+        try:
+            pt = self.pt.logit_scale
+            scale = self._mix(pt.expand(len(weights)), [d.get("logit_scale") for d in self.dense])
+        finally:
+            self.weights = None
+        return scale.exp()
 
     def zero_shot_heads(
         self, prompt_tokens: torch.Tensor, weights: torch.Tensor, num_classes: int, chunk: int = 4096
     ) -> torch.Tensor:
-        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight."""
+        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight vector."""
         prompts = len(prompt_tokens)
         tokens = prompt_tokens.repeat(len(weights), 1)
-        rows = weights.repeat_interleave(prompts)
+        rows = weights.repeat_interleave(prompts, dim=0)
         text = torch.cat(
             [self.encode_text(tokens[i : i + chunk], rows[i : i + chunk]) for i in range(0, len(tokens), chunk)]
         )
@@ -165,15 +178,16 @@ class LeafWisePass:
         fixed_head: torch.Tensor | None = None,
         row_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Zero-shot logits with per-sample merged towers; ``fixed_head`` skips merging the text tower, and
-        ``row_heads`` (rows, classes, dim) gives each row's merged head (interpolated) instead of text passes."""
+        """Zero-shot logits with per-sample merged towers (``weights``: rows × experts); ``fixed_head`` skips merging
+        the text tower, and ``row_heads`` (rows, classes, dim) gives each row's merged head (interpolated) instead of
+        text passes."""
         features = self.encode_image(images, weights)
         if fixed_head is not None:
             scores = features @ fixed_head.T
         elif row_heads is not None:
             scores = torch.einsum("bd,bcd->bc", features, row_heads.to(features.dtype))
         else:
-            unique, group = torch.unique(weights, return_inverse=True)
+            unique, group = torch.unique(weights, dim=0, return_inverse=True)
             heads = self.zero_shot_heads(prompt_tokens, unique, num_classes)
             scores = torch.einsum("bd,bcd->bc", features, heads[group])
         return self.logit_scale(weights).unsqueeze(1) * scores
@@ -211,39 +225,60 @@ class LeafWisePass:
         return previous
 
     # ----------------------------------------------------------------------------------------------- per row
-    def _w(self, like: torch.Tensor) -> torch.Tensor:
+    def _w(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """Expert k's per-row weights, shaped to broadcast against ``like`` (rows first)."""
         if len(like) != len(self.weights):
             raise RuntimeError(f"a leaf saw {len(like)} rows, not the batch's {len(self.weights)}")
-        return row_weights(self.weights, like.ndim).to(like.dtype)
+        return row_weights(self.weights[:, k], like.ndim).to(like.dtype)
+
+    def _mix(self, base: torch.Tensor, values: list[torch.Tensor | None]) -> torch.Tensor:
+        """base + Σ_k w_ik·(value_k − base) per row, skipping the experts that leave it as it is (None); one
+        expert's by ``torch.lerp``. ``base`` has the batch's rows first (a parameter expanded to them)."""
+        if self.count == 1:
+            return base if values[0] is None else torch.lerp(base, values[0], self._w(0, base))
+        mixed = base
+        for k, value in enumerate(values):
+            if value is not None:
+                mixed = mixed + self._w(k, base) * (value - base)
+        return mixed
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
         """An input of one row the model broadcasts over the batch (BERT's position ids), as one row per sample."""
         return x.expand(len(self.weights), *x.shape[1:]) if len(x) == 1 else x
 
     def _per_row_value(self, name: str, pt: torch.Tensor) -> torch.Tensor:
-        """A parameter per row, pt + w_i·Δ, with a batch dimension in front where the model's code broadcasts (in
-        place of a leading dimension of 1), and the class token's Δ folded in where it is (``FOLDED``)."""
+        """A parameter per row, θ_pt + Σ_k w_ik·Δ_k, with a batch dimension in front where the model's code broadcasts
+        (in place of a leading dimension of 1), and the class token's Δ folded in where it is (``FOLDED``)."""
         base = pt if pt.shape[0] == 1 else pt.unsqueeze(0)
-        w = row_weights(self.weights, base.ndim).to(pt.dtype)
-        value = torch.lerp(base, self._value(name, pt).view_as(base), w)
+        value = self._mix(
+            base.expand(len(self.weights), *base.shape[1:]),
+            [
+                None if name not in d else d[name].view_as(base).expand(len(self.weights), *base.shape[1:])
+                for d in self.dense
+            ],
+        ).clone()
         for token, target in FOLDED.items():
-            if target == name and token in self.dense:
+            if target == name:
                 token_pt = self.modules[token.rpartition(".")[0]].get_parameter(token.rpartition(".")[2])
-                value[:, 0] += w.view(-1, 1) * (self.dense[token] - token_pt)
+                for k, d in enumerate(self.dense):
+                    if token in d:
+                        value[:, 0] += self._w(k, value[:, 0]) * (d[token] - token_pt)
         return value
 
-    def _value(self, name: str, pt: torch.Tensor | None) -> torch.Tensor | None:
-        return self.dense.get(name, pt)
+    def _values(self, name: str) -> list[torch.Tensor | None]:
+        """Each expert's value of a leaf's parameter, None where it keeps the generalist's."""
+        return [d.get(name) for d in self.dense]
 
     def _low_rank_terms(self, y: torch.Tensor, x: torch.Tensor, parameter: str) -> torch.Tensor:
-        """y plus w_i·s·(x·Aᵀ)·Bᵀ of every update of ``parameter`` (on its rows of the output, if given): w_i·s
-        scales the rank-r activations, and the second product accumulates into y, so the term costs two thin
+        """y plus w_ik·s·(x·Aᵀ)·Bᵀ of every expert's update of ``parameter`` (on its rows of the output, if given):
+        w_ik·s scales the rank-r activations, and the second product accumulates into y, so a term costs two thin
         products and nothing over the width of y."""
-        for update in self.low_rank.get(parameter, ()):
-            low = F.linear(x, update.down.to(x.dtype))
-            low = low * (self._w(low) * update.scale)
-            columns = slice(*update.rows) if update.rows else slice(None)
-            y.view(-1, y.shape[-1])[:, columns].addmm_(low.reshape(-1, low.shape[-1]), update.up.to(y.dtype).T)
+        for k, updates in enumerate(self.low_rank):
+            for update in updates.get(parameter, ()):
+                low = F.linear(x, update.down.to(x.dtype))
+                low = low * (self._w(k, low) * update.scale)
+                columns = slice(*update.rows) if update.rows else slice(None)
+                y.view(-1, y.shape[-1])[:, columns].addmm_(low.reshape(-1, low.shape[-1]), update.up.to(y.dtype).T)
         return y
 
     def _linear_rows(
@@ -257,10 +292,12 @@ class LeafWisePass:
     ) -> torch.Tensor:
         x = self._batch(x)
         y = F.linear(x, weight, bias)
-        ft_weight, ft_bias = self._value(prefix + weight_name, weight), self._value(prefix + bias_name, bias)
-        if ft_weight is not weight or ft_bias is not bias:
-            y = torch.lerp(y, F.linear(x, ft_weight, ft_bias), self._w(y))
-        return self._low_rank_terms(y, x, prefix + weight_name)
+        outputs = []
+        for d in self.dense:
+            ft_weight, ft_bias = d.get(prefix + weight_name, weight), d.get(prefix + bias_name, bias)
+            changed = ft_weight is not weight or ft_bias is not bias
+            outputs.append(F.linear(x, ft_weight, ft_bias) if changed else None)
+        return self._low_rank_terms(self._mix(y, outputs), x, prefix + weight_name)
 
     def _linear(self, name: str, module: nn.Linear) -> Callable:
         return lambda x: self._linear_rows(x, f"{name}.", module.weight, module.bias)
@@ -268,18 +305,19 @@ class LeafWisePass:
     def _layer_norm(self, name: str, module: nn.LayerNorm) -> Callable:
         def forward(x: torch.Tensor) -> torch.Tensor:
             normed = F.layer_norm(self._batch(x), module.normalized_shape, None, None, module.eps)
-            w = self._w(normed)
-            weight = torch.lerp(module.weight, self._value(f"{name}.weight", module.weight), w)
+            rows = normed.shape[:1] + (1,) * (normed.ndim - 2) + module.weight.shape
+            weight = self._mix(module.weight.expand(rows), self._values(f"{name}.weight"))
             if module.bias is None:
                 return normed * weight
-            return normed * weight + torch.lerp(module.bias, self._value(f"{name}.bias", module.bias), w)
+            return normed * weight + self._mix(module.bias.expand(rows), self._values(f"{name}.bias"))
 
         return forward
 
     def _layer_scale(self, name: str, module: nn.Module) -> Callable:
         def forward(x: torch.Tensor) -> torch.Tensor:
             x = self._batch(x)
-            return x * torch.lerp(module.gamma, self._value(f"{name}.gamma", module.gamma), self._w(x))
+            rows = x.shape[:1] + (1,) * (x.ndim - 2) + module.gamma.shape
+            return x * self._mix(module.gamma.expand(rows), self._values(f"{name}.gamma"))
 
         return forward
 
@@ -287,8 +325,12 @@ class LeafWisePass:
         def forward(x: torch.Tensor) -> torch.Tensor:
             x = self._batch(x)
             y = module._conv_forward(x, module.weight, module.bias)
-            expert = (self._value(f"{name}.weight", module.weight), self._value(f"{name}.bias", module.bias))
-            return torch.lerp(y, module._conv_forward(x, *expert), self._w(y))
+            outputs = []
+            for d in self.dense:
+                expert = (d.get(f"{name}.weight", module.weight), d.get(f"{name}.bias", module.bias))
+                changed = expert[0] is not module.weight or expert[1] is not module.bias
+                outputs.append(module._conv_forward(x, *expert) if changed else None)
+            return self._mix(y, outputs)
 
         return forward
 
@@ -299,8 +341,8 @@ class LeafWisePass:
 
         def forward(ids: torch.Tensor) -> torch.Tensor:
             ids = self._batch(ids)
-            y = lookup(ids, module.weight)
-            return torch.lerp(y, lookup(ids, self._value(f"{name}.weight", module.weight)), self._w(y))
+            values = self._values(f"{name}.weight")
+            return self._mix(lookup(ids, module.weight), [None if v is None else lookup(ids, v) for v in values])
 
         return forward
 

@@ -1,5 +1,7 @@
-"""The model engine, in plain torch (it imports no Lightning): both CLIPs in a fused parameter store, the prompt
-tokens and every zero-shot head, the per-batch coefficients, and the logits of every model a method asks for.
+"""The model engine, in plain torch (it imports no Lightning): the generalist and its experts in a fused parameter
+store, the prompt tokens and every zero-shot head, the per-batch coefficients, and the logits of every model a method
+asks for. Merge weights are one per expert: a vector, or per row a matrix (rows × experts); with one expert a number
+or a vector of rows serves as well.
 
 The LightningModule drives it (devices, metrics, splits); tests use it directly, without a Trainer.
 """
@@ -16,18 +18,18 @@ import torch
 from torch import nn
 
 from tcube_lightning.engine.heads import HeadInterpolant, fit_head_interpolant
-from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason, per_sample_loop
+from tcube_lightning.engine.per_sample import LeafWisePass, leafwise_reason, per_sample_loop
 from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import image_side
 from tcube_lightning.loading.lora import LoraAdapter
-from tcube_lightning.merging.coefficients import LambdaMapping
+from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, generalised_js
 from tcube_lightning.merging.methods import BatchContext, Method
-from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
+from tcube_lightning.merging.store import ExpertStore
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
 HeadMode = Literal["interpolated", "exact"]
-StaticRule = Callable[[FusedParameterStore], torch.Tensor]
+StaticRule = Callable[[ExpertStore], torch.Tensor]
 PROBE_TOLERANCE = 1e-3
 """The largest difference of unit-norm embeddings between the leaf-wise pass and per-sample merges on the set-up's
 probe: float32 rounding through a deep tower stays near 1e-6, a model whose code mixes rows is off by far more."""
@@ -39,13 +41,18 @@ class BatchCoefficients:
 
     pt_logits: torch.Tensor
     ft_logits: torch.Tensor
+    """Each expert's logits: experts × rows × classes."""
     finite: torch.Tensor
     """Rows whose pretrained and expert logits are all finite; the others get JS = 0."""
     js: torch.Tensor
+    """JS between the generalist and each expert: rows × experts."""
     lambdas: dict[str, torch.Tensor]
-    """λ per sample for each T³ setting: ``""`` the run's own, the others by ``model.grid`` label."""
+    """λ per sample and expert for each T³ setting: ``""`` the run's own, the others by ``model.grid`` label."""
     weights: dict[str, torch.Tensor]
-    """T³'s weight on the expert per sample for each setting, from λ through ``lambda_weights``."""
+    """T³'s weights on the experts per sample (rows × experts) for each setting, from λ through ``lambda_weights``
+    and, with several experts, ``model.k_experts``'s rule."""
+    generalised_js: torch.Tensor | None = None
+    """With several experts, the generalised JS of the generalist's and every expert's distributions, per row."""
 
 
 class TCubeEngine(nn.Module):
@@ -53,8 +60,8 @@ class TCubeEngine(nn.Module):
 
     Args:
         pretrained: The generalist open_clip CLIP.
-        expert: The fine-tuned expert, of the same architecture, or a LoRA adapter on ``pretrained`` (then no full
-            copy of the expert is kept: ``LowRankStore``).
+        experts: The fine-tuned experts (or the one), each of the same architecture or a LoRA adapter on
+            ``pretrained`` (then no full copy of it is kept: ``ExpertStore``).
         prompt_tokens: Token ids of every (class, template) prompt, one tensor per class set (splits may differ
             in their classes), class-major.
         class_counts: Number of classes of each class set.
@@ -67,12 +74,14 @@ class TCubeEngine(nn.Module):
         heads: ``interpolated``: the zero-shot heads of merged text towers come from an interpolant in w fitted
             once per run (``heads.py``); ``exact``: a text pass over every class prompt per merged weight.
         head_tolerance: The largest change of a logit the interpolated heads may cause at the check points.
+        k_experts: With several experts, how T³'s per-expert coefficients combine (``KExperts``).
+        expert_names: The experts' names (results and AdaMerging's record).
     """
 
     def __init__(
         self,
         pretrained: nn.Module,
-        expert: nn.Module | LoraAdapter,
+        experts: nn.Module | LoraAdapter | list[nn.Module | LoraAdapter],
         prompt_tokens: list[torch.Tensor],
         class_counts: list[int],
         mapping: LambdaMapping,
@@ -82,16 +91,21 @@ class TCubeEngine(nn.Module):
         compile: bool = False,
         heads: HeadMode = "interpolated",
         head_tolerance: float = 1e-4,
+        k_experts: KExperts = KExperts(),
+        expert_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(expert, LoraAdapter):
-            self.store = LowRankStore(pretrained, expert)
-            self.changed, self.pass_name = expert.changed_parameters(), "leaf-wise, low-rank (LoRA)"
-        else:
-            self.store = FusedParameterStore(pretrained, expert)
-            self.changed = set(changed_parameters(self.store.pretrained, self.store.expert))
-            self.pass_name = "leaf-wise"
-        self.unsupported_reason = leafwise_reason(pretrained, self.changed)
+        experts = experts if isinstance(experts, list) else [experts]
+        self.store = ExpertStore(pretrained, experts)
+        self.count, self.k_experts = len(experts), k_experts
+        self.expert_names = list(expert_names or (["expert"] if self.count == 1 else map(str, range(self.count))))
+        lora = [isinstance(e, LoraAdapter) for e in experts]
+        self.pass_name = "leaf-wise" + (
+            ", low-rank (LoRA)" if all(lora) else ", full and low-rank" if any(lora) else ""
+        )
+        changed = set().union(*(self.store.changed(k) for k in range(self.count)))
+        changed |= set().union(*(e.changed_parameters() for e in experts if isinstance(e, LoraAdapter)))
+        self.unsupported_reason = leafwise_reason(pretrained, changed)
         if samplewise == "vectorized" and self.unsupported_reason is not None:
             reason = self.unsupported_reason
             raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
@@ -126,7 +140,7 @@ class TCubeEngine(nn.Module):
         self.path = path
         sets = range(len(self.class_counts))
         self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
-        self.ft_heads = [self._head(self.store.expert, c) for c in sets]
+        self.expert_heads = [[self._head(expert, c) for c in sets] for expert in self.store.experts]
         self.static_params = {name: rule(self.store) for name, rule in static_rules.items()}
         self.static_heads = {
             name: [self._merged_head(self.store.load(flat), c) for c in sets]
@@ -134,11 +148,14 @@ class TCubeEngine(nn.Module):
         }
         self.extreme_weights = list(self.mapping.extreme_weights()) if extremes else []
         self.head_cache = {
-            (w, c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
+            ((w,), c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
         }
+        """Merged models' heads by (weights, class set): the λ extremes', and with several experts every one asked."""
         self.interpolants: list[HeadInterpolant | None] = [None] * len(sets)
-        self.head_summary: dict = {"mode": self.head_mode if self.merge_text else "fixed (merge_text false)"}
-        if self.merge_text and self.head_mode == "interpolated" and weight_range is not None:
+        interpolated = self.merge_text and self.head_mode == "interpolated" and self.count == 1
+        mode = "exact" if self.merge_text and self.count > 1 else self.head_mode  # heads in w: one expert's alone
+        self.head_summary: dict = {"mode": mode if self.merge_text else "fixed (merge_text false)"}
+        if interpolated and weight_range is not None:
             scale = float(torch.maximum(self.store.pretrained.logit_scale, self.store.expert.logit_scale).exp())
             head_at = [partial(self._float32_head, class_set=c) for c in sets]
             fits = [fit_head_interpolant(head_at[c], *weight_range, self.head_tolerance, scale) for c in sets]
@@ -149,12 +166,9 @@ class TCubeEngine(nn.Module):
     def _per_sample_pass(self) -> LeafWisePass | None:
         """The exact per-sample pass for this model, on the store's device, checked on a seeded probe against
         per-sample merges (None, with the reason, if it fails)."""
-        store = self.store
-        if isinstance(store, LowRankStore):
-            dense = {n: store.expert.get_parameter(n) for n in store.adapter.replacements}
-            vectorized = LeafWisePass(store.pretrained, dense, store.updates())
-        else:
-            vectorized = LeafWisePass(store.pretrained, {n: store.expert.get_parameter(n) for n in self.changed})
+        store, experts = self.store, range(self.count)
+        lora = [store.updates(k) if store.adapters[k] is not None else [] for k in experts]
+        vectorized = LeafWisePass(store.pretrained, [store.changed(k) for k in experts], lora)
         try:
             error = self._probe_error(vectorized)
         except RuntimeError as err:  # the model's code cannot take per-row parameters
@@ -175,7 +189,8 @@ class TCubeEngine(nn.Module):
         size = image_side(self.store.pretrained.visual.image_size)
         images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         tokens = self._tokens(0)[:3]
-        weights = torch.tensor([1.0, 0.37, 0.0], device=device)[: len(tokens)]
+        rows = torch.tensor([1.0, 0.37, 0.0])[: len(tokens)]  # the experts' weights differ per row and expert
+        weights = torch.stack([rows.roll(k) for k in range(self.count)], dim=-1).to(device)
         inputs = {"encode_image": images[: len(weights)], "encode_text": tokens}
         with torch.autocast(device.type, enabled=False):
             ours = {encode: getattr(vectorized, encode)(rows, weights) for encode, rows in inputs.items()}
@@ -236,14 +251,23 @@ class TCubeEngine(nn.Module):
         """The pretrained and expert logits (one forward each, shared by every method and setting), JS, and λ and w
         of every T³ setting."""
         pt_logits = self.image_logits(self.store.pretrained, images, self.pt_heads[class_set])
-        ft_logits = self.image_logits(self.store.expert, images, self.ft_heads[class_set])
+        ft_logits = torch.stack(
+            [
+                self.image_logits(expert, images, heads[class_set])
+                for expert, heads in zip(self.store.experts, self.expert_heads, strict=True)
+            ]
+        )
         # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,
         # which would poison every merge it takes part in; such samples are counted and reported.
-        finite = torch.isfinite(pt_logits).all(-1) & torch.isfinite(ft_logits).all(-1)
-        js = torch.where(finite, self.mapping.js(pt_logits, ft_logits), 0.0)
+        finite = torch.isfinite(pt_logits).all(-1) & torch.isfinite(ft_logits).all(-1).all(0)
+        js = torch.stack([torch.where(finite, self.mapping.js(pt_logits, ft), 0.0) for ft in ft_logits], dim=-1)
         lambdas = {label: mapping.lambdas(js) for label, mapping in self.settings.items()}
-        weights = {label: self.settings[label].expert_weights(lam) for label, lam in lambdas.items()}
-        return BatchCoefficients(pt_logits, ft_logits, finite, js, lambdas, weights)
+        weights = {
+            label: self.k_experts.combine(self.settings[label].expert_weights(lam), ft_logits)
+            for label, lam in lambdas.items()
+        }
+        spread = generalised_js([pt_logits, *ft_logits]) if self.count > 1 else None
+        return BatchCoefficients(pt_logits, ft_logits, finite, js, lambdas, weights, spread)
 
     def context(
         self,
@@ -268,20 +292,24 @@ class TCubeEngine(nn.Module):
         )
 
     @torch.no_grad()
-    def merged_logits(self, images: torch.Tensor, weight: float, class_set: int = 0) -> torch.Tensor:
-        """Logits of the model merged with expert weight ``weight``."""
-        model = self.store.merge(weight)
-        return self.image_logits(model, images, self._head_at(model, weight, class_set))
+    def merged_logits(self, images: torch.Tensor, weights: float | torch.Tensor, class_set: int = 0) -> torch.Tensor:
+        """Logits of the model merged with ``weights``, one per expert (one expert's: a number)."""
+        model = self.store.merge(weights)
+        return self.image_logits(model, images, self._head_at(model, self.store.weight, class_set))
 
-    def _head_at(self, model: nn.Module, weight: float, class_set: int) -> torch.Tensor:
-        """The merged model's head: computed once already, interpolated, or (outside the interpolant) direct."""
-        head = self.head_cache.get((weight, class_set))
+    def _head_at(self, model: nn.Module, weights: tuple[float, ...], class_set: int) -> torch.Tensor:
+        """The merged model's head: computed once already, interpolated, or (outside the interpolant) direct; with
+        several experts every merged model's direct head is kept for the next batch that asks."""
+        head = self.head_cache.get((weights, class_set))
         if head is not None:
             return head
         interpolant = self.interpolants[class_set]
-        if interpolant is not None and interpolant.covers(weight):
-            return interpolant(torch.tensor([weight]))[0]
-        return self._merged_head(model, class_set)
+        if interpolant is not None and interpolant.covers(weights[0]):
+            return interpolant(torch.tensor([weights[0]]))[0]
+        head = self._merged_head(model, class_set)
+        if self.count > 1 and self.merge_text:
+            self.head_cache[(weights, class_set)] = head
+        return head
 
     def set_adapted(self, name: str, flat: torch.Tensor) -> None:
         """An adapted method's merged model (AdaMerging's, for the split about to be evaluated): its image tower
@@ -295,21 +323,24 @@ class TCubeEngine(nn.Module):
 
     @torch.no_grad()
     def sample_merged_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
-        """Logits where sample i runs through the model merged with ``weights[i]``, exactly."""
+        """Logits where sample i runs through the model merged with ``weights[i]`` (rows × experts; one expert's: a
+        vector of rows), exactly."""
+        weights = weights.unsqueeze(-1) if weights.ndim == 1 else weights
         if self.path == "loop":
             return self.grouped_logits(images, weights, class_set)
         fixed_head = None if self.merge_text else self.pt_heads[class_set]
         interpolant = self.interpolants[class_set]
         row_heads = None
-        covered = interpolant is not None and all(interpolant.covers(w) for w in weights.tolist())
+        covered = interpolant is not None and all(interpolant.covers(w) for w in weights[:, 0].tolist())
         if fixed_head is None and covered:
-            row_heads = interpolant(weights)
+            row_heads = interpolant(weights[:, 0])
         tokens, count = self._tokens(class_set), self.class_counts[class_set]
         return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
 
     def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:
-        """Like ``sample_merged_logits``, by one fused merge per distinct weight: the loop path, and the clustered
-        methods' second pass (a few components, so a few merges)."""
+        """Like ``sample_merged_logits``, by one fused merge per distinct weight vector: the loop path, and the
+        clustered methods' second pass (a few components, so a few merges)."""
+        weights = weights.unsqueeze(-1) if weights.ndim == 1 else weights
         return per_sample_loop(partial(self.merged_logits, class_set=class_set), images, weights)
 
     def extreme_predictions(self, images: torch.Tensor, class_set: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -15,7 +15,7 @@ import torch
 from tcube_lightning.engine.torch_engine import BatchCoefficients
 from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED
 from tcube_lightning.reporting.report import log_batch_coefficients
-from tcube_lightning.reporting.samples import batch_columns, lambda_column
+from tcube_lightning.reporting.samples import batch_columns, expert_columns
 
 if TYPE_CHECKING:
     from tcube_lightning.evaluation.module import TCubeModule
@@ -60,12 +60,11 @@ def evaluate_batch(module: TCubeModule, split: str, batch: dict) -> None:
     for class_set, rows, shared in groups:
         extras = {field: batch[field][rows] for field in MIX_FIELDS if field in batch}
         evaluate_group(module, split, images[rows], labels[rows], index[rows], class_set, shared, whole, extras)
-    if module.logger is not None:
-        values = {
-            lambda_column(label): [(rows, shared.lambdas[label]) for _, rows, shared in groups] for label in whole
-        }
-        values["js"] = [(rows, shared.js) for _, rows, shared in groups]
-        scalars = {name: in_row_order(parts, len(labels)) for name, parts in values.items()}
+    if module.logger is not None:  # JS and λ of the whole batch; with several experts each one's T³ weight too
+        names = module.engine.expert_names
+        parts = [(rows, expert_columns(shared, {"t3": shared.weights[""]}, names)) for _, rows, shared in groups]
+        logged = [c for c in parts[0][1] if c.startswith(("js", "lambda")) or len(names) > 1]
+        scalars = {c: in_row_order([(rows, part[c]) for rows, part in parts], len(labels)) for c in logged}
         log_batch_coefficients(module.logger, split, step, scalars, module.trainer.is_global_zero)
 
 
@@ -87,7 +86,7 @@ def evaluate_group(
         label: engine.context(images, shared, class_set, label, batch_weights=whole[label]) for label in shared.weights
     }
     weights = {name: method.merge_weights(contexts[method.setting]) for name, method in module.weight_methods.items()}
-    columns = batch_columns(index, labels, shared, weights) | extras
+    columns = batch_columns(index, labels, shared, weights, engine.expert_names) | extras
     for name, method in module.methods.items():
         if not method.is_clustered:
             with module.cost.measure(name, count):

@@ -46,8 +46,9 @@ class ClusteredPass:
         narrower class sets are padded with −inf to the split's ``width``: zero probability, so the coefficients
         (entropies, confidences) are those of each sample's own classes."""
         if self.methods:
-            pt, ft = (F.pad(x, (0, width - x.shape[1]), value=-math.inf) for x in (shared.pt_logits, shared.ft_logits))
-            values = {"index": index, "pt": pt, "ft": ft, **shared.weights}
+            logits = (shared.pt_logits, shared.ft_logits[0])  # clustering is of one expert's coefficient
+            pt, ft = (F.pad(x, (0, width - x.shape[1]), value=-math.inf) for x in logits)
+            values = {"index": index, "pt": pt, "ft": ft, **{label: w[:, 0] for label, w in shared.weights.items()}}
             for key, value in values.items():
                 self.cache[split][key].append(value.detach())
 

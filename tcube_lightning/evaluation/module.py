@@ -17,15 +17,15 @@ from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
 from tcube_lightning.errors import InputError
-from tcube_lightning.evaluation.adaptation import adapt_methods
+from tcube_lightning.evaluation.adaptation import adapt_methods, adaptation_split
 from tcube_lightning.evaluation.batches import evaluate_batch
 from tcube_lightning.evaluation.clustered import ClusteredPass
 from tcube_lightning.evaluation.options import check_prediction_options, check_run_options, method_families
 from tcube_lightning.evaluation.predicting import PredictHooks
-from tcube_lightning.evaluation.splits import mixed_or_plain, one_class_set, split_sources
+from tcube_lightning.evaluation.splits import class_sets, mixed_or_plain, split_sources
 from tcube_lightning.loading import plan_models
 from tcube_lightning.merging.adamerging import AdaMergingSettings
-from tcube_lightning.merging.coefficients import LambdaMapping, LambdaWeights, grid_mappings
+from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, LambdaWeights, grid_mappings
 from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.reporting.cost import CostMeter
@@ -59,13 +59,19 @@ class TCubeModule(PredictHooks, L.LightningModule):
             ``hf-hub:``/``local-dir:`` arch: that model's own weights. A file given is loaded strictly into ``arch``.
         expert_checkpoint: The fine-tuned expert θ_ft: any of the forms above, a peft LoRA adapter folder
             (adapter_config.json) or a RobustMedCLIP LoRA checkpoint (model.pth), both on the generalist.
+        experts: Several experts instead, by name: name → any checkpoint ``expert_checkpoint`` takes, e.g.
+            ``{blood: …, breast: …}``; merged as θ_pt + Σ_k w_k·τ_k (T³ with several experts is our extension of
+            T³: ``k_experts``).
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
         cache_dir: The Hugging Face cache where pretrained tags, ``hf-hub:`` models and their text towers and
             tokenizers are looked up (default: Hugging Face's, HF_HOME).
         methods: Method families to evaluate, default all but AdaMerging's (``predict``: t3): zeroshot, expert,
             ensemble, select, wise_ft, slerp, task_arithmetic, ties, dare, m3, t3, t3_batch, dawin, maxconf, xent,
-            t3_cluster, dawin_cluster, and on request adamerging_task, adamerging_layer (coefficients learnt on each
-            split's images by entropy minimisation: hundreds of optimiser steps per split).
+            t3_cluster, dawin_cluster, and on request soup, dawin_mtl, adamerging_task, adamerging_layer
+            (coefficients learnt on each split's images by entropy minimisation: hundreds of optimiser steps per
+            split). With several experts: zeroshot, expert (one column per expert), ensemble, select, soup,
+            task_arithmetic, ties, dare, t3, t3_batch, dawin_mtl and on request AdaMerging's; the others are
+            between the generalist and one expert, and refused.
         baselines: Hyper-parameters of the baselines (WiSE-FT α values, SLERP, task arithmetic, TIES,
             DARE, DaWin temperatures, the seed of the random ones).
         adamerging: AdaMerging's options (steps, learning rate, batch size, initial λ, clamping, seed, and
@@ -81,7 +87,12 @@ class TCubeModule(PredictHooks, L.LightningModule):
             the methods merging with T³'s weights, e.g. ``t3[gamma=4]``, ``t3_batch[gamma=4]``.
         merge_text: Merge the text tower too, so every merged model has its own zero-shot head (as the
             reference code does). False keeps the pretrained model's head for every merged model: much
-            cheaper, and right for experts whose text tower was not fine-tuned.
+            cheaper, and right for experts whose text tower was not fine-tuned. None (default): true with one expert,
+            false with several (FusionBench and AdaMerging merge the image tower only); with several, true means a
+            text pass over every class prompt per merged weight vector (per sample for T³).
+        k_experts: With several experts, how T³'s per-expert coefficients combine (our extension): ``rule``
+            ``independent`` (w_k = λ_k·s, ``scale`` s default 1/K) or ``routed`` (w_k = λ_k·r_k, r the softmax over
+            the experts of −H(p_k)).
         samplewise: How T³ merges per sample: ``vectorized`` (one exact batched pass: open_clip's towers by hand,
             timm and Hugging Face towers leaf by leaf, a LoRA expert's targets by their low-rank term), ``loop``
             (one fused merge per distinct weight) or ``auto``: vectorized wherever a pass runs the model exactly,
@@ -115,6 +126,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         arch: str | None = None,
         pretrained_checkpoint: str | None = None,
         expert_checkpoint: str | None = None,
+        experts: dict[str, str] | None = None,
         model_config: str | None = None,
         cache_dir: str | None = None,
         methods: list[str] | str | None = None,
@@ -126,7 +138,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         lambda_weights: LambdaWeights = "expert",
         js_base: float | None = None,
         grid: list[dict[str, Any]] | None = None,
-        merge_text: bool = True,
+        merge_text: bool | None = None,
+        k_experts: KExperts = KExperts(),
         samplewise: Literal["auto", "vectorized", "loop"] = "auto",
         compile: bool = False,
         mce_reference: str = "zeroshot",
@@ -146,9 +159,10 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.mapping = LambdaMapping(lambda_min, lambda_max, gamma, lambda_weights, js_base)
         self.grid = grid_mappings(self.mapping, list(grid or []))
         check_run_options(resume, results_dir, overwrite, clusters, heads, head_tolerance, samplewise)
-        self.method_families = method_families(methods)
-        self.model_plan = plan_models(arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config)
-        self.baselines, self.adamerging = baselines, adamerging
+        self.model_plan = plan_models(arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config, experts)
+        self.expert_names = list(self.model_plan.experts)
+        self.method_families = method_families(methods, len(self.expert_names))
+        self.baselines, self.adamerging, self.k_experts = baselines, adamerging, k_experts
         names = [n for n, m in self._all_methods().items() if m.family in self.method_families]
         if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
             rank_zero_warn(
@@ -178,20 +192,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
             chosen = "as model.methods names them" if hp.methods is not None else "the default; model.methods chooses"
             rank_zero_info(f"predict runs {list(self.methods)} ({chosen})")
         self.adapted = {n: m for n, m in self.methods.items() if m.is_adapted}
-        adapt_on = self.adamerging.adapt_on if self.adapted else None
-        if adapt_on is not None and adapt_on not in data.split_names:
-            raise InputError(f"model.adamerging.adapt_on: {adapt_on!r} is not a split of this run: {data.split_names}")
-        if adapt_on is not None:  # AdaMerging's entropy is over one class set's head
-            why = "model.adamerging.adapt_on: AdaMerging adapts with one class set's zero-shot head"
-            names = one_class_set(adapt_on, split_sources(adapt_on, data), why)
-            self.adapt_on = (adapt_on, data.datasets[adapt_on], names)
-        else:
-            self.adapt_on = None
+        self.adapt_on = adaptation_split(self.adamerging.adapt_on, data) if self.adapted else None
         """(split, its data, its class names, replaced by its class set's index below) to adapt on once."""
-        if self.adapted and adapt_on is None:
-            why = "AdaMerging adapts on each split with one class set's zero-shot head (model.adamerging.adapt_on: one)"
-            for split in data.split_names:
-                one_class_set(split, split_sources(split, data), why)
         # Per-sample weights kept for the analysis whether evaluated or not (cheap: the shared forwards give them).
         self.weight_methods = {
             n: m for n, m in every.items() if m.merge_weights and (m.per_sample or m.family in families)
@@ -213,32 +215,29 @@ class TCubeModule(PredictHooks, L.LightningModule):
         # list; each split's sources (itself, or a mix's) with their class names and labels.
         self.split_sources = {s: split_sources(s, data) for s in self.split_names}
         self.split_classnames = {s: mixed_or_plain(self.split_sources[s]) for s in self.split_names}
-        names = [tuple(source.classnames) for s in self.split_names for source in self.split_sources[s]]
-        adapt_names = [tuple(self.adapt_on[2])] if self.adapt_on is not None else []  # also when resume left it out
-        class_sets = list(dict.fromkeys([*names, *adapt_names]))
+        adapt_names = self.adapt_on[2] if self.adapt_on is not None else None  # also when resume left it out
+        sets, self.class_sets = class_sets(self.split_sources, adapt_names)
         if self.adapt_on is not None:
-            self.adapt_on = (*self.adapt_on[:2], class_sets.index(adapt_names[0]))
-        self.class_sets = {
-            s: [class_sets.index(tuple(x.classnames)) for x in self.split_sources[s]] for s in self.split_names
-        }
-        """Each split's sources' class sets: one for a plain split, one per source split for a mix."""
-        self.class_counts = [len(names) for names in class_sets]
+            self.adapt_on = (*self.adapt_on[:2], sets.index(tuple(adapt_names)))
+        self.class_counts = [len(names) for names in sets]
         self.widths = {s: max(self.class_counts[c] for c in sets) for s, sets in self.class_sets.items()}
         loaded = self.model_plan.load()
         self.models_record = loaded.record
         tokenizer = self.model_plan.architecture.tokenizer()
         self.engine = TCubeEngine(
             loaded.pretrained,
-            loaded.expert,
-            [tokenize_prompts(tokenizer, list(names), data.templates) for names in class_sets],
+            list(loaded.experts.values()),
+            [tokenize_prompts(tokenizer, list(names), data.templates) for names in sets],
             self.class_counts,
             self.mapping,
             self.grid,
-            hp.merge_text,
+            hp.merge_text if hp.merge_text is not None else len(self.expert_names) == 1,
             hp.samplewise,
             hp.compile,
             hp.heads,
             hp.head_tolerance,
+            self.k_experts,
+            self.expert_names,
         )
         labelled = [] if self.predicting else self.split_names  # predicting: no labels, no metrics
         splits = {s: [(x.name, len(x.classnames), x.labels) for x in self.split_sources[s]] for s in labelled}
@@ -249,7 +248,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
 
     def _all_methods(self) -> dict:
         """Every method with the ``model.grid`` copies, evaluated or not."""
-        return with_grid(build_methods(self.baselines, self.hparams.arch or ""), list(self.grid))
+        return with_grid(build_methods(self.baselines, self.hparams.arch or "", self.expert_names), list(self.grid))
 
     def _check_data_fits(self, data: L.LightningDataModule) -> None:
         """What only the data and the model settings together can tell, checked before any model loads."""
@@ -274,7 +273,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
         self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
         static_rules = {n: m.static_rule for n, m in self.methods.items() if m.is_static}
-        extremes = hp.diagnose_extremes and "t3" in self.methods
+        extremes = hp.diagnose_extremes and "t3" in self.methods and len(self.expert_names) == 1
         path = self.engine.prepare(
             static_rules, extremes=extremes, weight_range=self.engine.weight_range(self.methods.values())
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.merging.methods import DEFAULT_FAMILIES, METHOD_FAMILIES
+from tcube_lightning.merging.methods import K_EXPERT_DEFAULTS, METHOD_FAMILIES, ONE_EXPERT_DEFAULTS, TWO_MODEL
 from tcube_lightning.reporting.results import check_results_dir
 
 
@@ -32,13 +32,22 @@ def check_run_options(
         raise InputError(f"model.samplewise must be 'auto', 'vectorized' or 'loop', got {samplewise!r}")
 
 
-def method_families(methods: list[str] | str | None) -> list[str]:
-    """The method families to evaluate (all by default); ``--model.methods t3`` gives one as a string."""
+def method_families(methods: list[str] | str | None, experts: int = 1) -> list[str]:
+    """The method families to evaluate (by default every family for ``experts`` experts but AdaMerging's);
+    ``--model.methods t3`` gives one as a string. With several experts the methods of two models are refused by
+    name, with the reason."""
     methods = [methods] if isinstance(methods, str) else methods
     unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
     if unknown:
         raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
-    return list(methods or DEFAULT_FAMILIES)
+    refused = [m for m in methods or () if m in TWO_MODEL] if experts > 1 else []
+    if refused:
+        raise InputError(
+            f"model.methods: {refused} merge the generalist with one expert (an interpolation, a ratio of two models' "
+            f"confidences, a Beta mixture of one coefficient); with {experts} experts: {list(K_EXPERT_DEFAULTS)} and "
+            "AdaMerging's"
+        )
+    return list(methods or (ONE_EXPERT_DEFAULTS if experts == 1 else K_EXPERT_DEFAULTS))
 
 
 def check_prediction_options(results_dir: str | None, resume: bool, overwrite: bool) -> None:

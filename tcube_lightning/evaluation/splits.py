@@ -44,3 +44,14 @@ def one_class_set(split: str, sources: list[SplitSource], why: str) -> list[str]
     if len(sets) > 1:
         raise InputError(f"{why}: the mix {split!r} holds samples of {len(sets)} class sets {[list(s) for s in sets]}")
     return list(sets[0])
+
+
+def class_sets(
+    sources: dict[str, list[SplitSource]], extra: list[str] | None = None
+) -> tuple[list[tuple[str, ...]], dict[str, list[int]]]:
+    """The run's distinct class sets (one prompt set and zero-shot head each), in order of first use, ``extra`` (a
+    set needed besides the splits': AdaMerging's ``adapt_on``) last if new; and per split its sources' sets: one for
+    a plain split, one per source split for a mix."""
+    used = [tuple(source.classnames) for split in sources.values() for source in split]
+    sets = list(dict.fromkeys([*used, *([tuple(extra)] if extra is not None else [])]))
+    return sets, {s: [sets.index(tuple(x.classnames)) for x in split] for s, split in sources.items()}

@@ -53,19 +53,26 @@ class Source:
 @dataclass
 class LoadedModels:
     pretrained: nn.Module
-    expert: nn.Module | lora.LoraAdapter
-    """A full model, or the LoRA adapter on ``pretrained`` that describes the expert."""
+    experts: dict[str, nn.Module | lora.LoraAdapter]
+    """Each expert by name: a full model, or the LoRA adapter on ``pretrained`` that describes it."""
     record: dict
-    """What results.json records about the two models."""
+    """What results.json records about the models."""
+
+    @property
+    def expert(self) -> nn.Module | lora.LoraAdapter:
+        """The one expert of a one-expert plan."""
+        (expert,) = self.experts.values()
+        return expert
 
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """The architecture and both sources, checked without loading weights; ``load`` then reads them."""
+    """The architecture and every source, checked without loading weights; ``load`` then reads them."""
 
     architecture: Architecture
     pretrained: Source
-    expert: Source
+    experts: dict[str, Source]
+    """Each expert's source by name (``expert`` alone with ``model.expert_checkpoint``)."""
 
     def expected_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The (mean, std) the generalist was trained with: its pretrained tag's, its transformers folder's
@@ -95,23 +102,28 @@ class ModelPlan:
             )
 
     def load(self) -> LoadedModels:
-        """Both models, in eval mode; a LoRA expert as its adapter on the generalist."""
+        """Every model, in eval mode; a LoRA expert as its adapter on the generalist."""
         pretrained = load_source(self.architecture, self.pretrained)
-        if self.expert.kind == PEFT:
-            expert = self.expert.details["adapter"]  # read and checked against the generalist's skeleton already
-        elif self.expert.kind == ROBUSTMEDCLIP:
-            expert = lora.read_robustmedclip(Path(self.expert.location), pretrained, self.expert.field)
-        else:
-            expert = load_source(self.architecture, self.expert)
-        expert_record = {"kind": self.expert.kind, "location": self.expert.location}
-        if isinstance(expert, lora.LoraAdapter):
-            expert_record = expert.summary()
+        experts = {name: self._load_expert(source, pretrained) for name, source in self.experts.items()}
+        described = {
+            name: expert.summary()
+            if isinstance(expert, lora.LoraAdapter)
+            else {"kind": self.experts[name].kind, "location": self.experts[name].location}
+            for name, expert in experts.items()
+        }
         record = {
             "architecture": self.architecture.label,
             "pretrained": {"kind": self.pretrained.kind, "location": self.pretrained.location},
-            "expert": expert_record,
+            **({"expert": described["expert"]} if list(described) == ["expert"] else {"experts": described}),
         }
-        return LoadedModels(pretrained, expert, record)
+        return LoadedModels(pretrained, experts, record)
+
+    def _load_expert(self, source: Source, pretrained: nn.Module) -> nn.Module | lora.LoraAdapter:
+        if source.kind == PEFT:
+            return source.details["adapter"]  # read and checked against the generalist's skeleton already
+        if source.kind == ROBUSTMEDCLIP:
+            return lora.read_robustmedclip(Path(source.location), pretrained, source.field)
+        return load_source(self.architecture, source)
 
 
 def plan_models(
@@ -120,13 +132,20 @@ def plan_models(
     expert_checkpoint: str | None,
     cache_dir: str | None = None,
     model_config: str | None = None,
+    experts: dict[str, str] | None = None,
 ) -> ModelPlan:
-    """The architecture and both sources, each checked (files present, formats known, configs that fit) without
-    loading any weights: every error names its option."""
+    """The architecture and every source, each checked (files present, formats known, configs that fit) without
+    loading any weights: every error names its option. The experts: ``expert_checkpoint`` (one, named ``expert``) or
+    ``experts`` (name → checkpoint)."""
     if model_config is not None:
         register_model_config(model_config)
-    if expert_checkpoint is None:
-        raise InputError("model.expert_checkpoint is required: the expert's checkpoint file, LoRA adapter or folder")
+    if expert_checkpoint is not None and experts:
+        raise InputError("model.expert_checkpoint and model.experts exclude each other: one expert, or several by name")
+    if expert_checkpoint is None and not experts:
+        raise InputError(
+            "model.expert_checkpoint (one expert: its checkpoint file, LoRA adapter or folder) or model.experts "
+            "(several, name → checkpoint) is required"
+        )
     architecture = resolve_architecture(arch, pretrained_checkpoint, cache_dir)
     pretrained = identify(pretrained_checkpoint, architecture, "model.pretrained_checkpoint")
     if pretrained.kind in ADAPTERS:
@@ -134,12 +153,22 @@ def plan_models(
             f"model.pretrained_checkpoint: {pretrained.location} is a {pretrained.kind}: a LoRA describes "
             "an expert on a generalist; give it as model.expert_checkpoint"
         )
-    expert = identify(expert_checkpoint, architecture, "model.expert_checkpoint")
-    if expert.kind == PEFT:
-        expert = dataclasses.replace(expert, details={**expert.details, "adapter": peft_adapter(architecture, expert)})
+    given = (
+        {"expert": (expert_checkpoint, "model.expert_checkpoint")}
+        if expert_checkpoint is not None
+        else {name: (checkpoint, f"model.experts.{name}") for name, checkpoint in experts.items()}
+    )
+    sources = {}
+    for name, (checkpoint, field) in given.items():
+        source = identify(checkpoint, architecture, field)
+        if source.kind == PEFT:
+            source = dataclasses.replace(
+                source, details={**source.details, "adapter": peft_adapter(architecture, source)}
+            )
+        sources[name] = source
     if architecture.is_schema:
         _check_tokenizer(architecture)
-    return ModelPlan(architecture, pretrained, expert)
+    return ModelPlan(architecture, pretrained, sources)
 
 
 def peft_adapter(architecture: Architecture, expert: Source) -> lora.LoraAdapter:

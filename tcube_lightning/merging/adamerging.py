@@ -71,16 +71,23 @@ class AdaMergingSettings:
 
 @dataclass
 class Adaptation:
-    """What an adaptation learnt: the coefficients (one, or one per image-tower tensor by name) and the entropy at
-    each step (before that step's update)."""
+    """What an adaptation learnt: the coefficients, experts × (one, or one per image-tower tensor by name), and the
+    entropy at each step (before that step's update)."""
 
     names: list[str]
     coefficients: torch.Tensor
     entropy: list[float]
+    experts: list[str] | None = None
+    """The experts' names with several (their coefficients recorded by name); None with one."""
 
     def record(self) -> dict:
-        values = self.coefficients.tolist()
-        coefficients = values[0] if len(values) == 1 else dict(zip(self.names, values))
+        def per_tensor(values: list[float]) -> float | dict[str, float]:
+            return values[0] if len(values) == 1 else dict(zip(self.names, values, strict=True))
+
+        rows = self.coefficients.tolist()
+        if self.experts is None:
+            return {"coefficients": per_tensor(rows[0]), "entropy": self.entropy}
+        coefficients = {name: per_tensor(values) for name, values in zip(self.experts, rows, strict=True)}
         return {"coefficients": coefficients, "entropy": self.entropy}
 
 
@@ -98,24 +105,26 @@ def batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tens
 
 def adapt(
     pretrained: nn.Module,
-    expert: nn.Module,
+    experts: list[nn.Module],
     head: torch.Tensor,
     images: Iterator[torch.Tensor],
     layer_wise: bool,
     settings: AdaMergingSettings,
     check: Callable[[], None] = lambda: None,
+    names: list[str] | None = None,
 ) -> Adaptation:
-    """Learn λ on ``images`` (on the models' device); ``head``: the zero-shot class embeddings that classify;
-    ``check`` is called before each step (it raises to stop the adaptation: a run's SIGTERM). Runs with gradients on,
-    also inside Lightning's test loop, which runs without."""
+    """Learn λ (experts × (one, or one per tensor)) on ``images`` (on the models' device); ``head``: the zero-shot
+    class embeddings that classify; ``check`` is called before each step (it raises to stop the adaptation: a run's
+    SIGTERM); ``names``: the experts', with several. Runs with gradients on, also inside Lightning's test loop, which
+    runs without."""
     device = next(pretrained.parameters()).device
     pt = {n: p for n, p in pretrained.named_parameters() if n.startswith(IMAGE_TOWER)}
-    ft = dict(expert.named_parameters())
     with torch.inference_mode(False), torch.enable_grad():
-        deltas = {n: (ft[n] - p).detach() for n, p in pt.items()}
+        deltas = [{n: (dict(e.named_parameters())[n] - p).detach() for n, p in pt.items()} for e in experts]
         base = {n: p.detach().clone() for n, p in pt.items()}
         classes, scale = head.detach().clone(), pretrained.logit_scale.detach().exp()
-        lam = torch.full((len(pt) if layer_wise else 1,), settings.init, device=device, requires_grad=True)
+        shape = (len(experts), len(pt) if layer_wise else 1)
+        lam = torch.full(shape, settings.init, device=device, requires_grad=True)
         optimiser = torch.optim.Adam([lam], lr=settings.lr)
         curve = []
         for _, batch in zip(range(settings.steps), images):
@@ -128,20 +137,25 @@ def adapt(
                 with torch.no_grad():
                     lam.clamp_(0.0, 1.0)
             curve.append(float(entropy.detach()))
-    return Adaptation(list(pt), lam.detach().clone(), curve)
+    return Adaptation(list(pt), lam.detach().clone(), curve, names if len(experts) > 1 else None)
 
 
 def merged_logits(
     pretrained: nn.Module,
     base: dict,
-    deltas: dict,
+    deltas: list[dict],
     lam: torch.Tensor,
     images: torch.Tensor,
     head: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
-    """Zero-shot logits of the image tower at θ_pt + λ·Δ, tensor by tensor, λ kept in the graph."""
-    params = {n.removeprefix(IMAGE_TOWER): base[n] + lam[i % len(lam)] * deltas[n] for i, n in enumerate(base)}
+    """Zero-shot logits of the image tower at θ_pt + Σ_k λ_k·Δ_k, tensor by tensor, λ kept in the graph."""
+    params = {}
+    for i, name in enumerate(base):
+        value = base[name]
+        for k, delta in enumerate(deltas):
+            value = value + lam[k, i % lam.shape[1]] * delta[name]
+        params[name.removeprefix(IMAGE_TOWER)] = value
     features = torch.func.functional_call(pretrained.visual, params, (images,), strict=False)
     return scale * F.normalize(features, dim=-1) @ head.T
 
@@ -156,10 +170,13 @@ def merged_flat(store: nn.Module, adaptation: Adaptation) -> torch.Tensor:
     """The adapted model as the store's flat parameter vector (the image tower merged, the rest the generalist's),
     for ``store.load``."""
     flat = store.pt_flat.clone()
-    ft = dict(store.expert.named_parameters())
+    experts = [dict(expert.named_parameters()) for expert in store.experts]
     lam = adaptation.coefficients.to(flat)
     for i, name in enumerate(adaptation.names):
         offset, size = store.offsets[name], store.shapes[name].numel()
-        pt = flat[offset : offset + size]
-        flat[offset : offset + size] = pt + lam[i % len(lam)] * (ft[name].reshape(-1) - pt)
+        pt = flat[offset : offset + size].clone()
+        value = pt
+        for k, ft in enumerate(experts):
+            value = value + lam[k, i % lam.shape[1]] * (ft[name].reshape(-1) - pt)
+        flat[offset : offset + size] = value
     return flat

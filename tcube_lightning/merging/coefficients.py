@@ -171,8 +171,11 @@ def grid_mappings(run: LambdaMapping, grid: list[T3Setting | dict]) -> dict[str,
 
 
 def batch_coefficient(weights: torch.Tensor) -> torch.Tensor:
-    """T³_B: one coefficient per batch, the mean of the per-sample coefficients."""
-    return weights.mean()
+    """T³_B: one coefficient per batch (and expert), the mean of the per-sample coefficients: a vector of rows, or
+    rows × experts (then each expert's column's mean, as one expert's vector would be averaged)."""
+    if weights.ndim == 1:
+        return weights.mean()
+    return torch.stack([weights[:, k].mean() for k in range(weights.shape[1])])
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -300,3 +303,53 @@ def fit_beta_mixture(
         previous = total.mean().item()
     weights, a, b = _moment_match(x, resp)
     return BetaMixture(weights.clamp_min(1e-12), a, b)
+
+
+# ------------------------------------------------------------------------------------------------- several experts
+KRule = Literal["independent", "routed"]
+
+
+@dataclass(frozen=True)
+class KExperts:
+    """T³ with K experts: our extension of T³ (the paper merges one generalist with one expert). Each expert k gets
+    T³'s coefficient from its own disagreement with the generalist, λ_k(x) = λ_min + (λ_max − λ_min)·σ(γ·JS(p_pt ‖
+    p_k)), turned into a weight w_k by ``lambda_weights``; the rule combines them for θ(x) = θ_pt + Σ_k w_k(x)·τ_k.
+
+    Args:
+        rule: ``independent``: w_k·s, every expert on its own (s: ``scale``, default 1/K, the experts sharing one
+            budget); ``routed``: w_k·r_k(x), r = softmax over the experts of −H(p_k(x)), DaWin-MTL's routing by
+            confidence (the most certain expert takes most). With one expert both are T³ itself.
+        scale: s of ``independent``; None for 1/K.
+    """
+
+    rule: KRule = "independent"
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("independent", "routed"):
+            raise InputError(f"model.k_experts.rule must be 'independent' or 'routed', got {self.rule!r}")
+        if self.scale is not None and not self.scale > 0:
+            raise InputError(f"model.k_experts.scale must be > 0 (or null for 1/K), got {self.scale}")
+
+    def combine(self, weights: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
+        """The weights (rows × experts) each expert's task vector is merged with; one expert's as they are."""
+        count = weights.shape[-1]
+        if count == 1:
+            return weights
+        if self.rule == "independent":
+            return weights * (self.scale if self.scale is not None else 1.0 / count)
+        return weights * routing(expert_logits)
+
+
+def routing(expert_logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the experts of −H(p_k), per row (rows × experts) from logits (experts × rows × classes)."""
+    return torch.softmax(-torch.stack([entropy(logits) for logits in expert_logits], dim=-1), dim=-1)
+
+
+def generalised_js(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The generalised Jensen–Shannon divergence of n distributions with equal weights, per row: H(mean p) − mean
+    H(p) (nats; at most log n). With two it is ``js_divergence``."""
+    log_p = torch.stack([_log_probs(x) for x in logits])
+    log_mean = torch.logsumexp(log_p, dim=0) - math.log(len(logits))
+    mean_entropy = torch.stack([-torch.where(lp.isneginf(), 0.0, lp.exp() * lp).sum(-1) for lp in log_p]).mean(0)
+    return (-torch.where(log_mean.isneginf(), 0.0, log_mean.exp() * log_mean).sum(-1) - mean_entropy).clamp_min(0.0)

@@ -1,14 +1,16 @@
 """The evaluated methods as data: each one turns a batch's shared forwards into logits.
 
-Every method receives the same ``BatchContext``: the pretrained and expert logits (one forward each,
-shared by all methods), T³'s per-sample expert weights, and callables that run merged models. A
-static method also names the rule that builds its merged parameters once per run. Adding a method
-means adding one entry to ``build_methods``.
+Every method receives the same ``BatchContext``: the pretrained and experts' logits (one forward each, shared by all
+methods), T³'s per-sample weights on the experts, and callables that run merged models. A static method also names
+the rule that builds its merged parameters once per run. Adding a method means adding one entry to
+``build_methods``. With several experts (K > 1, our extension of T³) the methods of two models (WiSE-FT, SLERP, M³,
+DaWin's ratios and the clustered methods) are refused by name (``TWO_MODEL``), and the K-vector baselines come in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -19,12 +21,13 @@ from tcube_lightning.merging.coefficients import (
     batch_coefficient,
     cross_entropy_ratio,
     dawin_entropy_ratio,
+    entropy,
     log_mixture,
     max_confidence_ratio,
     top_probabilities,
 )
-from tcube_lightning.merging.rules import dare, interpolate, slerp, task_arithmetic, ties
-from tcube_lightning.merging.store import FusedParameterStore
+from tcube_lightning.merging.rules import dare, interpolate, model_soup, slerp, task_arithmetic, ties
+from tcube_lightning.merging.store import ExpertStore
 
 # DaWin's calibrated softmax temperatures (pretrained, expert) for CLIP architectures, from its code.
 DAWIN_TEMPERATURES = {"ViT-B-16": (0.96, 1.0066), "ViT-B-32": (0.9576, 0.9733), "ViT-L-14": (1.0767, 0.9545)}
@@ -37,7 +40,8 @@ class BaselineSettings:
     Args:
         wise_alphas: Expert weights of WiSE-FT; one result column per value.
         slerp_alpha: Interpolation weight of per-tensor SLERP.
-        task_scale: s in task arithmetic θ_pt + s·(θ_ft − θ_pt).
+        task_scale: s in task arithmetic θ_pt + s·Σ_k (θ_k − θ_pt); None: 0.5 with one expert, 0.3 with several
+            (the task arithmetic paper's choice for many task vectors).
         ties_density: Fraction of task-vector entries TIES keeps (largest magnitudes).
         ties_scale: s applied to the trimmed task vector.
         dare_drop: Probability p that DARE drops a task-vector entry (the rest are scaled by 1/(1 − p)).
@@ -51,7 +55,7 @@ class BaselineSettings:
 
     wise_alphas: list[float] = field(default_factory=lambda: [0.5])
     slerp_alpha: float = 0.5
-    task_scale: float = 0.5
+    task_scale: float | None = None
     ties_density: float = 0.2
     ties_scale: float = 1.0
     dare_drop: float = 0.5
@@ -80,12 +84,14 @@ class BatchContext:
     images: torch.Tensor
     pt_logits: torch.Tensor
     ft_logits: torch.Tensor
+    """The experts' logits: experts × rows × classes."""
     t3_weights: torch.Tensor
-    """T³'s per-sample weight on the expert, w(x), already converted from λ(x)."""
-    merged_logits: Callable[[torch.Tensor, float], torch.Tensor]
-    """(images, w) → logits of the model (1−w)·θ_pt + w·θ_ft."""
+    """T³'s per-sample weights on the experts, w(x) (rows × experts), already converted from λ(x)."""
+    merged_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """(images, w) → logits of the model θ_pt + Σ_k w_k·(θ_k − θ_pt) (w: one per expert)."""
     sample_merged_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    """(images, weights) → logits where sample i runs through the model merged with weights[i]."""
+    """(images, weights) → logits where sample i runs through the model merged with weights[i] (rows × experts, or
+    one expert's vector of rows)."""
     static_logits: Callable[[torch.Tensor, str], torch.Tensor]
     """(images, method name) → logits of that static method's precomputed merged model."""
     batch_t3_weights: torch.Tensor
@@ -103,7 +109,7 @@ class Method:
     """The paper or code the method follows."""
     predict: Callable[[BatchContext], torch.Tensor] | None = None
     """Logits for the batch from the shared forwards (output and dynamic methods)."""
-    static_rule: Callable[[FusedParameterStore], torch.Tensor] | None = None
+    static_rule: Callable[[ExpertStore], torch.Tensor] | None = None
     """Static methods: builds the merged flat parameters from the store, once per run."""
     coefficient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """Clustered methods: (pt logits, ft logits, T³ weights) of a whole split → per-sample expert weights; they
@@ -114,7 +120,8 @@ class Method:
     per_sample: bool = False
     """Merges per sample (through ``sample_merged_logits``): the methods the sample-wise path serves."""
     merge_weights: Callable[[BatchContext], torch.Tensor] | None = None
-    """Dynamic methods of one pass: the expert weight each sample of the batch is merged with."""
+    """Dynamic methods of one pass: the weights each sample of the batch is merged with (rows × experts, or one
+    expert's vector of rows)."""
     setting: str = ""
     """Methods merging with T³'s weights: the T³ setting, ``""`` the run's own or a ``model.grid`` label."""
     adaptation: Literal["task", "layer"] | None = None
@@ -140,34 +147,51 @@ class Method:
 
 
 def output_ensemble(ctx: BatchContext) -> torch.Tensor:
-    """log(½·p_pt + ½·p_ft): the mixture of the two models' class distributions."""
-    return log_mixture(torch.log_softmax(ctx.pt_logits.float(), -1), torch.log_softmax(ctx.ft_logits.float(), -1))
+    """log of the mean of the generalist's and every expert's class distributions (½·p_pt + ½·p_ft with one)."""
+    log_p = [torch.log_softmax(logits.float(), -1) for logits in (ctx.pt_logits, *ctx.ft_logits)]
+    if len(log_p) == 2:
+        return log_mixture(*log_p)
+    return torch.logsumexp(torch.stack(log_p), dim=0) - math.log(len(log_p))
 
 
 def confidence_selection(ctx: BatchContext) -> torch.Tensor:
-    """Per sample, the logits of whichever model is more confident (ties go to the pretrained model)."""
-    c_pt, c_ft = top_probabilities(ctx.pt_logits, ctx.ft_logits)
-    return torch.where((c_ft > c_pt).unsqueeze(-1), ctx.ft_logits.float(), ctx.pt_logits.float())
+    """Per sample, the logits of whichever model is most confident, the generalist or an expert (ties go to the
+    generalist, then to the first expert)."""
+    if len(ctx.ft_logits) == 1:
+        c_pt, c_ft = top_probabilities(ctx.pt_logits, ctx.ft_logits[0])
+        return torch.where((c_ft > c_pt).unsqueeze(-1), ctx.ft_logits[0].float(), ctx.pt_logits.float())
+    logits = torch.stack([ctx.pt_logits, *ctx.ft_logits]).float()
+    confidence = torch.log_softmax(logits, -1).max(-1).values  # models × rows
+    chosen = confidence.argmax(0)  # the first of equal maxima
+    return logits[chosen, torch.arange(logits.shape[1], device=logits.device)]
 
 
 def batch_merge(ctx: BatchContext) -> torch.Tensor:
-    """The whole batch through one model merged with the batch's mean T³ weight (T³_B)."""
-    return ctx.merged_logits(ctx.images, float(batch_coefficient(ctx.batch_t3_weights)))
+    """The whole batch through one model merged with the batch's mean T³ weights (T³_B)."""
+    return ctx.merged_logits(ctx.images, batch_coefficient(ctx.batch_t3_weights))
 
 
 def batch_weights(ctx: BatchContext) -> torch.Tensor:
-    """T³_B's weight, the batch's mean, for every sample of the batch."""
-    return batch_coefficient(ctx.batch_t3_weights).expand(len(ctx.t3_weights))
+    """T³_B's weights, the batch's mean, for every sample of the batch."""
+    return batch_coefficient(ctx.batch_t3_weights).expand(len(ctx.t3_weights), -1)
+
+
+def dawin_mtl_weights(ctx: BatchContext) -> torch.Tensor:
+    """DaWin-MTL's weights (naver-ai/dawin, ``dawin_mtl/src/main_dawin.py``, ``DaWin.lambdas``): per sample
+    0.3·K·softmax_k(−H(p_k)) on each expert's task vector, the generalist's weight fixed at 1 (task arithmetic's
+    budget 0.3 per task vector, routed by the experts' confidence)."""
+    count = len(ctx.ft_logits)
+    return 0.3 * count * torch.softmax(-torch.stack([entropy(x) for x in ctx.ft_logits], dim=-1), dim=-1)
 
 
 def _sample_wise(weights: Callable[[BatchContext], torch.Tensor]) -> dict:
-    """A method merging each sample with its own weight ``weights(ctx)[i]``: its ``Method`` fields."""
+    """A method merging each sample with its own weights ``weights(ctx)[i]``: its ``Method`` fields."""
     predict = lambda ctx: ctx.sample_merged_logits(ctx.images, weights(ctx))  # noqa: E731
     return {"predict": predict, "merge_weights": weights, "per_sample": True}
 
 
 def _ratio(coefficient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[BatchContext], torch.Tensor]:
-    return lambda ctx: coefficient(ctx.pt_logits, ctx.ft_logits)
+    return lambda ctx: coefficient(ctx.pt_logits, ctx.ft_logits[0])
 
 
 def m3_weight(seed: int) -> float:
@@ -176,15 +200,33 @@ def m3_weight(seed: int) -> float:
 
 
 T3 = "T³ (arXiv 2510.27265)"
-ADAMERGING = "AdaMerging (Yang et al., ICLR 2024), one expert, image tower"
+T3_K = "T³ with several experts (our extension of arXiv 2510.27265: model.k_experts)"
+ADAMERGING = "AdaMerging (Yang et al., ICLR 2024), image tower"
 DAWIN = "DaWin (Oh et al., ICLR 2025)"
+TWO_MODEL = ("wise_ft", "slerp", "m3", "dawin", "maxconf", "xent", "t3_cluster", "dawin_cluster")
+"""Families defined between the generalist and one expert (an interpolation, a ratio of two models' confidences, a
+Beta mixture of one coefficient): refused, by name, with several experts."""
 
 
-def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "") -> dict[str, Method]:
-    """Every available method, by column name, in the order results are reported."""
-    s = settings
+def build_methods(
+    settings: BaselineSettings = BaselineSettings(), arch: str = "", experts: Sequence[str] = ("expert",)
+) -> dict[str, Method]:
+    """Every method available with ``experts`` (their names; one: ``expert``), by column name, in the order results
+    are reported."""
+    s, count = settings, len(experts)
     t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch.removesuffix("-quickgelu"), (1.0, 1.0))
     m3 = m3_weight(s.seed)
+    scale = s.task_scale if s.task_scale is not None else (0.5 if count == 1 else 0.3)
+    experts_alone = [
+        Method(
+            "expert" if count == 1 else f"expert:{name}",
+            "expert",
+            "fine-tuned expert alone" if count == 1 else f"the expert {name!r} alone",
+            "the expert's own predictions",
+            lambda ctx, k=k: ctx.ft_logits[k],
+        )
+        for k, name in enumerate(experts)
+    ]
     methods = [
         Method(
             "zeroshot",
@@ -193,20 +235,18 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
             "CLIP zero-shot (Radford et al., ICML 2021)",
             lambda ctx: ctx.pt_logits,
         ),
-        Method(
-            "expert", "expert", "fine-tuned expert alone", "the expert's own predictions", lambda ctx: ctx.ft_logits
-        ),
+        *experts_alone,
         Method(
             "ensemble",
             "ensemble",
-            "mean of the two models' probabilities",
+            "mean of the two models' probabilities" if count == 1 else f"mean of the {count + 1} models' probabilities",
             f"output ensemble, a baseline of {DAWIN}",
             output_ensemble,
         ),
         Method(
             "select",
             "select",
-            "per sample, the more confident model",
+            "per sample, the more confident model" if count == 1 else "per sample, the most confident model",
             "confidence-based model selection",
             confidence_selection,
         ),
@@ -218,7 +258,7 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
                 "wise_ft",
                 f"WiSE-FT, expert weight {alpha:g}",
                 "WiSE-FT (Wortsman et al., CVPR 2022)",
-                static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.ft_flat, a),
+                static_rule=lambda st, a=alpha: interpolate(st.pt_flat, st.expert_flat(0), a),
             )
         )
     methods += [
@@ -227,49 +267,54 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
             "slerp",
             f"per-tensor SLERP, weight {s.slerp_alpha:g}",
             "SLERP per tensor (as in mergekit)",
-            static_rule=lambda st: slerp(st.pt_flat, st.ft_flat, s.slerp_alpha, st.segments),
+            static_rule=lambda st: slerp(st.pt_flat, st.expert_flat(0), s.slerp_alpha, st.segments),
         ),
         Method(
             "task_arithmetic",
             "task_arithmetic",
-            f"task arithmetic, scale {s.task_scale:g}",
+            f"task arithmetic, scale {scale:g}",
             "task arithmetic (Ilharco et al., ICLR 2023)",
-            static_rule=lambda st: task_arithmetic(st.pt_flat, st.ft_flat, s.task_scale),
+            static_rule=lambda st: task_arithmetic(st.pt_flat, st.expert_flats(), scale),
         ),
         Method(
             "ties",
             "ties",
             f"TIES, density {s.ties_density:g}, scale {s.ties_scale:g}",
             "TIES-Merging (Yadav et al., NeurIPS 2023)",
-            static_rule=lambda st: ties(st.pt_flat, st.ft_flat, s.ties_density, s.ties_scale),
+            static_rule=lambda st: ties(st.pt_flat, st.expert_flats(), s.ties_density, s.ties_scale),
         ),
         Method(
             "dare",
             "dare",
             f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
-            "DARE (Yu et al., ICML 2024)",
-            static_rule=lambda st: dare(st.pt_flat, st.ft_flat, s.dare_drop, s.dare_scale, s.seed),
+            "DARE (Yu et al., ICML 2024) on each task vector, then task arithmetic",
+            static_rule=lambda st: dare(st.pt_flat, st.expert_flats(), s.dare_drop, s.dare_scale, s.seed),
         ),
         Method(
             "m3",
             "m3",
             f"M³, random weight λ = {m3:.4f} (seed {s.seed})",
             "M³ Mixup Model Merge (Zhou et al., 2025)",
-            static_rule=lambda st: interpolate(st.pt_flat, st.ft_flat, m3),
+            static_rule=lambda st: interpolate(st.pt_flat, st.expert_flat(0), m3),
         ),
         Method(
             "t3",
             "t3",
-            "T³: weights merged per sample with λ(x) from JS",
-            T3,
+            "T³: weights merged per sample with λ(x) from JS"
+            if count == 1
+            else "T³-K: per sample, each expert's "
+            "task vector with its own λ_k(x) from JS(p_pt ‖ p_k), combined by model.k_experts' rule",
+            T3 if count == 1 else T3_K,
             weight_source="t3",
             **_sample_wise(lambda ctx: ctx.t3_weights),
         ),
         Method(
             "t3_batch",
             "t3_batch",
-            "T³_B: one merge per batch at the batch's mean λ",
-            T3,
+            "T³_B: one merge per batch at the batch's mean λ"
+            if count == 1
+            else "T³_B-K: one merge per batch at the batch's mean weight vector",
+            T3 if count == 1 else T3_K,
             batch_merge,
             weight_source="t3",
             merge_weights=batch_weights,
@@ -315,21 +360,36 @@ def build_methods(settings: BaselineSettings = BaselineSettings(), arch: str = "
             weight_source="ratio",
         ),
         Method(
+            "soup",
+            "soup",
+            f"uniform model soup of the generalist and {'the expert' if count == 1 else f'the {count} experts'}",
+            "model soups (Wortsman et al., ICML 2022)",
+            static_rule=lambda st: model_soup(st.pt_flat, st.expert_flats()),
+        ),
+        Method(
+            "dawin_mtl",
+            "dawin_mtl",
+            "DaWin-MTL: per sample 0.3·K·softmax_k(−H_k) on each task vector",
+            f"{DAWIN}, multi-task code (dawin_mtl)",
+            weight_source="ratio",
+            **_sample_wise(dawin_mtl_weights),
+        ),
+        Method(
             "adamerging_task",
             "adamerging_task",
-            "AdaMerging, one coefficient learnt by entropy minimisation",
+            "AdaMerging, one coefficient (per expert) learnt by entropy minimisation",
             ADAMERGING,
             adaptation="task",
         ),
         Method(
             "adamerging_layer",
             "adamerging_layer",
-            "AdaMerging, one coefficient per image-tower tensor",
+            "AdaMerging, one coefficient per image-tower tensor (and expert)",
             ADAMERGING,
             adaptation="layer",
         ),
     ]
-    return {m.name: m for m in methods}
+    return {m.name: m for m in methods if count == 1 or m.family not in TWO_MODEL}
 
 
 def with_grid(methods: dict[str, Method], labels: list[str]) -> dict[str, Method]:
@@ -345,6 +405,10 @@ def with_grid(methods: dict[str, Method], labels: list[str]) -> dict[str, Method
 
 
 METHOD_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in build_methods().values()))
-DEFAULT_FAMILIES: tuple[str, ...] = tuple(f for f in METHOD_FAMILIES if not f.startswith("adamerging"))
-"""What a run evaluates unless ``model.methods`` says: every family but AdaMerging's, which trains at test time
-(hundreds of optimiser steps per split), so it is asked for by name."""
+OPT_IN: tuple[str, ...] = ("adamerging_task", "adamerging_layer")
+"""AdaMerging's families train at test time (hundreds of optimiser steps per split): asked for by name."""
+ONE_EXPERT_DEFAULTS = tuple(f for f in METHOD_FAMILIES if f not in (*OPT_IN, "soup", "dawin_mtl"))
+"""What a one-expert run evaluates unless ``model.methods`` says (the K-vector baselines on request: with one
+expert the soup is WiSE-FT at ½, and DaWin-MTL a fixed 0.3)."""
+K_EXPERT_DEFAULTS = tuple(f for f in METHOD_FAMILIES if f not in (*OPT_IN, *TWO_MODEL))
+"""What a run of several experts evaluates unless ``model.methods`` says."""

@@ -1,10 +1,13 @@
-"""The fused parameter store: merging two models of one architecture with a single tensor op."""
+"""The fused parameter store: the generalist and K experts of one architecture in flat buffers on the device, and a
+working model whose merge θ_pt + Σ_k w_k·(θ_k − θ_pt) is a few fused tensor ops: no loop over tensors, no
+allocation, no ``load_state_dict``."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -59,122 +62,211 @@ class ParameterViews(nn.Module):
     def num_parameters(self) -> int:
         return self.pt_flat.numel()
 
-    merged_buffers: tuple[str, str, str]
-    """The flat buffers (θ_pt, θ_ft, merged) ``merge`` interpolates: every parameter, or a LoRA expert's targets."""
 
-    @torch.no_grad()
-    def merge(self, weight: float | torch.Tensor) -> nn.Module:
-        """Set the working model to (1−w)·θ_pt + w·θ_ft (w = weight on the expert) and return it: one ``lerp``."""
-        w = float(weight)
-        if w != self.weight:
-            pt, ft, merged = (getattr(self, name) for name in self.merged_buffers)
-            torch.lerp(pt, ft, w, out=merged)
-            self.weight = w
-        return self.working
+class ExpertStore(ParameterViews):
+    """θ_pt and K experts; models whose parameters are views into flat buffers; one working model to merge into.
 
+    A full expert is a row of every parameter in ``full_flats``. A LoRA expert (θ_k = θ_pt + s·B·A on its
+    targets) is a buffer of its targets alone (``expert_targets_k``): no full copy, its model shares every other
+    parameter with the generalist, and its factors stay at hand for the per-sample pass (``updates``). The merge runs
+    over the parameters some expert changes: every one with a full expert among them, else the LoRA targets' union
+    (``merged_flat``, beside ``pt_merged``: the generalist's values there). With one expert it is a single
+    ``torch.lerp`` (θ_pt + w·Δ); with more, the full experts in one matrix-vector pass and each LoRA expert's task
+    vector added over its targets. Buffers (non-learned tensors) are not merged: the working model keeps the
+    pretrained model's.
 
-class FusedParameterStore(ParameterViews):
-    """θ_pt, θ_ft and the merged θ as three contiguous buffers; three models whose parameters are views.
-
-    ``pretrained``, ``expert`` and ``working`` are ordinary ``nn.Module`` s whose parameters live in
-    ``pt_flat``, ``ft_flat`` and ``merged_flat``. ``merge(w)`` writes (1−w)·θ_pt + w·θ_ft into the working
-    model with one fused ``torch.lerp`` (θ_pt + w·Δ): no Python loop over tensors, no allocation, no
-    ``load_state_dict``. Holding θ_ft rather than Δ keeps memory at three copies of the parameters.
-    Buffers (non-learned tensors) are not merged: the working model keeps the pretrained model's.
+    Args:
+        pretrained: The generalist.
+        experts: Each expert: a model of the same architecture, or a LoRA adapter on the generalist.
     """
 
-    merged_buffers = ("pt_flat", "ft_flat", "merged_flat")
-
-    def __init__(self, pretrained: nn.Module, expert: nn.Module) -> None:
+    def __init__(self, pretrained: nn.Module, experts: Sequence[nn.Module | LoraAdapter]) -> None:
         super().__init__(pretrained)
-        check_same_parameters(dict(pretrained.named_parameters()), dict(expert.named_parameters()))
-        reference = next(pretrained.parameters())
-        for name in ("pt_flat", "ft_flat", "merged_flat"):
-            self._flat(name, sum(n for _, n in self.segments), reference)
-        pretrained, expert = pretrained.requires_grad_(False).eval(), expert.requires_grad_(False).eval()
-        working = _copy_without_parameters(pretrained)
-        for attribute, model, flat in (
-            ("pretrained", pretrained, "pt_flat"),
-            ("expert", expert, "ft_flat"),
-            ("working", working, "merged_flat"),
-        ):
-            self._bind(attribute, model, {n: (flat, self.offsets[n]) for n in self.names}, copy_in=model is not working)
-        self.merged_flat.copy_(self.pt_flat)
-        self.weight: float | None = 0.0
-
-    @torch.no_grad()
-    def load(self, flat: torch.Tensor) -> nn.Module:
-        """Set the working model to a precomputed flat parameter vector (a static merge) and return it."""
-        self.merged_flat.copy_(flat)
-        self.weight = None
-        return self.working
-
-
-class LowRankStore(ParameterViews):
-    """The store of a LoRA expert (θ_ft = θ_pt + s·B·A on the adapter's targets only): no full copy of the expert.
-
-    The expert and working models share every untargeted parameter with the generalist (views into ``pt_flat``);
-    only their targets have buffers of their own (``ft_targets``, ``merged_targets``, beside ``pt_targets``, the
-    generalist's). A merge is one ``torch.lerp`` over the targets: the same arithmetic as ``FusedParameterStore``'s
-    on a materialised expert (lerp leaves an untargeted θ_pt exactly as it is), so both give identical models. The
-    expert's targets are computed as ``LoraAdapter.expert`` computes them.
-    """
-
-    merged_buffers = ("pt_targets", "ft_targets", "merged_targets")
-
-    def __init__(self, pretrained: nn.Module, adapter: LoraAdapter) -> None:
-        super().__init__(pretrained)
-        self.adapter = adapter
-        self.targets = [n for n in self.names if n in adapter.changed_parameters()]
-        sizes = [self.shapes[n].numel() for n in self.targets]
-        self.target_offsets = dict(zip(self.targets, itertools.accumulate(sizes, initial=0)))
+        if not experts:
+            raise InputError("at least one expert is needed")
+        params = dict(pretrained.named_parameters())
+        for expert in experts:
+            if not isinstance(expert, LoraAdapter):
+                check_same_parameters(params, dict(expert.named_parameters()))
+        self.adapters = [expert if isinstance(expert, LoraAdapter) else None for expert in experts]
+        self.count = len(experts)
+        targets = set().union(*(a.changed_parameters() for a in self.adapters if a is not None))
+        full = any(a is None for a in self.adapters)
+        self.full = full
+        self.merged_names = list(self.names) if full else [n for n in self.names if n in targets]
+        """The parameters the merge writes, in ``named_parameters`` order."""
+        sizes = [self.shapes[n].numel() for n in self.merged_names]
+        self.merged_offsets = dict(zip(self.merged_names, itertools.accumulate(sizes, initial=0)))
         reference = next(pretrained.parameters())
         self._flat("pt_flat", sum(n for _, n in self.segments), reference)
-        for name in ("pt_targets", "ft_targets", "merged_targets"):
-            self._flat(name, sum(sizes), reference)
+        self._flat("merged_flat", sum(sizes), reference)
         pretrained = pretrained.requires_grad_(False).eval()
-        expert, working = _copy_without_parameters(pretrained), _copy_without_parameters(pretrained)
         shared = {n: ("pt_flat", self.offsets[n]) for n in self.names}
         self._bind("pretrained", pretrained, shared, copy_in=True)
-        for attribute, model, targets in (("expert", expert, "ft_targets"), ("working", working, "merged_targets")):
-            own = {n: (targets, self.target_offsets[n]) for n in self.targets}
-            self._bind(attribute, model, {**shared, **own}, copy_in=False)
+        self.target_offsets: dict[int, dict[str, int]] = {}
+        """Each LoRA expert's targets' offsets in its buffer."""
+        if not full:  # the generalist's values of the targets, beside the merged ones
+            self._flat("pt_targets", sum(sizes), reference)
+            for name in self.merged_names:
+                self._slice(self.pt_targets, self.merged_offsets, name).copy_(pretrained.get_parameter(name).view(-1))
+        working = _copy_without_parameters(pretrained)
+        self._bind(
+            "working",
+            working,
+            {**shared, **{n: ("merged_flat", o) for n, o in self.merged_offsets.items()}},
+            copy_in=False,
+        )
+        self.full_rows = [k for k, a in enumerate(self.adapters) if a is None]
+        """The full experts, in the order of their rows of ``full_flats``."""
+        self._flat("full_flats", len(self.full_rows) * self.num_parameters, reference)
+        self.lora_runs: dict[int, list[tuple[int, int, int]]] = {}
+        """Each LoRA expert's targets as contiguous runs (offset in the merge, offset in its buffer, length)."""
+        for k, expert in enumerate(experts):
+            if isinstance(expert, LoraAdapter):
+                self._bind_adapter(k, pretrained, expert, reference)
+            else:
+                start = self.full_rows.index(k) * self.num_parameters
+                placement = {n: ("full_flats", start + self.offsets[n]) for n in self.names}
+                self._bind(f"expert_{k}", expert.requires_grad_(False).eval(), placement, True)
+        self.merged_flat.copy_(self.pt_merged)
+        self.weight: tuple[float, ...] | None = (0.0,) * self.count
+
+    @property
+    def pt_merged(self) -> torch.Tensor:
+        """The generalist's values of the merged parameters."""
+        return self.pt_flat if self.full else self.pt_targets
+
+    def _slice(self, buffer: torch.Tensor, offsets: dict[str, int], name: str) -> torch.Tensor:
+        return buffer[offsets[name] : offsets[name] + self.shapes[name].numel()]
+
+    @torch.no_grad()
+    def _bind_adapter(self, k: int, pretrained: nn.Module, adapter: LoraAdapter, reference: torch.Tensor) -> None:
+        """A LoRA expert: its targets' buffer (the generalist's values, then the adapter applied as its code does),
+        its model (every other parameter the generalist's), its factors and its targets' positions in the merge."""
+        targets = [n for n in self.names if n in adapter.changed_parameters()]
+        sizes = [self.shapes[n].numel() for n in targets]
+        buffer, offsets = f"expert_targets_{k}", dict(zip(targets, itertools.accumulate(sizes, initial=0)))
+        self.target_offsets[k] = offsets
+        self._flat(buffer, sum(sizes), reference)
+        for name in targets:
+            self._slice(getattr(self, buffer), offsets, name).copy_(pretrained.get_parameter(name).view(-1))
+        model = _copy_without_parameters(pretrained)
+        own = {n: (buffer, offsets[n]) for n in targets}
+        self._bind(f"expert_{k}", model, {**{n: ("pt_flat", self.offsets[n]) for n in self.names}, **own}, False)
+        adapter.apply(dict(model.named_parameters()))
+        runs: list[list[int]] = []
+        for name in targets:  # targets next to each other in both buffers make one run
+            merged, size = self.merged_offsets[name], self.shapes[name].numel()
+            if runs and runs[-1][0] + runs[-1][2] == merged and runs[-1][1] + runs[-1][2] == offsets[name]:
+                runs[-1][2] += size
+            else:
+                runs.append([merged, offsets[name], size])
+        self.lora_runs[k] = [(a, b, n) for a, b, n in runs]
         for i, update in enumerate(adapter.updates):  # the factors, for the low-rank per-sample pass (moved along)
-            self.register_buffer(f"down_{i}", update.down.to(reference.dtype), persistent=False)
-            self.register_buffer(f"up_{i}", update.up.to(reference.dtype), persistent=False)
-        with torch.no_grad():
-            for name in self.targets:  # the generalist's values everywhere, then the expert's as the adapter has them
-                start, values = self.target_offsets[name], pretrained.get_parameter(name).view(-1)
-                for buffer in (self.pt_targets, self.ft_targets, self.merged_targets):
-                    buffer[start : start + values.numel()].copy_(values)
-            adapter.apply(dict(expert.named_parameters()))
-        self.weight: float | None = 0.0
+            self.register_buffer(f"down_{k}_{i}", update.down.to(reference.dtype), persistent=False)
+            self.register_buffer(f"up_{k}_{i}", update.up.to(reference.dtype), persistent=False)
+
+    # ---------------------------------------------------------------------------------------------------- models
+    @property
+    def experts(self) -> list[nn.Module]:
+        return [getattr(self, f"expert_{k}") for k in range(self.count)]
+
+    @property
+    def expert(self) -> nn.Module:
+        """The one expert of a one-expert store."""
+        return self.experts[0]
+
+    # ----------------------------------------------------------------------------------------------------- merges
+    @torch.no_grad()
+    def merge(self, weights: float | Sequence[float] | torch.Tensor) -> nn.Module:
+        """Set the working model to θ_pt + Σ_k w_k·(θ_k − θ_pt) (``weights``: one per expert, or the one expert's)
+        and return it."""
+        w = tuple(
+            float(v)
+            for v in (
+                weights.tolist()
+                if isinstance(weights, torch.Tensor)
+                else [weights]
+                if isinstance(weights, float | int)
+                else weights
+            )
+        )
+        if w == self.weight:
+            return self.working
+        if self.count == 1:
+            torch.lerp(self.pt_merged, self._expert_merged(0), w[0], out=self.merged_flat)
+        else:
+            self._merge_several(w)
+        self.weight = w
+        return self.working
+
+    def _merge_several(self, w: tuple[float, ...]) -> None:
+        """θ_pt + Σ_k w_k·τ_k: the full experts in one pass, (1 − Σ w_k)·θ_pt + Σ w_k·θ_k as a matrix-vector product
+        over their rows, then each LoRA expert's task vector added over its targets' runs."""
+        full = [w[k] for k in self.full_rows]
+        if full:
+            rows = self.full_flats.view(len(full), -1)
+            vector = torch.tensor(full, dtype=rows.dtype, device=rows.device)
+            torch.addmv(self.pt_flat, rows.T, vector, beta=1.0 - sum(full), out=self.merged_flat)
+        else:
+            self.merged_flat.copy_(self.pt_merged)
+        for k, runs in self.lora_runs.items():
+            if w[k] == 0.0:
+                continue
+            own = getattr(self, f"expert_targets_{k}")
+            for merged, offset, size in runs:
+                part = self.merged_flat[merged : merged + size]
+                part.add_(own[offset : offset + size], alpha=w[k]).add_(
+                    self.pt_merged[merged : merged + size], alpha=-w[k]
+                )
+
+    def _expert_merged(self, k: int) -> torch.Tensor:
+        """Expert k's values of the merged parameters (its targets' buffer equals them for a lone LoRA expert)."""
+        return self.expert_flat(k) if self.adapters[k] is None else getattr(self, f"expert_targets_{k}")
 
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:
-        """Set the working model to a static merge given as a full flat vector: only the targets can differ from θ_pt
-        (every static rule leaves a tensor whose Δ is zero as it is), so only they are copied."""
-        for name in self.targets:
-            offset, size = self.offsets[name], self.shapes[name].numel()
-            self.working.get_parameter(name).view(-1).copy_(flat[offset : offset + size])
+        """Set the working model to a precomputed full flat parameter vector (a static merge) and return it: only the
+        merged parameters can differ from θ_pt (every static rule leaves a tensor no expert changes as it is)."""
+        if self.merged_flat.numel() == flat.numel():
+            self.merged_flat.copy_(flat)
+        else:
+            for name in self.merged_names:
+                self._slice(self.merged_flat, self.merged_offsets, name).copy_(self._slice(flat, self.offsets, name))
         self.weight = None
         return self.working
 
-    def updates(self) -> list[LowRankUpdate]:
-        """The adapter's low-rank updates with their factors where this store is (device, dtype)."""
+    def expert_flat(self, k: int) -> torch.Tensor:
+        """θ_k as one flat vector of every parameter, for the static rules: a LoRA expert's is materialised on each
+        access (a full copy), in set-up only."""
+        if self.adapters[k] is None:
+            start = self.full_rows.index(k) * self.num_parameters
+            return self.full_flats[start : start + self.num_parameters]
+        flat = self.pt_flat.clone()
+        for name, offset in self.target_offsets[k].items():
+            self._slice(flat, self.offsets, name).copy_(
+                self._slice(getattr(self, f"expert_targets_{k}"), {name: offset}, name)
+            )
+        return flat
+
+    def expert_flats(self) -> list[torch.Tensor]:
+        return [self.expert_flat(k) for k in range(self.count)]
+
+    def updates(self, k: int) -> list[LowRankUpdate]:
+        """LoRA expert k's low-rank updates with their factors where this store is (device, dtype)."""
         return [
-            dataclasses.replace(update, down=getattr(self, f"down_{i}"), up=getattr(self, f"up_{i}"))
-            for i, update in enumerate(self.adapter.updates)
+            dataclasses.replace(update, down=getattr(self, f"down_{k}_{i}"), up=getattr(self, f"up_{k}_{i}"))
+            for i, update in enumerate(self.adapters[k].updates)
         ]
 
-    @property
-    def ft_flat(self) -> torch.Tensor:
-        """θ_ft as one flat vector, for the static rules: materialised on each access (a full copy), in set-up only."""
-        flat = self.pt_flat.clone()
-        for name in self.targets:
-            offset, size = self.offsets[name], self.shapes[name].numel()
-            flat[offset : offset + size] = self.expert.get_parameter(name).view(-1)
-        return flat
+    def changed(self, k: int) -> dict[str, torch.Tensor]:
+        """Expert k's values of the parameters it changes, by name: a full expert's that differ from θ_pt, a LoRA
+        expert's replaced tensors (its low-rank targets are ``updates``)."""
+        model = self.experts[k]
+        if self.adapters[k] is not None:
+            return {n: model.get_parameter(n) for n in self.adapters[k].replacements}
+        pt = dict(self.pretrained.named_parameters())
+        return {n: p for n, p in model.named_parameters() if not torch.equal(p, pt[n])}
 
 
 def _copy_without_parameters(model: nn.Module) -> nn.Module:

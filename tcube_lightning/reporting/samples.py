@@ -38,15 +38,42 @@ def prediction_columns(method: str, probs: torch.Tensor) -> dict[str, torch.Tens
 
 
 def batch_columns(
-    index: torch.Tensor, labels: torch.Tensor, shared: BatchCoefficients, weights: dict[str, torch.Tensor]
+    index: torch.Tensor,
+    labels: torch.Tensor,
+    shared: BatchCoefficients,
+    weights: dict[str, torch.Tensor],
+    experts: list[str],
 ) -> dict[str, torch.Tensor]:
     """A batch's columns from its shared forwards: index, label, finite, JS, λ per setting, each dynamic method's
-    expert weight (``weights``, by method), and the two models' own predictions."""
-    lambdas = {lambda_column(label): lam for label, lam in shared.lambdas.items()}
-    columns = {"index": index, "label": labels, "finite": shared.finite, "js": shared.js, **lambdas}
-    columns |= {f"w/{name}": w for name, w in weights.items()}
-    for name, logits in (("zeroshot", shared.pt_logits), ("expert", shared.ft_logits)):
+    expert weight (``weights``, by method), and the models' own predictions. With several experts (``experts``, their
+    names) ``js`` is the generalised JS of all of them with the generalist, and JS, λ and weights are per expert:
+    ``js/<expert>``, ``lambda/<expert>``, ``w/<method>/<expert>``."""
+    columns = {"index": index, "label": labels, "finite": shared.finite}
+    for column, values in expert_columns(shared, weights, experts).items():
+        columns[column] = values
+    models = [("zeroshot", shared.pt_logits)] + [
+        ("expert" if len(experts) == 1 else f"expert:{name}", logits)
+        for name, logits in zip(experts, shared.ft_logits, strict=True)
+    ]
+    for name, logits in models:
         columns |= prediction_columns(name, logits.float().softmax(-1))
+    return columns
+
+
+def expert_columns(
+    shared: BatchCoefficients, weights: dict[str, torch.Tensor], experts: list[str]
+) -> dict[str, torch.Tensor]:
+    """JS, λ per setting and each dynamic method's weights, as columns: one expert's by their plain names (``js``,
+    ``lambda``, ``w/t3``), several experts' each with the expert's name after a slash."""
+    if len(experts) == 1:
+        columns = {"js": shared.js[:, 0]}
+        columns |= {lambda_column(label): lam[:, 0] for label, lam in shared.lambdas.items()}
+        return columns | {f"w/{name}": w[:, 0] if w.ndim == 2 else w for name, w in weights.items()}
+    columns = {"js": shared.generalised_js}
+    for k, expert in enumerate(experts):
+        columns[f"js/{expert}"] = shared.js[:, k]
+        columns |= {f"{lambda_column(label)}/{expert}": lam[:, k] for label, lam in shared.lambdas.items()}
+        columns |= {f"w/{name}/{expert}": w[:, k] for name, w in weights.items()}
     return columns
 
 

@@ -25,7 +25,7 @@ from tcube_lightning.loading import load_clip
 from tcube_lightning.merging.coefficients import LambdaMapping
 from tcube_lightning.merging.rules import interpolate
 
-STATIC = {"wise": lambda store: interpolate(store.pt_flat, store.ft_flat, 0.3)}
+STATIC = {"wise": lambda store: interpolate(store.pt_flat, store.expert_flat(0), 0.3)}
 
 
 def make_engine(clip_pair, samplewise="loop", merge_text=True, extremes=True, heads="exact"):
@@ -66,17 +66,17 @@ def test_coefficients_from_the_two_models(engine, setting):
     batch = engine.coefficients(images, 0)
     pt, ft = (oracle_logits(pt_sd, ft_sd, w, images, tokens) for w in (0.0, 1.0))
     torch.testing.assert_close(batch.pt_logits, pt, atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(batch.ft_logits, ft, atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(batch.ft_logits, ft[None], atol=LOGITS_ATOL, rtol=0)  # one expert
     js = jensenshannon(softmax(pt.double().numpy(), -1), softmax(ft.double().numpy(), -1), axis=-1) ** 2
-    np.testing.assert_allclose(batch.js.numpy(), js, atol=JS_ATOL, rtol=0)
+    np.testing.assert_allclose(batch.js[:, 0].numpy(), js, atol=JS_ATOL, rtol=0)
     lam = expit(GAMMA * js)  # λ_min 0, λ_max 1
     assert lam.max() - lam.min() > 0.05  # the pair disagrees enough for sample-wise merging to matter
-    np.testing.assert_allclose(batch.lambdas[""].numpy(), lam, atol=lambda_atol(GAMMA), rtol=0)
+    np.testing.assert_allclose(batch.lambdas[""][:, 0].numpy(), lam, atol=lambda_atol(GAMMA), rtol=0)
     np.testing.assert_array_equal(batch.weights[""].numpy(), batch.lambdas[""].numpy())  # λ weights the expert
     # A grid setting from the same JS: γ = 4, λ weighting the generalist (w = 1 − λ).
     (label,) = GRID
-    np.testing.assert_allclose(batch.lambdas[label].numpy(), expit(4.0 * js), atol=lambda_atol(4.0), rtol=0)
-    np.testing.assert_allclose(batch.weights[label].numpy(), 1 - expit(4.0 * js), atol=lambda_atol(4.0), rtol=0)
+    np.testing.assert_allclose(batch.lambdas[label][:, 0].numpy(), expit(4.0 * js), atol=lambda_atol(4.0), rtol=0)
+    np.testing.assert_allclose(batch.weights[label][:, 0].numpy(), 1 - expit(4.0 * js), atol=lambda_atol(4.0), rtol=0)
     assert batch.finite.all()
 
 

@@ -25,7 +25,7 @@ from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.loading import plan_models
 from tcube_lightning.merging.coefficients import LambdaMapping
 from tcube_lightning.merging.rules import dare, interpolate, slerp, ties
-from tcube_lightning.merging.store import FusedParameterStore, LowRankStore
+from tcube_lightning.merging.store import ExpertStore
 
 DEEP_EMBEDDING_ATOL = rounding_atol(1.0, depth=BIOMEDCLIP_DEPTH)
 """Unit-norm embeddings through the deeper BiomedCLIP-shaped towers."""
@@ -64,7 +64,7 @@ def per_sample_embeddings(model, pt_state, ft_state, images, tokens, weights):
 def check_pass(vectorized, oracle, pt_state, ft_state, tokenizer, size, atol):
     images = torch.randn(len(WEIGHTS), 3, size, size, generator=torch.Generator().manual_seed(1))
     tokens = tokenizer(["a photo of a circle.", "a", "a medical image of a cross.", "", "ring", "square"])
-    weights = torch.tensor(WEIGHTS)
+    weights = torch.tensor(WEIGHTS)[:, None]  # one expert
     with torch.no_grad():
         ours = vectorized.encode_image(images, weights), vectorized.encode_text(tokens, weights)
     expected = per_sample_embeddings(oracle, pt_state, ft_state, images, tokens, WEIGHTS)
@@ -76,7 +76,7 @@ def check_pass(vectorized, oracle, pt_state, ft_state, tokenizer, size, atol):
 def test_timm_and_bert_towers_run_per_sample_exactly(timm_pair):
     arch, pt, ft = timm_pair
     assert leafwise_reason(pt, set(changed_parameters(pt, ft))) is None
-    vectorized = LeafWisePass(pt, changed_parameters(pt, ft))
+    vectorized = LeafWisePass(pt, [changed_parameters(pt, ft)])
     oracle = copy.deepcopy(pt)
     check_pass(
         vectorized,
@@ -107,8 +107,8 @@ def test_lora_experts_run_per_sample_by_their_low_rank_term(biomedclip, hf_cache
     loaded = plan_models(arch, None, str(checkpoint), str(hf_cache)).load()
     if adapter == "robustmedclip":
         expert_state = loaded.expert.expert(loaded.pretrained).state_dict()  # the loader's, checked in test_loading
-    store = LowRankStore(loaded.pretrained, loaded.expert)
-    vectorized = LeafWisePass(store.pretrained, {}, store.updates())
+    store = ExpertStore(loaded.pretrained, [loaded.expert])
+    vectorized = LeafWisePass(store.pretrained, [{}], [store.updates(0)])
     check_pass(
         vectorized,
         copy.deepcopy(generalist),
@@ -128,9 +128,9 @@ def test_lora_on_open_clip_multihead_attention_runs_per_sample(clip_pair, tmp_pa
     )
     expert_state = copy.deepcopy(peft_model).merge_and_unload().state_dict()  # out_proj counted twice, as peft does
     loaded = plan_models(ARCH, str(clip_pair[0]), str(tmp_path)).load()
-    store = LowRankStore(loaded.pretrained, loaded.expert)
-    assert leafwise_reason(store.pretrained, store.adapter.changed_parameters()) is None
-    vectorized = LeafWisePass(store.pretrained, {}, store.updates())
+    store = ExpertStore(loaded.pretrained, [loaded.expert])
+    assert leafwise_reason(store.pretrained, loaded.expert.changed_parameters()) is None
+    vectorized = LeafWisePass(store.pretrained, [{}], [store.updates(0)])
     pt_state = torch.load(clip_pair[0], weights_only=True)
     check_pass(
         vectorized,
@@ -155,10 +155,10 @@ def make_engine(pt, expert, tokens, samplewise="vectorized"):
         heads="exact",
     )
     rules = {
-        "wise": lambda st: interpolate(st.pt_flat, st.ft_flat, 0.3),
-        "ties": lambda st: ties(st.pt_flat, st.ft_flat, 0.2, 1.0),
-        "dare": lambda st: dare(st.pt_flat, st.ft_flat, 0.5, 1.0, 0),
-        "slerp": lambda st: slerp(st.pt_flat, st.ft_flat, 0.5, st.segments),
+        "wise": lambda st: interpolate(st.pt_flat, st.expert_flat(0), 0.3),
+        "ties": lambda st: ties(st.pt_flat, st.expert_flats(), 0.2, 1.0),
+        "dare": lambda st: dare(st.pt_flat, st.expert_flats(), 0.5, 1.0, 0),
+        "slerp": lambda st: slerp(st.pt_flat, st.expert_flat(0), 0.5, st.segments),
     }
     engine.prepare(rules, extremes=False, weight_range=(0.0, 1.0))
     return engine
@@ -173,11 +173,11 @@ def test_a_lora_store_gives_the_engine_the_same_models_as_the_materialised_exper
     tokens = open_clip.get_tokenizer(ARCH)([t.format(c) for c in CLASSNAMES for t in TEMPLATES])
     lora = make_engine(loaded.pretrained, loaded.expert, tokens)
     full = make_engine(load_clip(ARCH, clip_pair[0]), loaded.expert.expert(loaded.pretrained), tokens)
-    assert isinstance(lora.store, LowRankStore) and isinstance(full.store, FusedParameterStore)
+    assert not lora.store.full and full.store.full
     own = sum(
         b.numel()
         for name, b in lora.store.named_buffers()
-        if name in ("pt_flat", "pt_targets", "ft_targets", "merged_targets")
+        if name in ("pt_flat", "pt_targets", "expert_targets_0", "merged_flat")
     )
     assert own < 1.5 * lora.store.num_parameters  # the generalist and three copies of the targets only
     images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(3))

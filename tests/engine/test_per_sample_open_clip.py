@@ -10,7 +10,7 @@ import torch
 
 from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
 from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason
-from tcube_lightning.merging.store import FusedParameterStore
+from tcube_lightning.merging.store import ExpertStore
 
 
 def tiny_config(**vision_text_extra) -> dict:
@@ -48,13 +48,13 @@ def pair(request, tmp_path_factory):
     pt.load_state_dict(state)
     ft = open_clip.create_model(name).eval()
     ft.load_state_dict(make_expert_state_dict(state, scale=0.2))
-    return name, FusedParameterStore(pt, ft)
+    return name, ExpertStore(pt, [ft])
 
 
 def per_sample_pass(store):
     changed = changed_parameters(store.pretrained, store.expert)
     assert leafwise_reason(store.pretrained, set(changed)) is None  # open_clip's own towers: every tensor differs
-    return LeafWisePass(store.pretrained, changed)
+    return LeafWisePass(store.pretrained, [changed])
 
 
 def oracle(name, store, w):
@@ -70,7 +70,7 @@ def test_image_and_text_towers_match_per_sample_models(pair):
     vectorized = per_sample_pass(store)
     images = torch.randn(len(WEIGHTS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     tokens = open_clip.get_tokenizer(name)(["a photo of a cat.", "x", "a much longer prompt about a dog", "", "b", "c"])
-    weights = torch.tensor(WEIGHTS)
+    weights = torch.tensor(WEIGHTS)[:, None]  # one expert
     with torch.no_grad():
         image_features = vectorized.encode_image(images, weights)
         text_features = vectorized.encode_text(tokens, weights)
@@ -91,7 +91,7 @@ def test_heads_for_many_weights_match_per_weight_heads(pair):
     tokens = open_clip.get_tokenizer(name)([f"{t} {c}" for c in ("cat", "dog", "eel") for t in ("a", "the")])
     weights = torch.tensor([0.0, 0.3, 1.0])
     with torch.no_grad():
-        heads = vectorized.zero_shot_heads(tokens, weights, num_classes=3, chunk=4)  # chunks cut across weights
+        heads = vectorized.zero_shot_heads(tokens, weights[:, None], num_classes=3, chunk=4)  # chunks cut across
         for k, w in enumerate(weights.tolist()):
             text = oracle(name, store, w).encode_text(tokens, normalize=True).view(3, 2, -1).mean(1)
             expected = text / text.norm(dim=-1, keepdim=True)
@@ -107,4 +107,4 @@ def test_what_the_pass_cannot_run_is_named():
     changed = set(changed_parameters(resnet, perturbed))
     assert "BatchNorm2d, which this pass cannot run per row" in leafwise_reason(resnet, changed)
     with pytest.raises(NotImplementedError, match="BatchNorm2d"):
-        LeafWisePass(resnet, {n: perturbed.get_parameter(n) for n in changed})
+        LeafWisePass(resnet, [{n: perturbed.get_parameter(n) for n in changed}])

@@ -9,11 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ARCH, CLASSNAMES, FRACTION_ATOL, TEMPLATES, cli_args, run_cli_expecting_error, run_cli_in_process
+from helpers import (
+    ARCH,
+    CLASSNAMES,
+    FRACTION_ATOL,
+    TEMPLATES,
+    cli_args,
+    make_expert_state_dict,
+    run_cli_expecting_error,
+    run_cli_in_process,
+)
 from model_sources import split_images
 from tcube_lightning.loading import load_clip
 from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
-from tcube_lightning.merging.store import FusedParameterStore
+from tcube_lightning.merging.store import ExpertStore
 
 STEPS, BATCH = 6, 8
 COEFFICIENT_ATOL = 1e-5
@@ -34,20 +43,22 @@ def setting(clip_pair, npz_root):
     return pt_sd, ft_sd, images, labels, F.normalize(text, dim=-1)
 
 
-def reference(pt_sd, ft_sd, images, head, layer_wise, steps, lr, init=0.3, clamp=True, seed=0):
-    """AdaMerging as its paper describes it: λ (one, or one per image-tower tensor), θ = θ_pt + λ·(θ_ft − θ_pt)
-    written out per tensor, Adam on the mean entropy of the zero-shot softmax; batches in the order
-    ``adamerging.batches`` documents (epoch e: randperm seeded seed + e)."""
+def reference(pt_sd, ft_sds, images, head, layer_wise, steps, lr, init=0.3, clamp=True, seed=0):
+    """AdaMerging as its paper describes it: λ per expert (one, or one per image-tower tensor),
+    θ = θ_pt + Σ_k λ_k·(θ_k − θ_pt) written out per tensor, Adam on the mean entropy of the zero-shot softmax; batches
+    in the order ``adamerging.batches`` documents (epoch e: randperm seeded seed + e)."""
     model = open_clip.create_model(ARCH).eval()
     model.load_state_dict(pt_sd)
     names = [n for n, _ in model.named_parameters() if n.startswith("visual.")]
-    lam = torch.full((len(names) if layer_wise else 1,), init, requires_grad=True)
+    lam = torch.full((len(ft_sds), len(names) if layer_wise else 1), init, requires_grad=True)
     optimiser = torch.optim.Adam([lam], lr=lr)
     epochs = [torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + e)) for e in range(3)]
     flat_batches = [batch for order in epochs for batch in order.split(BATCH)]
     for step in range(steps):
         merged = {
-            n.removeprefix("visual."): pt_sd[n] + lam[i % len(lam)] * (ft_sd[n] - pt_sd[n]) for i, n in enumerate(names)
+            n.removeprefix("visual."): pt_sd[n]
+            + sum(lam[k, i % lam.shape[1]] * (ft_sd[n] - pt_sd[n]) for k, ft_sd in enumerate(ft_sds))
+            for i, n in enumerate(names)
         }
         features = torch.func.functional_call(model.visual, merged, (images[flat_batches[step]],))
         logits = pt_sd["logit_scale"].exp() * F.normalize(features, dim=-1) @ head.T
@@ -62,31 +73,46 @@ def reference(pt_sd, ft_sd, images, head, layer_wise, steps, lr, init=0.3, clamp
     return lam.detach()
 
 
-def ours(clip_pair, images, labels, head, layer_wise, settings):
-    """The product's adaptation on the preprocessed images (as the data module gives them: image, label)."""
-    store = FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
+def ours(clip_pair, images, labels, head, layer_wise, settings, more_experts=()):
+    """The product's adaptation on the preprocessed images (as the data module gives them: image, label), with the
+    tiny expert and ``more_experts`` (state_dicts)."""
+    experts = [load_clip(ARCH, clip_pair[1])]
+    for state in more_experts:
+        experts.append(load_clip(ARCH, clip_pair[0]))
+        experts[-1].load_state_dict(state)
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), experts)
     dataset = [{"image": image, "label": label} for image, label in zip(images, labels.tolist())]
     result = adapt(
-        store.pretrained, store.expert, head, batches(dataset, settings.batch_size, settings.seed), layer_wise, settings
+        store.pretrained,
+        store.experts,
+        head,
+        batches(dataset, settings.batch_size, settings.seed),
+        layer_wise,
+        settings,
     )
     return store, result
 
 
+@pytest.mark.parametrize("experts", [1, 2], ids=["one-expert", "two-experts"])
 @pytest.mark.parametrize("layer_wise", [False, True], ids=["task-wise", "layer-wise"])
-def test_adapted_coefficients_and_accuracy_match_the_reference(clip_pair, setting, layer_wise):
+def test_adapted_coefficients_and_accuracy_match_the_reference(clip_pair, setting, layer_wise, experts):
     pt_sd, ft_sd, images, labels, head = setting
+    more = [make_expert_state_dict(pt_sd, seed=5 + k) for k in range(experts - 1)]
     settings = AdaMergingSettings(steps=STEPS, lr=0.05, batch_size=BATCH)
-    store, result = ours(clip_pair, images, labels, head, layer_wise, settings)
-    expected = reference(pt_sd, ft_sd, images, head, layer_wise, STEPS, lr=0.05)
+    store, result = ours(clip_pair, images, labels, head, layer_wise, settings, more)
+    expected = reference(pt_sd, [ft_sd, *more], images, head, layer_wise, STEPS, lr=0.05)
     torch.testing.assert_close(result.coefficients, expected, atol=COEFFICIENT_ATOL, rtol=0)
-    assert len(result.entropy) == STEPS and (expected.numel() > 1) == layer_wise
+    assert len(result.entropy) == STEPS and (expected.shape[1] > 1) == layer_wise and len(expected) == experts
     # The merged model the run evaluates: the store loaded with it, against explicit interpolation at λ.
     model = store.load(merged_flat(store, result))
     oracle = open_clip.create_model(ARCH).eval()
     names = [n for n in pt_sd if n.startswith("visual.") and n in dict(oracle.named_parameters())]
-    oracle.load_state_dict(
-        {**pt_sd, **{n: pt_sd[n] + expected[i % len(expected)] * (ft_sd[n] - pt_sd[n]) for i, n in enumerate(names)}}
-    )
+    merged = {
+        n: pt_sd[n]
+        + sum(expected[k, i % expected.shape[1]] * (ft[n] - pt_sd[n]) for k, ft in enumerate([ft_sd, *more]))
+        for i, n in enumerate(names)
+    }
+    oracle.load_state_dict({**pt_sd, **merged})
     with torch.no_grad():
         ours_pred = (F.normalize(model.encode_image(images), dim=-1) @ head.T).argmax(-1)
         their_pred = (F.normalize(oracle.encode_image(images), dim=-1) @ head.T).argmax(-1)
@@ -119,7 +145,7 @@ def test_one_task_wise_step_from_0_3_moves_against_the_measured_gradient(clip_pa
 
     slope = (entropy_at(0.3 + h) - entropy_at(0.3 - h)) / (2 * h)
     assert abs(slope) > 1e-3  # a clear direction
-    assert float(result.coefficients[0]) == pytest.approx(0.3 - lr * math.copysign(1, slope), abs=1e-6)
+    assert float(result.coefficients[0, 0]) == pytest.approx(0.3 - lr * math.copysign(1, slope), abs=1e-6)
 
 
 def test_clamping_keeps_the_coefficients_in_0_1(clip_pair, setting):

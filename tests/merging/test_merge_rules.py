@@ -1,18 +1,19 @@
-"""Static merge rules on the flat buffers against state_dict arithmetic written out in plain torch/NumPy."""
+"""Static merge rules on the flat buffers against state_dict arithmetic and the published definitions written out in
+plain torch/NumPy, with one task vector and with several."""
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ARCH
+from helpers import ARCH, EPS32
 from tcube_lightning.loading import load_clip
-from tcube_lightning.merging.rules import dare, slerp, ties
-from tcube_lightning.merging.store import FusedParameterStore
+from tcube_lightning.merging.rules import dare, model_soup, slerp, task_arithmetic, ties
+from tcube_lightning.merging.store import ExpertStore
 
 
 @pytest.fixture(scope="module")
 def setting(clip_pair):
-    store = FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [load_clip(ARCH, clip_pair[1])])
     pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
     return store, {n: pt_sd[n] for n in store.names}, {n: ft_sd[n] for n in store.names}
 
@@ -31,7 +32,7 @@ def test_segments_cover_every_parameter_in_order(setting):
 
 def test_ties_keeps_the_largest_task_vector_entries(setting):
     store, pt_sd, ft_sd = setting
-    merged = unflatten(store, ties(store.pt_flat, store.ft_flat, density=0.2, scale=0.8))
+    merged = unflatten(store, ties(store.pt_flat, [store.expert_flat(0)], density=0.2, scale=0.8))
     deltas = {k: ft_sd[k] - pt_sd[k] for k in pt_sd}
     magnitudes = np.concatenate([d.abs().reshape(-1).numpy() for d in deltas.values()])
     cutoff = np.sort(magnitudes)[::-1][round(0.2 * magnitudes.size) - 1]
@@ -46,20 +47,20 @@ def test_ties_keeps_the_largest_task_vector_entries(setting):
 
 def test_dare_drops_and_rescales_deterministically(setting):
     store, _, _ = setting
-    pt, ft = store.pt_flat, store.ft_flat
-    merged = dare(pt, ft, drop=0.3, scale=1.0, seed=7)
+    pt, ft = store.pt_flat, store.expert_flat(0)
+    merged = dare(pt, [ft], drop=0.3, scale=1.0, seed=7)
     rescaled = pt + (ft - pt) / 0.7
     dropped = torch.isclose(merged, pt, atol=0, rtol=0)
     kept = torch.isclose(merged, rescaled, atol=1e-6, rtol=1e-6)
     assert bool((dropped | kept).all())
     assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.005)
-    torch.testing.assert_close(dare(pt, ft, drop=0.3, scale=1.0, seed=7), merged, atol=0, rtol=0)
-    assert not torch.equal(dare(pt, ft, drop=0.3, scale=1.0, seed=8), merged)
+    torch.testing.assert_close(dare(pt, [ft], drop=0.3, scale=1.0, seed=7), merged, atol=0, rtol=0)
+    assert not torch.equal(dare(pt, [ft], drop=0.3, scale=1.0, seed=8), merged)
 
 
 def test_slerp_per_tensor_matches_the_formula(setting):
     store, pt_sd, ft_sd = setting
-    merged = unflatten(store, slerp(store.pt_flat, store.ft_flat, 0.35, store.segments))
+    merged = unflatten(store, slerp(store.pt_flat, store.expert_flat(0), 0.35, store.segments))
     for name in pt_sd:
         a, b = pt_sd[name].reshape(-1).double().numpy(), ft_sd[name].reshape(-1).double().numpy()
         norms = np.linalg.norm(a) * np.linalg.norm(b)
@@ -76,3 +77,78 @@ def test_slerp_falls_back_to_linear_for_parallel_tensors():
     b = torch.tensor([2.0, 4.0, 6.0, 0.0, 0.0])  # first tensor parallel, second all zeros
     out = slerp(a, b, 0.25, [(0, 3), (3, 2)])
     torch.testing.assert_close(out, torch.lerp(a, b, 0.25))
+
+
+# ----------------------------------------------------------------------------------------------- K task vectors
+@pytest.fixture(scope="module")
+def vectors():
+    """A generalist and four experts as flat vectors on a grid of 2⁻¹² (every sum and difference exact in float32),
+    each task vector's magnitudes distinct (trimming is unambiguous), with entries where two experts' signs cancel
+    exactly (+a and −a: TIES's tie) and entries some experts leave as they are."""
+    g = torch.Generator().manual_seed(0)
+    grid = 2.0**-12
+    pt = torch.randint(-4096, 4096, (2000,), generator=g) * grid
+    taus = []
+    for _ in range(4):
+        signs = torch.randint(0, 2, (2000,), generator=g) * 2 - 1
+        taus.append(signs * (torch.randperm(2000, generator=g) + 1) * grid)
+    taus[1] = taus[0].clone()
+    taus[1][:20] *= -1
+    taus[1][20:] = taus[1][20:][torch.randperm(1980, generator=g)]
+    taus[2][:20] = taus[3][:20] = 0.0
+    taus[3][20:60] = 0.0
+    return pt.float(), [(pt + tau).float() for tau in taus]
+
+
+def atol_for(pt: torch.Tensor, terms: int) -> float:
+    """A float32 sum of ``terms`` terms of the parameters' magnitude: one rounding each."""
+    return terms * EPS32 * float(pt.abs().max())
+
+
+def ties_reference(pt: np.ndarray, experts: list[np.ndarray], density: float, scale: float) -> np.ndarray:
+    """TIES-Merging as its paper (Yadav et al., NeurIPS 2023, Algorithm 1) states it, in NumPy: trim each task vector
+    to its top-k% magnitudes, elect each entry's sign as that of the summed trimmed values (a zero sum: the majority
+    of the elected signs, as its code resolves it), the disjoint mean of the entries agreeing with it, then scale."""
+    trimmed = []
+    for theta in experts:
+        tau = theta - pt
+        keep = round(density * tau.size)
+        order = np.argsort(-np.abs(tau), kind="stable")
+        kept = np.zeros_like(tau)
+        kept[order[:keep]] = tau[order[:keep]]
+        trimmed.append(kept)
+    stacked = np.stack(trimmed)
+    sign = np.sign(stacked.sum(0))
+    sign[sign == 0] = np.sign(sign.sum())
+    agree = (np.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0)
+    mean = np.where(count > 0, (stacked * agree).sum(0) / np.maximum(count, 1), 0.0)
+    return pt + scale * mean
+
+
+def test_ties_elects_signs_and_takes_the_disjoint_mean(vectors):
+    pt, experts = vectors
+    ours = ties(pt, experts, density=0.3, scale=0.9)
+    expected = ties_reference(pt.double().numpy(), [e.double().numpy() for e in experts], 0.3, 0.9)
+    np.testing.assert_allclose(ours.double().numpy(), expected, atol=atol_for(pt, 4), rtol=0)
+    trimmed = [np.abs(e.numpy() - pt.numpy()) >= np.sort(np.abs(e.numpy() - pt.numpy()))[-600] for e in experts[:2]]
+    assert (trimmed[0] & trimmed[1])[:20].any()  # some exact ties reach the election
+
+
+def test_task_arithmetic_and_the_soup_sum_the_task_vectors(vectors):
+    pt, experts = vectors
+    p, e = pt.double().numpy(), [x.double().numpy() for x in experts]
+    expected = p + 0.3 * sum(x - p for x in e)
+    np.testing.assert_allclose(task_arithmetic(pt, experts, 0.3).double().numpy(), expected, atol=atol_for(pt, 9))
+    soup = (p + sum(e)) / 5  # the uniform soup of all five models
+    np.testing.assert_allclose(model_soup(pt, experts).double().numpy(), soup, atol=atol_for(pt, 6), rtol=0)
+
+
+def test_dare_drops_each_task_vector_with_its_own_mask(vectors):
+    pt, experts = vectors
+    merged = dare(pt, experts, drop=0.4, scale=0.5, seed=3)
+    masks = [torch.rand(pt.numel(), generator=torch.Generator().manual_seed(3 + k)) >= 0.4 for k in range(4)]
+    p = pt.double().numpy()
+    expected = p + sum(0.5 / 0.6 * np.where(m.numpy(), x.double().numpy() - p, 0.0) for m, x in zip(masks, experts))
+    np.testing.assert_allclose(merged.double().numpy(), expected, atol=atol_for(pt, 9), rtol=0)
+    assert len({tuple(m[:50].tolist()) for m in masks}) == 4  # four different masks

@@ -1,19 +1,20 @@
-"""The fused store against open_clip models built from explicitly interpolated state_dicts."""
+"""The fused store against open_clip models built from explicitly interpolated state_dicts, with one expert and with
+several (full and LoRA mixed)."""
 
 import open_clip
 import pytest
 import torch
 
-from helpers import ARCH, CLASSNAMES, LOGITS_ATOL, TEMPLATES, oracle_logits
+from helpers import ARCH, CLASSNAMES, EPS32, LOGITS_ATOL, TEMPLATES, oracle_logits
 from tcube_lightning.engine.zero_shot import clip_logits, tokenize_prompts, zero_shot_head
 from tcube_lightning.errors import InputError
-from tcube_lightning.loading import load_clip
-from tcube_lightning.merging.store import FusedParameterStore
+from tcube_lightning.loading import load_clip, plan_models
+from tcube_lightning.merging.store import ExpertStore
 
 
 @pytest.fixture(scope="module")
 def store(clip_pair):
-    return FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1]))
+    return ExpertStore(load_clip(ARCH, clip_pair[0]), [load_clip(ARCH, clip_pair[1])])
 
 
 @pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0])
@@ -42,12 +43,12 @@ def test_merge_writes_in_place_without_new_storage(store):
     store.merge(0.25)
     store.merge(0.75)
     assert store.merged_flat.data_ptr() == pointer
-    expected = store.pt_flat + 0.75 * (store.ft_flat - store.pt_flat)
+    expected = store.pt_flat + 0.75 * (store.expert_flat(0) - store.pt_flat)
     torch.testing.assert_close(store.merged_flat, expected)
 
 
 def test_moving_the_store_rebinds_the_views(clip_pair):
-    store = FusedParameterStore(load_clip(ARCH, clip_pair[0]), load_clip(ARCH, clip_pair[1])).double()
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [load_clip(ARCH, clip_pair[1])]).double()
     store.merge(0.4)
     param = next(store.working.parameters())
     assert param.dtype == torch.float64
@@ -57,4 +58,38 @@ def test_moving_the_store_rebinds_the_views(clip_pair):
 def test_mismatched_architectures_are_rejected_with_the_differences(clip_pair):
     other = open_clip.create_model("RN50", pretrained=None)
     with pytest.raises(InputError, match=r"same parameters.*First differences"):
-        FusedParameterStore(load_clip(ARCH, clip_pair[0]), other)
+        ExpertStore(load_clip(ARCH, clip_pair[0]), [other])
+
+
+def sum_atol(reference: torch.Tensor, terms: int) -> float:
+    """A float32 sum of ``terms`` terms of about ``reference``'s magnitude: one rounding each."""
+    return terms * EPS32 * max(float(reference.abs().max()), 1.0)
+
+
+def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, expert_team):
+    """θ_pt + Σ_k w_k·(θ_k − θ_pt) for two full and two LoRA experts, each parameter against the state_dicts'
+    arithmetic in float64; every expert's own model is its θ_k."""
+    names = ["full_a", "lora_a", "full_b", "lora_b"]
+    loaded = plan_models(ARCH, str(clip_pair[0]), None, experts={n: str(expert_team[n][0]) for n in names}).load()
+    store = ExpertStore(loaded.pretrained, list(loaded.experts.values()))
+    pt_sd = torch.load(clip_pair[0], weights_only=True)
+    states = [expert_team[n][1] for n in names]
+    for k, model in enumerate(store.experts):
+        flat = store.expert_flat(k)  # what the static rules merge: a LoRA expert's materialised
+        for name, param in model.named_parameters():  # W + s·B·A, in float32 by us and by peft: a few roundings
+            torch.testing.assert_close(param, states[k][name], atol=sum_atol(states[k][name], 3), rtol=0)
+            piece = flat[store.offsets[name] : store.offsets[name] + param.numel()].view_as(param)
+            torch.testing.assert_close(piece, param, atol=0, rtol=0)
+    weights = [0.3, 0.7, -0.2, 0.45]
+    for name, param in store.merge(weights).named_parameters():
+        deltas = [sd[name].double() - pt_sd[name].double() for sd in states]
+        expected = pt_sd[name].double() + sum(w * delta for w, delta in zip(weights, deltas))
+        torch.testing.assert_close(param.double(), expected, atol=sum_atol(pt_sd[name], 2 * len(states) + 1), rtol=0)
+    first = store.merge([0.0] * 4)
+    for name, param in first.named_parameters():
+        torch.testing.assert_close(param, pt_sd[name], atol=0, rtol=0)
+
+
+def test_a_store_without_experts_is_refused(clip_pair):
+    with pytest.raises(InputError, match="at least one expert"):
+        ExpertStore(load_clip(ARCH, clip_pair[0]), [])
