@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from tcube_lightning.data.images import DicomFiles, ImageFolder
-from tcube_lightning.data.mixing import build_mixes
+from tcube_lightning.data.mixing import build_mixes, domain_experts
 from tcube_lightning.data.modalities import get_modality, known_corruptions, modality_corruptions
 from tcube_lightning.data.readers import (
     SEVERITIES,
@@ -80,7 +80,10 @@ class EvaluationDataModule(L.LightningDataModule):
 
     Args:
         root: Folder the data paths are relative to.
-        modality: One of the registered modalities (blood, breast, retina, oct, pneumonia).
+        modality: One of the registered modalities (blood, breast, retina, oct, pneumonia), or several, e.g.
+            ``[blood, breast, retina, oct]`` (a run with several experts): each modality's splits are then named
+            after it, ``blood_in_domain``, ``blood_base_to_novel``, ``blood_pixelate@3``, each with that modality's
+            class names and prompt templates.
         splits: Which kinds of split to evaluate: in_domain, base_to_novel, corrupted (default: all).
         sources: Split name → npz file or HF dataset folder (relative to root), e.g. ``{in_domain: x.npz}``.
         corruptions: MedMNIST-C corruptions to evaluate (default: the modality's list).
@@ -110,12 +113,15 @@ class EvaluationDataModule(L.LightningDataModule):
         mixes: Mixed splits: a new split's name → the run's splits it mixes, by name or shell pattern, e.g.
             ``{stream: [in_domain, '*@*']}`` (every corrupted split); shuffled once with ``seed`` into one split whose
             batches mix them, every sample with its own class set (``mixing.py``). ``test`` only.
+        expert_of: With several experts (``model.experts``), the expert of each split's domain, by split name or
+            shell pattern, e.g. ``{'blood_*': blood}``; a mix's samples take their source split's. Gives each method's
+            accuracy normalised by that expert's and the routing figure (which expert T³ weighted most).
     """
 
     def __init__(
         self,
         root: str,
-        modality: str | None = None,
+        modality: str | list[str] | None = None,
         splits: list[str] | None = None,
         sources: dict[str, str] | None = None,
         corruptions: list[str] | None = None,
@@ -137,20 +143,26 @@ class EvaluationDataModule(L.LightningDataModule):
         dicom: DicomFiles = "suffix",
         dicom_windowing: bool = True,
         mixes: dict[str, list[str]] | None = None,
+        expert_of: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged with the final metrics, by the module
-        self.modality = get_modality(modality) if modality is not None else None
+        self.modalities = [get_modality(m) for m in ([modality] if isinstance(modality, str) else modality or [])]
+        self.modality = self.modalities[0] if len(self.modalities) == 1 else None
+        """The one modality of the run (None with several: each is read by a data module of its own)."""
         unknown = sorted(set(splits or ()) - set(SPLIT_KINDS))
         if unknown:
             raise InputError(f"data.splits: unknown split kind(s) {unknown}; choose from {list(SPLIT_KINDS)}")
-        if self.modality is None and not sources:
+        if not self.modalities and not sources:
             raise InputError("data: give a modality, or sources (split name → file) for your own splits")
-        if self.modality is not None and corruptions:
-            unknown = sorted(set(corruptions) - known_corruptions(self.modality))
+        if len(self.modalities) > 1 and classnames is not None:
+            raise InputError("data.classnames: with several modalities each split takes its own modality's names")
+        for m in self.modalities if corruptions else ():
+            unknown = sorted(set(corruptions) - known_corruptions(m))
             if unknown:
-                known = sorted(known_corruptions(self.modality))
-                raise InputError(f"data.corruptions: unknown for {self.modality.name}: {unknown}; known: {known}")
+                raise InputError(
+                    f"data.corruptions: unknown for {m.name}: {unknown}; known: {sorted(known_corruptions(m))}"
+                )
         bad = [s for s in severities if s not in SEVERITIES]
         if bad:
             raise InputError(f"data.severities: {bad} outside 1..5")
@@ -161,10 +173,10 @@ class EvaluationDataModule(L.LightningDataModule):
         if dicom not in ("suffix", "all"):
             raise InputError(f"data.dicom must be 'suffix' or 'all', got {dicom!r}")
         self.dicom, self.dicom_windowing = dicom, dicom_windowing
-        self.mixes = dict(mixes or {})
+        self.mixes, self.expert_of = dict(mixes or {}), dict(expert_of or {})
         flag = flag or (self.modality.medmnist_flag if self.modality else None)
         self.root, self.flag, self.size = Path(root), flag, size
-        self.kinds = list(splits or SPLIT_KINDS) if self.modality else []
+        self.kinds = list(splits or SPLIT_KINDS) if self.modalities else []
         self.sources = dict(sources or {})
         self.corruptions = list(corruptions) if corruptions is not None else None
         self.severities, self.corruption_source, self.seed = list(severities), corruption_source, seed
@@ -181,7 +193,11 @@ class EvaluationDataModule(L.LightningDataModule):
         # WholeBatchSampler: with more processes than batches, some processes read none of a split.
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.datasets: dict[str, Dataset] = {}
+        self.domain_experts: dict[str, str] = {}
+        """The expert of each split's domain (``expert_of``), for the splits it names."""
         self.split_classnames: dict[str, list[str]] = {}
+        self.split_templates: dict[str, list[str]] = {}
+        """Each split's prompt templates where they are not ``templates`` (a modality's among several)."""
         self.dicom_records: dict[str, dict] = {}
         """What reading each split's DICOM files applies (``images.dicom_summary``), for the splits that have any."""
 
@@ -227,6 +243,7 @@ class EvaluationDataModule(L.LightningDataModule):
             self.split_classnames[name] = classnames
             if getattr(dataset, "dicom", None):
                 self.dicom_records[name] = dataset.dicom
+        self.domain_experts = domain_experts(self.expert_of, list(self.datasets))
         self.datasets.update(build_mixes(self.mixes, self.datasets, self.split_classnames, self.seed))
 
     def _setup_unlabelled(self, transform: Callable) -> None:
@@ -256,8 +273,14 @@ class EvaluationDataModule(L.LightningDataModule):
                 self.dicom_records[name] = images.dicom
         raise_problems(problems)
 
+    def templates_of(self, split: str) -> list[str]:
+        """The prompt templates of ``split``'s class names."""
+        return self.split_templates.get(split, self.templates)
+
     def _read_splits(self) -> dict[str, tuple[Dataset, list[str]]]:
         """Every split, or one error listing every split that cannot be read (all missing files at once)."""
+        if len(self.modalities) > 1:
+            return self._read_modalities()
         readers: dict[str, Callable[[], tuple[Dataset, list[str]] | None]] = {}
         if "in_domain" in self.kinds:
             readers["in_domain"] = lambda: self._source("in_domain") or (self._in_domain, self.classnames)
@@ -277,6 +300,31 @@ class EvaluationDataModule(L.LightningDataModule):
             except InputError as err:
                 problems.append(str(err))
         raise_problems(list(dict.fromkeys(problems)))  # on-the-fly splits share the in-domain file's problem
+        return splits
+
+    def _read_modalities(self) -> dict[str, tuple[Dataset, list[str]]]:
+        """Several modalities: each one's splits as a data module of that modality alone reads them, named after it,
+        then ``sources``; one error listing every split that cannot be read."""
+        options = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # Lightning's own are not options
+        splits, problems = {}, []
+        for m in self.modalities:
+            own = EvaluationDataModule(
+                **{**options, "modality": m.name, "sources": None, "mixes": None, "expert_of": None}
+            )
+            try:
+                read = own._read_splits()
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            for name, split in read.items():
+                splits[f"{m.name}_{name}"] = split
+                self.split_templates[f"{m.name}_{name}"] = own.templates
+        for name in self.sources:
+            try:
+                splits[name] = self._source(name)
+            except InputError as err:
+                problems.append(str(err))
+        raise_problems(problems)
         return splits
 
     def _corrupted_split(self, name: str, corruption: str, severity: int) -> tuple[Dataset, list[str]]:

@@ -71,3 +71,16 @@ def build_mixes(
         members = mix_members(name, list(entries or []), list(datasets), mixes)
         built[name] = MixedSplit({m: datasets[m] for m in members}, {m: classnames[m] for m in members}, seed)
     return built
+
+
+def domain_experts(expert_of: dict[str, str], splits: list[str]) -> dict[str, str]:
+    """Each split's domain expert from ``data.expert_of`` (split names or shell patterns → expert; the first entry
+    that matches a split names its expert); an entry that matches no split is an error naming it."""
+    experts: dict[str, str] = {}
+    for entry, expert in expert_of.items():
+        matched = [split for split in splits if fnmatch.fnmatchcase(split, entry)]
+        if not matched:
+            raise InputError(f"data.expert_of: {entry!r} names no split of the run; its splits: {splits}")
+        for split in matched:
+            experts.setdefault(split, expert)
+    return experts

@@ -215,11 +215,11 @@ class TCubeModule(PredictHooks, L.LightningModule):
         # list; each split's sources (itself, or a mix's) with their class names and labels.
         self.split_sources = {s: split_sources(s, data) for s in self.split_names}
         self.split_classnames = {s: mixed_or_plain(self.split_sources[s]) for s in self.split_names}
-        adapt_names = self.adapt_on[2] if self.adapt_on is not None else None  # also when resume left it out
-        sets, self.class_sets = class_sets(self.split_sources, adapt_names)
+        adapt_set = self.adapt_on[2] if self.adapt_on is not None else None  # also when resume left it out
+        sets, self.class_sets = class_sets(self.split_sources, adapt_set)
         if self.adapt_on is not None:
-            self.adapt_on = (*self.adapt_on[:2], sets.index(tuple(adapt_names)))
-        self.class_counts = [len(names) for names in sets]
+            self.adapt_on = (*self.adapt_on[:2], sets.index(adapt_set))
+        self.class_counts = [len(names) for names, _ in sets]
         self.widths = {s: max(self.class_counts[c] for c in sets) for s, sets in self.class_sets.items()}
         loaded = self.model_plan.load()
         self.models_record = loaded.record
@@ -227,7 +227,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.engine = TCubeEngine(
             loaded.pretrained,
             list(loaded.experts.values()),
-            [tokenize_prompts(tokenizer, list(names), data.templates) for names in sets],
+            [tokenize_prompts(tokenizer, list(names), list(templates)) for names, templates in sets],
             self.class_counts,
             self.mapping,
             self.grid,
@@ -254,6 +254,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         """What only the data and the model settings together can tell, checked before any model loads."""
         hp = self.hparams
         self.model_plan.check_preprocessing(data.image_size, data.mean, data.std)
+        unknown = sorted(set(data.domain_experts.values()) - set(self.expert_names))
+        if unknown:
+            raise InputError(f"data.expert_of: {unknown} are not experts of this run; its experts: {self.expert_names}")
         if any(is_corrupted(split) for split in self.split_names) and hp.mce_reference not in self.methods:
             raise InputError(  # corrupted splits: CE needs the reference method
                 f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
@@ -292,11 +295,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
     def _new_report(self, results_dir: Path) -> RunReport:
         descriptions = {m.name: m.description for m in self.methods.values()}
         settings = (self.all_split_names, descriptions, self.run_config, self.hparams.mce_reference, self.previous)
-        return RunReport(results_dir, *settings, export=self.hparams.export_samples)
+        export, domains = self.hparams.export_samples, self.trainer.datamodule.domain_experts
+        return RunReport(results_dir, *settings, export=export, experts=self.expert_names, domain_experts=domains)
 
     def _lambda_spread(self) -> tuple[float, tuple[float, float]] | None:
         """The λ-spread warning's threshold and λ's reachable range where T³ is evaluated, else None (no warning)."""
-        return (self.hparams.min_lambda_spread, self.mapping.lambda_range()) if "t3" in self.methods else None
+        if "t3" not in self.methods or len(self.expert_names) > 1:  # several experts: λ per expert, in results.md
+            return None
+        return self.hparams.min_lambda_spread, self.mapping.lambda_range()
 
     # ------------------------------------------------------------------ steps
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -371,9 +377,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         table |= coverage_columns(table, list(self.methods))  # each sample's place in each deferral order
         total = len(self.trainer.datamodule.datasets[split])
         adaptation, classnames = self.adaptations.get(split, {}), self.split_classnames[split]
-        record = split_record(
-            metrics, table, list(self.grid), total, self.clustered.summaries[split], adaptation, classnames
-        )
+        clusters, grid, experts = self.clustered.summaries[split], list(self.grid), self.expert_names
+        record = split_record(metrics, table, grid, total, clusters, adaptation, classnames, experts)
         record["deferral"] = deferral(table, list(self.methods))
         if by_source:  # a mix: the same metrics for each source split's samples in it
             record["sources"] = mix_record(by_source, table)

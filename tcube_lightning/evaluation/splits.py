@@ -19,16 +19,22 @@ class SplitSource:
     classnames: list[str]
     labels: np.ndarray | None
     """None for ``predict``'s unlabelled sources."""
+    templates: tuple[str, ...]
+    """The prompt templates of its class names."""
+
+    @property
+    def class_set(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What one zero-shot head serves: the class names and their templates."""
+        return tuple(self.classnames), self.templates
 
 
 def split_sources(split: str, data: LightningDataModule) -> list[SplitSource]:
     dataset = data.datasets[split]
     if isinstance(dataset, MixedSplit):
-        return [
-            SplitSource(*fields)
-            for fields in zip(dataset.source_names, dataset.source_classnames, dataset.source_labels, strict=True)
-        ]
-    return [SplitSource(None, list(data.split_classnames[split]), getattr(dataset.base, "labels", None))]
+        fields = zip(dataset.source_names, dataset.source_classnames, dataset.source_labels, strict=True)
+        return [SplitSource(name, names, labels, tuple(data.templates_of(name))) for name, names, labels in fields]
+    labels = getattr(dataset.base, "labels", None)
+    return [SplitSource(None, list(data.split_classnames[split]), labels, tuple(data.templates_of(split)))]
 
 
 def mixed_or_plain(sources: list[SplitSource]) -> list[str] | dict[str, list[str]]:
@@ -38,20 +44,25 @@ def mixed_or_plain(sources: list[SplitSource]) -> list[str] | dict[str, list[str
     return {source.name: source.classnames for source in sources}
 
 
-def one_class_set(split: str, sources: list[SplitSource], why: str) -> list[str]:
-    """The class names of a split whose samples must share one class set (``why``), or an error naming the split."""
-    sets = list(dict.fromkeys(tuple(source.classnames) for source in sources))
+def one_class_set(split: str, sources: list[SplitSource], why: str) -> ClassSet:
+    """The class set of a split whose samples must share one (``why``), or an error naming the split."""
+    sets = list(dict.fromkeys(source.class_set for source in sources))
     if len(sets) > 1:
-        raise InputError(f"{why}: the mix {split!r} holds samples of {len(sets)} class sets {[list(s) for s in sets]}")
-    return list(sets[0])
+        names = [list(names) for names, _ in sets]
+        raise InputError(f"{why}: the mix {split!r} holds samples of {len(sets)} class sets {names}")
+    return sets[0]
+
+
+ClassSet = tuple[tuple[str, ...], tuple[str, ...]]
+"""Class names and their prompt templates: one zero-shot head."""
 
 
 def class_sets(
-    sources: dict[str, list[SplitSource]], extra: list[str] | None = None
-) -> tuple[list[tuple[str, ...]], dict[str, list[int]]]:
+    sources: dict[str, list[SplitSource]], extra: ClassSet | None = None
+) -> tuple[list[ClassSet], dict[str, list[int]]]:
     """The run's distinct class sets (one prompt set and zero-shot head each), in order of first use, ``extra`` (a
     set needed besides the splits': AdaMerging's ``adapt_on``) last if new; and per split its sources' sets: one for
     a plain split, one per source split for a mix."""
-    used = [tuple(source.classnames) for split in sources.values() for source in split]
-    sets = list(dict.fromkeys([*used, *([tuple(extra)] if extra is not None else [])]))
-    return sets, {s: [sets.index(tuple(x.classnames)) for x in split] for s, split in sources.items()}
+    used = [source.class_set for split in sources.values() for source in split]
+    sets = list(dict.fromkeys([*used, *([extra] if extra is not None else [])]))
+    return sets, {s: [sets.index(x.class_set) for x in split] for s, split in sources.items()}

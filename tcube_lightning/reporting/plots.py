@@ -8,6 +8,7 @@ Each function returns a matplotlib Figure; ``render_figures`` draws each once, f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -114,7 +115,7 @@ def coefficient_histograms(table: dict[str, np.ndarray], split: str, columns: in
     width = min(columns, len(names))
     fig, axes = plt.subplots(rows, width, figsize=(3 * width, 2.4 * rows), dpi=DPI, squeeze=False)
     for ax, name in zip(axes.flat, names):
-        ax.hist(table[name], bins=30, range=(0.0, 1.0), color="tab:blue")
+        ax.hist(table[name], bins=30, range=(0.0, max(1.0, float(table[name].max()))), color="tab:blue")
         ax.set_title(name.removeprefix("w/"), fontsize=9)
         ax.set_xlabel("weight on the expert", fontsize=8)
         ax.set_ylabel("samples", fontsize=8)
@@ -190,16 +191,96 @@ def analysis_figures(split: str, table: dict[str, np.ndarray], quadrants: dict[s
     }
 
 
+def domain_of_samples(table: dict[str, np.ndarray], split: str, routing: ExpertRouting) -> np.ndarray | None:
+    """Each sample's domain expert (an index into ``routing.experts``, −1 where unknown): its split's, or in a mix
+    its source split's; None where no sample has one."""
+    domains, positions = routing.domains, {name: k for k, name in enumerate(routing.experts)}
+    if split in domains:
+        return np.full(len(table["index"]), positions[domains[split]])
+    sources = routing.mix_sources.get(split)
+    if not sources or not any(source in domains for source in sources):
+        return None
+    per_source = np.array([positions.get(domains.get(source, ""), -1) for source in sources])
+    return per_source[table["source"]]
+
+
+def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRouting) -> Figure:
+    """With several experts (our extension of T³): per split, the mean T³ weight each expert got (which expert did
+    the samples of each split pull?); with ``data.expert_of``, the routing confusion beside it: the samples' domain
+    expert against the expert T³ weighted most, each row in percent of its samples."""
+    experts, splits = routing.experts, list(tables)
+    weights = {split: np.stack([table[f"w/t3/{e}"] for e in experts], axis=-1) for split, table in tables.items()}
+    confusion = np.zeros((len(experts), len(experts)))
+    for split, table in tables.items():
+        domain = domain_of_samples(table, split, routing)
+        if domain is not None:
+            known = domain >= 0
+            np.add.at(confusion, (domain[known], weights[split][known].argmax(-1)), 1)
+    panels = 2 if confusion.any() else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4 + 5 * panels, 1.5 + 0.4 * max(len(splits), len(experts))), dpi=DPI)
+    axes = np.atleast_1d(axes)
+    means = np.array([weights[split].mean(0) for split in splits])
+    cells = [(axes[0], means, splits, "mean T³ weight w_k", ".3f")]
+    if panels == 2:
+        rows = confusion.sum(1, keepdims=True)
+        share = np.divide(100 * confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+        cells.append(
+            (
+                axes[1],
+                share,
+                [f"{e} ({int(n)})" for e, n in zip(experts, rows[:, 0])],
+                "% of the domain's samples",
+                ".0f",
+            )
+        )
+    for ax, values, labels, title, fmt in cells:
+        image = ax.imshow(values, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7, color="white")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax)
+    axes[0].set_xlabel("expert", fontsize=8)
+    if panels == 2:
+        axes[1].set_xlabel("expert T³ weighted most", fontsize=8)
+        axes[1].set_ylabel("domain expert (data.expert_of; samples)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class ExpertRouting:
+    """What the figures of a run with several experts need besides the tables: the experts, each split's domain
+    expert (``data.expert_of``) and each mix's source splits in the order of its ``source`` column."""
+
+    experts: list[str]
+    domains: dict[str, str]
+    mix_sources: dict[str, list[str]]
+
+
 def run_figures(
-    accuracy: dict[str, dict[str, float]], tables: dict[str, dict[str, np.ndarray]], diagnostics: dict[str, dict]
+    accuracy: dict[str, dict[str, float]],
+    tables: dict[str, dict[str, np.ndarray]],
+    diagnostics: dict[str, dict],
+    routing: ExpertRouting | None = None,
 ) -> dict[str, Figure]:
-    """Every figure of a run, by file stem; the per-split ones for the splits with a per-sample table."""
+    """Every figure of a run, by file stem; the per-split ones for the splits with a per-sample table. With several
+    experts (``routing``) the expert-weight figure in place of the λ histograms, and no quadrant figures (those are of
+    the generalist and one expert)."""
     figures = {"accuracy_heatmap": accuracy_heatmap(accuracy)}
-    if tables:
+    several = routing is not None and len(routing.experts) > 1
+    if tables and not several:
         figures["lambda_histograms"] = lambda_histograms({split: table["lambda"] for split, table in tables.items()})
+    if tables and several and all(f"w/t3/{routing.experts[0]}" in table for table in tables.values()):
+        figures["expert_weights"] = expert_weights(tables, routing)
     figures.update({f"severity_{c}": fig for c, fig in severity_curves(accuracy).items()})
     for split, table in tables.items():
-        figures.update(analysis_figures(split, table, diagnostics[split]["quadrants"]))
+        if several:
+            figures[f"{split}/coefficients"] = coefficient_histograms(table, split)
+            figures[f"{split}/risk_coverage"] = risk_coverage(table, split)
+        else:
+            figures.update(analysis_figures(split, table, diagnostics[split]["quadrants"]))
     return figures
 
 

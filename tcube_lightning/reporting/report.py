@@ -23,9 +23,10 @@ from tcube_lightning.merging.coefficients import BetaMixture
 from tcube_lightning.reporting.console import print_summary
 from tcube_lightning.reporting.cost import SHARED
 from tcube_lightning.reporting.diagnostics import decision_diagnostics, lambda_spread_warning, mean
-from tcube_lightning.reporting.plots import render_figures, run_figures, save_images
+from tcube_lightning.reporting.plots import ExpertRouting, render_figures, run_figures, save_images
 from tcube_lightning.reporting.results import (
     corruption_errors,
+    normalised_accuracy,
     npz_bytes,
     summary_rows,
     write_atomic,
@@ -58,11 +59,28 @@ def lambda_statistics(lam: np.ndarray) -> dict[str, float]:
     return {"lambda_min": low, "lambda_max": high, "lambda_spread": high - low, "lambda_mean": mean_value}
 
 
-def coefficient_statistics(table: dict[str, np.ndarray], grid: list[str]) -> dict:
-    """A split's λ statistics and mean JS; with ``grid``, under "grid" those of each ``model.grid`` setting."""
+def coefficient_statistics(table: dict[str, np.ndarray], grid: list[str], experts: list[str]) -> dict:
+    """A split's λ statistics and mean JS; with ``grid``, under "grid" those of each ``model.grid`` setting. With
+    several experts, under "experts" each one's (its λ, JS with the generalist and mean T³ weight, where T³ ran), and
+    the mean generalised JS of all of them with the generalist."""
+    if len(experts) > 1:
+        return {
+            "generalised_js_mean": mean(table["js"]),
+            "experts": {e: expert_statistics(table, grid, e) for e in experts},
+        }
     statistics = {**lambda_statistics(table["lambda"]), "js_mean": mean(table["js"])}
     if grid:
         statistics["grid"] = {label: lambda_statistics(table[lambda_column(label)]) for label in grid}
+    return statistics
+
+
+def expert_statistics(table: dict[str, np.ndarray], grid: list[str], expert: str) -> dict:
+    """One expert's λ statistics, mean JS and mean T³ weight w_k(x) in a split of a run with several experts."""
+    statistics = {**lambda_statistics(table[f"lambda/{expert}"]), "js_mean": mean(table[f"js/{expert}"])}
+    if f"w/t3/{expert}" in table:
+        statistics["weight_mean"] = mean(table[f"w/t3/{expert}"])
+    if grid:
+        statistics["grid"] = {label: lambda_statistics(table[f"{lambda_column(label)}/{expert}"]) for label in grid}
     return statistics
 
 
@@ -74,14 +92,15 @@ def split_record(
     clusters: dict[str, dict],
     adaptation: dict[str, dict],
     classnames: list[str],
+    experts: list[str],
 ) -> dict[str, Any]:
     """A finished split's record (``SPLIT_RECORD_KEYS`` and its total sample count) from its reduced metrics, by
-    method, and its gathered per-sample table."""
+    method, and its gathered per-sample table; the decision quadrants are the generalist's and one expert's."""
     return {
         "accuracy": {method: values["top1"] for method, values in metrics.items()},
         "metrics": metrics,
-        "coefficients": coefficient_statistics(table, grid),
-        "diagnostics": decision_diagnostics(table),
+        "coefficients": coefficient_statistics(table, grid, experts),
+        "diagnostics": decision_diagnostics(table) if len(experts) == 1 else {},
         "num_samples": len(table["index"]),
         "total_samples": total_samples,
         "nonfinite_samples": int((~table["finite"]).sum()),
@@ -224,6 +243,8 @@ class RunReport:
         mce_reference: The method whose errors normalise CE and mCE.
         previous: Records of the splits an earlier run finished (resume).
         export: Write every split's per-sample table to ``samples/<split>.npz``.
+        experts: The experts' names (one: ``expert``); with several the summary takes FusionBench's layout.
+        domain_experts: Each split's domain expert (``data.expert_of``): the normalised accuracy's reference.
     """
 
     def __init__(
@@ -235,6 +256,8 @@ class RunReport:
         mce_reference: str,
         previous: dict[str, dict] | None = None,
         export: bool = False,
+        experts: list[str] | None = None,
+        domain_experts: dict[str, str] | None = None,
     ) -> None:
         self.results_dir, self.split_order, self.methods = results_dir, split_order, methods
         self.run_config, self.mce_reference = run_config, mce_reference
@@ -243,6 +266,7 @@ class RunReport:
         """Run-level facts for results.json (e.g. how the zero-shot heads were computed)."""
         self.tables = {s: r.table for s, r in (previous or {}).items() if getattr(r, "table", None) is not None}
         self.export = export
+        self.experts, self.domain_experts = list(experts or ["expert"]), dict(domain_experts or {})
 
     def add_split(self, split: str, record: dict[str, Any], table: dict[str, np.ndarray]) -> None:
         """A split is finished: keep its record and per-sample analysis columns, write its per-sample export if
@@ -270,6 +294,11 @@ class RunReport:
         errors = corruption_errors(results["accuracy"], self.mce_reference)
         if errors:
             results["corruption_errors"] = {"reference": self.mce_reference, "ce": errors}
+        if self.domain_experts:
+            results["expert_of"] = self.domain_experts
+            results["normalised_accuracy"] = normalised_accuracy(
+                results["accuracy"], self.domain_experts, results.get("sources", {}), self.experts
+            )
         return results
 
     def write(self) -> tuple[Path, Path]:
@@ -280,11 +309,11 @@ class RunReport:
         write_atomic(self.results_dir / ANALYSIS_FILE, npz_bytes(flatten_tables({s: self.tables[s] for s in order})))
         return paths
 
-    @staticmethod
-    def summary_rows(results: dict) -> list[dict]:
+    def summary_rows(self, results: dict) -> list[dict]:
         errors = results.get("corruption_errors", {}).get("ce", {})
         partial, missing = results.get("partial_splits", {}), results["missing_splits"]
-        return summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"))
+        normalised = results.get("normalised_accuracy", {}) if len(self.experts) > 1 else None
+        return summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"), normalised)
 
     def finish(
         self,
@@ -321,7 +350,9 @@ class RunReport:
                 rank_zero_warn(warning)
         if plots:
             tables = {s: self.tables[s] for s in results["accuracy"] if s in self.tables}
-            plot(self.results_dir / "plots", logger, results["accuracy"], tables, results["diagnostics"])
+            mixes = {split: list(sources) for split, sources in results.get("sources", {}).items()}
+            routing = ExpertRouting(self.experts, self.domain_experts, mixes)
+            plot(self.results_dir / "plots", logger, results["accuracy"], tables, results["diagnostics"], routing)
         print_summary(rows, "Top-1 accuracy (%)")
         if cost and SHARED in cost:
             rank_zero_info(
@@ -398,9 +429,10 @@ def plot(
     accuracy: dict[str, dict[str, float]],
     tables: dict[str, dict[str, np.ndarray]],
     diagnostics: dict[str, dict],
+    routing: ExpertRouting,
 ) -> None:
     """PNG files in ``folder``, and the same images in TensorBoard."""
-    images = render_figures(run_figures(accuracy, tables, diagnostics))
+    images = render_figures(run_figures(accuracy, tables, diagnostics, routing))
     save_images(folder, images)
     if isinstance(logger, TensorBoardLogger):
         for stem, image in images.items():

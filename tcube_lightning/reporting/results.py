@@ -109,15 +109,13 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
         markdown += "".join(f"- {s}: {n['evaluated']} of {n['total']}\n" for s, n in results["partial_splits"].items())
         markdown += "\n"
     markdown += "## Top-1 accuracy (%)\n\n" + accuracy_table(results["accuracy"])
-    markdown += "\n## λ per split\n\n| split | setting | samples | λ min | λ mean | λ max | JS mean |\n"
-    markdown += "|---|---|---:|---:|---:|---:|---:|\n"
-    for split, stats in results["coefficients"].items():
-        for setting, lam in {"run": stats, **stats.get("grid", {})}.items():  # the run's own, then model.grid's
-            markdown += (
-                f"| {split} | {setting} | {results['num_samples'][split]} | {lam['lambda_min']:.4f} "
-                f"| {lam['lambda_mean']:.4f} | {lam['lambda_max']:.4f} | {stats['js_mean']:.4f} |\n"
-            )
+    if results.get("normalised_accuracy"):
+        markdown += "\n## Normalised accuracy (%): over the accuracy of each split's domain expert (data.expert_of)\n\n"
+        markdown += accuracy_table(results["normalised_accuracy"])
+    markdown += coefficients_markdown(results["coefficients"], results["num_samples"])
     for split, diag in results.get("diagnostics", {}).items():
+        if not diag:  # several experts: no two-model quadrants
+            continue
         markdown += f"\n## Decision quadrants: {split}\n\n| pretrained / expert | samples | JS mean | ρ(JS, DaWin) |\n"
         markdown += "|---|---:|---:|---:|\n"
         for quadrant, cell in diag["quadrants"].items():
@@ -133,6 +131,64 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
     write_atomic(json_path, json.dumps(results, indent=2, default=_encode) + "\n")
     write_atomic(md_path, markdown)
     return json_path, md_path
+
+
+def coefficients_markdown(coefficients: dict[str, dict], samples: dict[str, int]) -> str:
+    """λ per split (the run's setting, then model.grid's); with several experts, each expert's λ_k, JS with the
+    generalist and mean T³ weight w_k (T³ with several experts: our extension)."""
+    several = any("experts" in stats for stats in coefficients.values())
+    if several:
+        markdown = "\n## λ per split and expert (T³ with several experts, our extension)\n\n"
+        markdown += "| split | expert | setting | samples | λ min | λ mean | λ max | JS mean | T³ weight mean |\n"
+        markdown += "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+    else:
+        markdown = "\n## λ per split\n\n| split | setting | samples | λ min | λ mean | λ max | JS mean |\n"
+        markdown += "|---|---|---:|---:|---:|---:|---:|\n"
+    for split, stats in coefficients.items():
+        for expert, own in stats["experts"].items() if several else [(None, stats)]:
+            for setting, lam in {"run": own, **own.get("grid", {})}.items():  # the run's own, then model.grid's
+                cells = [split, *([expert] if several else []), setting, str(samples[split])]
+                cells += [f"{lam[key]:.4f}" for key in ("lambda_min", "lambda_mean", "lambda_max")]
+                cells.append(f"{own['js_mean']:.4f}")
+                if several:
+                    weight = own.get("weight_mean") if setting == "run" else None
+                    cells.append("–" if weight is None else f"{weight:.4f}")
+                markdown += "| " + " | ".join(cells) + " |\n"
+    if several:
+        means = ", ".join(f"{split} {stats['generalised_js_mean']:.4f}" for split, stats in coefficients.items())
+        markdown += f"\nMean generalised JS of the generalist and every expert (H(mean p) − mean H(p)): {means}\n"
+    return markdown
+
+
+def normalised_accuracy(
+    accuracy: dict[str, dict[str, float]],
+    domain_experts: dict[str, str],
+    sources: dict[str, dict[str, dict]],
+    experts: list[str],
+) -> dict[str, dict[str, float]]:
+    """Each method's accuracy over that of the split's domain expert alone (FusionBench's normalised accuracy), for
+    the splits whose domain ``domain_experts`` names; in a mix, over the accuracy of every sample taken by its own
+    source split's domain expert (an oracle router), where every source has one. Needs the experts' own columns."""
+
+    def column(expert: str) -> str:
+        return "expert" if experts == ["expert"] else f"expert:{expert}"
+
+    table = {}
+    for split, by_method in accuracy.items():
+        if split in domain_experts:
+            reference = by_method.get(column(domain_experts[split]))
+        elif split in sources and all(source in domain_experts for source in sources[split]):
+            parts = [
+                (own["num_samples"], own["accuracy"].get(column(domain_experts[s])))
+                for s, own in sources[split].items()
+            ]
+            known = all(value is not None for _, value in parts)
+            reference = math.fsum(n * value for n, value in parts) / sum(n for n, _ in parts) if known else None
+        else:
+            continue
+        if reference:  # undefined where the expert's column was not evaluated, or scored nothing
+            table[split] = {method: value / reference for method, value in by_method.items()}
+    return table
 
 
 def deferral_markdown(deferral: dict[str, dict[str, dict]]) -> str:
@@ -216,16 +272,20 @@ def summary_rows(
     partial: dict | None = None,
     missing: list[str] | None = None,
     deferral: dict[str, dict[str, dict]] | None = None,
+    normalised: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
     top-1 over the corrupted splits, and mCE. A column from fewer samples than its splits hold says so in its
     name (``a (partial 64/498)``, ``corrupted_mean (partial)``), and a mean over fewer corrupted splits than the run
     has (``missing``: an interrupted run's) says how many (``corrupted_mean (5 of 10 splits)``), so that no summary
     file passes for complete. With ``deferral``, the mean AURC over the splits, by the method's top probability
-    (``AURC``) and by JS (``AURC (JS)``)."""
+    (``AURC``) and by JS (``AURC (JS)``). With ``normalised`` (a run of several experts: ``normalised_accuracy``, empty
+    without ``data.expert_of``) FusionBench's layout instead: every split a column, their unweighted ``mean``, and the
+    mean normalised accuracy over the splits that have one."""
     partial = partial or {}
-    corrupted = [s for s in accuracy if is_corrupted(s)]
-    plain = [s for s in accuracy if not is_corrupted(s)]  # in_domain, base_to_novel and any split of the user's
+    several = normalised is not None
+    corrupted = [s for s in accuracy if is_corrupted(s) and not several]
+    plain = [s for s in accuracy if s not in corrupted]  # in_domain, base_to_novel and any split of the user's
     columns = {
         s: f"{s} (partial {partial[s]['evaluated']}/{partial[s]['total']})" if s in partial else s for s in plain
     }
@@ -244,6 +304,12 @@ def summary_rows(
         if corrupted:
             row["corrupted_mean" + suffix] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
             row["mCE" + suffix] = errors.get(method, {}).get("mCE", math.nan)
+        if several:
+            done = f" ({len(plain)} of {len(plain) + len(missing or ())} splits)" if missing else ""
+            row["mean" + done] = math.fsum(accuracy[s][method] for s in plain) / len(plain)
+            if normalised:
+                values = [by_method[method] for by_method in normalised.values()]
+                row[f"normalised mean ({len(values)} splits)"] = math.fsum(values) / len(values)
         for score, column in (("confidence", "AURC"), ("js", "AURC (JS)")):
             values = [methods[method][score]["aurc"] for methods in (deferral or {}).values() if method in methods]
             if values:
