@@ -18,7 +18,7 @@ import torch
 
 from helpers import LOGITS_ATOL, REPO, run_cli_in_process, subprocess_env, write_medmnist_npz
 from tcube_lightning.cli.app import main
-from tcube_lightning.merging.methods import METHOD_FAMILIES
+from tcube_lightning.merging.methods import K_EXPERT_DEFAULTS, METHOD_FAMILIES
 from tcube_lightning.reporting.samples import read_table, read_tables
 
 RESULTS_FILES = ("results.json", "results.md", "summary.csv", "summary.json", "summary.md")
@@ -76,6 +76,30 @@ def single(arguments, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+def k_arguments(arguments, expert_team):
+    """The test run with two experts, a full one and a LoRA one (T³ with several experts, our extension), and every
+    method defined for several."""
+    experts = json.dumps({"full": str(expert_team["full_a"][0]), "lora": str(expert_team["lora_a"][0])})
+    replaced = {"--model.expert_checkpoint": f"--model.experts={experts}", "--model.methods": K_METHODS}
+    return [replaced.get(a.split("=", 1)[0], a) for a in arguments]
+
+
+K_METHODS = f"--model.methods=[{', '.join(K_EXPERT_DEFAULTS)}, adamerging_task, adamerging_layer]"
+
+
+@pytest.fixture(scope="module")
+def single_k(arguments, expert_team, tmp_path_factory):
+    """The two-expert run on one process, threads as ``single``."""
+    out, threads = tmp_path_factory.mktemp("one_k"), torch.get_num_threads()
+    per_process = os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // 2)
+    torch.set_num_threads(int(per_process))
+    try:
+        args = [*k_arguments(arguments, expert_team), "--trainer.devices=1", f"--trainer.default_root_dir={out}"]
+        return run_cli_in_process(args)[1]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_tables_equal(tables, expected):
     assert sorted(tables) == sorted(expected)
     for split, table in expected.items():
@@ -106,22 +130,23 @@ def predict_arguments(arguments, clip_pair):
 
 
 @pytest.fixture(scope="module")
-def two_processes(arguments, clip_pair, tmp_path_factory):
-    """The test run and the predict run on 2 processes (ddp), one launch: (the subprocess, test's and predict's
-    output folders)."""
+def two_processes(arguments, clip_pair, expert_team, tmp_path_factory):
+    """The test run, the predict run and the two-expert run on 2 processes (ddp), one launch: (the subprocess, test's,
+    predict's and the two-expert run's output folders)."""
     out = tmp_path_factory.mktemp("two")
     distributed = ["--trainer.devices=2", "--trainer.strategy=ddp"]
     predict = [*predict_arguments(arguments, clip_pair), *distributed, f"--model.results_dir={out / 'predict'}"]
-    runs = [[*arguments, *distributed, f"--trainer.default_root_dir={out / 'test'}"], predict]
+    k_run = [*k_arguments(arguments, expert_team), *distributed, f"--trainer.default_root_dir={out / 'k'}"]
+    runs = [[*arguments, *distributed, f"--trainer.default_root_dir={out / 'test'}"], predict, k_run]
     env = subprocess_env(PYTHONPATH=str(REPO))
     script = [sys.executable, str(REPO / "tests" / "ddp_runs.py"), json.dumps(runs)]
     result = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result, out / "test", out / "predict"
+    assert result.returncode == 0, result.stderr[result.stderr.find("Traceback") :][:6000]
+    return result, out / "test", out / "predict", out / "k"
 
 
 def test_two_processes_write_the_same_results_as_one(two_processes, single):
-    result, tmp_path, _ = two_processes
+    result, tmp_path, *_ = two_processes
     files = list(tmp_path.rglob("results.json"))
     assert len(files) == 1, files  # written once, by rank 0
     for name in RESULTS_FILES:
@@ -133,9 +158,18 @@ def test_two_processes_write_the_same_results_as_one(two_processes, single):
     assert_tables_equal(read_tables(files[0].parent / "analysis.npz"), read_tables(single / "analysis.npz"))
     counts = json.loads((single / "results.json").read_text())["num_samples"]
     assert counts == {"in_domain": 8, "speckle_noise@5": 8, "pixelate@5": 8, "few": 3, "stream": 27}
-    assert result.stdout.count("Top-1 accuracy") + result.stderr.count("Top-1 accuracy") == 1
+    assert result.stdout.count("Top-1 accuracy") + result.stderr.count("Top-1 accuracy") == 2  # two runs, rank 0
     for quietened in ("LeafSpec", "💡 Tip"):  # silenced in every process
         assert quietened not in result.stderr + result.stdout
+
+
+def test_two_processes_merge_several_experts_as_one(two_processes, single_k):
+    (results,) = two_processes[3].rglob("results.json")
+    for name in RESULTS_FILES:
+        assert (results.parent / name).read_bytes() == (single_k / name).read_bytes(), name
+    exported = {path.stem: read_table(path) for path in (results.parent / "samples").glob("*.npz")}
+    assert_tables_equal(exported, {stem: read_table(single_k / "samples" / f"{stem}.npz") for stem in exported})
+    assert "w/t3/lora" in exported["stream"] and "pred/expert:full" in exported["stream"]
 
 
 def test_what_ddp_spawn_sends_to_its_processes_pickles(arguments, tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ class Adaptation:
         if self.experts is None:
             return {"coefficients": per_tensor(rows[0]), "entropy": self.entropy}
         coefficients = {name: per_tensor(values) for name, values in zip(self.experts, rows, strict=True)}
-        return {"coefficients": coefficients, "entropy": self.entropy}
+        return {"coefficients": coefficients, "entropy": self.entropy, "experts": self.experts}
 
 
 def batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

@@ -302,8 +302,8 @@ def build_methods(
             "t3",
             "T³: weights merged per sample with λ(x) from JS"
             if count == 1
-            else "T³-K: per sample, each expert's "
-            "task vector with its own λ_k(x) from JS(p_pt ‖ p_k), combined by model.k_experts' rule",
+            else "T³-K (our extension of T³ to several experts): per sample, each expert's task vector with its own "
+            "λ_k(x) from JS(p_pt ‖ p_k), combined by model.k_experts' rule",
             T3 if count == 1 else T3_K,
             weight_source="t3",
             **_sample_wise(lambda ctx: ctx.t3_weights),
@@ -313,7 +313,8 @@ def build_methods(
             "t3_batch",
             "T³_B: one merge per batch at the batch's mean λ"
             if count == 1
-            else "T³_B-K: one merge per batch at the batch's mean weight vector",
+            else "T³_B-K (our extension of T³ to several experts): one merge per batch at the batch's mean weight "
+            "vector",
             T3 if count == 1 else T3_K,
             batch_merge,
             weight_source="t3",

@@ -225,20 +225,23 @@ def mix_markdown(results: dict[str, Any]) -> str:
 
 
 def adaptation_markdown(adaptation: dict[str, dict[str, dict]]) -> str:
-    """AdaMerging's learnt coefficients per split: the one λ, or the tensors' λ range and mean; the entropy at the
-    first and last step."""
+    """AdaMerging's learnt coefficients per split (and expert, with several: ``learnt["experts"]``): the one λ, or the
+    tensors' λ range and mean; the entropy at the first and last step."""
     rows = [(split, method, learnt) for split, methods in adaptation.items() for method, learnt in methods.items()]
     if not rows:
         return ""
     text = "\n## AdaMerging\n\n| split | method | λ (min / mean / max over tensors) | entropy, first → last step |\n"
     text += "|---|---|---|---|\n"
     for split, method, learnt in rows:
-        values = learnt["coefficients"]
-        values = list(values.values()) if isinstance(values, dict) else [values]
-        spread = f"{min(values):.4f} / {math.fsum(values) / len(values):.4f} / {max(values):.4f}"
-        lam = f"{values[0]:.4f}" if len(values) == 1 else spread
+        coefficients = learnt["coefficients"]
+        per_expert = coefficients.items() if "experts" in learnt else [(None, coefficients)]
         entropy = learnt["entropy"]
-        text += f"| {split} | {method} | {lam} | {entropy[0]:.4f} → {entropy[-1]:.4f} |\n"
+        for expert, values in per_expert:
+            values = list(values.values()) if isinstance(values, dict) else [values]
+            spread = f"{min(values):.4f} / {math.fsum(values) / len(values):.4f} / {max(values):.4f}"
+            lam = f"{values[0]:.4f}" if len(values) == 1 else spread
+            named = method if expert is None else f"{method}, expert {expert}"
+            text += f"| {split} | {named} | {lam} | {entropy[0]:.4f} → {entropy[-1]:.4f} |\n"
     return text
 
 

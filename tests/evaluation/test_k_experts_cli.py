@@ -64,7 +64,7 @@ def test_four_experts_run_every_split_with_a_column_per_expert(four_experts):
     columns = list(results["accuracy"]["blood_in_domain"])
     assert columns[:6] == ["zeroshot", *(f"expert:{m}" for m in MODALITY_NAMES), "ensemble"]
     assert {"soup", "ties", "dare", "task_arithmetic", "t3", "t3_batch", "dawin_mtl"} <= set(columns)
-    assert results["methods"]["t3"].startswith("T³-K")
+    assert results["methods"]["t3"].startswith("T³-K (our extension of T³ to several experts)")
     assert set(results["models"]["experts"]) == set(MODALITY_NAMES)
     assert results["heads"]["mode"] == "fixed (merge_text false)"  # several experts: the generalist's head
     # each split's class names are its modality's: the four in-domain splits are four class sets in the stream
