@@ -22,6 +22,7 @@ test: install
 demo: install
 	$(PY) -m tcube_lightning.data.demo --out artifacts/demo
 	$(PY) main.py test --config configs/demo.yaml
+	$(PY) main.py test --config configs/demo_experts.yaml
 
 clean:
 	rm -rf $(VENV) artifacts runs

@@ -7,7 +7,8 @@ Nothing can be downloaded here, so the demo makes everything it needs, determini
   towers together, to match images with their class captions (cross-entropy of image-to-caption
   similarities over all classes: CLIP's contrastive objective with the class captions as the batch);
 - an *expert*: the generalist fine-tuned the same way on six of the classes under one narrow
-  condition (noise) only;
+  condition (noise) only, and a second expert (for runs with several experts, ``configs/demo_experts.yaml``) on the
+  same classes under the other conditions (blur, low contrast, darkness);
 - test files in MedMNIST's npz layout: ``in_domain`` (the expert's classes and condition) and
   ``shifted`` (the same classes under blur, low contrast and darkness).
 
@@ -19,6 +20,7 @@ generalist/expert trade-off, it is not evidence for the method.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -54,7 +56,8 @@ SHIFTED_CONDITIONS = ("blurred", "low contrast", "dark")
 TRAIN_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a picture showing a {}.", "a medical image of a {}.")
 CLIP_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the second expert (expert_shifted.pt); the generalist and the first expert as in 1."""
 
 
 def _class_mask(name: str, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -180,7 +183,8 @@ def write_split(path: Path, classes: tuple[str, ...], conditions: tuple[str, ...
 def build_demo(
     out: Path, generalist_steps: int = 500, expert_steps: int = 150, per_class: int = 83, seed: int = 0
 ) -> None:
-    """Write generalist.pt, expert.pt, demo_in_domain.npz, demo_shifted.npz and demo.json into ``out``."""
+    """Write generalist.pt, expert.pt, expert_shifted.pt, demo_in_domain.npz, demo_shifted.npz and demo.json into
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -188,8 +192,14 @@ def build_demo(
         untrained = open_clip.create_model(ARCH)
     generalist = train_clip(untrained, CLASSES, CONDITIONS, generalist_steps, 2e-3, seed, name="generalist")
     torch.save(generalist.state_dict(), out / "generalist.pt")
-    expert = train_clip(generalist, EXPERT_CLASSES, (EXPERT_CONDITION,), expert_steps, 1e-3, seed + 1, name="expert")
+    expert = train_clip(
+        copy.deepcopy(generalist), EXPERT_CLASSES, (EXPERT_CONDITION,), expert_steps, 1e-3, seed + 1, name="expert"
+    )
     torch.save(expert.state_dict(), out / "expert.pt")
+    second = train_clip(
+        generalist, EXPERT_CLASSES, SHIFTED_CONDITIONS, expert_steps, 1e-3, seed + 4, name="second expert"
+    )
+    torch.save(second.state_dict(), out / "expert_shifted.pt")
     write_split(out / "demo_in_domain.npz", EXPERT_CLASSES, (EXPERT_CONDITION,), per_class, seed + 2)
     write_split(out / "demo_shifted.npz", EXPERT_CLASSES, SHIFTED_CONDITIONS, per_class, seed + 3)
     info = {

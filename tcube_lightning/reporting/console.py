@@ -27,5 +27,6 @@ def print_summary(rows: list[dict[str, Any]], title: str) -> None:
     """Print the table on stdout; wide enough for every column, also when stdout is not a terminal."""
     table = summary_table(rows, title)
     console = Console()
-    console.width = max(console.width, console.measure(table).maximum)
+    unbounded = console.options.update(max_width=10_000)  # measured as wide as it wants, not the terminal's width
+    console.width = max(console.width, console.measure(table, options=unbounded).maximum)
     console.print(table)

@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -13,8 +14,9 @@ from tcube_lightning.data import demo
 from tcube_lightning.merging.methods import build_methods, with_grid
 
 
-def test_demo_config_matches_the_builder():
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_experts.yaml"])
+def test_demo_config_matches_the_builder(name):
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
     assert config["data"]["classnames"] == list(demo.EXPERT_CLASSES)
     assert config["model"]["arch"] == demo.ARCH
     assert config["data"]["image_size"] == demo.IMAGE_SIZE
@@ -28,7 +30,8 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     assert "demo: training the generalist, step 1/1" in progress and "training the expert, step 10/10" in progress
     assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]  # trained next
     assert demo.demo_is_built(first)
-    for name in ("generalist.pt", "expert.pt"):
+    assert "training the second expert, step 10/10" in progress
+    for name in ("generalist.pt", "expert.pt", "expert_shifted.pt"):
         a, b = torch.load(first / name, weights_only=True), torch.load(second / name, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)
     for name in ("demo_in_domain.npz", "demo_shifted.npz"):
@@ -64,3 +67,25 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted", "mixed")]
     assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]
     assert "│ t3[gamma=8] " in printed  # the config's grid column, named as in results.json
+
+    # configs/demo_experts.yaml: both experts, the K = 2 rows (T³ with several experts, our extension)
+    main(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "demo_experts.yaml"),
+            f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
+            f"--model.experts={{noisy: {first / 'expert.pt'}, shifted: {first / 'expert_shifted.pt'}}}",
+            f"--data.root={first}",
+            f"--trainer.default_root_dir={tmp_path / 'runs_k'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs_k'}",
+            "--model.plots=false",
+            "--model.adamerging.steps=2",
+        ]
+    )
+    printed = capsys.readouterr().out
+    (results_file,) = (tmp_path / "runs_k").rglob("results.json")
+    results = json.loads(results_file.read_text())
+    assert list(results["models"]["experts"]) == ["noisy", "shifted"]
+    assert {"expert:noisy", "expert:shifted", "t3", "t3_batch", "dawin_mtl"} <= set(results["accuracy"]["mixed"])
+    assert "│ expert:shifted " in printed and "normalised mean (3 splits)" in printed
