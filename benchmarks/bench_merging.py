@@ -9,7 +9,9 @@ heads: the generalist's, ``merge_text`` false):
 - T³ / reference: over a per-sample reference loop (a state_dict merge θ_pt + Σ_k w_k·τ_k, ``load_state_dict`` and,
   with one expert, a text pass per sample, as DaWin's code does), which also gives the largest |logit| difference of
   T³ from per-sample merges;
-- peak memory over one model's parameters of T³_B and T³, each measured in a process of its own;
+- peak memory over one model's parameters of T³_B and T³, each measured in a process of its own, and the engine's
+  parameter store (the generalist, the experts as kept: a full copy each, a LoRA expert's targets and factors; the
+  working model's merged tensors) over one model's parameters;
 - the merge T³_B and every static method pay: the store's fused merge against its bandwidth floor (one ``torch.add``
   over as many floats) and a state_dict merge with ``load_state_dict`` against the fused one.
 Every T³ and T³_B figure includes the pretrained and expert forwards that give λ; zero-shot heads come from
@@ -320,6 +322,7 @@ class Row:
             "max_abs_logit_diff_vs_per_sample_merges": difference,
             "param_bytes": self.param_bytes,
             "adapter_bytes": self.adapter_bytes,
+            "store_bytes": sum(b.numel() * b.element_size() for b in self.engine.store.buffers()),
             "merge": merge,
         }
 
@@ -425,8 +428,8 @@ def print_report(report: dict) -> None:
     print(f"\n{report['device']}, {report['classes']} classes, {precision}")
     print(
         "| model | expert | K | heads | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference "
-        "| max logit diff | peak / params T3_B, T3 | adapters / params | fused merge / floor "
-        "| state_dict merge / fused |\n|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| max logit diff | peak / params T3_B, T3 | store / params | adapters / params | fused merge / floor "
+        "| state_dict merge / fused |\n|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for row in report["rows"]:
         model, kind, count = parse_row(row["row"])
@@ -437,7 +440,7 @@ def print_report(report: dict) -> None:
             f"| {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] of {ratio['repeats']} "
             f"| {row['t3_vs_reference']:.2f} | {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
             f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} "
-            f"| {row['adapter_bytes'] / row['param_bytes']:.3f} "
+            f"| {row['store_bytes'] / row['param_bytes']:.2f} | {row['adapter_bytes'] / row['param_bytes']:.3f} "
             f"| {merge_vs_floor(row):.2f} | {state_dict_vs_fused(row):.1f} |"
         )
     print()

@@ -217,7 +217,7 @@ def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRout
             known = domain >= 0
             np.add.at(confusion, (domain[known], weights[split][known].argmax(-1)), 1)
     panels = 2 if confusion.any() else 1
-    fig, axes = plt.subplots(1, panels, figsize=(4 + 5 * panels, 1.5 + 0.4 * max(len(splits), len(experts))), dpi=DPI)
+    fig, axes = plt.subplots(1, panels, figsize=(4 + 5 * panels, 3 + 0.4 * max(len(splits), len(experts))), dpi=DPI)
     axes = np.atleast_1d(axes)
     means = np.array([weights[split].mean(0) for split in splits])
     cells = [(axes[0], means, splits, "mean T³ weight w_k", ".3f")]
