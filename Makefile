@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo docs docs-serve clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,12 @@ demo: install
 	$(PY) main.py test --config configs/demo.yaml
 	$(PY) main.py test --config configs/demo_experts.yaml
 
+# The documentation site (docs/, mkdocs.yml), built as the suite builds it: strictly, warnings are errors.
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: install
+	$(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) artifacts runs
+	rm -rf $(VENV) artifacts runs site

@@ -1,5 +1,5 @@
-"""The house rules the suite enforces: ruff's lint and format over the package, tests and benchmarks, and the import
-contract of pyproject.toml (the rooms in layers; the engine free of Lightning)."""
+"""The house rules the suite enforces: ruff's lint and format over the package, tests, benchmarks and the docs'
+scripts, and the import contract of pyproject.toml (the rooms in layers; the engine free of Lightning)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from helpers import REPO
 
-LINTED = ["tcube_lightning", "tests", "benchmarks", "main.py"]
+LINTED = ["tcube_lightning", "tests", "benchmarks", "docs", "main.py"]
 RUFF = Path(sys.executable).with_name("ruff")
 
 

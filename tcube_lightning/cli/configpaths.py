@@ -14,6 +14,8 @@ from jsonargparse import Namespace
 INPUTS = {"model": ("pretrained_checkpoint", "expert_checkpoint", "model_config"), "data": ("root",)}
 """Options naming files to read, or something else: made absolute only where they are a path (a pretrained tag or
 ``hf-hub:org/repo`` stays as it is)."""
+NAMED_INPUTS = {"model": ("experts",)}
+"""Options mapping names to ``INPUTS``-like values (several experts' checkpoints)."""
 SCHEMAS = {"model": ("arch",)}
 """Options naming a path only after ``local-dir:`` (else an open_clip name or ``hf-hub:org/repo``)."""
 OUTPUTS = {"model": ("results_dir", "cache_dir"), "data": ("corruption_cache",), "trainer": ("default_root_dir",)}
@@ -73,6 +75,10 @@ def resolve_group(group: str, get: Callable, put: Callable, has: Callable, folde
     for key in INPUTS.get(group, ()):
         if has(key):
             put(key, input_path(get(key), folder))
+    for key in NAMED_INPUTS.get(group, ()):
+        named = get(key) if has(key) else None
+        if isinstance(named, dict):
+            put(key, {name: input_path(value, folder) for name, value in named.items()})
     for key in SCHEMAS.get(group, ()):
         value = get(key) if has(key) else None
         if isinstance(value, str) and value.startswith(LOCAL_DIR):

@@ -6,6 +6,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import yaml
 from PIL import Image
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
@@ -255,6 +256,11 @@ def test_help_and_print_config_list_the_options(capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert done.value.code == 0
     assert "lambda_weights: expert" in printed and "demo_in_domain.npz" in printed
+    monkeypatch.chdir(REPO / "tests")  # another folder: the config's paths, the experts' included, stay its own
+    with pytest.raises(SystemExit) as done:
+        main(["test", "--config", "../configs/demo_experts.yaml", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["experts"]["shifted"] == str(REPO / "artifacts" / "demo" / "expert_shifted.pt")
 
 
 @pytest.mark.parametrize("merge_text", [True, False])
@@ -576,12 +582,12 @@ def test_lambda_weights_the_expert_by_default_as_t3s_figure_and_code_do():
     from tcube_lightning.evaluation.module import TCubeModule
 
     assert inspect.signature(TCubeModule).parameters["lambda_weights"].default == "expert"
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "index.md").read_text()  # the documentation's statement of both readings
     for quote in (
         "Higher disagreement (larger JS divergence) increases the expert model's influence",  # Figure 4
         "`(1-alpha)*w_zs +\n  alpha*w_ft`",  # DaWin's code, which T³'s code reuses
         "defers to generalist robustness under drift",  # the abstract: lambda_weights: pretrained
     ):
-        assert quote in readme, quote
+        assert quote in page, quote
     for config in ("configs/demo.yaml", "configs/base/model.yaml"):
         assert "lambda_weights: expert" in (REPO / config).read_text()

@@ -1,0 +1,180 @@
+"""The documentation (README.md and the site in docs/) still matches the tool: the site builds strictly, every
+command in a fenced shell block runs in the suite or says what it needs, every command line and option it names
+parses, Python snippets run, every image a page shows exists, and README fits on two screens.
+
+Commands that need real data, weights, GPUs or a Docker daemon are checked as far as this machine allows: their
+arguments go through the real parser, in-process (``--print_config`` stops before anything is loaded).
+"""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, load_benchmark
+from tcube_lightning.cli.app import main
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+NEEDS = "# needs:"
+"""A block's marker: its commands need what follows (real weights, data, GPUs, Docker) and are not run here."""
+RUN_BY_THE_SUITE = {
+    "make test": "the suite itself (CI runs it)",
+    "make demo": "test_make_targets_run_what_the_pages_say; both demo configs run in tests/data/test_demo.py",
+    ".venv/bin/python main.py test --config configs/demo.yaml": "tests/data/test_demo.py, on a tiny build",
+    "python main.py test --help": "test_help_commands_print_the_options",
+    "python main.py predict --help": "test_help_commands_print_the_options",
+}
+"""The commands of unmarked blocks and the test that runs each."""
+DELIBERATE = {"--model.gamm"}
+"""Options a page names to show what happens to a wrong one."""
+
+
+def shell_blocks(path: Path) -> list[tuple[bool, list[str]]]:
+    """Each bash block of a page: whether it is marked with ``NEEDS``, and its commands (continuation lines joined,
+    comments dropped)."""
+    blocks = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+        commands = []
+        for line in block.replace("\\\n", " ").splitlines():
+            command = " ".join(line.split(" #")[0].split())
+            if command and not command.startswith("#"):
+                commands.append(command)
+        blocks.append((NEEDS in block, commands))
+    return blocks
+
+
+COMMANDS = [(path, marked, c) for path in PAGES for marked, commands in shell_blocks(path) for c in commands]
+
+
+def cli_arguments(command: str) -> list[str] | None:
+    """The arguments a command hands to main.py (directly, through srun, or as the Docker image's entrypoint)."""
+    words = shlex.split(command)
+    for start, word in enumerate(words):
+        if word.endswith("main.py"):
+            return words[start + 1 :]
+    if words[:2] == ["docker", "run"]:
+        return words[words.index("tcube-lightning") + 1 :]
+    return None
+
+
+CLI_COMMANDS = sorted({c for _, _, c in COMMANDS if cli_arguments(c) is not None})
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """Broken links and anchors, pages missing from the navigation, bad API references: each fails the build."""
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    config = load_config(str(REPO / "mkdocs.yml"), strict=True, site_dir=str(tmp_path / "site"))
+    build(config)
+    cli_page = (tmp_path / "site" / "cli" / "index.html").read_text()
+    assert "--model.k_experts.rule" in cli_page and "--data.expert_of" in cli_page  # generated from the parser
+    assert "ExpertStore" in (tmp_path / "site" / "api" / "index.html").read_text()
+
+
+def test_every_command_runs_in_the_suite_or_says_what_it_needs():
+    unmarked = {command for _, marked, command in COMMANDS if not marked}
+    assert unmarked <= set(RUN_BY_THE_SUITE), unmarked - set(RUN_BY_THE_SUITE)
+    assert len(CLI_COMMANDS) >= 8
+
+
+@pytest.mark.parametrize("command", CLI_COMMANDS)
+def test_every_command_line_parses(command, capsys, monkeypatch):
+    # "my.yaml" stands for the reader's own config: any modality config takes its place here.
+    arguments = [a.replace("my.yaml", "configs/blood.yaml") for a in cli_arguments(command) if a != "--help"]
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as done:
+        main([*arguments, "--print_config"])
+    printed = capsys.readouterr()
+    assert done.value.code == 0, printed.err[-2000:]
+    assert "lambda_min" in printed.out
+
+
+def cli_help(subcommand: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([subcommand, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_commands_print_the_options(capsys):
+    for subcommand in ("test", "predict"):
+        assert "--model.lambda_weights" in cli_help(subcommand, capsys)
+
+
+def test_every_option_a_page_names_exists(capsys):
+    known = cli_help("test", capsys) + cli_help("predict", capsys)
+    named = {option for path in PAGES for option in re.findall(r"--(?:model|data|trainer)\.[\w.]+", path.read_text())}
+    missing = sorted(
+        option
+        for option in named - DELIBERATE
+        if option.rstrip(".") + (" " if not option.endswith(".") else ".") not in known
+    )
+    assert not missing, missing
+
+
+def test_python_snippets_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    snippets = [(path, s) for path in PAGES for s in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
+    assert snippets
+    for path, snippet in snippets:
+        exec(compile(snippet, str(path), "exec"), {"__name__": "__snippet__"})
+
+
+def test_every_image_a_page_shows_exists():
+    shown = [(path, image) for path in PAGES for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", path.read_text())]
+    assert len(shown) >= 7
+    for path, image in shown:
+        assert (path.parent / image).is_file(), f"{path.name}: {image}"
+
+
+def test_readme_fits_on_two_screens_and_the_changelog_keeps_its_form():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert changelog.startswith("# Changelog") and "## [Unreleased]" in changelog and "### Added" in changelog
+
+
+def test_make_targets_run_what_the_pages_say():
+    targets = {
+        "test": ["-m pytest -q"],
+        "demo": ["main.py test --config configs/demo.yaml", "main.py test --config configs/demo_experts.yaml"],
+        "docs": ["-m mkdocs build --strict"],
+        "docs-serve": ["-m mkdocs serve"],
+    }
+    for target, expected in targets.items():
+        done = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and all(e in done.stdout for e in expected), done.stdout + done.stderr
+
+
+def test_benchmark_options_in_the_pages_and_the_gpu_script_exist(capsys):
+    commands = [c for _, _, c in COMMANDS if "bench_merging.py" in c]
+    gpu_script = (REPO / "benchmarks" / "gpu_rows.sh").read_text()
+    with pytest.raises(SystemExit) as done:
+        load_benchmark().main(["--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    options = re.findall(r"--[\w-]+", " ".join(commands) + gpu_script)
+    assert {"--device", "--bf16", "--compile", "--batch-size", "--rows"} <= set(options)
+    for option in options:
+        assert option in help_text, option
+
+
+def test_the_paper_table_command_has_options_that_exist(capsys):
+    from tcube_lightning.reporting import paper_table
+
+    (command,) = [c for _, _, c in COMMANDS if "paper_table" in c]
+    with pytest.raises(SystemExit) as done:
+        paper_table.main(["--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in re.findall(r"--[\w-]+", command):
+        assert option in help_text, option
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    done = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
