@@ -178,3 +178,11 @@ def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     done = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_file_of_the_project_a_page_names_exists():
+    pattern = r"\b((?:configs|benchmarks|docs|tests|tcube_lightning)/[\w./-]*\.(?:yaml|py|sh|md|json))\b"
+    named = {(path.name, file) for path in PAGES for file in re.findall(pattern, path.read_text())}
+    assert len(named) >= 10
+    missing = sorted((page, file) for page, file in named if not (REPO / file).exists())
+    assert not missing, missing
