@@ -34,7 +34,7 @@ def prediction_table(
     skipped: dict[int, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """A source's gathered per-sample table as written: the image; each selected method's predicted class (by name)
-    and its probability; the two models' own (``zeroshot``, ``expert``) if not selected; then JS, λ and the weights;
+    and its probability; the models' own (``zeroshot``, ``expert`` or ``expert:<name>`` each) if not selected; then JS, λ and the weights;
     last, ``skipped``: why an image could not be read (``skipped``: row → why; its other cells empty), else blank.
     Rows in the source's order."""
     skipped = skipped or {}
@@ -49,7 +49,8 @@ def prediction_table(
         return np.concatenate([values.astype(object), np.full(len(skipped), None, dtype=object)])[order]
 
     columns = {IMAGE: np.asarray(identities, dtype=object)[rows[order]]}
-    predicted = list(dict.fromkeys([*methods, "zeroshot", "expert"]))
+    experts = [name.removeprefix("pred/") for name in table if name.startswith("pred/expert")]  # one, or several
+    predicted = list(dict.fromkeys([*methods, "zeroshot", *experts]))
     for method in predicted:
         columns[f"pred/{method}"] = with_skipped(np.asarray(classnames, dtype=object)[table[f"pred/{method}"]])
         columns[f"prob/{method}"] = with_skipped(table[f"prob/{method}"])

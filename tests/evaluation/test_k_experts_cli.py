@@ -146,3 +146,27 @@ def test_several_experts_refuse_what_only_two_models_define(clip_pair, expert_te
     assert "data.expert_of: ['heart'] are not experts of this run" in run_cli_expecting_error(wrong, capsys)
     both = [*experts_args(clip_pair, expert_team, data_root, tmp_path), f"--model.expert_checkpoint={clip_pair[1]}"]
     assert "model.expert_checkpoint and model.experts exclude each other" in run_cli_expecting_error(both, capsys)
+
+
+def test_predict_with_several_experts_writes_each_experts_columns(clip_pair, expert_team, data_root, tmp_path):
+    import pyarrow.parquet as pq
+
+    experts = {modality: str(expert_team[name][0]) for modality, name in TEAM.items()}
+    main_args = [
+        "predict",
+        "--model.arch=tcube-tiny-clip",
+        f"--model.pretrained_checkpoint={clip_pair[0]}",
+        f"--model.experts={json.dumps(experts)}",
+        f"--data.root={data_root}",
+        '--data.sources={"cells": "bloodmnist.npz"}',
+        "--data.flag=bloodmnist",
+        "--data.image_size=28",
+        f"--model.results_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    from tcube_lightning.cli.app import main
+
+    main(main_args)
+    table = pq.read_table(tmp_path / "predictions" / "cells.parquet").to_pydict()
+    assert {"pred/t3", "pred/zeroshot", *(f"pred/expert:{m}" for m in TEAM), "w/t3/oct", "lambda/oct"} <= set(table)
+    assert len(table["pred/t3"]) == 8 and not any(table["skipped"])
