@@ -34,9 +34,9 @@ def prediction_table(
     skipped: dict[int, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """A source's gathered per-sample table as written: the image; each selected method's predicted class (by name)
-    and its probability; the models' own (``zeroshot``, ``expert`` or ``expert:<name>`` each) if not selected; then JS, λ and the weights;
-    last, ``skipped``: why an image could not be read (``skipped``: row → why; its other cells empty), else blank.
-    Rows in the source's order."""
+    and its probability; the models' own (``zeroshot``, ``expert`` or each ``expert:<name>``) if not selected; then
+    JS, λ and the weights; last, ``skipped``: why an image could not be read (``skipped``: row → why; its other cells
+    empty), else blank. Rows in the source's order."""
     skipped = skipped or {}
     rows = np.concatenate([table["index"].astype(int), np.asarray(list(skipped), dtype=int)])
     order = np.argsort(rows, kind="stable")
