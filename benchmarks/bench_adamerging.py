@@ -37,7 +37,14 @@ def busy() -> None:
 def step_ms(pretrained: nn.Module, expert: nn.Module, head: torch.Tensor, images: torch.Tensor, steps: int) -> float:
     batches = iter([images] * steps)
     start = time.perf_counter()
-    adapt(pretrained, [expert], head, batches, layer_wise=False, settings=AdaMergingSettings(steps=steps))
+    adapt(
+        pretrained,
+        [dict(expert.named_parameters())],
+        head,
+        batches,
+        layer_wise=False,
+        settings=AdaMergingSettings(steps=steps),
+    )
     return 1e3 * (time.perf_counter() - start) / steps
 
 

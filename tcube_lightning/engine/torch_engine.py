@@ -140,7 +140,7 @@ class TCubeEngine(nn.Module):
         self.path = path
         sets = range(len(self.class_counts))
         self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
-        self.expert_heads = [[self._head(expert, c) for c in sets] for expert in self.store.experts]
+        self.expert_heads = [[self._head(self.store.expert_model(k), c) for c in sets] for k in range(self.count)]
         self.static_params = {name: rule(self.store) for name, rule in static_rules.items()}
         self.static_heads = {
             name: [self._merged_head(self.store.load(flat), c) for c in sets]
@@ -156,7 +156,8 @@ class TCubeEngine(nn.Module):
         mode = "exact" if self.merge_text and self.count > 1 else self.head_mode  # heads in w: one expert's alone
         self.head_summary: dict = {"mode": mode if self.merge_text else "fixed (merge_text false)"}
         if interpolated and weight_range is not None:
-            scale = float(torch.maximum(self.store.pretrained.logit_scale, self.store.expert.logit_scale).exp())
+            expert_scale = self.store.expert_model(0).logit_scale
+            scale = float(torch.maximum(self.store.pretrained.logit_scale, expert_scale).exp())
             head_at = [partial(self._float32_head, class_set=c) for c in sets]
             fits = [fit_head_interpolant(head_at[c], *weight_range, self.head_tolerance, scale) for c in sets]
             self.interpolants = [interpolant for interpolant, _ in fits]
@@ -251,10 +252,10 @@ class TCubeEngine(nn.Module):
         """The pretrained and expert logits (one forward each, shared by every method and setting), JS, and λ and w
         of every T³ setting."""
         pt_logits = self.image_logits(self.store.pretrained, images, self.pt_heads[class_set])
-        ft_logits = torch.stack(
+        ft_logits = torch.stack(  # one expert at a time: a LoRA expert's model is the working one, written for it
             [
-                self.image_logits(expert, images, heads[class_set])
-                for expert, heads in zip(self.store.experts, self.expert_heads, strict=True)
+                self.image_logits(self.store.expert_model(k), images, heads[class_set])
+                for k, heads in enumerate(self.expert_heads)
             ]
         )
         # A sample whose logits are not finite gets JS = 0 (the middle of the λ range) rather than NaN,

@@ -56,7 +56,8 @@ def adapt_methods(
             with cost.measure(name, len(dataset)):
                 images = batches(dataset, settings.batch_size, settings.seed)
                 layer_wise, head = method.adaptation == "layer", engine.pt_heads[class_set]
-                experts, names = store.experts, engine.expert_names
+                experts = [store.expert_parameters(k) for k in range(store.count)]  # a LoRA expert's materialised
+                names = engine.expert_names
                 adaptation = adapt(store.pretrained, experts, head, images, layer_wise, settings, check, names)
                 engine.set_adapted(name, merged_flat(store, adaptation))
             learnt[name] = adaptation.record()

@@ -105,7 +105,7 @@ def batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tens
 
 def adapt(
     pretrained: nn.Module,
-    experts: list[nn.Module],
+    experts: list[dict[str, torch.Tensor]],
     head: torch.Tensor,
     images: Iterator[torch.Tensor],
     layer_wise: bool,
@@ -120,7 +120,7 @@ def adapt(
     device = next(pretrained.parameters()).device
     pt = {n: p for n, p in pretrained.named_parameters() if n.startswith(IMAGE_TOWER)}
     with torch.inference_mode(False), torch.enable_grad():
-        deltas = [{n: (dict(e.named_parameters())[n] - p).detach() for n, p in pt.items()} for e in experts]
+        deltas = [{n: (expert[n] - p).detach() for n, p in pt.items()} for expert in experts]
         base = {n: p.detach().clone() for n, p in pt.items()}
         classes, scale = head.detach().clone(), pretrained.logit_scale.detach().exp()
         shape = (len(experts), len(pt) if layer_wise else 1)
@@ -170,7 +170,7 @@ def merged_flat(store: nn.Module, adaptation: Adaptation) -> torch.Tensor:
     """The adapted model as the store's flat parameter vector (the image tower merged, the rest the generalist's),
     for ``store.load``."""
     flat = store.pt_flat.clone()
-    experts = [dict(expert.named_parameters()) for expert in store.experts]
+    experts = [store.expert_parameters(k) for k in range(store.count)]
     lam = adaptation.coefficients.to(flat)
     for i, name in enumerate(adaptation.names):
         offset, size = store.offsets[name], store.shapes[name].numel()

@@ -66,13 +66,14 @@ class ParameterViews(nn.Module):
 class ExpertStore(ParameterViews):
     """θ_pt and K experts; models whose parameters are views into flat buffers; one working model to merge into.
 
-    A full expert is a row of every parameter in ``full_flats``. A LoRA expert (θ_k = θ_pt + s·B·A on its
-    targets) is a buffer of its targets alone (``expert_targets_k``): no full copy, its model shares every other
-    parameter with the generalist, and its factors stay at hand for the per-sample pass (``updates``). The merge runs
-    over the parameters some expert changes: every one with a full expert among them, else the LoRA targets' union
-    (``merged_flat``, beside ``pt_merged``: the generalist's values there). With one expert it is a single
-    ``torch.lerp`` (θ_pt + w·Δ); with more, the full experts in one matrix-vector pass and each LoRA expert's task
-    vector added over its targets. Buffers (non-learned tensors) are not merged: the working model keeps the
+    A full expert is a row of every parameter in ``full_flats``, with a model of its own (views into it). A LoRA
+    expert (θ_k = θ_pt + s·B·A on its targets, and tensors peft's ``modules_to_save`` replaces) keeps only its factors
+    and replaced tensors, the adapter itself: its values are written into the working model when asked for
+    (``expert_model``, ``merge``), so no copy of its targets is kept either. The merge runs over the parameters some
+    expert changes: every one with a full expert among them, else the LoRA targets' union (``merged_flat``, beside
+    ``pt_merged``: the generalist's values there). With one expert it is a single ``torch.lerp`` (θ_pt + w·Δ, a LoRA
+    expert's values written first); with more, the full experts in one matrix-vector pass and each LoRA expert's
+    low-rank update added on its targets. Buffers (non-learned tensors) are not merged: the working model keeps the
     pretrained model's.
 
     Args:
@@ -91,9 +92,8 @@ class ExpertStore(ParameterViews):
         self.adapters = [expert if isinstance(expert, LoraAdapter) else None for expert in experts]
         self.count = len(experts)
         targets = set().union(*(a.changed_parameters() for a in self.adapters if a is not None))
-        full = any(a is None for a in self.adapters)
-        self.full = full
-        self.merged_names = list(self.names) if full else [n for n in self.names if n in targets]
+        self.full = any(a is None for a in self.adapters)
+        self.merged_names = list(self.names) if self.full else [n for n in self.names if n in targets]
         """The parameters the merge writes, in ``named_parameters`` order."""
         sizes = [self.shapes[n].numel() for n in self.merged_names]
         self.merged_offsets = dict(zip(self.merged_names, itertools.accumulate(sizes, initial=0)))
@@ -103,27 +103,19 @@ class ExpertStore(ParameterViews):
         pretrained = pretrained.requires_grad_(False).eval()
         shared = {n: ("pt_flat", self.offsets[n]) for n in self.names}
         self._bind("pretrained", pretrained, shared, copy_in=True)
-        self.target_offsets: dict[int, dict[str, int]] = {}
-        """Each LoRA expert's targets' offsets in its buffer."""
-        if not full:  # the generalist's values of the targets, beside the merged ones
+        if not self.full:  # the generalist's values of the targets, beside the merged ones
             self._flat("pt_targets", sum(sizes), reference)
             for name in self.merged_names:
                 self._slice(self.pt_targets, self.merged_offsets, name).copy_(pretrained.get_parameter(name).view(-1))
         working = _copy_without_parameters(pretrained)
-        self._bind(
-            "working",
-            working,
-            {**shared, **{n: ("merged_flat", o) for n, o in self.merged_offsets.items()}},
-            copy_in=False,
-        )
+        merged = {n: ("merged_flat", o) for n, o in self.merged_offsets.items()}
+        self._bind("working", working, {**shared, **merged}, copy_in=False)
         self.full_rows = [k for k, a in enumerate(self.adapters) if a is None]
         """The full experts, in the order of their rows of ``full_flats``."""
         self._flat("full_flats", len(self.full_rows) * self.num_parameters, reference)
-        self.lora_runs: dict[int, list[tuple[int, int, int]]] = {}
-        """Each LoRA expert's targets as contiguous runs (offset in the merge, offset in its buffer, length)."""
         for k, expert in enumerate(experts):
             if isinstance(expert, LoraAdapter):
-                self._bind_adapter(k, pretrained, expert, reference)
+                self._keep_adapter(k, expert, reference)
             else:
                 start = self.full_rows.index(k) * self.num_parameters
                 placement = {n: ("full_flats", start + self.offsets[n]) for n in self.names}
@@ -139,42 +131,43 @@ class ExpertStore(ParameterViews):
     def _slice(self, buffer: torch.Tensor, offsets: dict[str, int], name: str) -> torch.Tensor:
         return buffer[offsets[name] : offsets[name] + self.shapes[name].numel()]
 
-    @torch.no_grad()
-    def _bind_adapter(self, k: int, pretrained: nn.Module, adapter: LoraAdapter, reference: torch.Tensor) -> None:
-        """A LoRA expert: its targets' buffer (the generalist's values, then the adapter applied as its code does),
-        its model (every other parameter the generalist's), its factors and its targets' positions in the merge."""
-        targets = [n for n in self.names if n in adapter.changed_parameters()]
-        sizes = [self.shapes[n].numel() for n in targets]
-        buffer, offsets = f"expert_targets_{k}", dict(zip(targets, itertools.accumulate(sizes, initial=0)))
-        self.target_offsets[k] = offsets
-        self._flat(buffer, sum(sizes), reference)
-        for name in targets:
-            self._slice(getattr(self, buffer), offsets, name).copy_(pretrained.get_parameter(name).view(-1))
-        model = _copy_without_parameters(pretrained)
-        own = {n: (buffer, offsets[n]) for n in targets}
-        self._bind(f"expert_{k}", model, {**{n: ("pt_flat", self.offsets[n]) for n in self.names}, **own}, False)
-        adapter.apply(dict(model.named_parameters()))
-        runs: list[list[int]] = []
-        for name in targets:  # targets next to each other in both buffers make one run
-            merged, size = self.merged_offsets[name], self.shapes[name].numel()
-            if runs and runs[-1][0] + runs[-1][2] == merged and runs[-1][1] + runs[-1][2] == offsets[name]:
-                runs[-1][2] += size
-            else:
-                runs.append([merged, offsets[name], size])
-        self.lora_runs[k] = [(a, b, n) for a, b, n in runs]
-        for i, update in enumerate(adapter.updates):  # the factors, for the low-rank per-sample pass (moved along)
+    def _keep_adapter(self, k: int, adapter: LoraAdapter, reference: torch.Tensor) -> None:
+        """A LoRA expert's factors and replaced tensors as buffers (moved with the store)."""
+        for i, update in enumerate(adapter.updates):
             self.register_buffer(f"down_{k}_{i}", update.down.to(reference.dtype), persistent=False)
             self.register_buffer(f"up_{k}_{i}", update.up.to(reference.dtype), persistent=False)
+        for i, value in enumerate(adapter.replacements.values()):
+            self.register_buffer(f"replaced_{k}_{i}", value.to(reference.dtype), persistent=False)
+
+    def adapter(self, k: int) -> LoraAdapter:
+        """LoRA expert k's adapter with its factors and replaced tensors where this store is (device, dtype)."""
+        replaced = {name: getattr(self, f"replaced_{k}_{i}") for i, name in enumerate(self.adapters[k].replacements)}
+        return dataclasses.replace(self.adapters[k], updates=self.updates(k), replacements=replaced)
 
     # ---------------------------------------------------------------------------------------------------- models
-    @property
-    def experts(self) -> list[nn.Module]:
-        return [getattr(self, f"expert_{k}") for k in range(self.count)]
+    @torch.no_grad()
+    def expert_model(self, k: int) -> nn.Module:
+        """Expert k as a model: a full expert's own, a LoRA expert's values written into the working model (which the
+        next merge changes: use it before asking for another)."""
+        if self.adapters[k] is None:
+            return getattr(self, f"expert_{k}")
+        weight = tuple(float(j == k) for j in range(self.count))
+        if self.weight != weight:
+            self._write_lora_expert(k)
+            self.weight = weight
+        return self.working
 
-    @property
-    def expert(self) -> nn.Module:
-        """The one expert of a one-expert store."""
-        return self.experts[0]
+    def _write_lora_expert(self, k: int) -> None:
+        """The working model at LoRA expert k: the generalist's values of the merged parameters, then the adapter
+        applied as its code applies it (W[rows] += s·B·A, replaced tensors copied)."""
+        self.merged_flat.copy_(self.pt_merged)
+        self.adapter(k).apply(dict(self.working.named_parameters()))
+
+    def expert_parameters(self, k: int) -> dict[str, torch.Tensor]:
+        """Every parameter of expert k by name (a LoRA expert's materialised: a full copy, for set-up work such as
+        AdaMerging's)."""
+        flat = self.expert_flat(k)
+        return {n: self._slice(flat, self.offsets, n).view(self.shapes[n]) for n in self.names}
 
     # ----------------------------------------------------------------------------------------------------- merges
     @torch.no_grad()
@@ -193,8 +186,12 @@ class ExpertStore(ParameterViews):
         )
         if w == self.weight:
             return self.working
-        if self.count == 1:
-            torch.lerp(self.pt_merged, self._expert_merged(0), w[0], out=self.merged_flat)
+        if self.count == 1 and self.adapters[0] is None:
+            torch.lerp(self.pt_merged, self.full_flats, w[0], out=self.merged_flat)
+        elif self.count == 1:  # the expert's values written (unless they are there), then interpolated in place
+            if self.weight != (1.0,):
+                self._write_lora_expert(0)
+            torch.lerp(self.pt_merged, self.merged_flat, w[0], out=self.merged_flat)
         else:
             self._merge_several(w)
         self.weight = w
@@ -202,7 +199,8 @@ class ExpertStore(ParameterViews):
 
     def _merge_several(self, w: tuple[float, ...]) -> None:
         """θ_pt + Σ_k w_k·τ_k: the full experts in one pass, (1 − Σ w_k)·θ_pt + Σ w_k·θ_k as a matrix-vector product
-        over their rows, then each LoRA expert's task vector added over its targets' runs."""
+        over their rows, then each LoRA expert's w_k·s·B·A added on its targets (and w_k times its replaced tensors'
+        change)."""
         full = [w[k] for k in self.full_rows]
         if full:
             rows = self.full_flats.view(len(full), -1)
@@ -210,19 +208,17 @@ class ExpertStore(ParameterViews):
             torch.addmv(self.pt_flat, rows.T, vector, beta=1.0 - sum(full), out=self.merged_flat)
         else:
             self.merged_flat.copy_(self.pt_merged)
-        for k, runs in self.lora_runs.items():
-            if w[k] == 0.0:
+        params = dict(self.working.named_parameters())
+        for k, adapter in enumerate(self.adapters):
+            if adapter is None or w[k] == 0.0:
                 continue
-            own = getattr(self, f"expert_targets_{k}")
-            for merged, offset, size in runs:
-                part = self.merged_flat[merged : merged + size]
-                part.add_(own[offset : offset + size], alpha=w[k]).add_(
-                    self.pt_merged[merged : merged + size], alpha=-w[k]
-                )
-
-    def _expert_merged(self, k: int) -> torch.Tensor:
-        """Expert k's values of the merged parameters (its targets' buffer equals them for a lone LoRA expert)."""
-        return self.expert_flat(k) if self.adapters[k] is None else getattr(self, f"expert_targets_{k}")
+            own = self.adapter(k)
+            for update in own.updates:
+                target = params[update.parameter]
+                target = target[slice(*update.rows)] if update.rows else target
+                target.addmm_(update.up, update.down, alpha=w[k] * update.scale)
+            for name, value in own.replacements.items():
+                params[name].add_(value - self.pretrained.get_parameter(name), alpha=w[k])
 
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:
@@ -236,6 +232,7 @@ class ExpertStore(ParameterViews):
         self.weight = None
         return self.working
 
+    @torch.no_grad()
     def expert_flat(self, k: int) -> torch.Tensor:
         """θ_k as one flat vector of every parameter, for the static rules: a LoRA expert's is materialised on each
         access (a full copy), in set-up only."""
@@ -243,10 +240,7 @@ class ExpertStore(ParameterViews):
             start = self.full_rows.index(k) * self.num_parameters
             return self.full_flats[start : start + self.num_parameters]
         flat = self.pt_flat.clone()
-        for name, offset in self.target_offsets[k].items():
-            self._slice(flat, self.offsets, name).copy_(
-                self._slice(getattr(self, f"expert_targets_{k}"), {name: offset}, name)
-            )
+        self.adapter(k).apply({n: self._slice(flat, self.offsets, n).view(self.shapes[n]) for n in self.names})
         return flat
 
     def expert_flats(self) -> list[torch.Tensor]:
@@ -262,11 +256,10 @@ class ExpertStore(ParameterViews):
     def changed(self, k: int) -> dict[str, torch.Tensor]:
         """Expert k's values of the parameters it changes, by name: a full expert's that differ from θ_pt, a LoRA
         expert's replaced tensors (its low-rank targets are ``updates``)."""
-        model = self.experts[k]
         if self.adapters[k] is not None:
-            return {n: model.get_parameter(n) for n in self.adapters[k].replacements}
+            return dict(self.adapter(k).replacements)
         pt = dict(self.pretrained.named_parameters())
-        return {n: p for n, p in model.named_parameters() if not torch.equal(p, pt[n])}
+        return {n: p for n, p in self.expert_model(k).named_parameters() if not torch.equal(p, pt[n])}
 
 
 def _copy_without_parameters(model: nn.Module) -> nn.Module:

@@ -52,13 +52,14 @@ def pair(request, tmp_path_factory):
 
 
 def per_sample_pass(store):
-    changed = changed_parameters(store.pretrained, store.expert)
+    changed = changed_parameters(store.pretrained, store.expert_model(0))
     assert leafwise_reason(store.pretrained, set(changed)) is None  # open_clip's own towers: every tensor differs
     return LeafWisePass(store.pretrained, [changed])
 
 
 def oracle(name, store, w):
-    return oracle_model(store.pretrained.state_dict(), store.expert.state_dict(), w, arch=name)
+    expert = {n: p.clone() for n, p in store.expert_model(0).state_dict().items()}
+    return oracle_model(store.pretrained.state_dict(), expert, w, arch=name)
 
 
 SCALE_RTOL = rounding_atol(math.log(LOGIT_SCALE))

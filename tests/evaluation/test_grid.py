@@ -43,7 +43,7 @@ def run_counting_image_forwards(args: list[str]) -> tuple[dict, object, int]:
         return encode_image(model, batch, *args, **kwargs)
 
     def recording_prepare(engine, *args, **kwargs):
-        shared_models.extend([engine.store.pretrained, engine.store.expert])
+        shared_models.extend([engine.store.pretrained, engine.store.expert_model(0)])
         return prepare(engine, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:

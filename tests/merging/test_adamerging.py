@@ -84,7 +84,7 @@ def ours(clip_pair, images, labels, head, layer_wise, settings, more_experts=())
     dataset = [{"image": image, "label": label} for image, label in zip(images, labels.tolist())]
     result = adapt(
         store.pretrained,
-        store.experts,
+        [store.expert_parameters(k) for k in range(store.count)],
         head,
         batches(dataset, settings.batch_size, settings.seed),
         layer_wise,

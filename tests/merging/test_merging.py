@@ -32,7 +32,7 @@ def test_source_models_are_views_of_the_flat_buffers(store, clip_pair):
     pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
     for name, param in store.pretrained.named_parameters():
         torch.testing.assert_close(param, pt_sd[name], atol=0, rtol=0)
-    for name, param in store.expert.named_parameters():
+    for name, param in store.expert_model(0).named_parameters():
         torch.testing.assert_close(param, ft_sd[name], atol=0, rtol=0)
     first = next(store.working.parameters())
     assert first.untyped_storage().data_ptr() == store.merged_flat.untyped_storage().data_ptr()
@@ -74,8 +74,11 @@ def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, exper
     store = ExpertStore(loaded.pretrained, list(loaded.experts.values()))
     pt_sd = torch.load(clip_pair[0], weights_only=True)
     states = [expert_team[n][1] for n in names]
-    for k, model in enumerate(store.experts):
-        flat = store.expert_flat(k)  # what the static rules merge: a LoRA expert's materialised
+    for k in range(store.count):
+        model, flat = (
+            store.expert_model(k),
+            store.expert_flat(k),
+        )  # what the static rules merge: a LoRA expert's materialised
         for name, param in model.named_parameters():  # W + s·B·A, in float32 by us and by peft: a few roundings
             torch.testing.assert_close(param, states[k][name], atol=sum_atol(states[k][name], 3), rtol=0)
             piece = flat[store.offsets[name] : store.offsets[name] + param.numel()].view_as(param)
