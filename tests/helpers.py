@@ -37,6 +37,12 @@ def rounding_atol(magnitude: float, dtype: torch.dtype = torch.float32, depth: i
     return depth * torch.finfo(dtype).eps * magnitude
 
 
+def sum_atol(reference: torch.Tensor, terms: int) -> float:
+    """A float32 sum of ``terms`` terms of about ``reference``'s magnitude (at least 1): one rounding each (merged
+    parameters against state_dict arithmetic in float64)."""
+    return terms * EPS32 * max(float(reference.abs().max()), 1.0)
+
+
 EMBEDDING_ATOL = rounding_atol(1.0)
 """Unit-norm image or text embeddings, and zero-shot heads."""
 LOGITS_ATOL = rounding_atol(LOGIT_SCALE)

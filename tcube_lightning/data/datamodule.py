@@ -155,6 +155,9 @@ class EvaluationDataModule(L.LightningDataModule):
             raise InputError(f"data.splits: unknown split kind(s) {unknown}; choose from {list(SPLIT_KINDS)}")
         if not self.modalities and not sources:
             raise InputError("data: give a modality, or sources (split name → file) for your own splits")
+        repeated = sorted({m.name for m in self.modalities if [n.name for n in self.modalities].count(m.name) > 1})
+        if repeated:
+            raise InputError(f"data.modality: {repeated} given more than once; name each modality once")
         if len(self.modalities) > 1 and classnames is not None:
             raise InputError("data.classnames: with several modalities each split takes its own modality's names")
         for m in self.modalities if corruptions else ():
@@ -249,6 +252,11 @@ class EvaluationDataModule(L.LightningDataModule):
     def _setup_unlabelled(self, transform: Callable) -> None:
         """predict: every source as unlabelled images (each row named in ``identities``), all predicted among the
         class names given; one error listing every source that cannot be read."""
+        if len(self.modalities) > 1:
+            raise InputError(
+                "data.modality: predict puts every source in one class set; give one modality, or data.flag or "
+                "data.classnames, not several modalities"
+            )
         if not self.sources:
             raise InputError(
                 "data.sources: predict reads the images named there (split name → an image folder, npz file or "

@@ -150,7 +150,7 @@ class TCubeEngine(nn.Module):
         self.head_cache = {
             ((w,), c): self._merged_head(self.store.merge(w), c) for w in self.extreme_weights for c in sets
         }
-        """Merged models' heads by (weights, class set): the λ extremes', and with several experts every one asked."""
+        """Merged models' heads by (weights, class set): the λ extremes', computed once."""
         self.interpolants: list[HeadInterpolant | None] = [None] * len(sets)
         interpolated = self.merge_text and self.head_mode == "interpolated" and self.count == 1
         mode = "exact" if self.merge_text and self.count > 1 else self.head_mode  # heads in w: one expert's alone
@@ -267,7 +267,7 @@ class TCubeEngine(nn.Module):
             label: self.k_experts.combine(self.settings[label].expert_weights(lam), ft_logits)
             for label, lam in lambdas.items()
         }
-        spread = generalised_js([pt_logits, *ft_logits]) if self.count > 1 else None
+        spread = torch.where(finite, generalised_js([pt_logits, *ft_logits]), 0.0) if self.count > 1 else None
         return BatchCoefficients(pt_logits, ft_logits, finite, js, lambdas, weights, spread)
 
     def context(
@@ -299,18 +299,15 @@ class TCubeEngine(nn.Module):
         return self.image_logits(model, images, self._head_at(model, self.store.weight, class_set))
 
     def _head_at(self, model: nn.Module, weights: tuple[float, ...], class_set: int) -> torch.Tensor:
-        """The merged model's head: computed once already, interpolated, or (outside the interpolant) direct; with
-        several experts every merged model's direct head is kept for the next batch that asks."""
+        """The merged model's head: computed once already, interpolated, or (outside the interpolant) direct (not
+        kept: per-sample weights rarely repeat, and a kept head per sample would grow with the split)."""
         head = self.head_cache.get((weights, class_set))
         if head is not None:
             return head
         interpolant = self.interpolants[class_set]
         if interpolant is not None and interpolant.covers(weights[0]):
             return interpolant(torch.tensor([weights[0]]))[0]
-        head = self._merged_head(model, class_set)
-        if self.count > 1 and self.merge_text:
-            self.head_cache[(weights, class_set)] = head
-        return head
+        return self._merged_head(model, class_set)
 
     def set_adapted(self, name: str, flat: torch.Tensor) -> None:
         """An adapted method's merged model (AdaMerging's, for the split about to be evaluated): its image tower

@@ -152,6 +152,8 @@ def test_datamodule_builds_every_split_of_a_modality(tmp_path):
         ({"modality": "breast", "splits": ["in_domain", "ood"]}, "unknown split kind\\(s\\) \\['ood'\\]"),
         ({"modality": "breast", "severities": [0, 6]}, "\\[0, 6\\] outside 1..5"),
         ({}, "give a modality, or sources"),
+        ({"modality": ["blood", "oct", "blood"]}, r"data.modality: \['blood'\] given more than once"),
+        ({"modality": ["blood", "oct"], "classnames": ["a", "b"]}, "each split takes its own modality's names"),
         (
             {"modality": "breast", "templates": ["a photo"]},
             r"data.templates: 'a photo' has 0 replacement field\(s\) \[\]; each template needs exactly one \{\}",
@@ -161,6 +163,12 @@ def test_datamodule_builds_every_split_of_a_modality(tmp_path):
 def test_bad_data_options_are_named(tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message):
         EvaluationDataModule(root=str(tmp_path), **kwargs)
+
+
+def test_predict_refuses_several_modalities(tmp_path):
+    data = EvaluationDataModule(root=str(tmp_path), modality=["blood", "oct"], sources={"scans": "scans"})
+    with pytest.raises(InputError, match=r"data\.modality: predict puts every source in one class set"):
+        data.setup("predict")
 
 
 def test_missing_protocol_data_is_reported_before_models_load(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ARCH, EPS32
+from helpers import ARCH, sum_atol
 from tcube_lightning.loading import load_clip
 from tcube_lightning.merging.rules import dare, model_soup, slerp, task_arithmetic, ties
 from tcube_lightning.merging.store import ExpertStore
@@ -100,11 +100,6 @@ def vectors():
     return pt.float(), [(pt + tau).float() for tau in taus]
 
 
-def atol_for(pt: torch.Tensor, terms: int) -> float:
-    """A float32 sum of ``terms`` terms of the parameters' magnitude: one rounding each."""
-    return terms * EPS32 * float(pt.abs().max())
-
-
 def ties_reference(pt: np.ndarray, experts: list[np.ndarray], density: float, scale: float) -> np.ndarray:
     """TIES-Merging as its paper (Yadav et al., NeurIPS 2023, Algorithm 1) states it, in NumPy: trim each task vector
     to its top-k% magnitudes, elect each entry's sign as that of the summed trimmed values (a zero sum: the majority
@@ -130,7 +125,7 @@ def test_ties_elects_signs_and_takes_the_disjoint_mean(vectors):
     pt, experts = vectors
     ours = ties(pt, experts, density=0.3, scale=0.9)
     expected = ties_reference(pt.double().numpy(), [e.double().numpy() for e in experts], 0.3, 0.9)
-    np.testing.assert_allclose(ours.double().numpy(), expected, atol=atol_for(pt, 4), rtol=0)
+    np.testing.assert_allclose(ours.double().numpy(), expected, atol=sum_atol(pt, 4), rtol=0)
     trimmed = [np.abs(e.numpy() - pt.numpy()) >= np.sort(np.abs(e.numpy() - pt.numpy()))[-600] for e in experts[:2]]
     assert (trimmed[0] & trimmed[1])[:20].any()  # some exact ties reach the election
 
@@ -139,9 +134,9 @@ def test_task_arithmetic_and_the_soup_sum_the_task_vectors(vectors):
     pt, experts = vectors
     p, e = pt.double().numpy(), [x.double().numpy() for x in experts]
     expected = p + 0.3 * sum(x - p for x in e)
-    np.testing.assert_allclose(task_arithmetic(pt, experts, 0.3).double().numpy(), expected, atol=atol_for(pt, 9))
+    np.testing.assert_allclose(task_arithmetic(pt, experts, 0.3).double().numpy(), expected, atol=sum_atol(pt, 9))
     soup = (p + sum(e)) / 5  # the uniform soup of all five models
-    np.testing.assert_allclose(model_soup(pt, experts).double().numpy(), soup, atol=atol_for(pt, 6), rtol=0)
+    np.testing.assert_allclose(model_soup(pt, experts).double().numpy(), soup, atol=sum_atol(pt, 6), rtol=0)
 
 
 def test_dare_drops_each_task_vector_with_its_own_mask(vectors):
@@ -150,5 +145,5 @@ def test_dare_drops_each_task_vector_with_its_own_mask(vectors):
     masks = [torch.rand(pt.numel(), generator=torch.Generator().manual_seed(3 + k)) >= 0.4 for k in range(4)]
     p = pt.double().numpy()
     expected = p + sum(0.5 / 0.6 * np.where(m.numpy(), x.double().numpy() - p, 0.0) for m, x in zip(masks, experts))
-    np.testing.assert_allclose(merged.double().numpy(), expected, atol=atol_for(pt, 9), rtol=0)
+    np.testing.assert_allclose(merged.double().numpy(), expected, atol=sum_atol(pt, 9), rtol=0)
     assert len({tuple(m[:50].tolist()) for m in masks}) == 4  # four different masks

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from helpers import ARCH, CLASSNAMES, EPS32, LOGITS_ATOL, TEMPLATES, oracle_logits
+from helpers import ARCH, CLASSNAMES, LOGITS_ATOL, TEMPLATES, oracle_logits, sum_atol
 from tcube_lightning.engine.zero_shot import clip_logits, tokenize_prompts, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import load_clip, plan_models
@@ -59,11 +59,6 @@ def test_mismatched_architectures_are_rejected_with_the_differences(clip_pair):
     other = open_clip.create_model("RN50", pretrained=None)
     with pytest.raises(InputError, match=r"same parameters.*First differences"):
         ExpertStore(load_clip(ARCH, clip_pair[0]), [other])
-
-
-def sum_atol(reference: torch.Tensor, terms: int) -> float:
-    """A float32 sum of ``terms`` terms of about ``reference``'s magnitude: one rounding each."""
-    return terms * EPS32 * max(float(reference.abs().max()), 1.0)
 
 
 def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, expert_team):
