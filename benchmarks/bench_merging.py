@@ -6,9 +6,11 @@ heads: the generalist's, ``merge_text`` false):
 - T³ / T³_B: throughput of T³ (each sample its own merge, through the run's engine, on the path ``samplewise:
   auto`` takes) over that of T³_B (one merge per batch at the mean λ), measured interleaved (T³_B, T³, T³_B, T³,
   …) so that the machine's load falls on both alike; the median ratio of the repeats, with their spread;
-- T³ / reference: over a per-sample reference loop (a state_dict merge θ_pt + Σ_k w_k·τ_k, ``load_state_dict`` and,
-  with one expert, a text pass per sample, as DaWin's code does), which also gives the largest |logit| difference of
-  T³ from per-sample merges;
+- T³ / reference: over a per-sample reference loop (a state_dict merge θ_pt + Σ_k w_k·τ_k of what the run merges,
+  ``load_state_dict`` and, with one expert, a text pass per sample, as DaWin's code does; with several, the image
+  tower and logit scale alone, as DaWin-MTL merges its image encoder), which also gives the largest |logit|
+  difference of T³ from per-sample merges; and its bound, reference / λ forwards: what T³ would reach over the
+  reference if its per-sample pass cost nothing (both run the K + 1 forwards that give λ);
 - peak memory over one model's parameters of T³_B and T³, each measured in a process of its own, and the engine's
   parameter store (the generalist, the experts as kept: a full copy each, a LoRA expert's targets and factors; the
   working model's merged tensors) over one model's parameters;
@@ -18,11 +20,11 @@ Every T³ and T³_B figure includes the pretrained and expert forwards that give
 interpolants fitted once (untimed, as a run does in its set-up). Models have random weights: ``clip-tiny``
 (the bundled tcube-tiny-clip), ``clip-b16`` (open_clip's ViT-B-16), ``biomedclip-tiny`` (timm's test_vit and a
 2-layer BERT) and ``biomedclip-base`` (ViT-B/16 and BERT-base: BiomedCLIP's sizes). Besides its table it prints,
-per row, ``T3 vs T3_B [<model> <expert kind> K=<k>]: <ratio>x``, ``T3 vs reference [<model> <expert kind>
-K=<k>]: <ratio>x``, ``max |logit diff| vs per-sample merges [<model> <expert kind> K=<k>]: <value>``, ``fused merge
-vs bandwidth floor [<model> <expert kind> K=<k>]: <ratio>x`` and ``state_dict merge vs fused merge [<model> <expert
-kind> K=<k>]: <ratio>x``, for scripts to compare runs; a one-expert row also under the label earlier runs printed,
-``[<model> <expert kind>]``.
+per row, ``T3 vs T3_B [<model> <expert kind> K=<k>]: <ratio>x``, ``T3 vs reference [<model> <expert kind> K=<k>]:
+<ratio>x``, ``reference vs lambda forwards [<model> <expert kind> K=<k>]: <ratio>x``, ``max |logit diff| vs per-sample
+merges [<model> <expert kind> K=<k>]: <value>``, ``fused merge vs bandwidth floor [<model> <expert kind> K=<k>]:
+<ratio>x`` and ``state_dict merge vs fused merge [<model> <expert kind> K=<k>]: <ratio>x``, for scripts to compare
+runs; a one-expert row also under the label earlier runs printed, ``[<model> <expert kind>]``.
 
     python benchmarks/bench_merging.py --rows biomedclip-base:full biomedclip-base:lora:4 --batch-size 8
 """
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import gc
 import itertools
 import json
@@ -247,6 +251,11 @@ class Row:
                 copy.deepcopy(pretrained.state_dict()),
                 [copy.deepcopy(e.state_dict()) for e in full],
             )
+            self.reference_keys = [  # what the run merges: the text tower too only where its heads are merged
+                key
+                for key in self.reference_states[0]
+                if self.merge_text or key.startswith("visual.") or key == "logit_scale"
+            ]
             self.reference_model = copy.deepcopy(pretrained)
             del full
         self.engine = TCubeEngine(
@@ -277,17 +286,25 @@ class Row:
         with torch.no_grad(), self.autocast:
             return self.engine.sample_merged_logits(self.images, self.engine.coefficients(self.images, 0).weights[""])
 
+    def lambda_forwards(self) -> torch.Tensor:
+        """What T³, T³_B and the reference all run first: the K + 1 forwards that give each sample's weights."""
+        with torch.no_grad(), self.autocast:
+            return self.engine.coefficients(self.images, 0).weights[""]
+
     def reference(self) -> torch.Tensor:
-        """Per sample: the state_dict merge, load_state_dict, with one expert a text pass for the head (with several,
-        the generalist's head, as the run), the image forward."""
-        pt, experts = self.reference_states
+        """Per sample: the state_dict merge of what the run merges, load_state_dict, with one expert a text pass for
+        the head (with several, the generalist's head, as the run), the image forward."""
+        pt = {key: self.reference_states[0][key] for key in self.reference_keys}
+        experts = [{key: e[key] for key in self.reference_keys} for e in self.reference_states[1]]
         with torch.no_grad(), self.autocast:
             weights = self.engine.coefficients(self.images, 0).weights[""]
             logits = []
             for image, w in zip(self.images, weights.tolist()):
-                self.reference_model.load_state_dict(state_dict_merge(pt, experts, w))
-                head = zero_shot_head(self.reference_model, self.tokens, self.args.classes)
-                head = head if self.merge_text else self.pt_head
+                self.reference_model.load_state_dict(state_dict_merge(pt, experts, w), strict=self.merge_text)
+                if self.merge_text:
+                    head = zero_shot_head(self.reference_model, self.tokens, self.args.classes)
+                else:
+                    head = self.pt_head
                 logits.append(clip_logits(self.reference_model, image[None], head)[0])
             return torch.stack(logits)
 
@@ -301,6 +318,7 @@ class Row:
             t3_seconds.append(seconds_per_call(self.t3, self.device, calls))
             ratios.append(batch_seconds[-1] / t3_seconds[-1])  # throughput of T³ over that of T³_B
         reference_seconds = seconds_per_call(self.reference, self.device, 1)
+        lambda_seconds = seconds_per_call(self.lambda_forwards, self.device, calls)
         merge = self.merge_times()
         difference = float((self.t3().float() - self.reference().float()).abs().max())
         return {
@@ -319,6 +337,7 @@ class Row:
             "t3_batch_images_per_s": self.batch / statistics.median(batch_seconds),
             "t3_images_per_s": self.batch / statistics.median(t3_seconds),
             "t3_vs_reference": reference_seconds / statistics.median(t3_seconds),
+            "reference_vs_lambda_forwards": reference_seconds / lambda_seconds,
             "max_abs_logit_diff_vs_per_sample_merges": difference,
             "param_bytes": self.param_bytes,
             "adapter_bytes": self.adapter_bytes,
@@ -354,9 +373,11 @@ class Row:
 
 def peak(args: argparse.Namespace, row: str, path: str) -> int:
     """Peak memory while ``path`` runs, models included: CUDA's max_memory_allocated, or on CPU the peak resident
-    set less the process's size before the models are built (coarser), after a garbage collection so that memory freed
-    on the way does not count against the row."""
+    set less the process's size before the models are built (coarser), after a garbage collection and glibc's
+    ``malloc_trim`` so that memory freed on the way (and kept by the allocator) does not count for or against the
+    row."""
     gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     base = current_rss()
     measured = Row(args, row, reference=False)
     if args.device.startswith("cuda"):
@@ -428,8 +449,9 @@ def print_report(report: dict) -> None:
     print(f"\n{report['device']}, {report['classes']} classes, {precision}")
     print(
         "| model | expert | K | heads | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference "
-        "| max logit diff | peak / params T3_B, T3 | store / params | adapters / params | fused merge / floor "
-        "| state_dict merge / fused |\n|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| reference / λ forwards | max logit diff | peak / params T3_B, T3 | store / params | adapters / params "
+        "| fused merge / floor | state_dict merge / fused |\n"
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for row in report["rows"]:
         model, kind, count = parse_row(row["row"])
@@ -438,7 +460,8 @@ def print_report(report: dict) -> None:
         print(
             f"| {model} | {kind} | {count} | {row['heads']} | {row['batch_size']} | {label} "
             f"| {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] of {ratio['repeats']} "
-            f"| {row['t3_vs_reference']:.2f} | {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
+            f"| {row['t3_vs_reference']:.2f} | {row['reference_vs_lambda_forwards']:.2f} "
+            f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
             f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} "
             f"| {row['store_bytes'] / row['param_bytes']:.2f} | {row['adapter_bytes'] / row['param_bytes']:.3f} "
             f"| {merge_vs_floor(row):.2f} | {state_dict_vs_fused(row):.1f} |"
@@ -450,6 +473,7 @@ def print_report(report: dict) -> None:
         for label in labels:
             print(f"T3 vs T3_B [{label}]: {row['t3_vs_t3_batch']['median']:.2f}x")
             print(f"T3 vs reference [{label}]: {row['t3_vs_reference']:.2f}x")
+            print(f"reference vs lambda forwards [{label}]: {row['reference_vs_lambda_forwards']:.2f}x")
             difference = row["max_abs_logit_diff_vs_per_sample_merges"]
             print(f"max |logit diff| vs per-sample merges [{label}]: {difference:.1e}")
             print(f"fused merge vs bandwidth floor [{label}]: {merge_vs_floor(row):.2f}x")

@@ -101,7 +101,13 @@ class TCubeEngine(nn.Module):
         self.expert_names = list(expert_names or (["expert"] if self.count == 1 else map(str, range(self.count))))
         lora = [isinstance(e, LoraAdapter) for e in experts]
         self.pass_name = "leaf-wise" + (
-            ", low-rank (LoRA)" if all(lora) else ", full and low-rank" if any(lora) else ""
+            ", low-rank (LoRA)"
+            if all(lora)
+            else ", full and low-rank"
+            if any(lora)
+            else ", weights merged per row"
+            if self.count > 1
+            else ""
         )
         changed = set().union(*(self.store.changed(k) for k in range(self.count)))
         changed |= set().union(*(e.changed_parameters() for e in experts if isinstance(e, LoraAdapter)))
@@ -169,7 +175,10 @@ class TCubeEngine(nn.Module):
         per-sample merges (None, with the reason, if it fails)."""
         store, experts = self.store, range(self.count)
         lora = [store.updates(k) if store.adapters[k] is not None else [] for k in experts]
-        vectorized = LeafWisePass(store.pretrained, [store.changed(k) for k in experts], lora)
+        dense = [store.changed(k) for k in experts]
+        every_full = store.full_rows == list(experts)
+        stacked = {name: store.stacked(name) for name in set().union(*dense)} if every_full else None
+        vectorized = LeafWisePass(store.pretrained, dense, lora, stacked)
         try:
             error = self._probe_error(vectorized)
         except RuntimeError as err:  # the model's code cannot take per-row parameters

@@ -243,6 +243,13 @@ class ExpertStore(ParameterViews):
         self.adapter(k).apply({n: self._slice(flat, self.offsets, n).view(self.shapes[n]) for n in self.names})
         return flat
 
+    def stacked(self, name: str) -> torch.Tensor:
+        """The full experts' values of parameter ``name``, stacked (full experts × its shape): a view into their rows
+        of ``full_flats``, in their order (``full_rows``)."""
+        rows = self.full_flats.view(len(self.full_rows), -1)
+        offset = self.offsets[name]
+        return rows[:, offset : offset + self.shapes[name].numel()].view(-1, *self.shapes[name])
+
     def expert_flats(self) -> list[torch.Tensor]:
         return [self.expert_flat(k) for k in range(self.count)]
 

@@ -11,12 +11,15 @@ from scipy.special import expit, softmax
 from scipy.stats import entropy
 
 from helpers import ARCH, CLASSNAMES, GAMMA, JS_ATOL, LOGITS_ATOL, TEMPLATES, lambda_atol
+from tcube_lightning.engine import per_sample
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
 from tcube_lightning.loading import plan_models
 from tcube_lightning.merging.coefficients import KExperts, LambdaMapping
 
 TEAMS = {1: ["full_a"], 2: ["full_a", "lora_a"], 4: ["full_a", "lora_a", "full_b", "lora_b"]}
+FULL_TEAM = ["full_a", "full_b"]
+"""Full experts alone: their leaves merge weights per row (``MIX_WEIGHTS_MIN_TOKENS``) rather than outputs."""
 
 
 def k_logits_atol(count: int) -> float:
@@ -57,8 +60,8 @@ def setting(clip_pair, expert_team):
     return pt_sd, images, tokens
 
 
-def make_engine(clip_pair, expert_team, count, samplewise="vectorized", merge_text=True, rule="independent"):
-    names = TEAMS[count]
+def make_engine(clip_pair, expert_team, team, samplewise="vectorized", merge_text=True, rule="independent"):
+    names = TEAMS[team] if isinstance(team, int) else team
     plan = plan_models(ARCH, str(clip_pair[0]), None, experts={n: str(expert_team[n][0]) for n in names})
     loaded = plan.load()
     tokens = tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
@@ -87,14 +90,22 @@ def row_weights(count: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("samplewise", ["vectorized", "loop"])
-@pytest.mark.parametrize("count", [1, 2, 4])
-def test_each_sample_runs_through_its_own_k_expert_merge(clip_pair, expert_team, setting, count, samplewise):
+@pytest.mark.parametrize("team", [1, 2, 4, "full"])
+def test_each_sample_runs_through_its_own_k_expert_merge(
+    clip_pair, expert_team, setting, team, samplewise, monkeypatch
+):
     pt_sd, images, tokens = setting
-    engine = make_engine(clip_pair, expert_team, count, samplewise)
+    names = FULL_TEAM if team == "full" else TEAMS[team]
+    count = len(names)
+    # with full experts alone, merged weights of a few rows at a time: the chunks and the shared workspace tested too
+    monkeypatch.setattr(per_sample, "WORKSPACE_ELEMENTS", 4 * 64 * 256)
+    engine = make_engine(clip_pair, expert_team, names, samplewise)
     assert engine.samplewise_summary()["path"] == samplewise
-    expert_sds = [expert_team[n][1] for n in TEAMS[count]]
+    expert_sds = [expert_team[n][1] for n in names]
     weights = row_weights(count)
     ours = engine.sample_merged_logits(images, weights)
+    if samplewise == "vectorized":  # which mix ran: the weights' per row only with full experts alone
+        assert (engine.vectorized_logits.__self__.workspace is not None) == (team == "full")
     for i, w in enumerate(weights.tolist()):
         expected = float64_logits(pt_sd, expert_sds, w, images[i : i + 1], tokens)
         torch.testing.assert_close(ours[i : i + 1], expected, atol=k_logits_atol(count), rtol=0)
