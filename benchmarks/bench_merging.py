@@ -12,7 +12,7 @@ heads: the generalist's, ``merge_text`` false):
   difference of T³ from per-sample merges; and its bound, reference / λ forwards: what T³ would reach over the
   reference if its per-sample pass cost nothing (both run the K + 1 forwards that give λ);
 - peak memory over one model's parameters of T³_B and T³, each measured in a process of its own, and the engine's
-  parameter store (the generalist, the experts as kept: a full copy each, a LoRA expert's targets and factors; the
+  parameter store (the generalist, the experts as kept: a full copy each, a LoRA expert's factors; the
   working model's merged tensors) over one model's parameters;
 - the merge T³_B and every static method pay: the store's fused merge against its bandwidth floor (one ``torch.add``
   over as many floats) and a state_dict merge with ``load_state_dict`` against the fused one.

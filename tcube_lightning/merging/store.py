@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -70,9 +70,10 @@ class ExpertStore(ParameterViews):
     expert (θ_k = θ_pt + s·B·A on its targets, and tensors peft's ``modules_to_save`` replaces) keeps only its factors
     and replaced tensors, the adapter itself: its values are written into the working model when asked for
     (``expert_model``, ``merge``), so no copy of its targets is kept either. The merge runs over the parameters some
-    expert changes: every one with a full expert among them, else the LoRA targets' union (``merged_flat``, beside
-    ``pt_merged``: the generalist's values there). With one expert it is a single ``torch.lerp`` (θ_pt + w·Δ, a LoRA
-    expert's values written first); with more, the full experts in one matrix-vector pass and each LoRA expert's
+    expert changes: every one with a full expert among them, else the LoRA targets' union (``merged_flat``: the
+    working model's values there, the one copy of them a merged model run by its own code needs; the generalist's are
+    read in ``pt_flat``). With one expert it is ``torch.lerp`` (θ_pt + w·Δ, a LoRA expert's values written first;
+    one pass, or one per LoRA target); with more, the full experts in one matrix-vector pass and each LoRA expert's
     low-rank update added on its targets. Buffers (non-learned tensors) are not merged: the working model keeps the
     pretrained model's.
 
@@ -103,10 +104,6 @@ class ExpertStore(ParameterViews):
         pretrained = pretrained.requires_grad_(False).eval()
         shared = {n: ("pt_flat", self.offsets[n]) for n in self.names}
         self._bind("pretrained", pretrained, shared, copy_in=True)
-        if not self.full:  # the generalist's values of the targets, beside the merged ones
-            self._flat("pt_targets", sum(sizes), reference)
-            for name in self.merged_names:
-                self._slice(self.pt_targets, self.merged_offsets, name).copy_(pretrained.get_parameter(name).view(-1))
         working = _copy_without_parameters(pretrained)
         merged = {n: ("merged_flat", o) for n, o in self.merged_offsets.items()}
         self._bind("working", working, {**shared, **merged}, copy_in=False)
@@ -120,13 +117,26 @@ class ExpertStore(ParameterViews):
                 start = self.full_rows.index(k) * self.num_parameters
                 placement = {n: ("full_flats", start + self.offsets[n]) for n in self.names}
                 self._bind(f"expert_{k}", expert.requires_grad_(False).eval(), placement, True)
-        self.merged_flat.copy_(self.pt_merged)
+        self._reset_merged()
         self.weight: tuple[float, ...] | None = (0.0,) * self.count
 
-    @property
-    def pt_merged(self) -> torch.Tensor:
-        """The generalist's values of the merged parameters."""
-        return self.pt_flat if self.full else self.pt_targets
+    def _merged_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(the generalist's values, the working model's) of each merged parameter, flat: views into the buffers
+        where they are now. With LoRA experts alone the generalist's values of their targets are read where they
+        are, in ``pt_flat``: no copy of them is kept."""
+        for name in self.merged_names:
+            yield (
+                self._slice(self.pt_flat, self.offsets, name),
+                self._slice(self.merged_flat, self.merged_offsets, name),
+            )
+
+    def _reset_merged(self) -> None:
+        """The working model's merged parameters back to the generalist's values."""
+        if self.full:
+            self.merged_flat.copy_(self.pt_flat)
+        else:
+            for pt, merged in self._merged_pairs():
+                merged.copy_(pt)
 
     def _slice(self, buffer: torch.Tensor, offsets: dict[str, int], name: str) -> torch.Tensor:
         return buffer[offsets[name] : offsets[name] + self.shapes[name].numel()]
@@ -160,7 +170,7 @@ class ExpertStore(ParameterViews):
     def _write_lora_expert(self, k: int) -> None:
         """The working model at LoRA expert k: the generalist's values of the merged parameters, then the adapter
         applied as its code applies it (W[rows] += s·B·A, replaced tensors copied)."""
-        self.merged_flat.copy_(self.pt_merged)
+        self._reset_merged()
         self.adapter(k).apply(dict(self.working.named_parameters()))
 
     def expert_parameters(self, k: int) -> dict[str, torch.Tensor]:
@@ -187,11 +197,12 @@ class ExpertStore(ParameterViews):
         if w == self.weight:
             return self.working
         if self.count == 1 and self.adapters[0] is None:
-            torch.lerp(self.pt_merged, self.full_flats, w[0], out=self.merged_flat)
+            torch.lerp(self.pt_flat, self.full_flats, w[0], out=self.merged_flat)
         elif self.count == 1:  # the expert's values written (unless they are there), then interpolated in place
             if self.weight != (1.0,):
                 self._write_lora_expert(0)
-            torch.lerp(self.pt_merged, self.merged_flat, w[0], out=self.merged_flat)
+            for pt, merged in self._merged_pairs():  # lerp is elementwise: as one pass over their union
+                torch.lerp(pt, merged, w[0], out=merged)
         else:
             self._merge_several(w)
         self.weight = w
@@ -207,7 +218,7 @@ class ExpertStore(ParameterViews):
             vector = torch.tensor(full, dtype=rows.dtype, device=rows.device)
             torch.addmv(self.pt_flat, rows.T, vector, beta=1.0 - sum(full), out=self.merged_flat)
         else:
-            self.merged_flat.copy_(self.pt_merged)
+            self._reset_merged()
         params = dict(self.working.named_parameters())
         for k, adapter in enumerate(self.adapters):
             if adapter is None or w[k] == 0.0:

@@ -137,6 +137,16 @@ def test_lora_experts_stay_low_rank_in_the_store(clip_pair, expert_team):
     assert 0 < adapters < 0.1 * store.num_parameters  # a LoRA expert is its adapter alone
 
 
+def test_lora_experts_alone_keep_one_model_their_adapters_and_one_copy_of_their_targets(clip_pair, expert_team):
+    store = make_engine(clip_pair, expert_team, ["lora_a", "lora_b"]).store
+    sizes = {name: b.numel() for name, b in store.named_buffers() if "." not in name}
+    targets = {u.parameter for k in range(2) for u in store.updates(k)} | set(store.changed(0)) | set(store.changed(1))
+    adapters = {name for name in sizes if name.startswith(("down_", "up_", "replaced_"))}
+    assert set(sizes) - adapters == {"pt_flat", "merged_flat", "full_flats"}
+    assert sizes["pt_flat"] == store.num_parameters and sizes["full_flats"] == 0
+    assert sizes["merged_flat"] == sum(store.shapes[name].numel() for name in targets) < store.num_parameters
+
+
 @pytest.mark.parametrize("rule", ["independent", "routed"])
 def test_t3_k_coefficients_from_each_experts_disagreement(clip_pair, expert_team, setting, rule):
     """JS_k against scipy, λ_k through T³'s mapping, w_k by the rule written out in NumPy, and the generalised JS of
