@@ -12,9 +12,11 @@ Two formats are read, each as its own code computes the expert:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +116,13 @@ class LoraAdapter:
             param[rows] += update.delta().to(param.dtype)
         for name, value in self.replacements.items():
             params[name].copy_(value)
+
+    def restricted(self, names: Iterable[str]) -> LoraAdapter:
+        """This adapter's updates and replacements of ``names`` alone (to apply to those parameters only)."""
+        names = set(names)
+        updates = [u for u in self.updates if u.parameter in names]
+        replacements = {n: v for n, v in self.replacements.items() if n in names}
+        return dataclasses.replace(self, updates=updates, replacements=replacements)
 
     def changed_parameters(self) -> set[str]:
         """The parameters the expert has other values of: the targets and the replaced tensors."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -68,14 +69,15 @@ class ExpertStore(ParameterViews):
 
     A full expert is a row of every parameter in ``full_flats``, with a model of its own (views into it). A LoRA
     expert (θ_k = θ_pt + s·B·A on its targets, and tensors peft's ``modules_to_save`` replaces) keeps only its factors
-    and replaced tensors, the adapter itself: its values are written into the working model when asked for
-    (``expert_model``, ``merge``), so no copy of its targets is kept either. The merge runs over the parameters some
-    expert changes: every one with a full expert among them, else the LoRA targets' union (``merged_flat``: the
-    working model's values there, the one copy of them a merged model run by its own code needs; the generalist's are
-    read in ``pt_flat``). With one expert it is ``torch.lerp`` (θ_pt + w·Δ, a LoRA expert's values written first;
-    one pass, or one per LoRA target); with more, the full experts in one matrix-vector pass and each LoRA expert's
-    low-rank update added on its targets. Buffers (non-learned tensors) are not merged: the working model keeps the
-    pretrained model's.
+    and replaced tensors, the adapter itself. The merge runs over the parameters some expert changes: every one with a
+    full expert among them (``merged_flat``: the working model's values), else the LoRA targets' union. With LoRA
+    experts alone, the working model's values of their targets are computed when a forward reads them, one module's
+    at a time (``computed``), so the store is the generalist and the adapters: nothing else; where a target is read
+    outside any module's forward (open_clip's ``text_projection``) they are written into ``merged_flat`` instead. Both
+    use the same operations, so their numbers are the same, bit for bit. With one expert the merge is ``torch.lerp``
+    (θ_pt + w·Δ, a LoRA expert's values written first); with more, the full experts in one matrix-vector pass and
+    each LoRA expert's low-rank update added on its targets. Buffers (non-learned tensors) are not merged: the
+    working model keeps the pretrained model's.
 
     Args:
         pretrained: The generalist.
@@ -95,8 +97,12 @@ class ExpertStore(ParameterViews):
         targets = set().union(*(a.changed_parameters() for a in self.adapters if a is not None))
         self.full = any(a is None for a in self.adapters)
         self.merged_names = list(self.names) if self.full else [n for n in self.names if n in targets]
-        """The parameters the merge writes, in ``named_parameters`` order."""
-        sizes = [self.shapes[n].numel() for n in self.merged_names]
+        """The parameters the merge changes, in ``named_parameters`` order."""
+        runners = None if self.full else _runners(pretrained, self.merged_names)
+        self.computed = runners is not None
+        """LoRA experts alone, each target read in the forward of a module of the model's: the working model's
+        values of their targets are computed when that forward runs, not kept (``_targets_in``)."""
+        sizes = [0 if self.computed else self.shapes[n].numel() for n in self.merged_names]
         self.merged_offsets = dict(zip(self.merged_names, itertools.accumulate(sizes, initial=0)))
         reference = next(pretrained.parameters())
         self._flat("pt_flat", sum(n for _, n in self.segments), reference)
@@ -105,8 +111,14 @@ class ExpertStore(ParameterViews):
         shared = {n: ("pt_flat", self.offsets[n]) for n in self.names}
         self._bind("pretrained", pretrained, shared, copy_in=True)
         working = _copy_without_parameters(pretrained)
-        merged = {n: ("merged_flat", o) for n, o in self.merged_offsets.items()}
+        merged = {} if self.computed else {n: ("merged_flat", o) for n, o in self.merged_offsets.items()}
         self._bind("working", working, {**shared, **merged}, copy_in=False)
+        for runner, names in (runners or {}).items():
+            module = self.working.get_submodule(runner)
+            module.register_forward_pre_hook(functools.partial(self._targets_in, names))
+            module.register_forward_hook(functools.partial(self._targets_out, names), always_call=True)
+        self.working_parameters = {n: p for n, p in self.working.named_parameters() if n in targets}
+        """The working model's own parameters of the LoRA targets, put back after a forward that computed them."""
         self.full_rows = [k for k, a in enumerate(self.adapters) if a is None]
         """The full experts, in the order of their rows of ``full_flats``."""
         self._flat("full_flats", len(self.full_rows) * self.num_parameters, reference)
@@ -117,8 +129,12 @@ class ExpertStore(ParameterViews):
                 start = self.full_rows.index(k) * self.num_parameters
                 placement = {n: ("full_flats", start + self.offsets[n]) for n in self.names}
                 self._bind(f"expert_{k}", expert.requires_grad_(False).eval(), placement, True)
-        self._reset_merged()
+        if not self.computed:
+            self._reset_merged()
         self.weight: tuple[float, ...] | None = (0.0,) * self.count
+        self.source: str | torch.Tensor = "merge"
+        """What the working model is at ``weight``: a merge, a LoRA expert (``expert``, written as its code writes it),
+        or a static merge's flat vector (``weight`` None)."""
 
     def _merged_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(the generalist's values, the working model's) of each merged parameter, flat: views into the buffers
@@ -163,15 +179,63 @@ class ExpertStore(ParameterViews):
             return getattr(self, f"expert_{k}")
         weight = tuple(float(j == k) for j in range(self.count))
         if self.weight != weight:
-            self._write_lora_expert(k)
-            self.weight = weight
+            if not self.computed:
+                self._reset_merged()
+                self._apply_adapter(k, self._merged_parameters())
+            self.weight, self.source = weight, "expert"
         return self.working
 
-    def _write_lora_expert(self, k: int) -> None:
-        """The working model at LoRA expert k: the generalist's values of the merged parameters, then the adapter
-        applied as its code applies it (W[rows] += s·B·A, replaced tensors copied)."""
-        self._reset_merged()
-        self.adapter(k).apply(dict(self.working.named_parameters()))
+    def _merged_parameters(self) -> dict[str, torch.Tensor]:
+        """The working model's merged parameters, by name (views into ``merged_flat``)."""
+        return {n: p for n, p in self.working.named_parameters() if n in self.merged_offsets}
+
+    def _apply_adapter(self, k: int, params: dict[str, torch.Tensor]) -> None:
+        """LoRA expert k's values of ``params`` (holding the generalist's), as its code writes them: W[rows] += s·B·A,
+        replaced tensors copied."""
+        self.adapter(k).restricted(params).apply(params)
+
+    def _add_lora_terms(self, w: tuple[float, ...], params: dict[str, torch.Tensor]) -> None:
+        """Each LoRA expert's w_k·s·B·A added to ``params`` it targets, and w_k times its replaced tensors' change."""
+        for k, adapter in enumerate(self.adapters):
+            if adapter is None or w[k] == 0.0:
+                continue
+            own = self.adapter(k).restricted(params)
+            for update in own.updates:
+                target = params[update.parameter]
+                target = target[slice(*update.rows)] if update.rows else target
+                target.addmm_(update.up, update.down, alpha=w[k] * update.scale)
+            for name, value in own.replacements.items():
+                params[name].add_(value - self.pretrained.get_parameter(name), alpha=w[k])
+
+    def _target_values(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The working model's values of LoRA targets ``names`` as the merge under way has them, computed with the
+        same operations as a written merge (bit for bit): a static merge's are views into its flat vector."""
+        if isinstance(self.source, torch.Tensor):
+            return {n: self._slice(self.source, self.offsets, n).view(self.shapes[n]) for n in names}
+        values = {n: self.pretrained.get_parameter(n).clone() for n in names}
+        if self.source == "expert":
+            self._apply_adapter(self.weight.index(1.0), values)
+        elif self.count == 1:
+            self._apply_adapter(0, values)
+            for name, value in values.items():
+                torch.lerp(self.pretrained.get_parameter(name), value, self.weight[0], out=value)
+        else:
+            self._add_lora_terms(self.weight, values)
+        return values
+
+    def _targets_in(self, names: list[str], module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of a module that reads LoRA targets: their values at the merge under way, for this
+        forward (one module's at a time, freed after it)."""
+        with torch.no_grad():
+            for name, value in self._target_values(names).items():
+                owner, _, attribute = name.rpartition(".")
+                self.working.get_submodule(owner)._parameters[attribute] = value
+
+    def _targets_out(self, names: list[str], module: nn.Module, args: tuple, output: object) -> None:
+        """Forward hook (run on errors too): the working model's own parameters back in place."""
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            self.working.get_submodule(owner)._parameters[attribute] = self.working_parameters[name]
 
     def expert_parameters(self, k: int) -> dict[str, torch.Tensor]:
         """Every parameter of expert k by name (a LoRA expert's materialised: a full copy, for set-up work such as
@@ -196,16 +260,19 @@ class ExpertStore(ParameterViews):
         )
         if w == self.weight:
             return self.working
-        if self.count == 1 and self.adapters[0] is None:
+        if self.computed:
+            pass  # computed in the forwards that read the targets
+        elif self.count == 1 and self.adapters[0] is None:
             torch.lerp(self.pt_flat, self.full_flats, w[0], out=self.merged_flat)
         elif self.count == 1:  # the expert's values written (unless they are there), then interpolated in place
             if self.weight != (1.0,):
-                self._write_lora_expert(0)
+                self._reset_merged()
+                self._apply_adapter(0, self._merged_parameters())
             for pt, merged in self._merged_pairs():  # lerp is elementwise: as one pass over their union
                 torch.lerp(pt, merged, w[0], out=merged)
         else:
             self._merge_several(w)
-        self.weight = w
+        self.weight, self.source = w, "merge"
         return self.working
 
     def _merge_several(self, w: tuple[float, ...]) -> None:
@@ -219,28 +286,21 @@ class ExpertStore(ParameterViews):
             torch.addmv(self.pt_flat, rows.T, vector, beta=1.0 - sum(full), out=self.merged_flat)
         else:
             self._reset_merged()
-        params = dict(self.working.named_parameters())
-        for k, adapter in enumerate(self.adapters):
-            if adapter is None or w[k] == 0.0:
-                continue
-            own = self.adapter(k)
-            for update in own.updates:
-                target = params[update.parameter]
-                target = target[slice(*update.rows)] if update.rows else target
-                target.addmm_(update.up, update.down, alpha=w[k] * update.scale)
-            for name, value in own.replacements.items():
-                params[name].add_(value - self.pretrained.get_parameter(name), alpha=w[k])
+        self._add_lora_terms(w, self._merged_parameters())
 
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:
         """Set the working model to a precomputed full flat parameter vector (a static merge) and return it: only the
-        merged parameters can differ from θ_pt (every static rule leaves a tensor no expert changes as it is)."""
-        if self.merged_flat.numel() == flat.numel():
+        merged parameters can differ from θ_pt (every static rule leaves a tensor no expert changes as it is). With
+        targets computed in the forwards, they are read from ``flat``, which must then stay as it is while in use."""
+        if self.computed:
+            pass
+        elif self.merged_flat.numel() == flat.numel():
             self.merged_flat.copy_(flat)
         else:
             for name in self.merged_names:
                 self._slice(self.merged_flat, self.merged_offsets, name).copy_(self._slice(flat, self.offsets, name))
-        self.weight = None
+        self.weight, self.source = None, flat
         return self.working
 
     @torch.no_grad()
@@ -278,6 +338,22 @@ class ExpertStore(ParameterViews):
             return dict(self.adapter(k).replacements)
         pt = dict(self.pretrained.named_parameters())
         return {n: p for n, p in self.expert_model(k).named_parameters() if not torch.equal(p, pt[n])}
+
+
+def _runners(model: nn.Module, names: list[str]) -> dict[str, list[str]] | None:
+    """Per module, the parameters among ``names`` its forward reads: each one's own module's, or for an
+    ``nn.MultiheadAttention``'s out_proj the attention's (its forward reads them); None if one is the model's own
+    (read by methods such as ``encode_text``, outside any module's forward)."""
+    runners: dict[str, list[str]] = {}
+    for name in names:
+        owner = name.rpartition(".")[0]
+        parent = owner.rpartition(".")[0]
+        if owner and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+            owner = parent
+        if not owner:
+            return None
+        runners.setdefault(owner, []).append(name)
+    return runners
 
 
 def _copy_without_parameters(model: nn.Module) -> nn.Module:

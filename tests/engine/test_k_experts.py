@@ -137,14 +137,33 @@ def test_lora_experts_stay_low_rank_in_the_store(clip_pair, expert_team):
     assert 0 < adapters < 0.1 * store.num_parameters  # a LoRA expert is its adapter alone
 
 
-def test_lora_experts_alone_keep_one_model_their_adapters_and_one_copy_of_their_targets(clip_pair, expert_team):
+def test_lora_experts_alone_keep_one_model_and_their_adapters(clip_pair, expert_team, setting):
+    """The working model's values of the LoRA targets are computed in the forwards that read them (the oracles above
+    check the values): nothing but the generalist and the adapters is kept, and after a forward, even one that
+    failed, the working model holds its own parameters again."""
+    _, images, _ = setting
     store = make_engine(clip_pair, expert_team, ["lora_a", "lora_b"]).store
     sizes = {name: b.numel() for name, b in store.named_buffers() if "." not in name}
-    targets = {u.parameter for k in range(2) for u in store.updates(k)} | set(store.changed(0)) | set(store.changed(1))
     adapters = {name for name in sizes if name.startswith(("down_", "up_", "replaced_"))}
     assert set(sizes) - adapters == {"pt_flat", "merged_flat", "full_flats"}
-    assert sizes["pt_flat"] == store.num_parameters and sizes["full_flats"] == 0
-    assert sizes["merged_flat"] == sum(store.shapes[name].numel() for name in targets) < store.num_parameters
+    assert sizes["pt_flat"] == store.num_parameters and sizes["merged_flat"] == sizes["full_flats"] == 0
+    own = {n: p.data_ptr() for n, p in store.working.named_parameters()}
+    model = store.merge([0.3, 0.6])
+    model.encode_image(images)
+    target = next(u.parameter for u in store.updates(0) if u.parameter.startswith("visual."))
+    attention = model.get_submodule(target.rpartition(".")[0])
+    seen = []
+
+    def failing(*args, **kwargs):
+        seen.append(getattr(attention, target.rpartition(".")[2]).data_ptr())
+        raise RuntimeError("a forward that fails")
+
+    attention.forward = failing
+    with pytest.raises(RuntimeError, match="a forward that fails"):
+        model.encode_image(images)
+    del attention.forward
+    assert seen and seen[0] != own[target]  # the merged values were in place during the forward
+    assert {n: p.data_ptr() for n, p in store.working.named_parameters()} == own
 
 
 @pytest.mark.parametrize("rule", ["independent", "routed"])
