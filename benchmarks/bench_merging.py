@@ -11,6 +11,8 @@ heads: the generalist's, ``merge_text`` false):
   tower and logit scale alone, as DaWin-MTL merges its image encoder), which also gives the largest |logit|
   difference of T³ from per-sample merges; and its bound, reference / λ forwards: what T³ would reach over the
   reference if its per-sample pass cost nothing (both run the K + 1 forwards that give λ);
+- T³ pass / reference loop: the per-sample stages alone, at the same weights (T³'s pass over the reference's loop of
+  state_dict merges and forwards), interleaved, the median of three;
 - peak memory over one model's parameters of T³_B and T³, each measured in a process of its own, and the engine's
   parameter store (the generalist, the experts as kept: a full copy each, a LoRA expert's factors; the
   working model's merged tensors) over one model's parameters;
@@ -21,10 +23,11 @@ interpolants fitted once (untimed, as a run does in its set-up). Models have ran
 (the bundled tcube-tiny-clip), ``clip-b16`` (open_clip's ViT-B-16), ``biomedclip-tiny`` (timm's test_vit and a
 2-layer BERT) and ``biomedclip-base`` (ViT-B/16 and BERT-base: BiomedCLIP's sizes). Besides its table it prints,
 per row, ``T3 vs T3_B [<model> <expert kind> K=<k>]: <ratio>x``, ``T3 vs reference [<model> <expert kind> K=<k>]:
-<ratio>x``, ``reference vs lambda forwards [<model> <expert kind> K=<k>]: <ratio>x``, ``max |logit diff| vs per-sample
-merges [<model> <expert kind> K=<k>]: <value>``, ``fused merge vs bandwidth floor [<model> <expert kind> K=<k>]:
-<ratio>x`` and ``state_dict merge vs fused merge [<model> <expert kind> K=<k>]: <ratio>x``, for scripts to compare
-runs; a one-expert row also under the label earlier runs printed, ``[<model> <expert kind>]``.
+<ratio>x``, ``reference vs lambda forwards [<model> <expert kind> K=<k>]: <ratio>x``, ``T3 pass vs reference loop
+[<model> <expert kind> K=<k>]: <ratio>x``, ``max |logit diff| vs per-sample merges [<model> <expert kind> K=<k>]:
+<value>``, ``fused merge vs bandwidth floor [<model> <expert kind> K=<k>]: <ratio>x`` and ``state_dict merge vs fused
+merge [<model> <expert kind> K=<k>]: <ratio>x``, for scripts to compare runs; a one-expert row also under the label
+earlier runs printed, ``[<model> <expert kind>]``.
 
     python benchmarks/bench_merging.py --rows biomedclip-base:full biomedclip-base:lora:4 --batch-size 8
 """
@@ -72,6 +75,8 @@ DEFAULT_ROWS = (
 )
 BATCH = {"clip-tiny": 32, "biomedclip-tiny": 32, "clip-b16": 8, "biomedclip-base": 8}
 CLIP = {"clip-tiny": "tcube-tiny-clip", "clip-b16": "ViT-B-16"}
+STAGE_REPEATS = 3
+"""Interleaved measurements of the per-sample stages alone (the reference's loop is slow: once per repeat)."""
 MAPPING = LambdaMapping(gamma=50.0)
 """γ large enough that every sample gets its own weight, as with real disagreement."""
 LORA_RANK = 16
@@ -283,8 +288,12 @@ class Row:
             return self.engine.merged_logits(self.images, batch_coefficient(weights))
 
     def t3(self) -> torch.Tensor:
+        return self.t3_pass(self.lambda_forwards())
+
+    def t3_pass(self, weights: torch.Tensor) -> torch.Tensor:
+        """T³'s per-sample stage alone: each sample through its own merge, at given weights."""
         with torch.no_grad(), self.autocast:
-            return self.engine.sample_merged_logits(self.images, self.engine.coefficients(self.images, 0).weights[""])
+            return self.engine.sample_merged_logits(self.images, weights)
 
     def lambda_forwards(self) -> torch.Tensor:
         """What T³, T³_B and the reference all run first: the K + 1 forwards that give each sample's weights."""
@@ -294,10 +303,13 @@ class Row:
     def reference(self) -> torch.Tensor:
         """Per sample: the state_dict merge of what the run merges, load_state_dict, with one expert a text pass for
         the head (with several, the generalist's head, as the run), the image forward."""
+        return self.reference_loop(self.lambda_forwards())
+
+    def reference_loop(self, weights: torch.Tensor) -> torch.Tensor:
+        """The reference's per-sample stage alone, at given weights."""
         pt = {key: self.reference_states[0][key] for key in self.reference_keys}
         experts = [{key: e[key] for key in self.reference_keys} for e in self.reference_states[1]]
         with torch.no_grad(), self.autocast:
-            weights = self.engine.coefficients(self.images, 0).weights[""]
             logits = []
             for image, w in zip(self.images, weights.tolist()):
                 self.reference_model.load_state_dict(state_dict_merge(pt, experts, w), strict=self.merge_text)
@@ -319,6 +331,12 @@ class Row:
             ratios.append(batch_seconds[-1] / t3_seconds[-1])  # throughput of T³ over that of T³_B
         reference_seconds = seconds_per_call(self.reference, self.device, 1)
         lambda_seconds = seconds_per_call(self.lambda_forwards, self.device, calls)
+        weights = self.lambda_forwards()  # the per-sample stages alone, at the same weights, interleaved
+        stages = [
+            seconds_per_call(lambda: self.reference_loop(weights), self.device, 1)
+            / seconds_per_call(lambda: self.t3_pass(weights), self.device, calls)
+            for _ in range(STAGE_REPEATS)
+        ]
         merge = self.merge_times()
         difference = float((self.t3().float() - self.reference().float()).abs().max())
         return {
@@ -338,6 +356,7 @@ class Row:
             "t3_images_per_s": self.batch / statistics.median(t3_seconds),
             "t3_vs_reference": reference_seconds / statistics.median(t3_seconds),
             "reference_vs_lambda_forwards": reference_seconds / lambda_seconds,
+            "t3_pass_vs_reference_loop": statistics.median(stages),
             "max_abs_logit_diff_vs_per_sample_merges": difference,
             "param_bytes": self.param_bytes,
             "adapter_bytes": self.adapter_bytes,
@@ -452,9 +471,10 @@ def print_report(report: dict) -> None:
     print(f"\n{report['device']}, {report['classes']} classes, {precision}")
     print(
         "| model | expert | K | heads | batch | T3 path | T3 / T3_B (median [min, max]) | T3 / reference "
-        "| reference / λ forwards | max logit diff | peak / params T3_B, T3 | store / params | adapters / params "
+        "| reference / λ forwards | T3 pass / reference loop | max logit diff | peak / params T3_B, T3 "
+        "| store / params | adapters / params "
         "| fused merge / floor | state_dict merge / fused |\n"
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for row in report["rows"]:
         model, kind, count = parse_row(row["row"])
@@ -464,6 +484,7 @@ def print_report(report: dict) -> None:
             f"| {model} | {kind} | {count} | {row['heads']} | {row['batch_size']} | {label} "
             f"| {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] of {ratio['repeats']} "
             f"| {row['t3_vs_reference']:.2f} | {row['reference_vs_lambda_forwards']:.2f} "
+            f"| {row['t3_pass_vs_reference_loop']:.2f} "
             f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
             f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} "
             f"| {row['store_bytes'] / row['param_bytes']:.2f} | {row['adapter_bytes'] / row['param_bytes']:.3f} "
@@ -477,6 +498,7 @@ def print_report(report: dict) -> None:
             print(f"T3 vs T3_B [{label}]: {row['t3_vs_t3_batch']['median']:.2f}x")
             print(f"T3 vs reference [{label}]: {row['t3_vs_reference']:.2f}x")
             print(f"reference vs lambda forwards [{label}]: {row['reference_vs_lambda_forwards']:.2f}x")
+            print(f"T3 pass vs reference loop [{label}]: {row['t3_pass_vs_reference_loop']:.2f}x")
             difference = row["max_abs_logit_diff_vs_per_sample_merges"]
             print(f"max |logit diff| vs per-sample merges [{label}]: {difference:.1e}")
             print(f"fused merge vs bandwidth floor [{label}]: {merge_vs_floor(row)}")

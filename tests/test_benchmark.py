@@ -32,6 +32,7 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
         assert re.search(rf"^T3 vs T3_B \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
         assert re.search(rf"^T3 vs reference \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
         assert re.search(rf"^reference vs lambda forwards \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
+        assert re.search(rf"^T3 pass vs reference loop \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
         assert re.search(rf"^max \|logit diff\| vs per-sample merges \[{label}\]: \S+$", printed, flags=re.M)
         merge = row["merge"]
         assert merge["floor_s"] > 0 and merge["state_dict_s"] > 0
