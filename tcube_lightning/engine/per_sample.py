@@ -243,9 +243,13 @@ class LeafWisePass:
     # ----------------------------------------------------------------------------------------------- per row
     def _w(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """Expert k's per-row weights, shaped to broadcast against ``like`` (rows first)."""
-        if len(like) != len(self.weights):
-            raise RuntimeError(f"a leaf saw {len(like)} rows, not the batch's {len(self.weights)}")
+        self._check_rows(like)
         return row_weights(self.weights[:, k], like.ndim).to(like.dtype)
+
+    def _check_rows(self, x: torch.Tensor) -> None:
+        """A leaf's input has the batch's rows first, or the model's code mixes rows (the probe then says so)."""
+        if len(x) != len(self.weights):
+            raise RuntimeError(f"a leaf saw {len(x)} rows, not the batch's {len(self.weights)}")
 
     def _mix(self, base: torch.Tensor, values: list[torch.Tensor | None]) -> torch.Tensor:
         """base + Σ_k w_ik·(value_k − base) per row, skipping the experts that leave it as it is (None); one
@@ -309,6 +313,7 @@ class LeafWisePass:
         where the output mix serves (one expert, a LoRA expert, few tokens per row: ``MIX_WEIGHTS_MIN_TOKENS``)."""
         if names[0] not in self.stacked or tokens < MIX_WEIGHTS_MIN_TOKENS:
             return None
+        self._check_rows(x)
         chunks = [apply(x[start : start + len(w)], w, b) for start, w, b in self._row_parameters(names, pt)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
