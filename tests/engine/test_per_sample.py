@@ -90,6 +90,39 @@ def test_timm_and_bert_towers_run_per_sample_exactly(timm_pair):
     assert not [m for m in pt.modules() if "forward" in m.__dict__]  # every leaf given back its own forward
 
 
+def test_timm_and_bert_towers_merge_the_weights_of_several_experts_per_row(timm_pair):
+    """Two full experts, as the engine gives them (the store's rows stacked): every Linear and the patch convolution
+    merge their weights per row (these rows carry enough tokens), against models loaded per sample from
+    θ_pt + Σ_k w_k·(θ_k − θ_pt) written out by hand; K + 1 = 3 terms per parameter where one expert's lerp has two,
+    hence (K + 1)/2 times one expert's tolerance, as for the tiny CLIP's."""
+    arch, pt, ft = timm_pair
+    pt_state, states = pt.state_dict(), [ft.state_dict(), make_expert_state_dict(pt.state_dict(), seed=5, scale=0.2)]
+    second = copy.deepcopy(pt)
+    second.load_state_dict(states[1])
+    store = ExpertStore(copy.deepcopy(pt), [copy.deepcopy(ft), second])
+    dense = [store.changed(k) for k in range(2)]
+    vectorized = LeafWisePass(store.pretrained, dense, None, {n: store.stacked(n) for n in set().union(*dense)})
+    images = torch.randn(len(WEIGHTS), 3, BIOMEDCLIP_SIZE, BIOMEDCLIP_SIZE, generator=torch.Generator().manual_seed(1))
+    tokens = open_clip.get_tokenizer(arch)(["a photo of a circle.", "a", "a cross.", "", "ring", "square"])
+    weights = torch.stack([torch.tensor(WEIGHTS), torch.tensor(WEIGHTS).flip(0) / 2], dim=1)
+    with torch.no_grad():
+        ours = vectorized.encode_image(images, weights), vectorized.encode_text(tokens, weights)
+    assert vectorized.workspace is not None  # the weights were merged per row
+    oracle = copy.deepcopy(pt)
+    for i, w in enumerate(weights.tolist()):
+        merged = {
+            k: pt_state[k] + sum(wk * (sd[k] - pt_state[k]) for wk, sd in zip(w, states))
+            if pt_state[k].is_floating_point()
+            else pt_state[k]
+            for k in pt_state
+        }
+        oracle.load_state_dict(merged)
+        with torch.no_grad():
+            expected = oracle.encode_image(images[i : i + 1], True), oracle.encode_text(tokens[i : i + 1], True)
+        for got, want in zip(ours, expected, strict=True):
+            torch.testing.assert_close(got[i : i + 1], want, atol=(2 + 1) / 2 * DEEP_EMBEDDING_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("adapter", ["peft", "robustmedclip"])
 def test_lora_experts_run_per_sample_by_their_low_rank_term(biomedclip, hf_cache, tmp_path, adapter):
     arch = f"local-dir:{biomedclip['folder']}"
