@@ -37,6 +37,12 @@ def rounding_atol(magnitude: float, dtype: torch.dtype = torch.float32, depth: i
     return depth * torch.finfo(dtype).eps * magnitude
 
 
+def k_experts_atol(one_expert_atol: float, count: int) -> float:
+    """A merge of ``count`` task vectors against one expert's tolerance: each merged value (or leaf output) is a sum
+    of count + 1 terms of its magnitude where one expert's lerp has two."""
+    return (count + 1) / 2 * one_expert_atol
+
+
 def sum_atol(reference: torch.Tensor, terms: int) -> float:
     """A float32 sum of ``terms`` terms of about ``reference``'s magnitude (at least 1): one rounding each (merged
     parameters against state_dict arithmetic in float64)."""

@@ -10,7 +10,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, softmax
 from scipy.stats import entropy
 
-from helpers import ARCH, CLASSNAMES, GAMMA, JS_ATOL, LOGITS_ATOL, TEMPLATES, lambda_atol
+from helpers import ARCH, CLASSNAMES, GAMMA, JS_ATOL, LOGITS_ATOL, TEMPLATES, k_experts_atol, lambda_atol
 from tcube_lightning.engine import per_sample
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
@@ -20,12 +20,6 @@ from tcube_lightning.merging.coefficients import KExperts, LambdaMapping
 TEAMS = {1: ["full_a"], 2: ["full_a", "lora_a"], 4: ["full_a", "lora_a", "full_b", "lora_b"]}
 FULL_TEAM = ["full_a", "full_b"]
 """Full experts alone: their leaves merge weights per row (``MIX_WEIGHTS_MIN_TOKENS``) rather than outputs."""
-
-
-def k_logits_atol(count: int) -> float:
-    """Merged logits with ``count`` task vectors: each leaf's output is a sum of count + 1 terms of its magnitude
-    (rounded count + 1 times where one expert's lerp rounds twice)."""
-    return (count + 1) / 2 * LOGITS_ATOL
 
 
 def float64_logits(pt_sd: dict, expert_sds: list[dict], weights: list[float], images, tokens, text_weights=None):
@@ -108,10 +102,11 @@ def test_each_sample_runs_through_its_own_k_expert_merge(
         assert (engine.vectorized_logits.__self__.workspace is not None) == (team == "full")
     for i, w in enumerate(weights.tolist()):
         expected = float64_logits(pt_sd, expert_sds, w, images[i : i + 1], tokens)
-        torch.testing.assert_close(ours[i : i + 1], expected, atol=k_logits_atol(count), rtol=0)
+        torch.testing.assert_close(ours[i : i + 1], expected, atol=k_experts_atol(LOGITS_ATOL, count), rtol=0)
     # one merged model for the whole batch, at a weight vector of its own
     expected = float64_logits(pt_sd, expert_sds, weights[0].tolist(), images, tokens)
-    torch.testing.assert_close(engine.merged_logits(images, weights[0]), expected, atol=k_logits_atol(count), rtol=0)
+    merged = engine.merged_logits(images, weights[0])
+    torch.testing.assert_close(merged, expected, atol=k_experts_atol(LOGITS_ATOL, count), rtol=0)
 
 
 def test_without_merged_text_towers_every_merge_keeps_the_generalists_head(clip_pair, expert_team, setting):
@@ -122,7 +117,7 @@ def test_without_merged_text_towers_every_merge_keeps_the_generalists_head(clip_
     ours = engine.sample_merged_logits(images, weights)
     for i, w in enumerate(weights.tolist()):
         expected = float64_logits(pt_sd, expert_sds, w, images[i : i + 1], tokens, text_weights=[0.0] * 4)
-        torch.testing.assert_close(ours[i : i + 1], expected, atol=k_logits_atol(4), rtol=0)
+        torch.testing.assert_close(ours[i : i + 1], expected, atol=k_experts_atol(LOGITS_ATOL, 4), rtol=0)
 
 
 def test_lora_experts_stay_low_rank_in_the_store(clip_pair, expert_team):

@@ -15,6 +15,7 @@ from helpers import (
     GAMMA,
     LOGITS_ATOL,
     TEMPLATES,
+    k_experts_atol,
     make_expert_state_dict,
     rounding_atol,
 )
@@ -93,8 +94,7 @@ def test_timm_and_bert_towers_run_per_sample_exactly(timm_pair):
 def test_timm_and_bert_towers_merge_the_weights_of_several_experts_per_row(timm_pair):
     """Two full experts, as the engine gives them (the store's rows stacked): every Linear and the patch convolution
     merge their weights per row (these rows carry enough tokens), against models loaded per sample from
-    θ_pt + Σ_k w_k·(θ_k − θ_pt) written out by hand; K + 1 = 3 terms per parameter where one expert's lerp has two,
-    hence (K + 1)/2 times one expert's tolerance, as for the tiny CLIP's."""
+    θ_pt + Σ_k w_k·(θ_k − θ_pt) written out by hand."""
     arch, pt, ft = timm_pair
     pt_state, states = pt.state_dict(), [ft.state_dict(), make_expert_state_dict(pt.state_dict(), seed=5, scale=0.2)]
     second = copy.deepcopy(pt)
@@ -120,7 +120,7 @@ def test_timm_and_bert_towers_merge_the_weights_of_several_experts_per_row(timm_
         with torch.no_grad():
             expected = oracle.encode_image(images[i : i + 1], True), oracle.encode_text(tokens[i : i + 1], True)
         for got, want in zip(ours, expected, strict=True):
-            torch.testing.assert_close(got[i : i + 1], want, atol=(2 + 1) / 2 * DEEP_EMBEDDING_ATOL, rtol=0)
+            torch.testing.assert_close(got[i : i + 1], want, atol=k_experts_atol(DEEP_EMBEDDING_ATOL, 2), rtol=0)
 
 
 @pytest.mark.parametrize("adapter", ["peft", "robustmedclip"])
