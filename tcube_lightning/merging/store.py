@@ -117,8 +117,8 @@ class ExpertStore(ParameterViews):
             module = self.working.get_submodule(runner)
             module.register_forward_pre_hook(functools.partial(self._targets_in, names))
             module.register_forward_hook(functools.partial(self._targets_out, names), always_call=True)
-        self.working_parameters = {n: p for n, p in self.working.named_parameters() if n in targets}
-        """The working model's own parameters of the LoRA targets, put back after a forward that computed them."""
+        self.working_parameters = {n: p for n, p in self.working.named_parameters() if self.computed and n in targets}
+        """With targets computed: the working model's own parameters of them, put back after each forward."""
         self.full_rows = [k for k, a in enumerate(self.adapters) if a is None]
         """The full experts, in the order of their rows of ``full_flats``."""
         self._flat("full_flats", len(self.full_rows) * self.num_parameters, reference)
