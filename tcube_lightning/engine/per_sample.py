@@ -345,7 +345,7 @@ class LeafWisePass:
         bias_name: str = "bias",
     ) -> torch.Tensor:
         x = self._batch(x)
-        names, tokens = (prefix + weight_name, prefix + bias_name), x[0].numel() // x.shape[-1]
+        names, tokens = (prefix + weight_name, prefix + bias_name), x.shape[1:-1].numel()
         y = self._through_row_parameters(x, names, (weight, bias), tokens, _per_row_linear)
         if y is not None:
             return y
