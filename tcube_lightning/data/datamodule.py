@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import collections
 import functools
-import math
-import signal
-import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import open_clip
+from lightning.pytorch.utilities import rank_zero_info
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
+from tcube_lightning.data.checks import check_classnames, check_labels, check_template, raise_problems
 from tcube_lightning.data.images import DicomFiles, ImageFolder
 from tcube_lightning.data.mixing import build_mixes, domain_experts
-from tcube_lightning.data.modalities import get_modality, known_corruptions, modality_corruptions
+from tcube_lightning.data.modalities import (
+    get_modality,
+    known_corruptions,
+    medmnist_classnames,
+    medmnist_filename,
+    modality_corruptions,
+)
 from tcube_lightning.data.readers import (
     SEVERITIES,
     CorruptedOnTheFly,
@@ -30,6 +33,7 @@ from tcube_lightning.data.readers import (
     read_medmnistc_file,
     write_npz_atomic,
 )
+from tcube_lightning.data.sampling import WholeBatchSampler, leave_sigterm_to_the_main_process
 from tcube_lightning.data.splitnames import corrupted_split_name
 from tcube_lightning.data.unlabelled import read_unlabelled
 from tcube_lightning.errors import InputError
@@ -37,19 +41,8 @@ from tcube_lightning.errors import InputError
 SPLIT_KINDS = ("in_domain", "base_to_novel", "corrupted")
 
 
-def medmnist_filename(flag: str, size: int = 28) -> str:
-    """MedMNIST's official file name: ``{flag}.npz`` at 28 px, ``{flag}_{size}.npz`` otherwise."""
-    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
-
-
-def medmnist_classnames(flag: str) -> list[str]:
-    """Class names in label order, from MedMNIST's own metadata."""
-    import medmnist
-
-    if flag not in medmnist.INFO:
-        raise InputError(f"flag: unknown MedMNIST dataset {flag!r}; known: {sorted(medmnist.INFO)}")
-    labels = medmnist.INFO[flag]["label"]
-    return [labels[str(i)] for i in range(len(labels))]
+TEST_ONLY = ("mixes", "expert_of")
+"""Settings of labelled evaluation that ``predict`` leaves aside, so that it takes a test config as it is."""
 
 
 class Preprocessed(Dataset):
@@ -187,6 +180,8 @@ class EvaluationDataModule(L.LightningDataModule):
         self.classnames_given = classnames is not None
         self.classnames = list(classnames) if classnames is not None else medmnist_classnames(flag) if flag else None
         """The names of the splits that do not name their own classes (None: every split must)."""
+        if templates is not None and not templates:
+            raise InputError("data.templates: an empty list; give at least one template with {}, or leave it out")
         self.templates = list(templates or (self.modality.templates if self.modality else ("a photo of a {}.",)))
         for template in self.templates:
             check_template(template)
@@ -215,33 +210,14 @@ class EvaluationDataModule(L.LightningDataModule):
             return
         transform = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
         if stage == "predict":
-            if self.mixes:
-                raise InputError("data.mixes: mixed splits are evaluated by test; predict reads each source as it is")
+            aside = [f"data.{name}" for name in TEST_ONLY if getattr(self, name)]
+            if aside:  # a test config taken as it is
+                rank_zero_info(f"predict leaves aside {', '.join(aside)}: settings of test (labelled splits)")
             self._setup_unlabelled(transform)
             return
         for name, (dataset, classnames) in self._read_splits().items():
-            check_distinct(name, classnames)
-            labels = np.asarray(dataset.labels)
-            if not np.issubdtype(labels.dtype, np.integer):
-                missing = np.asarray([v is None or (isinstance(v, float) and math.isnan(v)) for v in labels.tolist()])
-                if missing.any():
-                    raise InputError(
-                        f"split {name!r}: {int(missing.sum())} label(s) are missing (null or NaN; first at row "
-                        f"{int(np.flatnonzero(missing)[0])}); every sample needs a class index 0..{len(classnames) - 1}"
-                    )
-                labels = labels.astype(np.float64)
-                fractional = ~np.isfinite(labels) | (labels != np.round(labels))
-                if fractional.any():
-                    raise InputError(
-                        f"split {name!r}: {int(fractional.sum())} label(s) are not whole class indices (first: "
-                        f"{labels[fractional][0]}); labels must be integers 0..{len(classnames) - 1}"
-                    )
-            bad = (labels < 0) | (labels >= len(classnames))
-            if bad.any():
-                raise InputError(
-                    f"split {name!r}: {int(bad.sum())} label(s) outside 0..{len(classnames) - 1} for "
-                    f"{len(classnames)} class names (first bad label: {int(labels[bad][0])})"
-                )
+            check_classnames(name, classnames)
+            check_labels(name, dataset.labels, len(classnames))
             self.datasets[name] = Preprocessed(dataset, transform)
             self.split_classnames[name] = classnames
             if getattr(dataset, "dicom", None):
@@ -267,7 +243,7 @@ class EvaluationDataModule(L.LightningDataModule):
                 "data.classnames: predict names its classes by data.classnames (in the order of the "
                 "model's labels) or by a data.flag / modality's MedMNIST metadata"
             )
-        check_distinct("predict", self.classnames)
+        check_classnames("predict", self.classnames)
         problems = []
         for name, source in self.sources.items():
             try:
@@ -423,71 +399,3 @@ class EvaluationDataModule(L.LightningDataModule):
         if world_size == 1:
             return SequentialSampler(dataset)
         return WholeBatchSampler(dataset, self.batch_size, num_replicas=world_size, rank=self.trainer.global_rank)
-
-
-def leave_sigterm_to_the_main_process(worker: int) -> None:
-    """A DataLoader worker ignores SIGTERM: a scheduler signals the whole process group, and the main process stops
-    the run at the next batch (Lightning), saying how to resume, then ends its workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def check_template(template: str) -> None:
-    """A prompt template has exactly one ``{}``, where the class name goes (a literal brace is ``{{`` or ``}}``)."""
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as err:
-        raise InputError(
-            f"data.templates: {template!r} is not a template ({err}); write a literal brace as {{{{ or }}}}"
-        ) from err
-    if fields != [""]:
-        raise InputError(
-            f"data.templates: {template!r} has {len(fields)} replacement field(s) {['{' + f + '}' for f in fields]}; "
-            "each template needs exactly one {} for the class name"
-        )
-
-
-def raise_problems(problems: list[str]) -> None:
-    """One error for every problem found (each file that cannot be read named at once), if any."""
-    if len(problems) == 1:
-        raise InputError(problems[0])
-    if problems:
-        listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1))
-        raise InputError(f"{len(problems)} problems with the data: {listed}")
-
-
-def check_distinct(split: str, classnames: list[str]) -> None:
-    """Two classes whose prompts read alike (the tokenizers ignore case and spacing) would share one zero-shot
-    embedding, and the second could never be predicted."""
-
-    def as_read(name: str) -> str:
-        return " ".join(name.lower().split())
-
-    counts = collections.Counter(map(as_read, classnames))
-    repeats = [name for name in classnames if counts[as_read(name)] > 1]
-    if repeats:
-        raise InputError(
-            f"split {split!r}: class names must be distinct as the prompts read them (case and spacing ignored); "
-            f"repeated: {repeats}"
-        )
-
-
-class WholeBatchSampler(DistributedSampler):
-    """Deals whole batches to processes: rank r reads batches r, r + N, r + 2N, … of the one-process order.
-
-    Every batch is then the batch a one-process run sees (T³_B averages λ over the same samples, forwards see
-    the same inputs), and no sample is repeated or dropped. A process may get no batch of a small split.
-    A ``DistributedSampler`` so that Lightning does not replace it with its padding one.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        size = len(dataset)
-        batches = range(rank, math.ceil(size / batch_size), num_replicas)
-        self.indices = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, size))]
-        self.num_samples = len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

@@ -129,3 +129,18 @@ def known_corruptions(modality: Modality) -> set[str]:
     except ImportError:
         return names
     return names | set(CORRUPTIONS_DS.get(modality.medmnist_flag, ()))
+
+
+def medmnist_filename(flag: str, size: int = 28) -> str:
+    """MedMNIST's official file name: ``{flag}.npz`` at 28 px, ``{flag}_{size}.npz`` otherwise."""
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def medmnist_classnames(flag: str) -> list[str]:
+    """Class names in label order, from MedMNIST's own metadata."""
+    import medmnist
+
+    if flag not in medmnist.INFO:
+        raise InputError(f"flag: unknown MedMNIST dataset {flag!r}; known: {sorted(medmnist.INFO)}")
+    labels = medmnist.INFO[flag]["label"]
+    return [labels[str(i)] for i in range(len(labels))]

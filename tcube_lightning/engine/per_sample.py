@@ -30,24 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tcube_lightning.engine.leaf_plan import FOLDED, PROJECTIONS, plan_leaves
+from tcube_lightning.engine.row_merge import RowWeightMerge, per_row_linear
 from tcube_lightning.loading.lora import LowRankUpdate
-
-SCALES = ("logit_scale",)
-"""Merged per row by ``logit_scale``, outside the towers."""
-FOLDED = {"visual.class_embedding": "visual.positional_embedding"}
-"""open_clip's class token (``_expand_token`` views it as one row) → the positional embedding added right after it,
-whose first row takes the class token's per-row Δ: [cls + w·Δcls; patches] + pos(w) = [cls; patches] + pos(w) with
-pos(w)[0] + w·Δcls."""
-PROJECTIONS = {"visual.proj": "encode_image", "text_projection": "encode_text"}
-"""open_clip's raw output projections and the encoder each ends: ``pooled @ P`` is skipped when P is None."""
-MIX_WEIGHTS_MIN_TOKENS = 16
-"""With several full experts, a Linear or Conv2d leaf whose rows each carry at least this many tokens merges its
-weight per row (θ_pt + Σ_k w_ik·Δ_k, one product per row) instead of running K + 1 products and mixing their outputs:
-mixing costs K·|W| per row against the K·T·|W| it saves. On CPU (2 threads) the two break even at 9 to 13 tokens for
-K = 2 to 4, for ViT-B/16's widths and for the tiny models' alike; ViTs' blocks carry 50 to 197 tokens."""
-WORKSPACE_ELEMENTS = 2**24
-"""The most elements the per-row merged weights of one leaf take at once (64 MiB in float32): rows are merged in
-chunks within it, in one buffer reused by every leaf (a fresh allocation per leaf costs page faults on CPU)."""
 
 
 def per_sample_loop(
@@ -98,7 +83,7 @@ class LeafWisePass:
     (``low_rank``). Every leaf computes f(x; θ_pt) once and each expert's f(x; θ_k) only where that expert changes it:
     with one expert ``torch.lerp`` (θ_pt + w·Δ), with more f(x; θ_pt) + Σ_k w_ik·(f(x; θ_k) − f(x; θ_pt)). With
     several full experts (``stacked``), a Linear or Conv2d leaf of many tokens per row merges its weight per row
-    instead (``MIX_WEIGHTS_MIN_TOKENS``); one expert keeps the output mix, whose numbers the one-expert runs fix.
+    instead (``row_merge``); one expert keeps the output mix, whose numbers the one-expert runs fix.
 
     Args:
         pretrained: The generalist; its leaves' forwards are taken over during a pass, and given back after.
@@ -117,8 +102,7 @@ class LeafWisePass:
         stacked: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.pt, self.dense, self.count = pretrained, dense, len(dense)
-        self.stacked = stacked if stacked is not None and self.count > 1 else {}
-        self.workspace: torch.Tensor | None = None
+        self.row_weights = RowWeightMerge(stacked if stacked is not None and self.count > 1 else {})
         self.low_rank: list[dict[str, list[LowRankUpdate]]] = [defaultdict(list) for _ in dense]
         for k, updates in enumerate(low_rank or [[] for _ in dense]):
             for update in updates:
@@ -301,40 +285,6 @@ class LeafWisePass:
                 y.view(-1, y.shape[-1])[:, columns].addmm_(low.reshape(-1, low.shape[-1]), update.up.to(y.dtype).T)
         return y
 
-    def _through_row_parameters(
-        self,
-        x: torch.Tensor,
-        names: tuple[str, str],
-        pt: tuple[torch.Tensor, torch.Tensor | None],
-        tokens: int,
-        apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
-    ) -> torch.Tensor | None:
-        """``apply(rows of x, their weights, their biases)`` with the leaf's (weight, bias) merged per row, or None
-        where the output mix serves (one expert, a LoRA expert, few tokens per row: ``MIX_WEIGHTS_MIN_TOKENS``)."""
-        if names[0] not in self.stacked or tokens < MIX_WEIGHTS_MIN_TOKENS:
-            return None
-        self._check_rows(x)
-        chunks = [apply(x[start : start + len(w)], w, b) for start, w, b in self._row_parameters(names, pt)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-    def _row_parameters(self, names: tuple[str, str], pt: tuple[torch.Tensor, torch.Tensor | None]) -> Iterator:
-        """(first row, weights, biases) merged per row, in chunks of rows that fit ``WORKSPACE_ELEMENTS``: the weights
-        in the shared workspace, so each chunk is used before the next is asked for."""
-        weight, bias = pt
-        size = weight.numel()
-        chunk = max(1, min(len(self.weights), WORKSPACE_ELEMENTS // size))
-        if self.workspace is None or self.workspace.numel() < chunk * size or self.workspace.device != weight.device:
-            self.workspace = weight.new_empty(chunk * size)
-        experts = self.stacked[names[0]].view(self.count, -1)
-        biases = None if bias is None else self.stacked.get(names[1], bias.expand(self.count, -1))
-        for start in range(0, len(self.weights), chunk):
-            w = self.weights[start : start + chunk].to(weight.dtype)
-            keep = 1.0 - w.sum(dim=1)
-            rows = torch.outer(keep, weight.view(-1), out=self.workspace[: len(w) * size].view(len(w), size))
-            rows.addmm_(w, experts)
-            row_bias = None if bias is None else torch.outer(keep, bias).addmm_(w, biases)
-            yield start, rows.view(len(w), *weight.shape), row_bias
-
     def _linear_rows(
         self,
         x: torch.Tensor,
@@ -346,9 +296,9 @@ class LeafWisePass:
     ) -> torch.Tensor:
         x = self._batch(x)
         names, tokens = (prefix + weight_name, prefix + bias_name), x.shape[1:-1].numel()
-        y = self._through_row_parameters(x, names, (weight, bias), tokens, _per_row_linear)
-        if y is not None:
-            return y
+        if self.row_weights.serves(names[0], tokens):
+            self._check_rows(x)
+            return self.row_weights(x, names, (weight, bias), self.weights, per_row_linear)
         y = F.linear(x, weight, bias)
         outputs = []
         for d in self.dense:
@@ -398,9 +348,9 @@ class LeafWisePass:
             x = self._batch(x)
             tokens = x.shape[2:].numel() // math.prod(module.stride) if module.padding_mode == "zeros" else 0
             names = (f"{name}.weight", f"{name}.bias")
-            y = self._through_row_parameters(x, names, (module.weight, module.bias), tokens, per_row)
-            if y is not None:
-                return y
+            if self.row_weights.serves(names[0], tokens):
+                self._check_rows(x)
+                return self.row_weights(x, names, (module.weight, module.bias), self.weights, per_row)
             y = module._conv_forward(x, module.weight, module.bias)
             outputs = []
             for d in self.dense:
@@ -443,95 +393,3 @@ class LeafWisePass:
             return self_attention(query, qkv, out, module.num_heads, mask), None
 
         return forward
-
-
-def _per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Row i of ``x`` (rows, …, in) through ``weight[i]`` (rows, out, in) and ``bias[i]``: one batched product."""
-    flat = x.reshape(len(x), -1, x.shape[-1])
-    if bias is None:
-        y = torch.bmm(flat, weight.transpose(1, 2))
-    else:
-        y = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
-    return y.view(*x.shape[:-1], -1)
-
-
-class LeafPlan:
-    """How ``LeafWisePass`` runs a model: the handler of each changed leaf, the parameters given per row, the raw
-    projections applied after their tower, or why it cannot (``reason``)."""
-
-    def __init__(self) -> None:
-        self.leaves: dict[str, str] = {}
-        self.per_row: list[str] = []
-        self.projections: list[str] = []
-        self.reason: str | None = None
-
-
-def plan_leaves(model: nn.Module, changed: set[str]) -> LeafPlan:
-    """Which module runs per row with which handler, which parameters held outside leaves become per-row tensors or
-    projections applied per row, and why the model cannot run this way (``reason``, None when it can)."""
-    plan = LeafPlan()
-    for name, module in model.named_modules():
-        recurse = isinstance(module, nn.MultiheadAttention)  # its out_proj's parameters are its own here
-        own = {f"{name}.{k}" if name else k for k, _ in module.named_parameters(recurse=recurse)}
-        if not own & changed:
-            continue
-        kind = _leaf_kind(model, name, module)
-        if kind is None:
-            plan.reason = _outside_leaves(model, sorted(own & changed), plan)
-        elif kind.startswith("!"):
-            plan.reason = f"{name}: {kind[1:]}"
-        elif kind != "inside attention":  # an nn.MultiheadAttention's out_proj: its attention's handler uses it
-            plan.leaves[name] = kind
-        if plan.reason is not None:
-            return plan
-    return plan
-
-
-def _leaf_kind(model: nn.Module, name: str, module: nn.Module) -> str | None:
-    """The handler of a leaf this pass knows, ``!why`` for one it cannot run, None for a model's own module (its
-    parameters are then used in its own code: given per row, ``_outside_leaves``)."""
-    if isinstance(module, nn.MultiheadAttention):
-        if not module.batch_first or not module._qkv_same_embed_dim or module.bias_k is not None:
-            return "!an attention layer that is not batch-first self-attention with fused q/k/v"
-        return "attention"
-    if isinstance(module, nn.Linear):
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        return "inside attention" if isinstance(model.get_submodule(parent), nn.MultiheadAttention) else "linear"
-    if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-        return "layer_norm"
-    if type(module).__name__ == "LayerScale" and set(dict(module.named_parameters(recurse=False))) == {"gamma"}:
-        return "layer_scale"
-    if isinstance(module, nn.Conv2d):
-        return "conv"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if type(module).__module__.startswith("torch.nn"):  # a layer of torch's own this pass does not know
-        return f"!a {type(module).__name__}, which this pass cannot run per row"
-    return None
-
-
-def _outside_leaves(model: nn.Module, parameters: list[str], plan: LeafPlan) -> str | None:
-    """Changed parameters held outside leaves into ``plan`` (per row, folded or projections); why not, if not."""
-    for parameter in parameters:
-        shape = tuple(model.get_parameter(parameter).shape)
-        if parameter in SCALES:
-            continue
-        if parameter in PROJECTIONS and len(shape) == 2:
-            plan.projections.append(parameter)
-        elif parameter in FOLDED:
-            if FOLDED[parameter] not in plan.per_row:
-                plan.per_row.append(FOLDED[parameter])
-        elif not shape:
-            return f"{parameter} (a scalar) differs between the models and is outside every leaf this pass knows"
-        elif parameter not in plan.per_row:
-            plan.per_row.append(parameter)
-    return None
-
-
-def leafwise_reason(model: nn.Module, changed: set[str]) -> str | None:
-    """Why ``LeafWisePass`` cannot run ``model`` (None when its structure allows it; a probe confirms)."""
-    if getattr(model, "logit_bias", None) is not None:
-        return "the model has a logit bias (SigLIP)"
-    if not all(hasattr(model, f) for f in ("encode_image", "encode_text", "logit_scale")):
-        return f"{type(model).__name__} is not a CLIP (encode_image, encode_text, logit_scale)"
-    return plan_leaves(model, changed).reason

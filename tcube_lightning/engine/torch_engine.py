@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from tcube_lightning.engine.heads import HeadInterpolant, fit_head_interpolant
-from tcube_lightning.engine.per_sample import LeafWisePass, leafwise_reason, per_sample_loop
+from tcube_lightning.engine.leaf_plan import leafwise_reason
+from tcube_lightning.engine.per_sample import LeafWisePass, per_sample_loop
 from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import image_side
 from tcube_lightning.loading.lora import LoraAdapter
+from tcube_lightning.merging.batch_rules import BatchContext
 from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, generalised_js
-from tcube_lightning.merging.methods import BatchContext, Method
+from tcube_lightning.merging.methods import Method
 from tcube_lightning.merging.store import ExpertStore
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]

@@ -17,7 +17,7 @@ from tcube_lightning.evaluation.splits import one_class_set, split_sources
 from tcube_lightning.merging.adamerging import AdaMergingSettings, adapt, batches, merged_flat
 from tcube_lightning.merging.methods import Method
 from tcube_lightning.reporting.cost import CostMeter
-from tcube_lightning.reporting.report import log_adaptation
+from tcube_lightning.reporting.logged import log_adaptation
 
 
 def adaptation_split(adapt_on: str | None, data: LightningDataModule) -> tuple[str, Dataset, list[str]] | None:

@@ -1,27 +1,38 @@
 """The clustered methods' second pass (``t3_cluster``, ``dawin_cluster``, DaWin's recipe): pass 1 keeps every sample's
 pretrained and expert logits and T³ weights; at the split's end a Beta mixture is fitted to the split's coefficients
 (every process's), and each sample runs through the model merged at its component's mean, one merge per component.
-Pass 1's pretrained and expert forwards are not repeated."""
+Pass 1's pretrained and expert forwards are not repeated. Plain torch and data: the LightningModule reads the batches
+again and puts what ``predict`` returns into its metrics and table."""
 
 from __future__ import annotations
 
-import itertools
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 
-from tcube_lightning.engine.torch_engine import BatchCoefficients
-from tcube_lightning.evaluation.batches import class_set_groups
+from tcube_lightning.engine.torch_engine import BatchCoefficients, TCubeEngine
+from tcube_lightning.evaluation.batches import GroupResult, class_set_groups, measured, probabilities
 from tcube_lightning.merging.coefficients import fit_beta_mixture
 from tcube_lightning.merging.methods import Method
+from tcube_lightning.reporting.cost import CostMeter
 from tcube_lightning.reporting.metrics import gather_from_all_ranks
-from tcube_lightning.reporting.report import mixture_summary
+from tcube_lightning.reporting.samples import prediction_columns
 
-if TYPE_CHECKING:
-    from tcube_lightning.evaluation.module import TCubeModule
+
+@dataclass(frozen=True)
+class ClusterFit:
+    """A split's fitted mixtures and what they give this process's samples."""
+
+    weights: dict[str, torch.Tensor]
+    """Method → the merge weight (its component's mean) of each of this process's samples, in pass 1's order."""
+    index: torch.Tensor
+    """Those samples' positions in the split, in the same order."""
+    summaries: dict[str, dict]
+    """Method → its mixture, for results.json."""
+    notes: list[str]
+    """Why a fit fell back to one merge per distinct value, per method, for the user."""
 
 
 class ClusteredPass:
@@ -38,8 +49,6 @@ class ClusteredPass:
         self.methods, self.clusters = methods, clusters
         self.keys = ("index", "pt", "ft", *settings)
         self.cache: dict[str, dict[str, list[torch.Tensor]]] = {s: {k: [] for k in self.keys} for s in splits}
-        self.summaries: dict[str, dict[str, dict]] = {s: {} for s in splits}
-        """Each split's fitted mixtures, by method, for results.json."""
 
     def keep(self, split: str, index: torch.Tensor, shared: BatchCoefficients, width: int) -> None:
         """A batch of pass 1 (or a mixed batch's group): what pass 2 needs of its samples. The logits of a mix's
@@ -52,50 +61,64 @@ class ClusteredPass:
             for key, value in values.items():
                 self.cache[split][key].append(value.detach())
 
+    def kept_any(self, split: str) -> bool:
+        """Whether pass 1 kept any sample of ``split`` on this process."""
+        return bool(self.cache[split]["index"])
+
     def keep_nothing(self, split: str, classes: int, device: torch.device) -> None:
         """A process that read no batch of ``split`` joins the gathers with empty, correctly shaped values."""
         for key, values in self.cache[split].items():
             shape = (0, classes) if key in ("pt", "ft") else (0,)
             values.append(torch.empty(shape, dtype=torch.long if key == "index" else torch.float32, device=device))
 
-    def run(self, module: TCubeModule, index: int) -> None:
-        """Pass 2 on split ``index``: fit the mixtures (every process takes part), then predict the local samples."""
-        split = module.split_names[index]
-        cache = {key: torch.cat(values) for key, values in self.cache[split].items()}
+    def fit(self, split: str, rank: int) -> ClusterFit:
+        """The mixtures of ``split`` (every process takes part in the gathers) and this process's (``rank``) samples'
+        merge weights. The coefficients are computed over the split's samples in index order, the one-process order
+        whatever the processes and the grouping of a mix's batches: vectorised kernels round a row by where it lies."""
+        cache = {key: torch.cat(values) for key, values in self.cache.pop(split).items()}
         local_rows = gather_from_all_ranks(torch.tensor([len(cache["pt"])]))
-        start = int(local_rows[: module.global_rank].sum())
+        start = int(local_rows[:rank].sum())
         everything = {key: gather_from_all_ranks(values) for key, values in cache.items()}
-        assignments, means = {}, {}
+        if not len(everything["index"]):  # predict: no image of the source could be read
+            return ClusterFit({name: cache["index"].float() for name in self.methods}, cache["index"], {}, [])
+        order = everything["index"].argsort()
+        ordered = {key: values[order] for key, values in everything.items()}
+        weights, summaries, notes = {}, {}, []
         for name, method in self.methods.items():
-            coefficients = method.coefficient(everything["pt"], everything["ft"], everything[method.setting])
+            in_index_order = method.coefficient(ordered["pt"], ordered["ft"], ordered[method.setting])
+            coefficients = torch.empty_like(in_index_order)
+            coefficients[order] = in_index_order
             mixture = fit_beta_mixture(coefficients, self.clusters)
-            assignments[name] = mixture.assign(coefficients[start : start + len(cache["pt"])]).to(module.device)
-            means[name] = torch.tensor([float(m) for m in mixture.means], device=module.device)
-            self.summaries[split][name] = mixture_summary(mixture)
+            component = mixture.assign(coefficients[start : start + len(cache["pt"])]).to(cache["pt"].device)
+            weights[name] = torch.tensor([float(m) for m in mixture.means], device=component.device)[component]
+            summaries[name] = mixture.summary()
             if mixture.note:
-                rank_zero_warn(f"split {split!r}, {name}: {mixture.note}")
-        # Under the trainer's precision (e.g. bf16 autocast), like test_step: this pass may run from an epoch hook.
-        with module.trainer.precision_plugin.test_step_context():
-            self._predict(module, index, assignments, means, cache["index"])
+                notes.append(f"split {split!r}, {name}: {mixture.note}")
+        return ClusterFit(weights, cache["index"], summaries, notes)
 
-    def _predict(self, module: TCubeModule, index: int, assignments: dict, means: dict, rows: torch.Tensor) -> None:
-        """Every local sample through the model merged at its component's mean, into the metrics and the table."""
-        split = module.split_names[index]
-        trainer, offset = module.trainer, 0
-        loaders = trainer.predict_dataloaders if module.predicting else trainer.test_dataloaders
-        # Only the batches pass 1 read: Lightning's limit_test_batches / fast_dev_run stop it early.
-        for batch in itertools.islice(loaders[index], module.batches_seen[split]):
-            batch = module.readable(module.transfer_batch_to_device(batch, module.device, index))
-            groups = class_set_groups(module.class_sets[split], batch.get("source"))  # pass 1's order
-            for class_set, group in groups:
-                images, labels = batch["image"][group], batch["label"][group]
-                source = batch["source"][group] if "source" in batch else None
-                local = slice(offset, offset + len(labels))
-                columns = {"index": rows[local]}
-                for name in self.methods:
-                    weights = means[name][assignments[name][local]]
-                    with module.cost.measure(name, len(labels)):
-                        logits = module.engine.grouped_logits(images, weights, class_set)
-                    columns |= {f"w/{name}": weights} | module.update_metrics(split, name, logits, labels, source)
-                module.tables[split].add(columns)
-                offset += len(labels)
+    def predict(
+        self,
+        engine: TCubeEngine,
+        batch: dict,
+        class_sets: list[int],
+        fit: ClusterFit,
+        offset: int,
+        meter: CostMeter | None = None,
+    ) -> list[GroupResult]:
+        """A batch pass 1 read, again (its rows from ``offset`` on in pass 1's order): every sample through the model
+        merged at its component's mean, per group of one class set as in pass 1."""
+        results = []
+        for class_set, group in class_set_groups(class_sets, batch.get("source")):  # pass 1's order
+            images, labels = batch["image"][group], batch["label"][group]
+            local = slice(offset, offset + len(labels))
+            columns, probs = {"index": fit.index[local]}, {}
+            for name in self.methods:
+                weights = fit.weights[name][local]
+                with measured(meter, name, len(labels)):
+                    logits = engine.grouped_logits(images, weights, class_set)
+                probs[name] = probabilities(logits)
+                columns |= {f"w/{name}": weights} | prediction_columns(name, probs[name])
+            source = batch["source"][group] if "source" in batch else None
+            results.append(GroupResult(class_set, labels, source, probs, columns))
+            offset += len(labels)
+        return results

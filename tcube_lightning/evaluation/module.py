@@ -4,6 +4,7 @@ pass and AdaMerging's adaptation in their own rooms beside this one."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -13,14 +14,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
-from tcube_lightning.errors import InputError
 from tcube_lightning.evaluation.adaptation import adapt_methods, adaptation_split
-from tcube_lightning.evaluation.batches import evaluate_batch
+from tcube_lightning.evaluation.batches import BatchEvaluation, GroupResult, readable_rows
 from tcube_lightning.evaluation.clustered import ClusteredPass
-from tcube_lightning.evaluation.options import check_prediction_options, check_run_options, method_families
+from tcube_lightning.evaluation.options import (
+    check_data_fits,
+    check_prediction_options,
+    check_run_options,
+    method_families,
+)
 from tcube_lightning.evaluation.predicting import PredictHooks
 from tcube_lightning.evaluation.splits import class_sets, mixed_or_plain, split_sources
 from tcube_lightning.loading import plan_models
@@ -30,17 +34,14 @@ from tcube_lightning.merging.methods import BaselineSettings, build_methods, wit
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.reporting.cost import CostMeter
 from tcube_lightning.reporting.deferral import coverage_columns, deferral
+from tcube_lightning.reporting.logged import log_batch_coefficients
 from tcube_lightning.reporting.metrics import RunMetrics
-from tcube_lightning.reporting.report import (
-    RunReport,
-    load_previous,
-    mix_record,
-    split_record,
-    trainer_settings,
-)
+from tcube_lightning.reporting.records import mix_record, split_record
+from tcube_lightning.reporting.report import RunReport
 from tcube_lightning.reporting.results import jsonable
+from tcube_lightning.reporting.resume import load_previous, trainer_settings
 from tcube_lightning.reporting.runfolder import clear_earlier_run
-from tcube_lightning.reporting.samples import SampleTable, prediction_columns
+from tcube_lightning.reporting.samples import SampleTable
 
 quiet_lightning()  # also in the processes ddp_spawn starts, which import this module
 
@@ -163,12 +164,6 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.expert_names = list(self.model_plan.experts)
         self.method_families = method_families(methods, len(self.expert_names))
         self.baselines, self.adamerging, self.k_experts = baselines, adamerging, k_experts
-        names = [n for n, m in self._all_methods().items() if m.family in self.method_families]
-        if mce_reference not in names:  # an error once corrupted splits need it (setup), said here already
-            rank_zero_warn(
-                f"model.mce_reference: {mce_reference!r} is not among the evaluated methods {names}; corrupted "
-                "splits (CE, mCE) will be refused"
-            )
         self.engine: TCubeEngine | None = None
         self.started = time.time()
         """When this run began: files in its folder written since are its own (``runfolder``)."""
@@ -210,7 +205,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
             if self.trainer.is_global_zero:
                 self._new_report(Path(hp.results_dir)).finish(self.logger, hp.plots, self._lambda_spread())
             return
-        self._check_data_fits(data)
+        check_data_fits(self.model_plan, data, self.expert_names, hp.mce_reference, list(self.methods), self.predicting)
         # Splits can differ in their classes (base-to-novel), a mix's sources too: one prompt set, and head, per class
         # list; each split's sources (itself, or a mix's) with their class names and labels.
         self.split_sources = {s: split_sources(s, data) for s in self.split_names}
@@ -250,18 +245,6 @@ class TCubeModule(PredictHooks, L.LightningModule):
         """Every method with the ``model.grid`` copies, evaluated or not."""
         return with_grid(build_methods(self.baselines, self.hparams.arch or "", self.expert_names), list(self.grid))
 
-    def _check_data_fits(self, data: L.LightningDataModule) -> None:
-        """What only the data and the model settings together can tell, checked before any model loads."""
-        hp = self.hparams
-        self.model_plan.check_preprocessing(data.image_size, data.mean, data.std)
-        unknown = sorted(set(data.domain_experts.values()) - set(self.expert_names))
-        if unknown:
-            raise InputError(f"data.expert_of: {unknown} are not experts of this run; its experts: {self.expert_names}")
-        if any(is_corrupted(split) for split in self.split_names) and hp.mce_reference not in self.methods:
-            raise InputError(  # corrupted splits: CE needs the reference method
-                f"model.mce_reference: {hp.mce_reference!r} is not among the evaluated methods {list(self.methods)}"
-            )
-
     def on_test_start(self) -> None:
         """The engine's heads and fixed merges, once, on the device; the report of this run."""
         self._start()
@@ -269,9 +252,11 @@ class TCubeModule(PredictHooks, L.LightningModule):
     def _start(self) -> None:
         hp = self.hparams
         self.batches_seen = dict.fromkeys(self.split_names, 0)
-        self.cost = CostMeter(self.device)
+        self.cost = CostMeter(self.device, models=len(self.expert_names) + 1)
         clustered = {n: m for n, m in self.methods.items() if m.is_clustered}
         self.clustered = ClusteredPass(clustered, self.split_names, list(self.engine.settings), hp.clusters)
+        self.cluster_summaries: dict[str, dict] = {split: {} for split in self.split_names}
+        self.evaluation = BatchEvaluation(self.engine, self.methods, self.weight_methods, self.cost)
         self.finished_splits = 0
         # trainer.log_dir is a collective call under DDP: every rank asks, here, once.
         self.report = self._new_report(Path(hp.results_dir or self.trainer.log_dir or self.trainer.default_root_dir))
@@ -309,14 +294,29 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self._step(batch, dataloader_idx)
 
     def _step(self, batch: dict, dataloader_idx: int) -> None:
-        """One batch of a split: every method's predictions, into the metrics and the split's per-sample table
-        (``batches.evaluate_batch``). Predicting, ``label`` is the row's number in its source (its identity)."""
+        """One batch of a split through every method (``batches.BatchEvaluation``, plain torch), its results into the
+        metrics, the split's per-sample table, the clustered methods' cache and the logger. Predicting, ``label`` is
+        the row's number in its source (its identity)."""
         self._finish_splits_before(dataloader_idx)  # splits run one after another: earlier ones are done
         split = self.split_names[dataloader_idx]
         if self.adapted and self.adapt_on is None and self.batches_seen[split] == 0:  # before the split's first batch
             dataset = self.trainer.datamodule.datasets[split]
             self.adaptations[split] = self._adapt(split, dataset, self.class_sets[split][0])
-        evaluate_batch(self, split, batch)
+        step, index = self.batch_position(split, batch["label"])
+        result = self.evaluation(batch, self.class_sets[split], index)
+        for group in result.groups:
+            self.clustered.keep(split, group.columns["index"], group.shared, self.widths[split])
+            self._record(split, group)
+        if self.logger is not None:  # JS and λ of the whole batch; with several experts each one's T³ weight too
+            log_batch_coefficients(self.logger, split, step, result.logged, self.trainer.is_global_zero)
+
+    def _record(self, split: str, group: GroupResult) -> None:
+        """A group's probabilities into each method's metrics (each row's source in a mix), its columns into the
+        split's table."""
+        if not self.predicting:
+            for method, probs in group.probabilities.items():
+                self.metrics.update(split, method, probs, group.labels, group.source)
+        self.tables[split].add(group.columns)
 
     def batch_position(self, split: str, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
         """The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler)
@@ -337,22 +337,6 @@ class TCubeModule(PredictHooks, L.LightningModule):
         if self.trainer.received_sigterm:
             raise SIGTERMException
 
-    @staticmethod
-    def readable(batch: dict) -> dict:
-        """A batch without the rows that could not be read (predicting: ``readable`` says which)."""
-        if "readable" not in batch:
-            return batch
-        return {field: values[batch["readable"]] for field, values in batch.items() if field != "readable"}
-
-    def update_metrics(
-        self, split: str, method: str, logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
-    ) -> dict:
-        """Into the method's metrics (each row's ``source`` in a mixed split); returns its prediction columns."""
-        probs = logits.float().softmax(-1)
-        if not self.predicting:
-            self.metrics.update(split, method, probs, labels, source)
-        return prediction_columns(method, probs)
-
     # ------------------------------------------------------------- split ends
     def _finish_splits_before(self, index: int) -> None:
         """Finish every split before ``index``, in order, on every process, including those that got no batch
@@ -364,10 +348,10 @@ class TCubeModule(PredictHooks, L.LightningModule):
     def _finish_split(self, index: int) -> None:
         """A split is done: second pass if needed, reduce its metrics (all ranks), rewrite the results files."""
         split = self.split_names[index]
-        if self.batches_seen[split] == 0:  # this process joins the reductions all the same
+        if not self.clustered.kept_any(split):  # no (readable) batch here: this process joins the gathers all the same
             self.clustered.keep_nothing(split, self.widths[split], self.device)
         if self.clustered.methods:
-            self.clustered.run(self, index)
+            self._second_pass(index)
         self.metrics.join_without_samples(split, self.device)
         if self.predicting:
             self._write_predictions(split)
@@ -377,7 +361,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         table |= coverage_columns(table, list(self.methods))  # each sample's place in each deferral order
         total = len(self.trainer.datamodule.datasets[split])
         adaptation, classnames = self.adaptations.get(split, {}), self.split_classnames[split]
-        clusters, grid, experts = self.clustered.summaries[split], list(self.grid), self.expert_names
+        clusters, grid, experts = self.cluster_summaries[split], list(self.grid), self.expert_names
         record = split_record(metrics, table, grid, total, clusters, adaptation, classnames, experts)
         record["deferral"] = deferral(table, list(self.methods))
         if by_source:  # a mix: the same metrics for each source split's samples in it
@@ -386,6 +370,26 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self._remove_replaced_run()
             self.report.add_split(split, record, table)
         self.results_written = True
+
+    def _second_pass(self, index: int) -> None:
+        """The clustered methods on split ``index``: the mixtures fitted (every process takes part), then the batches
+        pass 1 read (Lightning's limit_test_batches / fast_dev_run stop it early) again, into the metrics and table.
+        Under the trainer's precision (e.g. bf16 autocast), like test_step: this pass may run from an epoch hook."""
+        split = self.split_names[index]
+        fit = self.clustered.fit(split, self.global_rank)
+        for note in fit.notes:
+            rank_zero_warn(note)
+        self.cluster_summaries[split] = fit.summaries
+        loaders = self.trainer.predict_dataloaders if self.predicting else self.trainer.test_dataloaders
+        offset = 0
+        with self.trainer.precision_plugin.test_step_context():
+            for batch in itertools.islice(loaders[index], self.batches_seen[split]):
+                batch = readable_rows(self.transfer_batch_to_device(batch, self.device, index))
+                if not len(batch["label"]):  # predict: a batch of images none of which could be read
+                    continue
+                for group in self.clustered.predict(self.engine, batch, self.class_sets[split], fit, offset, self.cost):
+                    self._record(split, group)
+                    offset += len(group.labels)
 
     def _remove_replaced_run(self) -> None:
         """With overwrite, before this run writes its first results (rank 0): every file the run it replaces wrote."""

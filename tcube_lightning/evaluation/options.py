@@ -3,9 +3,14 @@ error names its option (``model.…``) before any expensive work starts."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
+from lightning import LightningDataModule
+
+from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.errors import InputError
+from tcube_lightning.loading import ModelPlan
 from tcube_lightning.merging.methods import K_EXPERT_DEFAULTS, METHOD_FAMILIES, ONE_EXPERT_DEFAULTS, TWO_MODEL
 from tcube_lightning.reporting.results import check_results_dir
 
@@ -37,9 +42,13 @@ def method_families(methods: list[str] | str | None, experts: int = 1) -> list[s
     ``--model.methods t3`` gives one as a string. With several experts the methods of two models are refused by
     name, with the reason."""
     methods = [methods] if isinstance(methods, str) else methods
+    if methods is not None and not methods:
+        raise InputError("model.methods: an empty list; name the methods to evaluate, or leave it out for the defaults")
     unknown = sorted(set(methods or ()) - set(METHOD_FAMILIES))
     if unknown:
-        raise InputError(f"model.methods: unknown method(s) {unknown}; available: {list(METHOD_FAMILIES)}")
+        close = [m for name in unknown for m in difflib.get_close_matches(name, METHOD_FAMILIES, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise InputError(f"model.methods: unknown method(s) {unknown}{hint}; available: {list(METHOD_FAMILIES)}")
     refused = [m for m in methods or () if m in TWO_MODEL] if experts > 1 else []
     if refused:
         raise InputError(
@@ -58,4 +67,31 @@ def check_prediction_options(results_dir: str | None, resume: bool, overwrite: b
         raise InputError(
             f"model.results_dir: {results_dir} already holds predictions/ from an earlier run; give --model.overwrite "
             "true to replace them, or another folder"
+        )
+
+
+def check_data_fits(
+    plan: ModelPlan,
+    data: LightningDataModule,
+    experts: list[str],
+    mce_reference: str,
+    methods: list[str],
+    predicting: bool,
+) -> None:
+    """What only the data and the model settings together can tell, checked before any model loads (``predicting``:
+    the settings only ``test`` uses are left aside, see the data module)."""
+    plan.check_preprocessing(data.image_size, data.mean, data.std)
+    if predicting:
+        return
+    if data.expert_of and len(experts) == 1:
+        raise InputError(
+            "data.expert_of names each split's domain expert among several (model.experts); this run has one expert: "
+            "leave data.expert_of out"
+        )
+    unknown = sorted(set(data.domain_experts.values()) - set(experts))
+    if unknown:
+        raise InputError(f"data.expert_of: {unknown} are not experts of this run; its experts: {experts}")
+    if any(is_corrupted(split) for split in data.split_names) and mce_reference not in methods:
+        raise InputError(  # corrupted splits: CE needs the reference method
+            f"model.mce_reference: {mce_reference!r} is not among the evaluated methods {methods}"
         )

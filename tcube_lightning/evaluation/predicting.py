@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tcube_lightning.evaluation.batches import readable_rows
 from tcube_lightning.reporting.metrics import gather_objects
 from tcube_lightning.reporting.predictions import FOLDER, prediction_table, write_prediction_table, write_summary
 
@@ -20,7 +21,7 @@ class PredictHooks:
         self._finish_splits_before(dataloader_idx)
         split = self.split_names[dataloader_idx]
         self.skipped[split].append(batch["label"][~batch["readable"]].cpu())
-        batch = self.readable(batch)
+        batch = readable_rows(batch)
         if len(batch["label"]):
             self._step(batch, dataloader_idx)
         else:  # every image of the batch unreadable
@@ -55,6 +56,10 @@ class PredictHooks:
                 f"images that could not be read were skipped ({unreadable} per source): predictions.json lists each "
                 "with why, and the tables' `skipped` column says so on its row"
             )
+        for source, counts in sources.items():
+            if counts["rows"] == 0 and counts["skipped"]:
+                first, why = next(iter(counts["skipped"].items()))
+                rank_zero_warn(f"no image of source {source!r} could be read (the first, {first}: {why})")
         short = {s: f"{n['rows']} of {n['total']}" for s, n in sources.items() if not n["complete"]}
         if short:
             rank_zero_warn(
@@ -77,7 +82,7 @@ class PredictHooks:
             )
             write_prediction_table(self.report.results_dir / FOLDER, split, columns)
             self.prediction_counts[split] = {
-                "rows": len(table["index"]),
+                "rows": len(table.get("index", ())),
                 "total": len(source.identities),
                 "skipped": {source.identities[row]: why for row, why in skipped.items()},
             }

@@ -250,6 +250,11 @@ class BetaMixture:
             return (x.detach().double().cpu()[:, None] - self.means).abs().argmin(-1)
         return self.log_likelihoods(x).argmax(-1)
 
+    def summary(self) -> dict:
+        """The fitted mixture as plain numbers (results.json)."""
+        summary = {"means": self.means.tolist(), "weights": self.weights.tolist(), "a": self.a.tolist()}
+        return summary | {"b": self.b.tolist()} | ({"note": self.note} if self.note else {})
+
 
 _BETA_EPS = 1e-6
 

@@ -9,7 +9,6 @@ DaWin's ratios and the clustered methods) are refused by name (``TWO_MODEL``), a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -17,14 +16,19 @@ from typing import Literal
 import torch
 
 from tcube_lightning.errors import InputError
+from tcube_lightning.merging.batch_rules import (
+    BatchContext,
+    batch_merge,
+    batch_weights,
+    confidence_selection,
+    dawin_mtl_weights,
+    m3_weight,
+    output_ensemble,
+)
 from tcube_lightning.merging.coefficients import (
-    batch_coefficient,
     cross_entropy_ratio,
     dawin_entropy_ratio,
-    entropy,
-    log_mixture,
     max_confidence_ratio,
-    top_probabilities,
 )
 from tcube_lightning.merging.rules import dare, interpolate, model_soup, slerp, task_arithmetic, ties
 from tcube_lightning.merging.store import ExpertStore
@@ -45,7 +49,8 @@ class BaselineSettings:
         ties_density: Fraction of task-vector entries TIES keeps (largest magnitudes).
         ties_scale: s applied to the trimmed task vector.
         dare_drop: Probability p that DARE drops a task-vector entry (the rest are scaled by 1/(1 − p)).
-        dare_scale: s applied to the sparsified task vector.
+        dare_scale: s applied to the sparsified task vectors, as task arithmetic's; None: 1.0 with one expert (DARE's
+            own rescaled vector), 0.3 with several (each vector added whole would overshoot, as in task arithmetic).
         dawin_temperatures: Softmax temperatures (pretrained, expert) for DaWin; None picks DaWin's
             values for ViT-B-16, ViT-B-32 and ViT-L-14 and (1, 1) otherwise.
         dawin_offset: Apply DaWin's offset adjustment in ``dawin_cluster`` (it needs statistics of the
@@ -59,7 +64,7 @@ class BaselineSettings:
     ties_density: float = 0.2
     ties_scale: float = 1.0
     dare_drop: float = 0.5
-    dare_scale: float = 1.0
+    dare_scale: float | None = None
     dawin_temperatures: tuple[float, float] | None = None
     dawin_offset: bool = False
     seed: int = 0
@@ -77,26 +82,6 @@ class BaselineSettings:
             problems.append(f"dawin_temperatures {self.dawin_temperatures} must be > 0")
         if problems:
             raise InputError("model.baselines: " + "; ".join(problems))
-
-
-@dataclass(frozen=True)
-class BatchContext:
-    images: torch.Tensor
-    pt_logits: torch.Tensor
-    ft_logits: torch.Tensor
-    """The experts' logits: experts × rows × classes."""
-    t3_weights: torch.Tensor
-    """T³'s per-sample weights on the experts, w(x) (rows × experts), already converted from λ(x)."""
-    merged_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    """(images, w) → logits of the model θ_pt + Σ_k w_k·(θ_k − θ_pt) (w: one per expert)."""
-    sample_merged_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    """(images, weights) → logits where sample i runs through the model merged with weights[i] (rows × experts, or
-    one expert's vector of rows)."""
-    static_logits: Callable[[torch.Tensor, str], torch.Tensor]
-    """(images, method name) → logits of that static method's precomputed merged model."""
-    batch_t3_weights: torch.Tensor
-    """T³'s weights of the whole batch, whose mean is T³_B's: the rows here, or more where a mixed split's batch is
-    evaluated in groups of one class set each."""
 
 
 @dataclass(frozen=True)
@@ -146,44 +131,6 @@ class Method:
         return None if self.predict is None else self.predict(ctx)
 
 
-def output_ensemble(ctx: BatchContext) -> torch.Tensor:
-    """log of the mean of the generalist's and every expert's class distributions (½·p_pt + ½·p_ft with one)."""
-    log_p = [torch.log_softmax(logits.float(), -1) for logits in (ctx.pt_logits, *ctx.ft_logits)]
-    if len(log_p) == 2:
-        return log_mixture(*log_p)
-    return torch.logsumexp(torch.stack(log_p), dim=0) - math.log(len(log_p))
-
-
-def confidence_selection(ctx: BatchContext) -> torch.Tensor:
-    """Per sample, the logits of whichever model is most confident, the generalist or an expert (ties go to the
-    generalist, then to the first expert)."""
-    if len(ctx.ft_logits) == 1:
-        c_pt, c_ft = top_probabilities(ctx.pt_logits, ctx.ft_logits[0])
-        return torch.where((c_ft > c_pt).unsqueeze(-1), ctx.ft_logits[0].float(), ctx.pt_logits.float())
-    logits = torch.stack([ctx.pt_logits, *ctx.ft_logits]).float()
-    confidence = torch.log_softmax(logits, -1).max(-1).values  # models × rows
-    chosen = confidence.argmax(0)  # the first of equal maxima
-    return logits[chosen, torch.arange(logits.shape[1], device=logits.device)]
-
-
-def batch_merge(ctx: BatchContext) -> torch.Tensor:
-    """The whole batch through one model merged with the batch's mean T³ weights (T³_B)."""
-    return ctx.merged_logits(ctx.images, batch_coefficient(ctx.batch_t3_weights))
-
-
-def batch_weights(ctx: BatchContext) -> torch.Tensor:
-    """T³_B's weights, the batch's mean, for every sample of the batch."""
-    return batch_coefficient(ctx.batch_t3_weights).expand(len(ctx.t3_weights), -1)
-
-
-def dawin_mtl_weights(ctx: BatchContext) -> torch.Tensor:
-    """DaWin-MTL's weights (naver-ai/dawin, ``dawin_mtl/src/main_dawin.py``, ``DaWin.lambdas``): per sample
-    0.3·K·softmax_k(−H(p_k)) on each expert's task vector, the generalist's weight fixed at 1 (task arithmetic's
-    budget 0.3 per task vector, routed by the experts' confidence)."""
-    count = len(ctx.ft_logits)
-    return 0.3 * count * torch.softmax(-torch.stack([entropy(x) for x in ctx.ft_logits], dim=-1), dim=-1)
-
-
 def _sample_wise(weights: Callable[[BatchContext], torch.Tensor]) -> dict:
     """A method merging each sample with its own weights ``weights(ctx)[i]``: its ``Method`` fields."""
     predict = lambda ctx: ctx.sample_merged_logits(ctx.images, weights(ctx))  # noqa: E731
@@ -192,11 +139,6 @@ def _sample_wise(weights: Callable[[BatchContext], torch.Tensor]) -> dict:
 
 def _ratio(coefficient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[BatchContext], torch.Tensor]:
     return lambda ctx: coefficient(ctx.pt_logits, ctx.ft_logits[0])
-
-
-def m3_weight(seed: int) -> float:
-    """M³'s random interpolation weight λ ~ U(0, 1), drawn from its own seeded generator."""
-    return float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
 
 
 T3 = "T³ (arXiv 2510.27265)"
@@ -217,6 +159,7 @@ def build_methods(
     t_pt, t_ft = s.dawin_temperatures or DAWIN_TEMPERATURES.get(arch.removesuffix("-quickgelu"), (1.0, 1.0))
     m3 = m3_weight(s.seed)
     scale = s.task_scale if s.task_scale is not None else (0.5 if count == 1 else 0.3)
+    dare_scale = s.dare_scale if s.dare_scale is not None else (1.0 if count == 1 else 0.3)
     experts_alone = [
         Method(
             "expert" if count == 1 else f"expert:{name}",
@@ -286,9 +229,9 @@ def build_methods(
         Method(
             "dare",
             "dare",
-            f"DARE, drop {s.dare_drop:g}, scale {s.dare_scale:g}, seed {s.seed}",
+            f"DARE, drop {s.dare_drop:g}, scale {dare_scale:g}, seed {s.seed}",
             "DARE (Yu et al., ICML 2024) on each task vector, then task arithmetic",
-            static_rule=lambda st: dare(st.pt_flat, st.expert_flats(), s.dare_drop, s.dare_scale, s.seed),
+            static_rule=lambda st: dare(st.pt_flat, st.expert_flats(), s.dare_drop, dare_scale, s.seed),
         ),
         Method(
             "m3",

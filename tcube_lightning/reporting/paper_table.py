@@ -23,7 +23,7 @@ from typing import Any
 
 from tcube_lightning.data.splitnames import is_corrupted
 from tcube_lightning.errors import InputError
-from tcube_lightning.reporting.report import RESUME_IGNORES, resume_relevant
+from tcube_lightning.reporting.numeric_settings import RESUME_IGNORES, resume_relevant
 from tcube_lightning.reporting.results import write_atomic
 
 QUANTITIES = {"in_domain": "in-domain", "base_to_novel": "base-to-novel", "corrupted": "corrupted", "mCE": "mCE"}
@@ -47,6 +47,13 @@ def read_run(path: Path) -> tuple[str, dict[str, Any], Path]:
         raise InputError(f"{file}: not a tcube-lightning results file of a modality's run ({err})") from err
     if modality is None:
         raise InputError(f"{file}: a run without data.modality; the table's columns are the modalities'")
+    if isinstance(modality, list):
+        if len(modality) > 1:
+            raise InputError(
+                f"{file}: a run of several modalities {modality}; the table takes one run per modality (each with its "
+                "own in-domain, base-to-novel and corrupted splits)"
+            )
+        modality = modality[0]
     return modality, results, file
 
 
@@ -141,21 +148,44 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], runs: list[tuple[str,
         for row in rows
     )
     latex += "\\bottomrule\n\\end{tabular}\n"
-    paths = [folder / "table.md", folder / "table.csv", folder / "table.tex"]
+    paths = [folder / name for name in TABLE_FILES]
     for path, content in zip(paths, (markdown, text.getvalue(), latex), strict=True):
         write_atomic(path, content)
     return paths
+
+
+TABLE_FILES = ("table.md", "table.csv", "table.tex")
+
+
+def check_out(folder: Path, overwrite: bool) -> None:
+    """``--out`` is a folder this command may write its tables in: not a file, creatable, and holding no tables of an
+    earlier call unless ``overwrite``."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out: {folder} is a file; give a folder for {', '.join(TABLE_FILES)}")
+    earlier = [name for name in TABLE_FILES if (folder / name).exists()]
+    if earlier and not overwrite:
+        raise InputError(f"--out: {folder} already holds {earlier}; give --overwrite to replace them, or another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out: cannot create the folder {folder} ({err.strerror or err})") from err
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tcube-lightning-table", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished runs: their folders or results.json files")
     parser.add_argument("--out", type=Path, default=Path("paper_table"), help="folder for table.md, .csv and .tex")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tables an earlier call wrote in --out")
     args = parser.parse_args(argv)
     try:
         runs = [read_run(path) for path in args.runs]
         check_fit(runs)
-        paths = write_tables(args.out, table_rows(runs), runs)
+        rows = table_rows(runs)
+        check_out(args.out, args.overwrite)
+        try:
+            paths = write_tables(args.out, rows, runs)
+        except OSError as err:
+            raise InputError(f"--out: cannot write in {args.out} ({err.strerror or err})") from err
     except InputError as err:
         print(f"tcube-lightning-table: error: {err}", file=sys.stderr)
         sys.exit(2)

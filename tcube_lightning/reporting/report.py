@@ -1,5 +1,5 @@
-"""What a run reports: each finished split's record, the results files rewritten once per split, an earlier run's
-records for resume, and at the end the logger's final metrics, the plots, warnings and the console table.
+"""What a run reports: each finished split's record (``records``) kept, the results files rewritten once per split,
+and at the end the logger's final metrics (``logged``), the plots, warnings and the console table.
 
 It runs on rank 0 with numbers already reduced across processes; it computes no metric of its own.
 """
@@ -12,18 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tcube_lightning.errors import InputError
-from tcube_lightning.merging.adamerging import Adaptation
-from tcube_lightning.merging.coefficients import BetaMixture
 from tcube_lightning.reporting.console import print_summary
 from tcube_lightning.reporting.cost import SHARED
-from tcube_lightning.reporting.diagnostics import decision_diagnostics, lambda_spread_warning, mean
-from tcube_lightning.reporting.plots import ExpertRouting, render_figures, run_figures, save_images
+from tcube_lightning.reporting.diagnostics import lambda_spread_warning
+from tcube_lightning.reporting.logged import log_final_metrics, plot
+from tcube_lightning.reporting.plots import ExpertRouting
+from tcube_lightning.reporting.records import SPLIT_RECORD_KEYS
 from tcube_lightning.reporting.results import (
     corruption_errors,
     normalised_accuracy,
@@ -33,203 +30,11 @@ from tcube_lightning.reporting.results import (
     write_results,
     write_summary,
 )
-from tcube_lightning.reporting.samples import flatten_tables, is_analysis_column, lambda_column, read_tables
+from tcube_lightning.reporting.resume import ANALYSIS_FILE
+from tcube_lightning.reporting.samples import flatten_tables, is_analysis_column
 
-SPLIT_RECORD_KEYS = (
-    "accuracy",
-    "metrics",
-    "coefficients",
-    "diagnostics",
-    "num_samples",
-    "nonfinite_samples",
-    "clusters",
-    "adaptation",
-    "classnames",
-    "deferral",
-)
-"""What results.json holds per split, each key mapping split → value."""
-
-
-def lambda_statistics(lam: np.ndarray) -> dict[str, float]:
-    """Range, spread and mean of a split's λ. ``math.fsum`` rounds the exact sum once, so the mean does not depend
-    on how the samples were spread over processes."""
-    values = lam.flatten().tolist()
-    low, high = min(values), max(values)
-    mean_value = math.fsum(values) / len(values)
-    return {"lambda_min": low, "lambda_max": high, "lambda_spread": high - low, "lambda_mean": mean_value}
-
-
-def coefficient_statistics(table: dict[str, np.ndarray], grid: list[str], experts: list[str]) -> dict:
-    """A split's λ statistics and mean JS; with ``grid``, under "grid" those of each ``model.grid`` setting. With
-    several experts, under "experts" each one's (its λ, JS with the generalist and mean T³ weight, where T³ ran), and
-    the mean generalised JS of all of them with the generalist."""
-    if len(experts) > 1:
-        return {
-            "generalised_js_mean": mean(table["js"]),
-            "experts": {e: expert_statistics(table, grid, e) for e in experts},
-        }
-    statistics = {**lambda_statistics(table["lambda"]), "js_mean": mean(table["js"])}
-    if grid:
-        statistics["grid"] = {label: lambda_statistics(table[lambda_column(label)]) for label in grid}
-    return statistics
-
-
-def expert_statistics(table: dict[str, np.ndarray], grid: list[str], expert: str) -> dict:
-    """One expert's λ statistics, mean JS and mean T³ weight w_k(x) in a split of a run with several experts."""
-    statistics = {**lambda_statistics(table[f"lambda/{expert}"]), "js_mean": mean(table[f"js/{expert}"])}
-    if f"w/t3/{expert}" in table:
-        statistics["weight_mean"] = mean(table[f"w/t3/{expert}"])
-    if grid:
-        statistics["grid"] = {label: lambda_statistics(table[f"{lambda_column(label)}/{expert}"]) for label in grid}
-    return statistics
-
-
-def split_record(
-    metrics: dict[str, dict[str, float]],
-    table: dict[str, np.ndarray],
-    grid: list[str],
-    total_samples: int,
-    clusters: dict[str, dict],
-    adaptation: dict[str, dict],
-    classnames: list[str],
-    experts: list[str],
-) -> dict[str, Any]:
-    """A finished split's record (``SPLIT_RECORD_KEYS`` and its total sample count) from its reduced metrics, by
-    method, and its gathered per-sample table; the decision quadrants are the generalist's and one expert's."""
-    return {
-        "accuracy": {method: values["top1"] for method, values in metrics.items()},
-        "metrics": metrics,
-        "coefficients": coefficient_statistics(table, grid, experts),
-        "diagnostics": decision_diagnostics(table) if len(experts) == 1 else {},
-        "num_samples": len(table["index"]),
-        "total_samples": total_samples,
-        "nonfinite_samples": int((~table["finite"]).sum()),
-        "clusters": clusters,
-        "adaptation": adaptation,
-        "classnames": classnames,
-    }
-
-
-def mix_record(by_source: dict[str, dict[str, dict[str, float]]], table: dict[str, np.ndarray]) -> dict[str, dict]:
-    """A mixed split's metrics per source split (``by_source``: source → method → metrics) with each source's sample
-    count in the mix: what each method scored on the same images inside the stream."""
-    return {
-        source: {
-            "accuracy": {method: values["top1"] for method, values in metrics.items()},
-            "metrics": metrics,
-            "num_samples": int((table["source"] == position).sum()),
-        }
-        for position, (source, metrics) in enumerate(by_source.items())
-    }
-
-
-def mixture_summary(mixture: BetaMixture) -> dict:
-    """A fitted mixture as plain numbers for results.json."""
-    summary = {"means": mixture.means.tolist(), "weights": mixture.weights.tolist()}
-    summary.update(a=mixture.a.tolist(), b=mixture.b.tolist())
-    return summary | ({"note": mixture.note} if mixture.note else {})
-
-
-RESUME_IGNORES = {
-    "model": ("results_dir", "plots", "samplewise", "compile", "cache_dir", "min_lambda_spread"),
-    "data": ("num_workers", "pin_memory", "corruption_cache"),
-    "trainer": (),
-}
-"""Settings that do not change a run's numbers (where files go, how fast, what is drawn or warned about; the
-sample-wise paths and compiled forwards agree to float rounding): resume accepts an earlier run that differs in
-these. Every other model and data setting must be the same, and so must the Trainer's that change numbers
-(``NUMERIC_TRAINER_SETTINGS``)."""
-NUMERIC_TRAINER_SETTINGS = ("precision", "deterministic", "benchmark")
-"""The Trainer's settings that change a run's numbers (recorded in results.json's config.trainer): its precision
-(bf16 and float32 logits differ), deterministic algorithms and cuDNN's benchmark (another kernel, other rounding). The
-process and device counts do not: 1 and N processes give the same results."""
-
-
-def trainer_settings(trainer: Trainer) -> dict[str, Any]:
-    """The Trainer's settings that change a run's numbers (``NUMERIC_TRAINER_SETTINGS``), as this run has them."""
-    return {
-        "precision": str(trainer.precision),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "benchmark": bool(torch.backends.cudnn.benchmark),
-    }
-
-
-def resume_relevant(config: dict) -> dict:
-    """The part of a run's configuration that resume compares: without ``RESUME_IGNORES``, data.root resolved."""
-    relevant = {}
-    for group, ignored in RESUME_IGNORES.items():
-        relevant[group] = {k: v for k, v in config.get(group, {}).items() if k not in ignored}
-    if relevant["data"].get("root") is not None:
-        relevant["data"]["root"] = str(Path(relevant["data"]["root"]).resolve())
-    return relevant
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    """An earlier run's results.json, checked to hold what resume needs; a clear error naming the file if not."""
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"model.resume: {path} is not valid JSON ({err})") from err
-    if not isinstance(results, dict):
-        raise InputError(f"model.resume: {path} holds a {type(results).__name__}, not a tcube-lightning results object")
-    missing = [key for key in ("config", *SPLIT_RECORD_KEYS) if not isinstance(results.get(key), dict)]
-    if missing:
-        raise InputError(f"model.resume: {path} lacks {missing}: it was not written by a tcube-lightning run")
-    incomplete = [
-        f"{key}[{split!r}]" for split in results["accuracy"] for key in SPLIT_RECORD_KEYS if split not in results[key]
-    ]
-    if incomplete:
-        raise InputError(f"model.resume: {path} lacks {incomplete[:5]}: the file was edited or cut")
-    return results
-
-
-def load_previous(results_dir: str | Path, run_config: dict) -> dict[str, dict]:
-    """For resume: the split records (and per-sample tables, for the plots) of an earlier run with the same
-    numbers-relevant configuration, from results.json and analysis.npz in ``results_dir``."""
-    path = Path(results_dir) / "results.json"
-    if not path.is_file():
-        return {}
-    previous = read_results(path)
-    old, new = resume_relevant(previous["config"]), resume_relevant(run_config)
-    if "trainer" not in previous["config"]:  # written before the Trainer's settings were recorded: not known
-        new["trainer"] = old["trainer"]
-    if old != new:
-        differing = sorted(
-            f"{group}.{key}"
-            for group in RESUME_IGNORES
-            for key in set(old[group]) | set(new[group])
-            if old[group].get(key) != new[group].get(key)
-        )
-        raise InputError(
-            f"model.resume: {path} was written with another configuration (differs in {differing}); "
-            "use another model.results_dir or remove that file"
-        )
-    done = [split for split in previous["accuracy"] if split not in previous.get("partial_splits", {})]
-    rank_zero_info(f"Resuming: {len(done)} split(s) already in {path} are skipped: {done}")
-    tables = read_tables(Path(results_dir) / ANALYSIS_FILE)
-    return {
-        split: Previous(
-            {key: previous[key][split] for key in SPLIT_RECORD_KEYS}
-            | ({"sources": previous["sources"][split]} if split in previous.get("sources", {}) else {}),
-            tables.get(split),
-        )
-        for split in done
-    }
-
-
-ANALYSIS_FILE = "analysis.npz"
-"""Every finished split's per-sample analysis columns (``samples.is_analysis_column``), beside results.json: the
-plots of a resumed run cover every split."""
 EXPORT_FOLDER = "samples"
 """With ``model.export_samples``: one npz per split, every per-sample column (``samples.py``)."""
-
-
-class Previous(dict):
-    """A split record read back for resume, with the split's per-sample table (None if analysis.npz lacked it)."""
-
-    def __init__(self, record: dict, table: dict[str, np.ndarray] | None) -> None:
-        super().__init__(record)
-        self.table = table
 
 
 class RunReport:
@@ -313,7 +118,8 @@ class RunReport:
         errors = results.get("corruption_errors", {}).get("ce", {})
         partial, missing = results.get("partial_splits", {}), results["missing_splits"]
         normalised = results.get("normalised_accuracy", {}) if len(self.experts) > 1 else None
-        return summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"), normalised)
+        mixes = list(results.get("sources", {}))
+        return summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"), normalised, mixes)
 
     def finish(
         self,
@@ -381,59 +187,3 @@ def partial_note(partial: dict[str, dict[str, int]]) -> str:
         f"partial results: fewer samples were evaluated than the splits hold ({counts}; trainer.limit_test_batches or "
         "fast_dev_run): results.json says complete: false, and resume evaluates these splits again"
     )
-
-
-def log_batch_coefficients(
-    logger: Logger, split: str, step: int, values: dict[str, torch.Tensor], histograms: bool
-) -> None:
-    """A batch's λ and JS as ``{split}/{name}_{mean,min,max}`` scalars at ``step`` (the batch's index in the
-    one-process order) and, with TensorBoard and ``histograms`` (rank 0), as histograms."""
-    scalars = {
-        f"{split}/{name}_{stat}": float(getattr(v, stat)())
-        for name, v in values.items()
-        for stat in ("mean", "min", "max")
-    }
-    logger.log_metrics(scalars, step=step)
-    if isinstance(logger, TensorBoardLogger) and histograms:
-        for name, v in values.items():
-            logger.experiment.add_histogram(f"{split}/{name}", v.float().cpu(), step)
-
-
-def log_adaptation(logger: Logger, split: str, method: str, adaptation: Adaptation) -> None:
-    """AdaMerging's entropy at every step as ``{split}/{method}/entropy`` and, with TensorBoard, a histogram of the
-    coefficients it learnt (one per image-tower tensor, layer-wise)."""
-    for step, value in enumerate(adaptation.entropy):
-        logger.log_metrics({f"{split}/{method}/entropy": value}, step=step)
-    if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_histogram(f"{split}/{method}/coefficients", adaptation.coefficients.float().cpu(), 0)
-
-
-def log_final_metrics(logger: Logger, metrics: dict[str, dict[str, dict[str, float]]], run_config: dict) -> None:
-    """Every split's metrics per method as scalars ``{split}/{metric}/{method}``; with TensorBoard also in its
-    HPARAMS tab beside the run's configuration, so that runs (a γ sweep, say) can be compared there."""
-    final = {
-        f"{split}/{name}/{method}": value
-        for split, per_method in metrics.items()
-        for method, values in per_method.items()
-        for name, value in values.items()
-    }
-    if isinstance(logger, TensorBoardLogger):
-        logger.log_hyperparams(run_config, metrics=final, step=0)
-    else:
-        logger.log_metrics(final, step=0)
-
-
-def plot(
-    folder: Path,
-    logger: Logger | None,
-    accuracy: dict[str, dict[str, float]],
-    tables: dict[str, dict[str, np.ndarray]],
-    diagnostics: dict[str, dict],
-    routing: ExpertRouting,
-) -> None:
-    """PNG files in ``folder``, and the same images in TensorBoard."""
-    images = render_figures(run_figures(accuracy, tables, diagnostics, routing))
-    save_images(folder, images)
-    if isinstance(logger, TensorBoardLogger):
-        for stem, image in images.items():
-            logger.experiment.add_image(f"plots/{stem}", image, dataformats="HWC")

@@ -32,8 +32,9 @@ from helpers import (
 from tcube_lightning.cli.app import main
 from tcube_lightning.engine import torch_engine as engine
 from tcube_lightning.engine.per_sample import per_sample_loop
+from tcube_lightning.merging.batch_rules import m3_weight
 from tcube_lightning.merging.coefficients import fit_beta_mixture
-from tcube_lightning.merging.methods import METHOD_FAMILIES, m3_weight
+from tcube_lightning.merging.methods import METHOD_FAMILIES
 from tcube_lightning.reporting import report
 from tcube_lightning.reporting.cost import DIAGNOSTICS, SHARED
 from tcube_lightning.reporting.samples import read_tables
@@ -568,8 +569,7 @@ def test_settings_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, 
         "--data.corruptions=[pixelate]",
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
     ]
-    with pytest.warns(UserWarning, match=r"'ensemble' is not among the evaluated methods"):
-        message = run_cli_expecting_error(corrupted, capsys)
+    message = run_cli_expecting_error(corrupted, capsys)  # refused before any model loads, not only warned about
     assert "model.mce_reference: 'ensemble' is not among the evaluated methods" in message
     assert "unrecognized arguments: --model.gamm" in run_cli_expecting_error(
         cli_args(clip_pair, npz_root, tmp_path / "runs", "--model.gamm=2"), capsys

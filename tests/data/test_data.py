@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from helpers import CLASSNAMES, write_medmnist_npz
-from tcube_lightning.data.datamodule import EvaluationDataModule, medmnist_classnames, medmnist_filename
+from tcube_lightning.data.datamodule import EvaluationDataModule
+from tcube_lightning.data.modalities import medmnist_classnames, medmnist_filename
 from tcube_lightning.data.readers import read_medmnist_npz
 from tcube_lightning.errors import InputError
 

@@ -11,7 +11,7 @@ from scipy.special import expit, softmax
 from scipy.stats import entropy
 
 from helpers import ARCH, CLASSNAMES, GAMMA, JS_ATOL, LOGITS_ATOL, TEMPLATES, k_experts_atol, lambda_atol
-from tcube_lightning.engine import per_sample
+from tcube_lightning.engine import row_merge
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
 from tcube_lightning.loading import plan_models
@@ -92,14 +92,14 @@ def test_each_sample_runs_through_its_own_k_expert_merge(
     names = FULL_TEAM if team == "full" else TEAMS[team]
     count = len(names)
     # with full experts alone, merged weights of a few rows at a time: the chunks and the shared workspace tested too
-    monkeypatch.setattr(per_sample, "WORKSPACE_ELEMENTS", 4 * 64 * 256)
+    monkeypatch.setattr(row_merge, "WORKSPACE_ELEMENTS", 4 * 64 * 256)
     engine = make_engine(clip_pair, expert_team, names, samplewise)
     assert engine.samplewise_summary()["path"] == samplewise
     expert_sds = [expert_team[n][1] for n in names]
     weights = row_weights(count)
     ours = engine.sample_merged_logits(images, weights)
     if samplewise == "vectorized":  # which mix ran: the weights' per row only with full experts alone
-        assert (engine.vectorized_logits.__self__.workspace is not None) == (team == "full")
+        assert (engine.vectorized_logits.__self__.row_weights.workspace is not None) == (team == "full")
     for i, w in enumerate(weights.tolist()):
         expected = float64_logits(pt_sd, expert_sds, w, images[i : i + 1], tokens)
         torch.testing.assert_close(ours[i : i + 1], expected, atol=k_experts_atol(LOGITS_ATOL, count), rtol=0)

@@ -21,7 +21,8 @@ from helpers import (
 )
 from model_sources import BIOMEDCLIP_DEPTH, BIOMEDCLIP_SIZE, interpolated, variance_preserving, write_peft_adapter
 from tcube_lightning.engine import per_sample
-from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason
+from tcube_lightning.engine.leaf_plan import leafwise_reason
+from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.loading import plan_models
 from tcube_lightning.merging.coefficients import LambdaMapping
@@ -107,7 +108,7 @@ def test_timm_and_bert_towers_merge_the_weights_of_several_experts_per_row(timm_
     weights = torch.stack([torch.tensor(WEIGHTS), torch.tensor(WEIGHTS).flip(0) / 2], dim=1)
     with torch.no_grad():
         ours = vectorized.encode_image(images, weights), vectorized.encode_text(tokens, weights)
-    assert vectorized.workspace is not None  # the weights were merged per row
+    assert vectorized.row_weights.workspace is not None  # the weights were merged per row
     oracle = copy.deepcopy(pt)
     for i, w in enumerate(weights.tolist()):
         merged = {

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
-from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters, leafwise_reason
+from tcube_lightning.engine.leaf_plan import leafwise_reason
+from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters
 from tcube_lightning.merging.store import ExpertStore
 
 

@@ -18,7 +18,7 @@ from helpers import (
     run_cli_in_process,
 )
 from tcube_lightning.cli.app import main
-from tcube_lightning.data.datamodule import medmnist_classnames
+from tcube_lightning.data.modalities import medmnist_classnames
 from tcube_lightning.reporting.samples import read_table
 
 MIX = '--data.mixes={"m": ["a", "scans"]}'

@@ -40,7 +40,8 @@ from model_sources import (
     write_transformers_clips,
     zero_shot_logits,
 )
-from tcube_lightning.engine.per_sample import changed_parameters, leafwise_reason
+from tcube_lightning.engine.leaf_plan import leafwise_reason
+from tcube_lightning.engine.per_sample import changed_parameters
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import load_clip, plan_models
 from tcube_lightning.reporting.samples import read_table

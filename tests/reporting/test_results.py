@@ -12,7 +12,8 @@ import torch
 
 from tcube_lightning.data.splitnames import corrupted_split_name, is_corrupted, parse_corrupted
 from tcube_lightning.errors import InputError
-from tcube_lightning.reporting.report import SPLIT_RECORD_KEYS, RunReport, load_previous
+from tcube_lightning.reporting.records import SPLIT_RECORD_KEYS
+from tcube_lightning.reporting.report import RunReport
 from tcube_lightning.reporting.results import (
     corruption_errors,
     summary_rows,
@@ -20,6 +21,7 @@ from tcube_lightning.reporting.results import (
     write_results,
     write_summary,
 )
+from tcube_lightning.reporting.resume import load_previous
 
 ACCURACY = {
     "in_domain": {"zeroshot": 0.8, "t3": 0.9},
@@ -187,3 +189,5 @@ def test_cost_per_image_and_forward_equivalents_from_measured_seconds():
     assert table[SHARED] == {"ms_per_image": pytest.approx(200.0), "forward_equivalents": pytest.approx(2.0)}
     assert table["t3"] == {"ms_per_image": pytest.approx(300.0), "forward_equivalents": pytest.approx(3.0)}
     assert set(table) == {SHARED, "t3"}
+    meter.models = 5  # four experts and the generalist: the shared part is five forwards
+    assert meter.table()[SHARED]["forward_equivalents"] == pytest.approx(5.0)
