@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tcube_lightning.cli import strict_yaml
 from tcube_lightning.cli.configpaths import absolute_namespace_paths, inline_config_files
 from tcube_lightning.cli.parser import EvaluationParser
 from tcube_lightning.data.datamodule import EvaluationDataModule
@@ -177,6 +178,7 @@ def main(args: list[str] | None = None) -> TCubeCLI:
             parser_kwargs={
                 "description": "T³ test-time merging of a generalist and an expert CLIP.",
                 "allow_abbrev": False,
+                "parser_mode": strict_yaml.MODE,  # a key given twice is an error, not silently the last
                 "test": {"epilog": EXAMPLES},
                 "predict": {"epilog": PREDICT_EXAMPLES},
             },

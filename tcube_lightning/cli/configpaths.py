@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace
 
+from tcube_lightning.cli import strict_yaml
+
 INPUTS = {"model": ("pretrained_checkpoint", "expert_checkpoint", "model_config"), "data": ("root",)}
 """Options naming files to read, or something else: made absolute only where they are a path (a pretrained tag or
 ``hf-hub:org/repo`` stays as it is)."""
@@ -34,7 +36,7 @@ def inline_config_files(args: list[str], cwd: Path) -> list[str]:
             index, value = index + 1, args[index + 1]
         if flag in CONFIG_FLAGS and (cwd / value).is_file():
             path = cwd / value
-            config = config_with_absolute_paths(yaml.safe_load(path.read_text()), path.parent)
+            config = config_with_absolute_paths(strict_yaml.load(path.read_text(), str(path)), path.parent)
             resolved += [flag, yaml.safe_dump(config)]
         else:
             resolved += [args[index]] if flag not in CONFIG_FLAGS else [flag, value]
@@ -50,7 +52,7 @@ def config_with_absolute_paths(config: Any, folder: Path) -> Any:
     for group in ("model", "data", "trainer"):
         value, base = config.get(group), folder
         if isinstance(value, str) and (folder / value).is_file():  # a group's own config file, e.g. base/model.yaml
-            value, base = yaml.safe_load((folder / value).read_text()), (folder / value).parent
+            value, base = strict_yaml.load((folder / value).read_text(), str(folder / value)), (folder / value).parent
         if isinstance(value, dict):
             config[group] = dict(value)
             resolve_group(group, config[group].get, config[group].__setitem__, config[group].__contains__, base)

@@ -57,7 +57,13 @@ def mix_members(name: str, entries: list[str], splits: list[str], mixes: dict) -
         if not matched:
             raise InputError(f"data.mixes.{name}: {entry!r} names no split of the run; its splits: {splits}")
         members += matched
-    return [split for split in splits if split in members]
+    mixed = [split for split in splits if split in members]
+    if len(mixed) == 1:
+        raise InputError(
+            f"data.mixes.{name}: mixes one split only ({mixed[0]!r}), which the run evaluates already; a mix needs two "
+            "or more splits"
+        )
+    return mixed
 
 
 def build_mixes(

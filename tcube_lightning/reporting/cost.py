@@ -28,10 +28,16 @@ def synchronized_clock(device: torch.device) -> Callable[[], float]:
 
 
 class CostMeter:
-    """Seconds and images per named part of a run (methods, the shared forwards, the diagnostics)."""
+    """Seconds and images per named part of a run (methods, the shared forwards, the diagnostics).
 
-    def __init__(self, device: torch.device) -> None:
+    Args:
+        device: Where the run computes (CUDA's queue is waited for before each reading).
+        models: How many models the shared part runs: the generalist and each expert.
+    """
+
+    def __init__(self, device: torch.device, models: int = 2) -> None:
         self._now = synchronized_clock(device)
+        self.models = models
         self.seconds: dict[str, float] = defaultdict(float)
         self.images: dict[str, int] = defaultdict(int)
 
@@ -45,10 +51,10 @@ class CostMeter:
             self.images[name] += images
 
     def table(self) -> dict[str, dict[str, float]]:
-        """Per part: milliseconds per image and forward-equivalents per image (one forward = half the shared
-        part, which runs the two models)."""
+        """Per part: milliseconds per image and forward-equivalents per image (one forward = the shared part over
+        the models it runs: 2 with one expert, K + 1 with K)."""
         per_image = {name: self.seconds[name] / self.images[name] for name in self.seconds if self.images[name]}
-        forward = per_image.get(SHARED, 0.0) / 2
+        forward = per_image.get(SHARED, 0.0) / self.models
         return {
             name: {"ms_per_image": 1e3 * value, "forward_equivalents": value / forward if forward else float("nan")}
             for name, value in per_image.items()

@@ -38,6 +38,12 @@ def prediction_table(
     JS, λ and the weights; last, ``skipped``: why an image could not be read (``skipped``: row → why; its other cells
     empty), else blank. Rows in the source's order."""
     skipped = skipped or {}
+    if "index" not in table:  # no image of the source could be read: every row skipped, with why
+        table = {"index": np.zeros(0, dtype=int)} | {
+            column: np.zeros(0, dtype=int if column.startswith("pred/") else np.float32)
+            for method in dict.fromkeys([*methods, "zeroshot"])
+            for column in (f"pred/{method}", f"prob/{method}")
+        }
     rows = np.concatenate([table["index"].astype(int), np.asarray(list(skipped), dtype=int)])
     order = np.argsort(rows, kind="stable")
 

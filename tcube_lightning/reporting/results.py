@@ -276,6 +276,7 @@ def summary_rows(
     missing: list[str] | None = None,
     deferral: dict[str, dict[str, dict]] | None = None,
     normalised: dict[str, dict[str, float]] | None = None,
+    mixes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The paper's layout: one row per method; in-domain, base-to-novel (and other plain splits), the mean
     top-1 over the corrupted splits, and mCE. A column from fewer samples than its splits hold says so in its
@@ -284,7 +285,8 @@ def summary_rows(
     file passes for complete. With ``deferral``, the mean AURC over the splits, by the method's top probability
     (``AURC``) and by JS (``AURC (JS)``). With ``normalised`` (a run of several experts: ``normalised_accuracy``, empty
     without ``data.expert_of``) FusionBench's layout instead: every split a column, their unweighted ``mean``, and the
-    mean normalised accuracy over the splits that have one."""
+    mean normalised accuracy over the splits that have one; both means leave out the ``mixes``, whose samples their
+    source splits already count."""
     partial = partial or {}
     several = normalised is not None
     corrupted = [s for s in accuracy if is_corrupted(s) and not several]
@@ -308,11 +310,13 @@ def summary_rows(
             row["corrupted_mean" + suffix] = sum(accuracy[s][method] for s in corrupted) / len(corrupted)
             row["mCE" + suffix] = errors.get(method, {}).get("mCE", math.nan)
         if several:
-            done = f" ({len(plain)} of {len(plain) + len(missing or ())} splits)" if missing else ""
-            row["mean" + done] = math.fsum(accuracy[s][method] for s in plain) / len(plain)
+            averaged = [s for s in plain if s not in (mixes or ())]
+            done = f" ({len(averaged)} of {len(averaged) + len(missing or ())} splits)" if missing else ""
+            row["mean" + done] = math.fsum(accuracy[s][method] for s in averaged) / len(averaged)
             if normalised:
-                values = [by_method[method] for by_method in normalised.values()]
-                row[f"normalised mean ({len(values)} splits)"] = math.fsum(values) / len(values)
+                values = [by_method[method] for split, by_method in normalised.items() if split not in (mixes or ())]
+                if values:
+                    row[f"normalised mean ({len(values)} splits)"] = math.fsum(values) / len(values)
         for score, column in (("confidence", "AURC"), ("js", "AURC (JS)")):
             values = [methods[method][score]["aurc"] for methods in (deferral or {}).values() if method in methods]
             if values:

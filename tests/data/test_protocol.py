@@ -274,7 +274,20 @@ def test_the_papers_table_across_the_five_modalities(modality_runs, tmp_path, ca
     with pytest.raises(SystemExit):
         paper_table.main([str(runs[0]), str(other), "--out", str(tmp_path / "bad")])
     assert "model.gamma: 0.5 (blood) vs 4.0 (breast)" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
+    edited["config"]["data"]["modality"] = ["blood", "breast"]  # a run of several modalities (K experts)
+    other.write_text(json.dumps(edited))
+    (tmp_path / "a_file").write_text("")
+    for args, message in (
+        ([str(other)], "a run of several modalities ['blood', 'breast']; the table takes one run per modality"),
+        ([str(runs[0]), "--out", str(tmp_path / "a_file")], "--out: " + str(tmp_path / "a_file") + " is a file"),
+        ([str(runs[0]), "--out", "/proc/tcube_table"], "--out: cannot create the folder /proc/tcube_table"),
+        ([*map(str, runs), "--out", str(tmp_path / "table")], "already holds ['table.md', 'table.csv', 'table.tex']"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            paper_table.main(args)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and (tmp_path / "a_file").read_text() == ""
+    paper_table.main([*map(str, runs), "--out", str(tmp_path / "table"), "--overwrite"])  # asked: replaced
 
 
 def test_on_the_fly_and_hf_sources_through_the_cli(clip_pair, tmp_path):

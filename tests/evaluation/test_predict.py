@@ -160,3 +160,31 @@ def test_unreadable_images_are_skipped_with_why_and_the_others_predicted(clip_pa
         assert bool(row["skipped"]) == (row["image"] in source["skipped"]) == (row["pred/t3"] == "")
     table = pq.read_table(out / "predictions" / "scans.parquet").to_pydict()
     assert [p is None for p in table["prob/t3"]] == [r["skipped"] != "" for r in rows]
+
+
+def test_a_batch_or_a_source_with_no_readable_image_is_skipped_by_every_method(clip_pair, tmp_path):
+    """The clustered methods' second pass over a batch of unreadable files, and a source none of whose files can be
+    read: every row skipped with why, the others predicted, exit 0 with a warning naming the source."""
+    good, junk = tmp_path / "scans", tmp_path / "junk"
+    for folder in (good, junk):
+        folder.mkdir()
+    for name in ("a0.png", "a1.png"):  # the first batch of two: nothing readable
+        (good / name).write_bytes(b"not an image")
+    for i in range(3):
+        Image.fromarray(np.full((28, 28, 3), 60 * i, np.uint8)).save(good / f"b{i}.png")
+        (junk / f"{i}.png").write_bytes(b"\x89PNG cut short")
+    out = tmp_path / "out"
+    sources = {"scans": "scans", "junk": "junk"}
+    methods = "--model.methods=[t3, t3_cluster, dawin_cluster]"
+    with pytest.warns(UserWarning, match=r"no image of source 'junk' could be read \(the first, 0.png: "):
+        main(predict_args(clip_pair, tmp_path, out, sources, methods, "--data.batch_size=2"))
+    summary = json.loads((out / "predictions" / "predictions.json").read_text())
+    assert {s: (n["rows"], len(n["skipped"])) for s, n in summary["sources"].items()} == {
+        "scans": (3, 2),
+        "junk": (0, 3),
+    }
+    rows = read_csv(out / "predictions" / "scans.csv")
+    assert [r["pred/t3_cluster"] != "" for r in rows] == [False, False, True, True, True]
+    junk_rows = read_csv(out / "predictions" / "junk.csv")
+    assert [r["image"] for r in junk_rows] == ["0.png", "1.png", "2.png"]
+    assert all(r["skipped"] and r["pred/t3"] == "" for r in junk_rows)

@@ -167,6 +167,8 @@ def test_several_experts_bring_one_column_each_and_refuse_the_two_model_methods(
     assert not {"expert", "wise_ft@0.5", "slerp", "m3", "dawin", "t3_cluster", "dawin_cluster"} & set(methods)
     assert "scale 0.3" in methods["task_arithmetic"].description  # the task arithmetic paper's s for many
     assert "scale 0.5" in build_methods()["task_arithmetic"].description  # one expert: as before
+    assert "scale 0.3" in methods["dare"].description and "scale 1," in build_methods()["dare"].description
+    assert "scale 0.7" in build_methods(BaselineSettings(dare_scale=0.7), experts=["a", "b"])["dare"].description
     with pytest.raises(InputError, match=r"\['slerp', 'm3'\] merge the generalist with one expert"):
         method_families(["t3", "slerp", "m3"], experts=2)
     assert "t3_cluster" not in method_families(None, experts=2) and "t3_cluster" in method_families(None)
