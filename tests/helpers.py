@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -255,6 +257,36 @@ def oracle_predictions(clip_pair, npz_root, split_file, weights, merge_text=True
     return logits, raw["test_labels"][:, 0]
 
 
+# ---------------------------------------------------------------------------------------- the documentation's commands
+NEEDS = "# needs:"
+"""A block's marker: its commands need what follows (real weights, data, GPUs, Docker) and are not run here."""
+
+
+def shell_blocks(path: Path) -> list[tuple[bool, list[str]]]:
+    """Each bash block of a page: whether it is marked with ``NEEDS``, and its commands (continuation lines joined,
+    comments dropped)."""
+    blocks = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+        commands = []
+        for line in block.replace("\\\n", " ").splitlines():
+            command = " ".join(line.split(" #")[0].split())
+            if command and not command.startswith("#"):
+                commands.append(command)
+        blocks.append((NEEDS in block, commands))
+    return blocks
+
+
+def cli_arguments(command: str) -> list[str] | None:
+    """The arguments a command hands to main.py (directly, through srun, or as the Docker image's entrypoint)."""
+    words = shlex.split(command)
+    for start, word in enumerate(words):
+        if word.endswith("main.py"):
+            return words[start + 1 :]
+    if words[:2] == ["docker", "run"]:
+        return words[words.index("tcube-lightning") + 1 :]
+    return None
+
+
 def load_benchmark():
     """benchmarks/bench_merging.py as a module, to call its ``main`` in-process."""
     import importlib.util
@@ -285,11 +317,14 @@ def write_dicom(
     voi_lut: tuple[int, np.ndarray] | None = None,
     frames: int = 1,
     transfer_syntax: str | None = None,
+    bits: int = 16,
+    bare: bool = False,
 ) -> Path:
-    """A DICOM file written by pydicom: 16-bit unsigned grayscale ``pixels`` (H, W) (repeated ``frames`` times), with
-    a rescale (slope, intercept), a window (center, width) or a VOI LUT (first mapped value, table) if given. A
-    ``transfer_syntax`` other than explicit little endian gets bytes no decoder can read (a compressed file whose
-    decoder is missing)."""
+    """A DICOM file written by pydicom: unsigned grayscale ``pixels`` (H, W) of ``bits`` (16 or 8) bits (repeated
+    ``frames`` times), with a rescale (slope, intercept), a window (center, width) or a VOI LUT (first mapped value,
+    table) if given. A ``transfer_syntax`` other than explicit little endian gets bytes no decoder can read (a
+    compressed file whose decoder is missing). ``bare``: the data set alone, without the 128-byte preamble, the
+    ``DICM`` prefix and the file meta information, as older systems write."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -303,7 +338,7 @@ def write_dicom(
     ds.Modality, ds.PatientID = "CR", "tcube-test"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     if frames > 1:
         ds.NumberOfFrames = frames
     if rescale is not None:
@@ -317,13 +352,18 @@ def write_dicom(
         item.add_new("LUTData", "US", [int(v) for v in table])
         ds.VOILUTSequence = [item]
     if transfer_syntax is None:
-        ds.PixelData = np.tile(pixels.astype(np.uint16), (frames, 1, 1)).tobytes()
+        ds.PixelData = np.tile(pixels.astype(np.uint16 if bits == 16 else np.uint8), (frames, 1, 1)).tobytes()
     else:
         from pydicom.encaps import encapsulate
 
         ds.PixelData = encapsulate([b"\xff\xd8 not a decodable stream \xff\xd9" for _ in range(frames)])
         ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
+    if bare:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.save_as(path, enforce_file_format=False, implicit_vr=False, little_endian=True)
+        assert path.read_bytes()[128:132] != b"DICM"
+    else:
+        ds.save_as(path, enforce_file_format=True)
     return path
 
 

@@ -7,57 +7,31 @@ arguments go through the real parser, in-process (``--print_config`` stops befor
 """
 
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, load_benchmark
+from helpers import REPO, cli_arguments, load_benchmark, shell_blocks
 from tcube_lightning.cli.app import main
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-NEEDS = "# needs:"
-"""A block's marker: its commands need what follows (real weights, data, GPUs, Docker) and are not run here."""
 RUN_BY_THE_SUITE = {
     "make test": "the suite itself (CI runs it)",
     "make demo": "test_make_targets_run_what_the_pages_say; both demo configs run in tests/data/test_demo.py",
     ".venv/bin/python main.py test --config configs/demo.yaml": "tests/data/test_demo.py, on a tiny build",
     "python main.py test --help": "test_help_commands_print_the_options",
     "python main.py predict --help": "test_help_commands_print_the_options",
+    "python main.py predict --config configs/demo.yaml --data.root clinic --data.sources '{scans: scans}' "
+    "--model.results_dir my_predictions": "tests/data/test_demo.py, with the tiny build's models",
 }
 """The commands of unmarked blocks and the test that runs each."""
 DELIBERATE = {"--model.gamm"}
 """Options a page names to show what happens to a wrong one."""
 
 
-def shell_blocks(path: Path) -> list[tuple[bool, list[str]]]:
-    """Each bash block of a page: whether it is marked with ``NEEDS``, and its commands (continuation lines joined,
-    comments dropped)."""
-    blocks = []
-    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
-        commands = []
-        for line in block.replace("\\\n", " ").splitlines():
-            command = " ".join(line.split(" #")[0].split())
-            if command and not command.startswith("#"):
-                commands.append(command)
-        blocks.append((NEEDS in block, commands))
-    return blocks
-
-
 COMMANDS = [(path, marked, c) for path in PAGES for marked, commands in shell_blocks(path) for c in commands]
-
-
-def cli_arguments(command: str) -> list[str] | None:
-    """The arguments a command hands to main.py (directly, through srun, or as the Docker image's entrypoint)."""
-    words = shlex.split(command)
-    for start, word in enumerate(words):
-        if word.endswith("main.py"):
-            return words[start + 1 :]
-    if words[:2] == ["docker", "run"]:
-        return words[words.index("tcube-lightning") + 1 :]
-    return None
 
 
 CLI_COMMANDS = sorted({c for _, _, c in COMMANDS if cli_arguments(c) is not None})

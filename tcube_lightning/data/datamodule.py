@@ -9,7 +9,7 @@ from typing import Literal
 
 import lightning as L
 import open_clip
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
@@ -322,6 +322,12 @@ class EvaluationDataModule(L.LightningDataModule):
             return read_medmnist_npz(path, self.split_key), self.given_classnames(name, path)
         if dataset_folder_kind(path) == "imagefolder":
             dataset = ImageFolder(path, True, self.dicom, self.dicom_windowing, self.split_key)
+            if dataset.left_out:
+                why = next(iter(dataset.left_out.values()))
+                rank_zero_warn(
+                    f"split {name!r}: {len(dataset.left_out)} file(s) of {path} hold no image and are left out "
+                    f"(data.dicom all; results.json's dicom record lists them), e.g. {why}"
+                )
         else:
             dataset = HFImages(path, self.split_key)
         own = dataset.classnames  # a ClassLabel's names, or an image folder's (its subfolders, alphabetical)

@@ -1,11 +1,16 @@
 """Image files as the models see them: 8-bit RGB, whatever the file held.
 
-- PNG, JPEG, TIFF, … through PIL; high-bit-depth grayscale (16-bit PNG and TIFF, 32-bit integer or float TIFF) is
-  scaled to 8 bits from the image's own range (its minimum to 0, its maximum to 255), never clipped;
+One rule for every format, by bit depth: 8-bit values are taken as they are; deeper ones (16-bit PNG and TIFF, 32-bit
+integer or float TIFF and arrays, DICOM of more than 8 bits stored) are scaled to 8 bits from the image's own range
+(its minimum to 0, its maximum to 255), never clipped. So the same 8-bit pixels read the same from a PNG and a DICOM.
+
+- PNG, JPEG, TIFF, … through PIL;
 - DICOM through pydicom, as radiology viewers display it: the modality LUT (rescale slope and intercept), then the VOI
-  LUT or window (on by default: ``windowing``), MONOCHROME1 inverted (its bright is low values), then the image's
-  own range to 8 bits. Multi-frame files and volumes are refused (one image per file), as are compressed pixel data
-  without a decoder (pydicom's message names what to install).
+  LUT or window (on by default: ``windowing``), MONOCHROME1 inverted (its bright is low values), then to 8 bits by
+  the rule above (8 bits stored, and values still whole numbers in 0..255: as they are). A file without the 128-byte
+  preamble and ``DICM`` prefix (older systems write bare data sets) is read as one. Multi-frame files and volumes are
+  refused (one image per file), as are compressed pixel data without a decoder (pydicom's message names what to
+  install); a DICOM file without an image (a DICOMDIR, a report) is not an image.
 
 ``ImageFolder`` reads a folder of such files, nested at any depth: for ``test`` each file's class is its first-level
 subfolder (alphabetical), for ``predict`` each file is named by its path in the folder.
@@ -14,7 +19,6 @@ subfolder (alphabetical), for ``predict`` each file is named by its path in the 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -37,8 +41,15 @@ another format (a PACS export's files often have no suffix)."""
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
-    """The image's own range to 0..255: (x − min) · 255 / (max − min), rounded half to even; a constant image is 0."""
+    """The image's own range to 0..255: (x − min) · 255 / (max − min), rounded half to even; a constant image is 0.
+    An image with a NaN or infinite value is refused: its range, and so every pixel, would be undefined."""
     values = values.astype(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(
+            f"{int(bad.sum())} of the image's {values.size} values are NaN or infinite; give finite pixel values (set "
+            "what is outside the field of view to the background value)"
+        )
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
@@ -52,13 +63,15 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class NotAnImage(InputError):
+    """A file that holds no image to read: not DICOM at all, or a DICOM object without pixel data."""
+
+
 def dicom_pixels(path: Path, windowing: bool = True) -> np.ndarray:
     """A single-frame DICOM image as uint8 (H, W) grayscale or (H, W, 3) colour, by the steps above."""
-    import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    dataset = _read_dicom(path, pydicom.dcmread)
-    _check_one_frame(path, dataset)
+    dataset = read_dicom(path)
     try:
         pixels = dataset.pixel_array
     except Exception as err:  # pydicom's decoders: its message says which package decodes this syntax
@@ -73,25 +86,39 @@ def dicom_pixels(path: Path, windowing: bool = True) -> np.ndarray:
     values = apply_modality_lut(pixels, dataset).astype(np.float64)
     if windowing:
         values = apply_voi_lut(values, dataset)
-    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
-        values = values.max() - values
-    return to_uint8(values)
+    inverted = dataset.get("PhotometricInterpretation") == "MONOCHROME1"
+    if int(dataset.get("BitsStored", 16)) <= 8 and is_8_bit(values):  # as an 8-bit PNG of the same pixels reads
+        return (255 - values if inverted else values).astype(np.uint8)
+    try:
+        return to_uint8(values.max() - values if inverted else values)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from err
 
 
-def dicom_summary(paths: list[Path], windowing: bool) -> dict:
-    """What reading ``paths`` applies, from their headers (no pixel data read), for results.json and
-    predictions.json: how many files have a rescale, a VOI LUT, a window, MONOCHROME1; and, under ``unreadable``,
-    each file that cannot be read as one image (not DICOM, several frames) with why."""
-    import pydicom
+def is_8_bit(values: np.ndarray) -> bool:
+    """Whole numbers within 0..255: 8-bit values, to be taken as they are."""
+    return bool(values.min() >= 0 and values.max() <= 255 and np.array_equal(values, np.round(values)))
 
-    counts: collections.Counter = collections.Counter()
-    unreadable = {}
+
+def read_headers(paths: list[Path]) -> dict[Path, Dataset | InputError]:
+    """Each file's DICOM header (no pixel data read), or why it cannot be read as one image."""
+    headers: dict[Path, Dataset | InputError] = {}
     for path in paths:
         try:
-            header = _read_dicom(path, lambda p: pydicom.dcmread(p, stop_before_pixels=True))
-            _check_one_frame(path, header)
+            headers[path] = read_dicom(path, header_only=True)
         except InputError as err:
-            unreadable[str(path)] = str(err)
+            headers[path] = err
+    return headers
+
+
+def dicom_summary(headers: dict[Path, Dataset | InputError], windowing: bool) -> dict:
+    """What reading the files of ``headers`` applies, for results.json and predictions.json: how many have a rescale, a
+    VOI LUT, a window, MONOCHROME1; and, under ``unreadable``, each file that cannot be read as one image (not DICOM,
+    no image, several frames) with why."""
+    counts: collections.Counter = collections.Counter()
+    unreadable = {str(path): str(header) for path, header in headers.items() if isinstance(header, InputError)}
+    for header in headers.values():
+        if isinstance(header, InputError):
             continue
         counts["rescale"] += "RescaleSlope" in header or "RescaleIntercept" in header or "ModalityLUTSequence" in header
         counts["voi_lut"] += "VOILUTSequence" in header
@@ -99,27 +126,52 @@ def dicom_summary(paths: list[Path], windowing: bool) -> dict:
         counts["monochrome1_inverted"] += header.get("PhotometricInterpretation") == "MONOCHROME1"
     steps = ["modality LUT (rescale slope and intercept)"]
     steps += ["VOI LUT or window where the file has one"] if windowing else []
-    steps += ["MONOCHROME1 inverted", "each image's own range to 8 bits"]
-    summary = {"files": len(paths), "windowing": windowing, "steps": steps, **dict(sorted(counts.items()))}
+    steps += ["MONOCHROME1 inverted", "8-bit values as they are, deeper ones from each image's own range to 8 bits"]
+    summary = {"files": len(headers), "windowing": windowing, "steps": steps, **dict(sorted(counts.items()))}
     return summary | ({"unreadable": unreadable} if unreadable else {})
 
 
-def _read_dicom(path: Path, read: Callable[[Path], Dataset]) -> Dataset:
+def read_dicom(path: Path, header_only: bool = False) -> Dataset:
+    """A DICOM file holding one image (``header_only``: without its pixel data); a file without the preamble and
+    ``DICM`` prefix is read as a bare data set. Else an error naming the file: ``NotAnImage`` for what holds no image
+    (not DICOM, a DICOMDIR, a report), ``InputError`` for a multi-frame file."""
+    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    bare = False
     try:
-        return read(path)
-    except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError) as err:
-        raise InputError(f"{path}: not a readable DICOM file ({err})") from err
-
-
-def _check_one_frame(path: Path, dataset: Dataset) -> None:
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=header_only)
+        except InvalidDicomError:  # no preamble and 'DICM' prefix: a bare data set, as older systems write
+            bare, dataset = True, pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
+            set_transfer_syntax(dataset)
+    except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, TypeError) as err:
+        raise NotAnImage(f"{path}: not a readable DICOM file ({err})") from err
+    if "Rows" not in dataset or "Columns" not in dataset:
+        if bare:
+            raise NotAnImage(f"{path}: not a readable DICOM file (no 'DICM' prefix, and no image as a bare data set)")
+        raise NotAnImage(f"{path}: a DICOM file without an image (a DICOMDIR, a report, …): no Rows and Columns")
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise InputError(
             f"{path}: a multi-frame DICOM ({frames} frames: a cine loop, a volume or a series in one file); one image "
             "per file is read: export each frame or slice as a file of its own"
         )
+    return dataset
+
+
+def set_transfer_syntax(dataset: Dataset) -> None:
+    """A bare data set's transfer syntax (which its pixel data needs), from the encoding pydicom read it in."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(dataset, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = dataset.original_encoding
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    dataset.file_meta = meta
 
 
 def open_image(path: Path, dicom: bool, windowing: bool) -> Image.Image:
@@ -180,12 +232,24 @@ class ImageFolder(data.Dataset):
                 )
             self.classnames = sorted({name.split("/", 1)[0] for name in self.identities})
             self.labels = np.asarray([self.classnames.index(name.split("/", 1)[0]) for name in self.identities])
-        dicom_files = [p for p, is_dicom in zip(self.files, self.is_dicom) if is_dicom]
-        self.dicom = dicom_summary(dicom_files, windowing) if dicom_files else None
+        headers = read_headers([p for p, is_dicom in zip(self.files, self.is_dicom, strict=True) if is_dicom])
+        self.left_out: dict[str, str] = {}
+        """Labelled, with ``dicom: all``: the files that hold no image (a DICOMDIR, a README), left out, with why."""
+        if labelled and dicom == "all":
+            self.left_out = {str(p): str(e) for p, e in headers.items() if isinstance(e, NotAnImage)}
+            kept = [i for i, p in enumerate(self.files) if str(p) not in self.left_out]
+            self.files, self.is_dicom = [self.files[i] for i in kept], [self.is_dicom[i] for i in kept]
+            self.identities, self.labels = [self.identities[i] for i in kept], self.labels[kept]
+            headers = {p: h for p, h in headers.items() if str(p) not in self.left_out}
+            if not self.files:
+                raise InputError(f"{folder}: none of its files is an image (data.dicom all: {len(self.left_out)} read)")
+        self.dicom = dicom_summary(headers, windowing) if headers else None
         """What reading the folder's DICOM files applies (None without any)."""
         if labelled and self.dicom and self.dicom.get("unreadable"):  # predict skips such files; a test split stops
             problems = list(self.dicom["unreadable"].values())
             raise InputError(problems[0] if len(problems) == 1 else f"{len(problems)} DICOM files: {problems[:3]}")
+        if self.left_out:
+            self.dicom = {**(self.dicom or {}), "left_out": self.left_out}
 
     def __len__(self) -> int:
         return len(self.files)

@@ -80,13 +80,14 @@ def build_mixes(
 
 
 def domain_experts(expert_of: dict[str, str], splits: list[str]) -> dict[str, str]:
-    """Each split's domain expert from ``data.expert_of`` (split names or shell patterns → expert; the first entry
-    that matches a split names its expert); an entry that matches no split is an error naming it."""
-    experts: dict[str, str] = {}
+    """Each split's domain expert from ``data.expert_of`` (split names or shell patterns → expert): a split's own name
+    wins over any pattern, and among patterns the first that matches; an entry that matches no split is an error
+    naming it."""
+    experts = {split: expert for split, expert in expert_of.items() if split in splits}
     for entry, expert in expert_of.items():
         matched = [split for split in splits if fnmatch.fnmatchcase(split, entry)]
         if not matched:
             raise InputError(f"data.expert_of: {entry!r} names no split of the run; its splits: {splits}")
         for split in matched:
             experts.setdefault(split, expert)
-    return experts
+    return {split: experts[split] for split in splits if split in experts}

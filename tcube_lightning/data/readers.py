@@ -247,7 +247,7 @@ class HFImages(Dataset):
         self.label_column = _column(folder, data.column_names, ("label", "labels"))
         feature = data.features[self.label_column]
         self.classnames = list(feature.names) if hasattr(feature, "names") else None
-        self.data = data
+        self.data, self.folder = data, folder
         self.labels = np.asarray(data[self.label_column])
 
     def __len__(self) -> int:
@@ -255,7 +255,11 @@ class HFImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         row = self.data[index]
-        return as_image(row[self.image_column]), int(row[self.label_column])
+        try:
+            image = as_image(row[self.image_column])
+        except InputError as err:
+            raise InputError(f"{self.folder}, row {index}: {err}") from err
+        return image, int(row[self.label_column])
 
 
 def as_image(value: object) -> Image.Image:

@@ -196,10 +196,11 @@ class TCubeEngine(nn.Module):
 
     def _probe_error(self, vectorized: LeafWisePass) -> float:
         """The largest difference of image and text embeddings between ``vectorized`` and per-sample merges, on three
-        seeded images and prompts, each row with its own weight, in float32."""
+        seeded images and prompts, each row with its own weight, in the models' dtype without autocast."""
         device = self.store.pt_flat.device
         size = image_side(self.store.pretrained.visual.image_size)
-        images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        dtype = self.store.pt_flat.dtype  # the models' own (16-true, bf16-true: the probe runs in theirs)
+        images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         tokens = self._tokens(0)[:3]
         rows = torch.tensor([1.0, 0.37, 0.0])[: len(tokens)]  # the experts' weights differ per row and expert
         weights = torch.stack([rows.roll(k) for k in range(self.count)], dim=-1).to(device)

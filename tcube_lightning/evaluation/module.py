@@ -21,6 +21,7 @@ from tcube_lightning.evaluation.batches import BatchEvaluation, GroupResult, rea
 from tcube_lightning.evaluation.clustered import ClusteredPass
 from tcube_lightning.evaluation.options import (
     check_data_fits,
+    check_precision,
     check_prediction_options,
     check_run_options,
     method_families,
@@ -177,6 +178,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         data = self.trainer.datamodule
         hp = self.hparams
         self.predicting = stage == "predict"
+        check_precision(str(self.trainer.precision), self.trainer.strategy.root_device.type)
         if self.predicting:
             check_prediction_options(hp.results_dir, hp.resume, hp.overwrite)
         # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.

@@ -59,6 +59,20 @@ def method_families(methods: list[str] | str | None, experts: int = 1) -> list[s
     return list(methods or (ONE_EXPERT_DEFAULTS if experts == 1 else K_EXPERT_DEFAULTS))
 
 
+def check_precision(precision: str, device: str) -> None:
+    """The Trainer's precision is one the engine runs: float32, bfloat16 (mixed or true) anywhere, float16 on a GPU."""
+    if precision.startswith("64"):
+        raise InputError(
+            f"trainer.precision: {precision} is not supported (the merge buffers, heads and tolerances are float32's); "
+            "use 32-true, or bf16-mixed / 16-mixed for speed"
+        )
+    if precision.startswith("16") and device == "cpu":
+        raise InputError(
+            f"trainer.precision: {precision} on the CPU: PyTorch's float16 kernels there are tens of times slower than "
+            "float32's; use 32-true or bf16-mixed on the CPU, 16-mixed or 16-true on a GPU"
+        )
+
+
 def check_prediction_options(results_dir: str | None, resume: bool, overwrite: bool) -> None:
     """predict writes each source's table whole, into a folder of its own run."""
     if resume:

@@ -411,6 +411,16 @@ def bad(tmp_path_factory):
         "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
+    (root / "one_class" / "only").mkdir(parents=True)  # a labelled image folder of a single class
+    image.save(root / "one_class" / "only" / "0.png")
+    nan_image = np.zeros((28, 28), np.float32)
+    nan_image[5, 5] = np.nan  # one NaN pixel in a float-array image
+    arrays = datasets.Features(
+        {"image": datasets.Array2D((28, 28), "float32"), "label": datasets.ClassLabel(names=CLASSNAMES)}
+    )
+    datasets.Dataset.from_dict(
+        {"image": [np.ones((28, 28), np.float32), nan_image], "label": [0, 1]}, features=arrays
+    ).save_to_disk(str(root / "hf_nan"))
     (root / "other-arch.json").write_text(json.dumps(config))
     open_clip.add_model_config(root / "other-arch.json")
     torch.save(open_clip.create_model("other-arch").state_dict(), root / "other.pt")
@@ -473,6 +483,20 @@ def bad(tmp_path_factory):
             ['--data.sources={{"h": "{bad}/hf_null_label"}}'],
             "split 'h': 1 label(s) are missing (null or NaN; first at row 2)",
         ),
+        (["--model.experts={{a: x.pt, b: y.pt, a: z.pt}}"], "'a' is named twice in one mapping"),
+        (['--data.mixes={{"m": ["a"]}}'], "data.mixes.m: mixes one split only ('a')"),
+        (["--data.classnames=[circle, '', triangle, cross]"], "class name(s) at position [1] are empty"),
+        (["--data.templates=[]"], "data.templates: an empty list"),
+        (["--model.methods=[]"], "model.methods: an empty list"),
+        (["--model.methods=[t3, t3_bach]"], "unknown method(s) ['t3_bach'] (did you mean t3_batch?)"),
+        (["--trainer.precision=64-true"], "trainer.precision: 64-true is not supported"),
+        (["--trainer.precision=16-true", "--trainer.accelerator=cpu"], "trainer.precision: 16-true on the CPU"),
+        (
+            ['--data.sources={{"o": "{bad}/one_class"}}', "--data.classnames=null"],
+            "split 'o': 1 class (['only']); zero-shot classification",
+        ),
+        (["--data.expert_of={{a: expert}}"], "data.expert_of names each split's domain expert among several"),
+        (['--data.sources={{"h": "{bad}/hf_nan"}}'], "hf_nan, row 1: 1 of the image's 784 values are NaN or infinite"),
     ],
     ids=[
         "lambda-range",
@@ -509,6 +533,17 @@ def bad(tmp_path_factory):
         "results-dir-unmakeable",
         "template-placeholders",
         "hf-null-label",
+        "expert-named-twice",
+        "one-member-mix",
+        "empty-classname",
+        "empty-templates",
+        "empty-methods",
+        "method-did-you-mean",
+        "double-precision",
+        "half-precision-on-cpu",
+        "single-class",
+        "expert-of-with-one-expert",
+        "nan-pixel",
     ],
 )
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
@@ -591,3 +626,20 @@ def test_lambda_weights_the_expert_by_default_as_t3s_figure_and_code_do():
         assert quote in page, quote
     for config in ("configs/demo.yaml", "configs/base/model.yaml"):
         assert "lambda_weights: expert" in (REPO / config).read_text()
+
+
+def test_a_key_named_twice_in_a_config_file_is_refused_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "experts.yaml"
+    config.write_text("model:\n  experts:\n    noisy: a.pt\n    shifted: b.pt\n    noisy: c.pt\n")
+    message = run_cli_expecting_error(["test", "--config", str(config)], capsys)
+    assert f"'noisy' is named twice in one mapping (line 5, column 5 of {config})" in message
+
+
+def test_resume_into_a_folder_without_results_starts_from_the_first_split_and_says_so(
+    clip_pair, npz_root, tmp_path, caplog
+):
+    out = tmp_path / "requeued"  # a preemptible job's command, run for the first time
+    extra = ("--model.methods=[zeroshot]", f"--model.results_dir={out}", "--model.resume=true")
+    main(cli_args(clip_pair, npz_root, tmp_path, *extra, '--data.sources={"a": "tiny_a.npz"}'))
+    assert f"model.resume: {out} holds no results.json yet; the run starts from its first split" in caplog.text
+    assert list(json.loads((out / "results.json").read_text())["accuracy"]) == ["a"]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
-from helpers import REPO
+from helpers import REPO, cli_arguments, shell_blocks
 from tcube_lightning.cli.app import main
 from tcube_lightning.data import demo
 from tcube_lightning.merging.methods import build_methods, with_grid
@@ -89,3 +90,21 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     assert list(results["models"]["experts"]) == ["noisy", "shifted"]
     assert {"expert:noisy", "expert:shifted", "t3", "t3_batch", "dawin_mtl"} <= set(results["accuracy"]["mixed"])
     assert "│ expert:shifted " in printed and "normalised mean (2 splits)" in printed
+
+    # docs/predict.md's command, as the page writes it, on a folder of images with the demo config as it is
+    (command,) = [c for marked, cs in shell_blocks(REPO / "docs" / "predict.md") for c in cs if "predict --config" in c]
+    scans = tmp_path / "clinic" / "scans"
+    scans.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((28, 28, 3), 70 * i, np.uint8)).save(scans / f"{i}.png")
+    arguments = [str(REPO / a) if a.startswith("configs/") else a for a in cli_arguments(command)]
+    tiny = [
+        f"--model.pretrained_checkpoint={first / 'generalist.pt'}",
+        f"--model.expert_checkpoint={first / 'expert.pt'}",
+    ]
+    caplog.clear()
+    main([*arguments, *tiny, "--model.adamerging.steps=2"])
+    said = [record.getMessage() for record in caplog.records]
+    assert "predict leaves aside data.mixes: settings of test (labelled splits)" in said
+    predictions = json.loads((tmp_path / "my_predictions" / "predictions" / "predictions.json").read_text())
+    assert predictions["complete"] and predictions["sources"]["scans"]["rows"] == 3

@@ -2,13 +2,15 @@
 their own range, DICOM through its modality LUT, window or VOI LUT and MONOCHROME1 inversion; what cannot be read is
 named."""
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.uid import JPEGLosslessSV1
 
 from helpers import CLASSNAMES, cli_args, run_cli_in_process, write_dicom
-from tcube_lightning.data.images import ImageFolder, as_rgb, dicom_pixels, dicom_summary, open_image
+from tcube_lightning.data.images import ImageFolder, as_rgb, dicom_pixels, dicom_summary, open_image, read_headers
 from tcube_lightning.errors import InputError
 
 RAW = np.random.default_rng(0).integers(200, 3800, size=(12, 10)).astype(np.uint16)
@@ -66,7 +68,7 @@ def test_a_dicom_voi_lut_is_applied_before_a_window(tmp_path):
     np.testing.assert_array_equal(dicom_pixels(path), numpy_uint8(looked_up))
     plain = write_dicom(tmp_path / "plain.dcm", RAW)  # no rescale, no window: the stored values' range
     np.testing.assert_array_equal(dicom_pixels(plain), numpy_uint8(RAW))
-    summary = dicom_summary([path, plain], windowing=True)
+    summary = dicom_summary(read_headers([path, plain]), windowing=True)
     assert (summary["files"], summary["voi_lut"], summary["window"], summary["rescale"]) == (2, 1, 0, 0)
 
 
@@ -74,7 +76,9 @@ def test_what_cannot_be_read_as_one_image_is_named(tmp_path):
     frames = write_dicom(tmp_path / "cine.dcm", RAW, frames=3)
     with pytest.raises(InputError, match=r"cine.dcm: a multi-frame DICOM \(3 frames"):
         dicom_pixels(frames)
-    unreadable = dicom_summary([frames], windowing=True)["unreadable"]  # said from the header, no pixel read
+    unreadable = dicom_summary(read_headers([frames]), windowing=True)[
+        "unreadable"
+    ]  # said from the header, no pixel read
     assert "a multi-frame DICOM (3 frames" in unreadable[str(frames)]
     (tmp_path / "labelled" / "a").mkdir(parents=True)
     write_dicom(tmp_path / "labelled" / "a" / "cine.dcm", RAW, frames=3)
@@ -136,3 +140,87 @@ def test_sixteen_bit_pngs_and_dicom_files_score_what_their_eight_bit_images_scor
         results[kind], _ = run_cli_in_process([*args, f'--data.sources={{"s": "{kind}"}}'])
     assert results["sixteen"]["metrics"] == results["eight"]["metrics"] == results["dicom"]["metrics"]
     assert results["dicom"]["dicom"]["s"]["files"] == 12 and "dicom" not in results["eight"]
+
+
+def test_dark_eight_bit_dicom_files_without_preamble_score_what_their_pngs_score(clip_pair, tmp_path):
+    """The same 8-bit pixels, not spanning 0..255, as PNG files and as bare 8-bit DICOM files without a suffix, read
+    with --data.dicom all beside a README and a DICOMDIR-like file: the same results, the non-images left out."""
+    images = np.random.default_rng(2).integers(20, 120, size=(8, 28, 28), dtype=np.uint8)
+    for i, image in enumerate(images):
+        label = CLASSNAMES[i % len(CLASSNAMES)]
+        for kind in ("png", "dicom"):
+            (tmp_path / kind / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "png" / label / f"{i}.png")
+        write_dicom(tmp_path / "dicom" / label / f"IM{i:04d}", image, bits=8, bare=True)
+    (tmp_path / "dicom" / CLASSNAMES[0] / "README.txt").write_text("exported by the PACS\n" * 4)
+    results = {}
+    for kind, extra in (("png", []), ("dicom", ["--data.dicom=all"])):
+        args = [
+            a
+            for a in cli_args(clip_pair, tmp_path, tmp_path / f"run_{kind}", "--model.methods=[zeroshot, t3]", *extra)
+            if not a.startswith(("--data.sources", "--data.classnames"))
+        ]
+        with pytest.warns(UserWarning, match="hold no image and are left out") if kind == "dicom" else nullcontext():
+            results[kind], _ = run_cli_in_process([*args, f'--data.sources={{"s": "{kind}"}}'])
+    assert results["png"]["metrics"] == results["dicom"]["metrics"]
+    record = results["dicom"]["dicom"]["s"]
+    assert record["files"] == 8 and list(record["left_out"]) == [str(tmp_path / "dicom" / CLASSNAMES[0] / "README.txt")]
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_the_same_eight_bit_pixels_read_the_same_from_a_png_and_a_dicom(tmp_path, photometric):
+    """One rule by bit depth: 8-bit values as they are, in every format (a dark image is not stretched)."""
+    dark = np.random.default_rng(1).integers(10, 90, size=(12, 10)).astype(np.uint8)
+    Image.fromarray(dark).save(tmp_path / "x.png")
+    path = write_dicom(tmp_path / "x.dcm", dark, photometric, bits=8)
+    expected = 255 - dark if photometric == "MONOCHROME1" else dark  # MONOCHROME1: bright is low
+    np.testing.assert_array_equal(dicom_pixels(path), expected)
+    if photometric == "MONOCHROME2":
+        np.testing.assert_array_equal(
+            gray(open_image(path, True, True)), gray(open_image(tmp_path / "x.png", False, True))
+        )
+    rescaled = write_dicom(tmp_path / "r.dcm", dark, photometric, bits=8, rescale=(4.0, -100.0))  # leaves 0..255
+    values = dark * 4.0 - 100.0
+    np.testing.assert_array_equal(
+        dicom_pixels(rescaled), numpy_uint8(values.max() - values if photometric == "MONOCHROME1" else values)
+    )
+
+
+def test_a_dicom_file_without_its_preamble_reads_as_the_same_image(tmp_path):
+    whole = write_dicom(tmp_path / "whole.dcm", RAW, window=(2000.0, 3000.0))
+    bare = write_dicom(tmp_path / "IM0001", RAW, window=(2000.0, 3000.0), bare=True)
+    np.testing.assert_array_equal(dicom_pixels(bare), dicom_pixels(whole))
+
+
+def test_non_finite_pixels_are_refused_naming_the_file(tmp_path):
+    values = RAW.astype(np.float32)
+    values[3, 4] = np.nan
+    Image.fromarray(values).save(tmp_path / "nan.tif")
+    with pytest.raises(InputError, match=r"nan.tif: cannot be read as an image \(1 of the image's 120 values are NaN"):
+        open_image(tmp_path / "nan.tif", False, True)
+
+
+def test_with_dicom_all_a_labelled_folder_leaves_out_files_that_hold_no_image(tmp_path):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        write_dicom(tmp_path / label / "IM0001", RAW)
+    (tmp_path / "a" / "README.txt").write_text("exported by the PACS\n" * 4)
+    directory = pydicom.Dataset()  # a DICOMDIR: DICOM, and no image
+    directory.file_meta = FileMetaDataset()
+    directory.file_meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
+    directory.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    directory.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    directory.FileSetID = "EXPORT"
+    directory.save_as(tmp_path / "b" / "DICOMDIR", enforce_file_format=True)
+    folder = ImageFolder(tmp_path, labelled=True, dicom="all")
+    assert folder.identities == ["a/IM0001", "b/IM0001"] and folder.labels.tolist() == [0, 1]
+    assert sorted(folder.left_out) == [str(tmp_path / "a" / "README.txt"), str(tmp_path / "b" / "DICOMDIR")]
+    assert "a DICOM file without an image" in folder.left_out[str(tmp_path / "b" / "DICOMDIR")]
+    assert folder.dicom["left_out"] == folder.left_out and folder.dicom["files"] == 2
+    with pytest.raises(InputError, match="not a readable DICOM file"):  # named as DICOM by its suffix: an error
+        (tmp_path / "a" / "notes.dcm").write_text("not DICOM")
+        ImageFolder(tmp_path, labelled=True, dicom="suffix")

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -390,3 +392,11 @@ def test_plots_are_written_and_logged_to_tensorboard(clip_pair, tmp_path):
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     assert {f"plots/{stem}" for stem in expected} <= set(events.Tags()["images"])
+
+
+def test_the_paper_table_command_imports_neither_torch_nor_lightning():
+    """It reads results files: starting it costs a fraction of a second, not Lightning's import (a fresh process)."""
+    loaded = "[m for m in ('torch', 'lightning') if m in sys.modules]"
+    code = f"import sys, tcube_lightning.reporting.paper_table; print({loaded})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -152,6 +152,11 @@ def test_several_experts_refuse_what_only_two_models_define(clip_pair, expert_te
     assert "['slerp', 't3_cluster'] merge the generalist with one expert" in message
     wrong = experts_args(clip_pair, expert_team, data_root, tmp_path, "--data.expert_of={'blood_*': heart}")
     assert "data.expert_of: ['heart'] are not experts of this run" in run_cli_expecting_error(wrong, capsys)
+    # a split's own name wins over a pattern listed before it: blood_in_domain's entry is read, and refused
+    exact = experts_args(
+        clip_pair, expert_team, data_root, tmp_path, "--data.expert_of={'*': blood, blood_in_domain: heart}"
+    )
+    assert "data.expert_of: ['heart'] are not experts of this run" in run_cli_expecting_error(exact, capsys)
     both = [*experts_args(clip_pair, expert_team, data_root, tmp_path), f"--model.expert_checkpoint={clip_pair[1]}"]
     assert "model.expert_checkpoint and model.experts exclude each other" in run_cli_expecting_error(both, capsys)
 
