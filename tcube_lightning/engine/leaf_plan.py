@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from tcube_lightning.loading.contexts import CONTEXT
+
 SCALES = ("logit_scale",)
 """Merged per row by ``logit_scale``, outside the towers."""
 
@@ -38,6 +40,9 @@ def plan_leaves(model: nn.Module, changed: set[str]) -> LeafPlan:
     for name, module in model.named_modules():
         recurse = isinstance(module, nn.MultiheadAttention)  # its out_proj's parameters are its own here
         own = {f"{name}.{k}" if name else k for k, _ in module.named_parameters(recurse=recurse)}
+        context = {p for p in own & changed if p.endswith(f".{CONTEXT}")}  # used by its hook: given per row
+        plan.per_row += sorted(context - set(plan.per_row))
+        own = {p for p in own if not p.endswith(f".{CONTEXT}")}
         if not own & changed:
             continue
         kind = _leaf_kind(model, name, module)

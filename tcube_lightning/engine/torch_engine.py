@@ -23,6 +23,7 @@ from tcube_lightning.engine.per_sample import LeafWisePass, per_sample_loop
 from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import image_side
+from tcube_lightning.loading.contexts import uses_own_context
 from tcube_lightning.loading.lora import LoraAdapter
 from tcube_lightning.merging.batch_rules import BatchContext
 from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, generalised_js
@@ -78,6 +79,9 @@ class TCubeEngine(nn.Module):
         head_tolerance: The largest change of a logit the interpolated heads may cause at the check points.
         k_experts: With several experts, how T³'s per-expert coefficients combine (``KExperts``).
         expert_names: The experts' names (results and AdaMerging's record).
+        context_tokens: Where a model has a learned prompt context (``loading.contexts``): the token ids of each class
+            set's context prompts (one per class); models whose context is their own take their head from these, and
+            so do merged text towers (the merged context). None: every head from the templates.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class TCubeEngine(nn.Module):
         head_tolerance: float = 1e-4,
         k_experts: KExperts = KExperts(),
         expert_names: list[str] | None = None,
+        context_tokens: list[torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         experts = experts if isinstance(experts, list) else [experts]
@@ -119,6 +124,10 @@ class TCubeEngine(nn.Module):
             raise InputError(f"model.samplewise=vectorized cannot run this model: {reason}; use loop or auto")
         for index, tokens in enumerate(prompt_tokens):
             self.register_buffer(f"prompt_tokens_{index}", tokens, persistent=False)
+        for index, tokens in enumerate(context_tokens or []):
+            self.register_buffer(f"context_tokens_{index}", tokens, persistent=False)
+        self.merged_context = context_tokens is not None
+        """Merged text towers merge a learned context: their heads come from the context prompts."""
         self.class_counts = list(class_counts)
         self.mapping, self.merge_text, self.samplewise, self.compile = mapping, merge_text, samplewise, compile
         self.settings = {"": mapping, **(grid or {})}
@@ -147,8 +156,8 @@ class TCubeEngine(nn.Module):
             path = "vectorized" if cheap_here and self.vectorized_logits is not None else "loop"
         self.path = path
         sets = range(len(self.class_counts))
-        self.pt_heads = [self._head(self.store.pretrained, c) for c in sets]
-        self.expert_heads = [[self._head(self.store.expert_model(k), c) for c in sets] for k in range(self.count)]
+        self.pt_heads = [self._own_head(self.store.pretrained, c) for c in sets]
+        self.expert_heads = [[self._own_head(self.store.expert_model(k), c) for c in sets] for k in range(self.count)]
         self.static_params = {name: rule(self.store) for name, rule in static_rules.items()}
         self.static_heads = {
             name: [self._merged_head(self.store.load(flat), c) for c in sets]
@@ -201,7 +210,7 @@ class TCubeEngine(nn.Module):
         size = image_side(self.store.pretrained.visual.image_size)
         dtype = self.store.pt_flat.dtype  # the models' own (16-true, bf16-true: the probe runs in theirs)
         images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        tokens = self._tokens(0)[:3]
+        tokens = self._tokens(0, self.merged_context)[:3]
         rows = torch.tensor([1.0, 0.37, 0.0])[: len(tokens)]  # the experts' weights differ per row and expert
         weights = torch.stack([rows.roll(k) for k in range(self.count)], dim=-1).to(device)
         inputs = {"encode_image": images[: len(weights)], "encode_text": tokens}
@@ -239,24 +248,29 @@ class TCubeEngine(nn.Module):
         """The direct head at ``weight`` in float32 even under mixed precision: the interpolant's tolerance is
         about interpolation, not bf16 rounding, and node heads are few."""
         with torch.autocast(self.store.pt_flat.device.type, enabled=False):
-            return self._head(self.store.merge(weight), class_set).float()
+            return self._head(self.store.merge(weight), class_set, self.merged_context).float()
 
     def _compiled(self, function: Callable) -> Callable:
         """``function`` through torch.compile when asked for; dynamic shapes, as batch sizes vary (last batch,
         per-sample loop)."""
         return torch.compile(function, dynamic=True) if self.compile else function
 
-    def _tokens(self, class_set: int) -> torch.Tensor:
-        return getattr(self, f"prompt_tokens_{class_set}")
+    def _tokens(self, class_set: int, context: bool = False) -> torch.Tensor:
+        """A class set's template prompts, or (``context``) its context prompts."""
+        return getattr(self, f"{'context' if context else 'prompt'}_tokens_{class_set}")
 
-    def _head(self, model: nn.Module, class_set: int) -> torch.Tensor:
-        return self.text_head(model, self._tokens(class_set), self.class_counts[class_set])
+    def _head(self, model: nn.Module, class_set: int, context: bool = False) -> torch.Tensor:
+        return self.text_head(model, self._tokens(class_set, context), self.class_counts[class_set])
+
+    def _own_head(self, model: nn.Module, class_set: int) -> torch.Tensor:
+        """A model's own head: its learned context's where it has one of its own, else its templates'."""
+        return self._head(model, class_set, uses_own_context(model))
 
     def _merged_head(self, model: nn.Module, class_set: int) -> torch.Tensor:
         """A merged model's zero-shot head: its own text tower's, or the pretrained one's without merge_text."""
         if not self.merge_text:
             return self.pt_heads[class_set]
-        return self._head(model, class_set)
+        return self._head(model, class_set, self.merged_context)
 
     # ------------------------------------------------------------------ logits
     @torch.no_grad()
@@ -344,7 +358,7 @@ class TCubeEngine(nn.Module):
         covered = interpolant is not None and all(interpolant.covers(w) for w in weights[:, 0].tolist())
         if fixed_head is None and covered:
             row_heads = interpolant(weights[:, 0])
-        tokens, count = self._tokens(class_set), self.class_counts[class_set]
+        tokens, count = self._tokens(class_set, self.merged_context), self.class_counts[class_set]
         return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
 
     def grouped_logits(self, images: torch.Tensor, weights: torch.Tensor, class_set: int = 0) -> torch.Tensor:

@@ -29,6 +29,7 @@ from tcube_lightning.evaluation.options import (
 from tcube_lightning.evaluation.predicting import PredictHooks
 from tcube_lightning.evaluation.splits import class_sets, mixed_or_plain, split_sources
 from tcube_lightning.loading import plan_models
+from tcube_lightning.loading.contexts import context_prompts
 from tcube_lightning.merging.adamerging import AdaMergingSettings
 from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, LambdaWeights, grid_mappings
 from tcube_lightning.merging.methods import BaselineSettings, build_methods, with_grid
@@ -65,6 +66,12 @@ class TCubeModule(PredictHooks, L.LightningModule):
             ``{blood: …, breast: …}``; merged as θ_pt + Σ_k w_k·τ_k (T³ with several experts is our extension of
             T³: ``k_experts``).
         model_config: Optional open_clip JSON config (file or folder) defining ``arch``.
+        key_prefix: Where a checkpoint holds the architecture's weights under several prefixes (a model and its EMA,
+            ``state_dict.`` and ``state_dict_ema.``), the one to read; the others are found, not given (``inspect``
+            shows them).
+        context_init: With an expert whose file has a learned prompt context (CoOp, TPT) and a generalist without one:
+            the words the generalist's context is made of (its token embeddings of them, as TPT starts), for merged
+            text towers; as many tokens as the expert's context.
         cache_dir: The Hugging Face cache where pretrained tags, ``hf-hub:`` models and their text towers and
             tokenizers are looked up (default: Hugging Face's, HF_HOME).
         methods: Method families to evaluate, default all but AdaMerging's (``predict``: t3): zeroshot, expert,
@@ -130,6 +137,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         expert_checkpoint: str | None = None,
         experts: dict[str, str] | None = None,
         model_config: str | None = None,
+        key_prefix: str | None = None,
+        context_init: str = "a photo of a",
         cache_dir: str | None = None,
         methods: list[str] | str | None = None,
         baselines: BaselineSettings = BaselineSettings(),
@@ -161,7 +170,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.mapping = LambdaMapping(lambda_min, lambda_max, gamma, lambda_weights, js_base)
         self.grid = grid_mappings(self.mapping, list(grid or []))
         check_run_options(resume, results_dir, overwrite, clusters, heads, head_tolerance, samplewise)
-        self.model_plan = plan_models(arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config, experts)
+        self.model_plan = plan_models(
+            arch, pretrained_checkpoint, expert_checkpoint, cache_dir, model_config, experts, key_prefix
+        )
         self.expert_names = list(self.model_plan.experts)
         self.method_families = method_families(methods, len(self.expert_names))
         self.baselines, self.adamerging, self.k_experts = baselines, adamerging, k_experts
@@ -218,9 +229,12 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self.adapt_on = (*self.adapt_on[:2], sets.index(adapt_set))
         self.class_counts = [len(names) for names, _ in sets]
         self.widths = {s: max(self.class_counts[c] for c in sets) for s, sets in self.class_sets.items()}
-        loaded = self.model_plan.load()
+        merge_text = hp.merge_text if hp.merge_text is not None else len(self.expert_names) == 1
+        loaded = self.model_plan.load(hp.context_init, merge_text)
         self.models_record = loaded.record
         tokenizer = self.model_plan.architecture.tokenizer()
+        length = loaded.context_length  # a learned prompt context's: its heads from the context prompts
+        contexts = None if length is None else [tokenizer(context_prompts(list(names), length)) for names, _ in sets]
         self.engine = TCubeEngine(
             loaded.pretrained,
             list(loaded.experts.values()),
@@ -228,13 +242,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self.class_counts,
             self.mapping,
             self.grid,
-            hp.merge_text if hp.merge_text is not None else len(self.expert_names) == 1,
+            merge_text,
             hp.samplewise,
             hp.compile,
             hp.heads,
             hp.head_tolerance,
             self.k_experts,
             self.expert_names,
+            contexts,
         )
         labelled = [] if self.predicting else self.split_names  # predicting: no labels, no metrics
         splits = {s: [(x.name, len(x.classnames), x.labels) for x in self.split_sources[s]] for s in labelled}

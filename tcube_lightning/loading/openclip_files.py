@@ -14,22 +14,41 @@ from torch import nn
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import Architecture
+from tcube_lightning.loading.layouts import (
+    MappedWeights,
+    flat_keys,
+    map_weights,
+    read_checkpoint,
+    refuse_pickled_module,
+)
 from tcube_lightning.loading.tensorfiles import LOAD_ERRORS, short_load_error
 
 
-def load_weights_file(architecture: Architecture, path: Path, field: str = "checkpoint") -> nn.Module:
-    """A state_dict file (or a schema's own weights) loaded strictly into the architecture, as open_clip's
-    ``load_checkpoint`` reads it (safetensors, ``state_dict`` wrappers, ``module.`` prefixes)."""
+def load_weights_file(
+    architecture: Architecture,
+    path: Path,
+    field: str = "checkpoint",
+    key_prefix: str | None = None,
+    generalist: nn.Module | None = None,
+) -> tuple[nn.Module, MappedWeights]:
+    """A state_dict file (or a schema's own weights) loaded strictly into the architecture, its keys mapped from the
+    layout the file has (``layouts``: a nesting level, a key prefix, a prompt learner's towers; what a prompt learner's
+    file lacks taken from ``generalist``). Returns the model and how the file was mapped (its learned context too)."""
+    if not looks_like_a_checkpoint(path):
+        raise not_a_checkpoint(field, path)
     model = architecture.create()
+    checkpoint = read_checkpoint(path, field)
+    state = model.state_dict()
+    own = None if generalist is None else generalist.state_dict()
+    mapped = map_weights(checkpoint, set(state), field, path, key_prefix, own)
+    weights = {k: v.reshape(state[k].shape) if k == "logit_scale" else v for k, v in mapped.state_dict.items()}
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True)
+        model.load_state_dict(weights, strict=True)
     except LOAD_ERRORS as err:
-        if not looks_like_a_checkpoint(path):
-            raise not_a_checkpoint(field, path) from err
         raise InputError(
             f"{field}: {path} could not be loaded into architecture {architecture.label!r}: {short_load_error(err)}"
         ) from err
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), mapped
 
 
 def load_openai_archive(architecture: Architecture, path: Path) -> nn.Module:
@@ -113,16 +132,16 @@ def is_torchscript_archive(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
 
 
-def checkpoint_keys(path: Path) -> list[str]:
+def checkpoint_keys(path: Path, field: str = "checkpoint") -> list[str]:
     """The tensor names of a state_dict file, read cheaply (safetensors' header, a memory-mapped torch archive); an
-    empty list for what is no readable state_dict (the loader then says why)."""
+    empty list for what is no readable state_dict (the loader then says why); a whole pickled module is refused here,
+    before anything loads."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
                 return list(handle.keys())
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (*LOAD_ERRORS, SafetensorError):
+    except (*LOAD_ERRORS, SafetensorError) as err:
+        refuse_pickled_module(err, field, path)
         return []
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    return [str(k) for k in checkpoint] if isinstance(checkpoint, dict) else []
+    return list(flat_keys(checkpoint)) if isinstance(checkpoint, dict) else []

@@ -22,7 +22,7 @@ import open_clip
 from torch import nn
 
 from tcube_lightning.errors import InputError
-from tcube_lightning.loading import lora, openclip_files, transformers_clip
+from tcube_lightning.loading import contexts, layouts, lora, openclip_files, transformers_clip
 from tcube_lightning.loading.architecture import (
     SCHEMA_WEIGHTS,
     SCHEMAS,
@@ -31,6 +31,7 @@ from tcube_lightning.loading.architecture import (
     register_model_config,
     schema_architecture,
 )
+from tcube_lightning.loading.layouts import MappedWeights
 
 OPENCLIP_FILE, TORCHSCRIPT, TAG = "open_clip checkpoint", "OpenAI TorchScript archive", "open_clip pretrained tag"
 SCHEMA_OWN, TRANSFORMERS = "the schema's own weights", "transformers CLIPModel"
@@ -46,6 +47,8 @@ class Source:
     location: str
     field: str
     details: dict = dataclasses.field(default_factory=dict)
+    key_prefix: str | None = None
+    """``model.key_prefix``: which prefix to read the weights under, where a file holds them under several."""
     """What identifying it read and loading needs again: a peft adapter's config (and, once checked against the
     generalist, the adapter), a CLIPModel's converted config."""
 
@@ -57,6 +60,8 @@ class LoadedModels:
     """Each expert by name: a full model, or the LoRA adapter on ``pretrained`` that describes it."""
     record: dict
     """What results.json records about the models."""
+    context_length: int | None = None
+    """Where a model has a learned prompt context, its n_ctx (every full model then carries one: ``contexts``)."""
 
     @property
     def expert(self) -> nn.Module | lora.LoraAdapter:
@@ -101,29 +106,47 @@ class ModelPlan:
                 f"'{list(expected_mean)}' --data.std '{list(expected_std)}'"
             )
 
-    def load(self) -> LoadedModels:
-        """Every model, in eval mode; a LoRA expert as its adapter on the generalist."""
-        pretrained = load_source(self.architecture, self.pretrained)
-        experts = {name: self._load_expert(source, pretrained) for name, source in self.experts.items()}
+    def load(self, context_init: str = contexts.CONTEXT_INIT, merge_text: bool = True) -> LoadedModels:
+        """Every model, in eval mode; a LoRA expert as its adapter on the generalist. Where a file has a learned prompt
+        context, every full model gets one (``contexts.give_contexts``: ``context_init`` and ``merge_text`` say how the
+        others' is made)."""
+        pretrained, pt_weights = load_source(self.architecture, self.pretrained)
+        loaded = {name: self._load_expert(source, pretrained) for name, source in self.experts.items()}
+        experts = {name: model for name, (model, _) in loaded.items()}
+        files = {None: pt_weights, **{name: weights for name, (_, weights) in loaded.items()}}
+        full = {None: pretrained, **{n: m for n, m in experts.items() if not isinstance(m, lora.LoraAdapter)}}
+        own = {name: files[name].context for name in full if getattr(files[name], "context", None) is not None}
+        heads = contexts.give_contexts(full, own, self.architecture.tokenizer(), context_init, merge_text)
         described = {
             name: expert.summary()
             if isinstance(expert, lora.LoraAdapter)
-            else {"kind": self.experts[name].kind, "location": self.experts[name].location}
+            else self._described(self.experts[name], files[name], heads.get(name))
             for name, expert in experts.items()
         }
         record = {
             "architecture": self.architecture.label,
-            "pretrained": {"kind": self.pretrained.kind, "location": self.pretrained.location},
+            "pretrained": self._described(self.pretrained, pt_weights, heads.get(None)),
             **({"expert": described["expert"]} if list(described) == ["expert"] else {"experts": described}),
         }
-        return LoadedModels(pretrained, experts, record)
+        length = next(iter(own.values())).shape[0] if own else None
+        return LoadedModels(pretrained, experts, record, length)
 
-    def _load_expert(self, source: Source, pretrained: nn.Module) -> nn.Module | lora.LoraAdapter:
+    @staticmethod
+    def _described(source: Source, weights: MappedWeights | None, head: str | None) -> dict:
+        """A full model's record: its kind and location, how its file was mapped, which zero-shot head it uses."""
+        described = {"kind": source.kind, "location": source.location}
+        if weights is not None:
+            described["mapping"] = weights.mapping.record()
+        return described | {"head": head or contexts.TEMPLATE_HEAD}
+
+    def _load_expert(
+        self, source: Source, pretrained: nn.Module
+    ) -> tuple[nn.Module | lora.LoraAdapter, MappedWeights | None]:
         if source.kind == PEFT:
-            return source.details["adapter"]  # read and checked against the generalist's skeleton already
+            return source.details["adapter"], None  # read and checked against the generalist's skeleton already
         if source.kind == ROBUSTMEDCLIP:
-            return lora.read_robustmedclip(Path(source.location), pretrained, source.field)
-        return load_source(self.architecture, source)
+            return lora.read_robustmedclip(Path(source.location), pretrained, source.field), None
+        return load_source(self.architecture, source, pretrained)
 
 
 def plan_models(
@@ -133,10 +156,12 @@ def plan_models(
     cache_dir: str | None = None,
     model_config: str | None = None,
     experts: dict[str, str] | None = None,
+    key_prefix: str | None = None,
 ) -> ModelPlan:
     """The architecture and every source, each checked (files present, formats known, configs that fit) without
     loading any weights: every error names its option. The experts: ``expert_checkpoint`` (one, named ``expert``) or
-    ``experts`` (name → checkpoint)."""
+    ``experts`` (name → checkpoint). ``key_prefix``: the prefix to read weights under in a file that holds them under
+    several (``layouts``)."""
     if model_config is not None:
         register_model_config(model_config)
     if expert_checkpoint is not None and experts:
@@ -147,7 +172,13 @@ def plan_models(
             "(several, name → checkpoint) is required"
         )
     architecture = resolve_architecture(arch, pretrained_checkpoint, cache_dir)
-    pretrained = identify(pretrained_checkpoint, architecture, "model.pretrained_checkpoint")
+    pretrained = identify(pretrained_checkpoint, architecture, "model.pretrained_checkpoint", key_prefix)
+    if pretrained.details.get("layout") == layouts.PROMPT_LEARNER:
+        raise InputError(
+            f"model.pretrained_checkpoint: {pretrained.location} is a prompt learner's file, which lacks "
+            f"{list(layouts.FROM_GENERALIST)}: it can be an expert (they are taken from the generalist), not the "
+            "generalist; give the CLIP it was built on"
+        )
     if pretrained.kind in ADAPTERS:
         raise InputError(
             f"model.pretrained_checkpoint: {pretrained.location} is a {pretrained.kind}: a LoRA describes "
@@ -160,7 +191,7 @@ def plan_models(
     )
     sources = {}
     for name, (checkpoint, field) in given.items():
-        source = identify(checkpoint, architecture, field)
+        source = identify(checkpoint, architecture, field, key_prefix)
         if source.kind == PEFT:
             source = dataclasses.replace(
                 source, details={**source.details, "adapter": peft_adapter(architecture, source)}
@@ -204,7 +235,7 @@ def resolve_architecture(arch: str | None, pretrained_checkpoint: str | None, ca
     return dataclasses.replace(named_architecture(arch), cache_dir=cache_dir)
 
 
-def identify(checkpoint: str | None, architecture: Architecture, field: str) -> Source:
+def identify(checkpoint: str | None, architecture: Architecture, field: str, key_prefix: str | None = None) -> Source:
     """What a checkpoint option names, by what is there: a folder (peft adapter, transformers CLIPModel), a file
     (TorchScript archive, RobustMedCLIP LoRA, open_clip state_dict), a cached tag, or nothing (a schema's own
     weights)."""
@@ -228,9 +259,15 @@ def identify(checkpoint: str | None, architecture: Architecture, field: str) -> 
             return Source(TORCHSCRIPT, checkpoint, field)
         if not openclip_files.looks_like_a_checkpoint(path):
             raise openclip_files.not_a_checkpoint(field, path)
-        if lora.is_robustmedclip_checkpoint(openclip_files.checkpoint_keys(path)):
+        keys = openclip_files.checkpoint_keys(path, field)
+        if lora.is_robustmedclip_checkpoint(keys):
             return Source(ROBUSTMEDCLIP, checkpoint, field)
-        return Source(OPENCLIP_FILE, checkpoint, field)
+        mapping = {}
+        if keys:  # its mapping found now, before anything loads (else the loader says why it cannot read it)
+            expected = set(architecture.skeleton().state_dict())
+            prefix, layout = layouts.choose_mapping(keys, expected, field, path, key_prefix)
+            mapping = {"prefix": prefix, "layout": layout}
+        return Source(OPENCLIP_FILE, checkpoint, field, mapping, key_prefix)
     if openclip_files.is_pretrained_tag(architecture, checkpoint):
         return Source(TAG, checkpoint, field)
     tags = (
@@ -270,21 +307,24 @@ def _identify_folder(folder: Path, architecture: Architecture, field: str) -> So
     )
 
 
-def load_source(architecture: Architecture, source: Source) -> nn.Module:
-    """One full model, by its source's reader."""
+def load_source(
+    architecture: Architecture, source: Source, generalist: nn.Module | None = None
+) -> tuple[nn.Module, MappedWeights | None]:
+    """One full model, by its source's reader, and for a weights file how its keys were mapped (``layouts``; what a
+    prompt learner's file lacks taken from ``generalist``)."""
     path = Path(source.location)
     if source.kind == TAG:
-        return openclip_files.load_tag(architecture, source.location)
+        return openclip_files.load_tag(architecture, source.location), None
     if source.kind == TORCHSCRIPT:
-        return openclip_files.load_openai_archive(architecture, path)
+        return openclip_files.load_openai_archive(architecture, path), None
     if source.kind == TRANSFORMERS:
         state = transformers_clip.convert_state_dict(
             transformers_clip.read_state_dict(path, source.field), source.details["model_cfg"], source.field
         )
         model = architecture.create()
         model.load_state_dict(state, strict=True)
-        return model
-    return openclip_files.load_weights_file(architecture, path, source.field)
+        return model, None
+    return openclip_files.load_weights_file(architecture, path, source.field, source.key_prefix, generalist)
 
 
 def load_clip(arch: str | None, checkpoint: str | Path | None, cache_dir: str | None = None) -> nn.Module:
@@ -293,7 +333,7 @@ def load_clip(arch: str | None, checkpoint: str | Path | None, cache_dir: str | 
     source = identify(None if checkpoint is None else str(checkpoint), architecture, "checkpoint")
     if source.kind in ADAPTERS:
         raise InputError(f"checkpoint: {checkpoint} is a {source.kind}, not a full model")
-    return load_source(architecture, source)
+    return load_source(architecture, source)[0]
 
 
 def _check_tokenizer(architecture: Architecture) -> None:

@@ -189,7 +189,12 @@ def test_biomedclip_from_an_offline_cache_end_to_end(
     )
     results, folder = run_cli_in_process(cli(small_split, tmp_path, extra=args))
     assert results["models"]["pretrained"]["kind"] == "the schema's own weights"
-    assert results["models"]["expert"] == {"kind": "open_clip checkpoint", "location": str(biomedclip["expert"])}
+    assert results["models"]["expert"] == {
+        "kind": "open_clip checkpoint",
+        "location": str(biomedclip["expert"]),
+        "mapping": {"stripped": None, "layout": "open_clip"},
+        "head": "templates",
+    }
     assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
     images, _ = split_images(small_split / "small.npz", BIOMEDCLIP_SIZE, (0.5,) * 3, (0.5,) * 3)
     expert = torch.load(biomedclip["expert"], weights_only=True)
