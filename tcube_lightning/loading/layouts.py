@@ -130,7 +130,7 @@ def map_weights(
                 "is read; learned class tokens (TPT's learned_cls) are not supported"
             )
         elif inner not in LEARNER_BUFFERS:
-            state[_renamed(inner, layout)] = value
+            state[renamed(inner, layout)] = value
     missing = sorted(expected - set(state))
     taken: tuple[str, ...] = ()
     if missing:  # a prompt learner's: the token embedding and logit scale (what _candidates allowed)
@@ -167,7 +167,7 @@ def choose_mapping(
     return candidates[0]
 
 
-def _renamed(key: str, layout: str) -> str:
+def renamed(key: str, layout: str) -> str:
     if layout == PROMPT_LEARNER:
         for theirs, ours in PROMPT_LEARNER_KEYS.items():
             if key.startswith(theirs):
@@ -186,7 +186,7 @@ def _candidates(flat: list[str], expected: set[str]) -> list[tuple[str, str]]:
             k[: -len(theirs)] for k in flat if k.endswith(theirs) and (k == theirs or k[-len(theirs) - 1] == ".")
         }
         for prefix in sorted(prefixes):
-            under = {_renamed(k[len(prefix) :], layout) for k in flat if k.startswith(prefix)}
+            under = {renamed(k[len(prefix) :], layout) for k in flat if k.startswith(prefix)}
             needed = expected - set(FROM_GENERALIST) if layout == PROMPT_LEARNER else expected
             if needed <= under and (layout == OPEN_CLIP or any(k.startswith(prefix + "image_encoder.") for k in flat)):
                 found.append((prefix, layout))

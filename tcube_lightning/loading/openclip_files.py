@@ -110,11 +110,12 @@ def check_activation(architecture: Architecture, quick_gelu: bool, source: str) 
 
 
 def looks_like_a_checkpoint(path: Path) -> bool:
-    """By its first bytes: a torch zip archive, a (legacy) pickle, or safetensors (an 8-byte header length, then
-    a JSON header)."""
+    """By its first bytes: a torch zip archive (whole, or cut short), a (legacy) pickle, or safetensors (an 8-byte
+    header length, then a JSON header)."""
     with open(path, "rb") as handle:
         head = handle.read(9)
-    return zipfile.is_zipfile(path) or head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
+    zipped = zipfile.is_zipfile(path) or head[:4] == b"PK\x03\x04"  # a zip archive, or one cut short
+    return zipped or head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
 
 
 def not_a_checkpoint(field: str, path: Path) -> InputError:
