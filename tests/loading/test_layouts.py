@@ -18,6 +18,7 @@ from helpers import (
     run_cli_in_process,
     sum_atol,
 )
+from tcube_lightning.cli.app import main
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts, zero_shot_head
 from tcube_lightning.errors import InputError
@@ -223,3 +224,10 @@ def test_a_run_on_files_in_other_layouts_gives_the_plain_files_numbers(clip_pair
         assert mapped[key] == plain[key], key
     assert mapped["models"]["pretrained"]["mapping"]["stripped"] == "state_dict.model._orig_mod."
     assert mapped["models"]["expert"]["mapping"]["layout"] == "prompt learner"
+    tables = {}  # predict reads them the same way
+    for name, (generalist, expert) in (("plain", (clip_pair[0], tmp_path / "expert.pt")), ("mapped", files)):
+        args = [a for a in cli_args((generalist, expert), npz_root, tmp_path, *extra) if "default_root_dir" not in a]
+        args = ["predict", *args[1:], '--data.sources={"a": "tiny_a.npz"}', f"--model.results_dir={tmp_path / name}p"]
+        main(args)
+        tables[name] = (tmp_path / f"{name}p" / "predictions" / "a.csv").read_text()
+    assert tables["mapped"] == tables["plain"]
