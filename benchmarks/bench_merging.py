@@ -68,8 +68,10 @@ DEFAULT_ROWS = (
     "biomedclip-tiny:full",
     "biomedclip-tiny:lora",
     "clip-tiny:full:2",
+    "clip-tiny:full:2:text",
     "clip-tiny:full:4",
     "clip-tiny:lora:4",
+    "biomedclip-tiny:full:2",
     "biomedclip-tiny:full:4",
     "biomedclip-tiny:lora:4",
 )
@@ -224,12 +226,23 @@ def state_dict_merge(pt: dict, experts: list[dict], weights: list[float]) -> dic
     }
 
 
-def parse_row(row: str) -> tuple[str, str, int]:
-    """``model:kind`` or ``model:kind:K`` → (model, kind, K)."""
-    model, kind, *count = row.split(":")
-    if model not in MODELS or kind not in KINDS or len(count) > 1 or (count and not count[0].isdigit()):
-        raise argparse.ArgumentTypeError(f"{row!r}: expected model:kind[:K], model in {MODELS}, kind in {KINDS}")
-    return model, kind, int(count[0]) if count else 1
+def parse_row(row: str) -> tuple[str, str, int, bool]:
+    """``model:kind``, ``model:kind:K`` or ``model:kind:K:text`` (merged text towers with several experts) → (model,
+    kind, K, merged text towers)."""
+    model, kind, *rest = row.split(":")
+    count, text = [*rest, None, None][:2]
+    valid = model in MODELS and kind in KINDS and len(rest) <= 2 and text in (None, "text")
+    if not valid or (count is not None and not count.isdigit()):
+        raise argparse.ArgumentTypeError(f"{row!r}: expected model:kind[:K[:text]], model in {MODELS}, kind in {KINDS}")
+    count = int(count) if count else 1
+    return model, kind, count, count == 1 or text == "text"
+
+
+def row_label(row: str) -> str:
+    """How the printed lines name a row: ``<model> <kind> K=<k>`` and, with several experts' text towers merged,
+    `` merged text``."""
+    model, kind, count, text = parse_row(row)
+    return f"{model} {kind} K={count}" + (" merged text" if count > 1 and text else "")
 
 
 class Row:
@@ -237,7 +250,8 @@ class Row:
     compared."""
 
     def __init__(self, args: argparse.Namespace, row: str, reference: bool = True) -> None:
-        self.model, self.kind, self.count = parse_row(row)
+        self.model, self.kind, self.count, self.merge_text = parse_row(row)
+        self.row = row
         self.args, self.device = args, args.device
         self.batch = args.batch_size or BATCH[self.model]
         pretrained, experts, tokens = build(self.model, self.kind, self.count, args.classes, self.device)
@@ -249,7 +263,6 @@ class Row:
             for u in e.updates
             for t in (u.down, u.up)
         )
-        self.merge_text = self.count == 1  # the run's default: the generalist's head with several experts
         if reference:  # more copies of the parameters: left out where peak memory is measured
             full = [e.expert(pretrained) if isinstance(e, LoraAdapter) else e for e in experts]
             self.reference_states = (
@@ -341,7 +354,7 @@ class Row:
         merge = self.merge_times()
         difference = float((self.t3().float() - self.reference().float()).abs().max())
         return {
-            "row": f"{self.model}:{self.kind}" + (f":{self.count}" if self.count > 1 else ""),
+            "row": self.row,
             "experts": self.count,
             "heads": "merged text tower, interpolated" if self.merge_text else "the generalist's (merge_text false)",
             "batch_size": self.batch,
@@ -367,8 +380,9 @@ class Row:
 
     def merge_times(self) -> dict:
         """What T³_B and every static method pay per merge: the store's fused merge (alternating weights, so that each
-        call computes), its bandwidth floor (one ``torch.add`` over as many floats) and a state_dict merge with
-        ``load_state_dict``, interleaved; medians of the repeats, in seconds."""
+        call computes), its bandwidth floor (one ``torch.add`` over as many floats: 2 reads and a write; a merge of K
+        task vectors reads K + 1 and writes one, so its floor is (K + 2)/3 of that add, ``floor_k_s``) and a
+        state_dict merge with ``load_state_dict``, interleaved; medians of the repeats, in seconds."""
         store = self.engine.store
         floats = sum(store.shapes[name].numel() for name in store.merged_names)  # all, or the LoRA targets
         a, b, out = (torch.randn(floats, generator=torch.Generator().manual_seed(i)).to(self.device) for i in range(3))
@@ -391,6 +405,7 @@ class Row:
                 for name, function in paths.items():
                     seconds[name].append(seconds_per_call(function, self.device, calls[name]))
         medians = {f"{name}_s": statistics.median(values) for name, values in seconds.items()}
+        medians["floor_k_s"] = medians["floor_s"] * (self.count + 2) / 3
         return {"floats": floats, "computed_in_forwards": store.computed, **medians}
 
 
@@ -478,7 +493,7 @@ def print_report(report: dict) -> None:
         "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for row in report["rows"]:
-        model, kind, count = parse_row(row["row"])
+        model, kind, count, _ = parse_row(row["row"])
         ratio, path = row["t3_vs_t3_batch"], row["path"]
         label = f"{path['path']} ({path.get('pass', path.get('reason'))})"
         print(
@@ -489,12 +504,13 @@ def print_report(report: dict) -> None:
             f"| {row['max_abs_logit_diff_vs_per_sample_merges']:.1e} "
             f"| {row['t3_batch_peak_over_params']:.2f}, {row['t3_peak_over_params']:.2f} "
             f"| {row['store_bytes'] / row['param_bytes']:.2f} | {row['adapter_bytes'] / row['param_bytes']:.3f} "
-            f"| {merge_vs_floor(row)} | {state_dict_vs_fused(row)} |"
+            f"| {merge_vs_floor(row)} ({merge_vs_floor(row, 'floor_k_s')} of the K-aware floor) "
+            f"| {state_dict_vs_fused(row)} |"
         )
     print()
     for row in report["rows"]:
-        model, kind, count = parse_row(row["row"])
-        labels = [f"{model} {kind} K={count}"] + ([f"{model} {kind}"] if count == 1 else [])  # and as earlier runs
+        model, kind, count, _ = parse_row(row["row"])
+        labels = [row_label(row["row"])] + ([f"{model} {kind}"] if count == 1 else [])  # and as earlier runs
         for label in labels:
             print(f"T3 vs T3_B [{label}]: {row['t3_vs_t3_batch']['median']:.2f}x")
             print(f"T3 vs reference [{label}]: {row['t3_vs_reference']:.2f}x")
@@ -503,15 +519,16 @@ def print_report(report: dict) -> None:
             difference = row["max_abs_logit_diff_vs_per_sample_merges"]
             print(f"max |logit diff| vs per-sample merges [{label}]: {difference:.1e}")
             print(f"fused merge vs bandwidth floor [{label}]: {merge_vs_floor(row)}")
+            print(f"fused merge vs K-aware floor [{label}]: {merge_vs_floor(row, 'floor_k_s')}")
             print(f"state_dict merge vs fused merge [{label}]: {state_dict_vs_fused(row)}")
 
 
 IN_FORWARDS = "n/a (LoRA targets computed in the forwards)"
 
 
-def merge_vs_floor(row: dict) -> str:
+def merge_vs_floor(row: dict, floor: str = "floor_s") -> str:
     merge = row["merge"]
-    return IN_FORWARDS if merge["computed_in_forwards"] else f"{merge['fused_s'] / merge['floor_s']:.2f}x"
+    return IN_FORWARDS if merge["computed_in_forwards"] else f"{merge['fused_s'] / merge[floor]:.2f}x"
 
 
 def state_dict_vs_fused(row: dict) -> str:

@@ -15,14 +15,26 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system_temp"))  # where its temporary folders would stay
     (tmp_path / "system_temp").mkdir()
     bench = load_benchmark()
-    rows = ["clip-tiny:full", "biomedclip-tiny:lora", "clip-tiny:lora:2", "biomedclip-tiny:full:2"]
+    rows = [
+        "clip-tiny:full",
+        "biomedclip-tiny:lora",
+        "clip-tiny:lora:2",
+        "biomedclip-tiny:full:2",
+        "clip-tiny:full:2:text",
+    ]
     options = ["--rows", *rows, "--batch-size", "3", "--classes", "2", "--repeats", "2", "--min-time", "0"]
     bench.main([*options, "--out", str(tmp_path), "--no-isolate"])  # peak memory in this process: coarser, quicker
     (report_file,) = tmp_path.glob("bench_*.json")
     report = json.loads(report_file.read_text())
     assert [row["row"] for row in report["rows"]] == rows
     printed = capsys.readouterr().out
-    labels = ("clip-tiny full K=1", "biomedclip-tiny lora K=1", "clip-tiny lora K=2", "biomedclip-tiny full K=2")
+    labels = (
+        "clip-tiny full K=1",
+        "biomedclip-tiny lora K=1",
+        "clip-tiny lora K=2",
+        "biomedclip-tiny full K=2",
+        "clip-tiny full K=2 merged text",
+    )
     for row, label in zip(report["rows"], labels, strict=True):
         ratio = row["t3_vs_t3_batch"]
         assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["repeats"] == 2
@@ -42,11 +54,15 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
             continue
         assert merge["fused_s"] > 0
         assert re.search(rf"^fused merge vs bandwidth floor \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
+        assert re.search(rf"^fused merge vs K-aware floor \[{label}\]: \d+\.\d\dx$", printed, flags=re.M)
         assert re.search(rf"^state_dict merge vs fused merge \[{label}\]: \d+\.\dx$", printed, flags=re.M)
     assert re.search(r"^T3 vs T3_B \[clip-tiny full\]: \d+\.\d\dx$", printed, flags=re.M)  # as earlier runs print
     assert report["rows"][1]["path"]["pass"] == report["rows"][2]["path"]["pass"] == "leaf-wise, low-rank (LoRA)"
     assert report["rows"][2]["experts"] == 2 and report["rows"][2]["adapter_bytes"] > 0
-    assert report["rows"][3]["path"]["pass"] == "leaf-wise, weights merged per row"
+    assert (
+        report["rows"][3]["path"]["pass"] == "leaf-wise, weights merged per row in leaves of at least 32 tokens per row"
+    )
+    assert report["rows"][4]["heads"] == "merged text tower, interpolated"
     assert report["rows"][1]["merge"]["floats"] < report["rows"][0]["merge"]["floats"]  # a LoRA merge: its targets
     assert report["rows"][1]["merge"]["computed_in_forwards"] and not report["rows"][3]["merge"]["computed_in_forwards"]
     assert not list((tmp_path / "system_temp").iterdir())  # the BiomedCLIP-shaped rows' config folders are gone

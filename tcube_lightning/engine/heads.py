@@ -1,14 +1,17 @@
-"""Zero-shot heads of merged text towers, interpolated in the expert weight w.
+"""Zero-shot heads of merged text towers, interpolated in the experts' weights w.
 
 The head h(w) (normalised class embeddings of the text tower merged at w) is an analytic function of w, so
 barycentric interpolation at Chebyshev points of the second kind reproduces it to float32 noise with a handful
 of nodes. A few text passes per run then serve every sample of every sample-wise method, instead of a text pass
-over all class prompts per sample. The node count is chosen per run: the smallest count whose interpolant
-matches direct text passes at seeded check points within a tolerance on the logits.
+over all class prompts per sample. With several experts w is a vector and the nodes a tensor-product grid over the
+box the run's weights can take (the product of the one-dimensional barycentric formulas). The node count per
+dimension is chosen per run: the smallest whose interpolant matches direct text passes at seeded check points within
+a tolerance on the logits, among those whose grid has at most ``MAX_GRID`` nodes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ import torch.nn.functional as F
 NODE_COUNTS = (5, 9, 17, 33)
 """Chebyshev points of the second kind nest for these counts: each set holds the previous one, so a node head
 computed for a smaller count is reused, never computed twice."""
+MAX_GRID = 1024
+"""The most nodes (text passes) a grid may have: 33 per dimension with one expert, 17 with two, 9 with three, 5 with
+four (625 text passes of the class prompts, once per run); beyond, heads are direct."""
 CHECK_POINTS = 7
 PROBES = 256
 """Seeded random unit features through which a head's deviation is measured as a change of logits."""
@@ -49,24 +55,33 @@ def barycentric_matrix(points: torch.Tensor, nodes: torch.Tensor) -> torch.Tenso
 
 @dataclass(frozen=True)
 class HeadInterpolant:
-    """h(w) on [low, high] from the heads at Chebyshev nodes (count, classes, dim)."""
+    """h(w) on the box [low, high]^K from the heads at a tensor-product grid of Chebyshev nodes (count^K, classes,
+    dim; the first expert's node varying slowest)."""
 
     low: float
     high: float
     nodes: torch.Tensor
+    """The Chebyshev nodes of one dimension."""
     node_heads: torch.Tensor
+    experts: int = 1
 
-    def covers(self, weight: float) -> bool:
-        return self.low <= weight <= self.high
+    def covers(self, weights: float | tuple[float, ...] | list[float]) -> bool:
+        """Whether a weight vector (one expert's: a number) lies in the box."""
+        values = weights if isinstance(weights, (tuple, list)) else (weights,)
+        return all(self.low <= w <= self.high for w in values)
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
-        """Heads (len(weights), classes, dim), renormalised per class, in the node heads' dtype and device. The
-        combination runs in float64: float32 sums would round differently with the number of BLAS threads (so
-        with the number of processes), float64 ones not visibly once cast back."""
-        coefficients = barycentric_matrix(weights.detach().double().cpu(), self.nodes).to(self.node_heads.device)
-        count, classes, dim = self.node_heads.shape
-        heads = coefficients @ self.node_heads.reshape(count, classes * dim).double()
-        return F.normalize(heads.view(len(weights), classes, dim), dim=-1).to(self.node_heads.dtype)
+        """Heads (rows, classes, dim) at ``weights`` (rows × experts; one expert's: a vector of rows), renormalised
+        per class, in the node heads' dtype and device. The combination runs in float64: float32 sums would round
+        differently with the number of BLAS threads (so with the number of processes), float64 ones not visibly once
+        cast back."""
+        points = weights.detach().double().cpu().reshape(-1, self.experts)
+        coefficients = barycentric_matrix(points[:, 0], self.nodes)
+        for k in range(1, self.experts):  # the grid's coefficients: the outer product of each dimension's
+            coefficients = (coefficients[:, :, None] * barycentric_matrix(points[:, k], self.nodes)[:, None]).flatten(1)
+        grid, classes, dim = self.node_heads.shape
+        heads = coefficients.to(self.node_heads.device) @ self.node_heads.reshape(grid, classes * dim).double()
+        return F.normalize(heads.view(len(points), classes, dim), dim=-1).to(self.node_heads.dtype)
 
 
 def logit_deviation(heads: torch.Tensor, expected: torch.Tensor, scale: float, seed: int = 0) -> float:
@@ -79,38 +94,43 @@ def logit_deviation(heads: torch.Tensor, expected: torch.Tensor, scale: float, s
 
 
 def fit_head_interpolant(
-    head_at: Callable[[float], torch.Tensor],
+    heads_at: Callable[[list[tuple[float, ...]]], torch.Tensor],
     low: float,
     high: float,
     tolerance: float,
     scale: float,
     seed: int = 0,
+    experts: int = 1,
 ) -> tuple[HeadInterpolant | None, dict]:
-    """The interpolant with the fewest nodes (of ``NODE_COUNTS``) whose logits (at logit scale ``scale``) are
-    within ``tolerance`` of direct heads' at seeded check points in [low, high]; None (use direct heads) if
-    none is. Returns it and what was measured, for the results."""
-    cache: dict[float, torch.Tensor] = {}
+    """The interpolant over [low, high]^``experts`` with the fewest nodes per dimension (of ``NODE_COUNTS``, grids of
+    at most ``MAX_GRID`` nodes) whose logits (at logit scale ``scale``) are within ``tolerance`` of direct heads' at
+    seeded check points in the box; None (use direct heads) if none is. ``heads_at`` takes weight vectors and gives
+    their heads (points, classes, dim), each computed once. Returns the interpolant and what was measured, for the
+    results."""
+    cache: dict[tuple[float, ...], torch.Tensor] = {}
 
-    def head(weight: float) -> torch.Tensor:
-        if weight not in cache:
-            cache[weight] = head_at(weight)
-        return cache[weight]
+    def heads(points: list[tuple[float, ...]]) -> torch.Tensor:
+        missing = [point for point in dict.fromkeys(points) if point not in cache]
+        if missing:
+            cache.update(zip(missing, heads_at(missing)))
+        return torch.stack([cache[point] for point in points])
 
+    box = {"interval": [low, high]} | ({"experts": experts} if experts > 1 else {})
     if high - low <= 0:  # a single weight: its own head is exact
-        interpolant = HeadInterpolant(low, high, torch.tensor([low], dtype=torch.float64), head(low)[None])
-        return interpolant, {"interval": [low, high], "nodes": 1, "max_logit_deviation": 0.0, "text_passes": 1}
+        single = torch.tensor([low], dtype=torch.float64)
+        interpolant = HeadInterpolant(low, high, single, heads([(low,) * experts]), experts)
+        return interpolant, box | {"nodes": 1, "max_logit_deviation": 0.0, "text_passes": 1}
     generator = torch.Generator().manual_seed(seed)
-    checks = low + (high - low) * torch.rand(CHECK_POINTS, generator=generator, dtype=torch.float64)
-    expected = torch.stack([head(float(w)) for w in checks])
-    deviation = math.inf
-    for count in NODE_COUNTS:
+    checks = low + (high - low) * torch.rand(CHECK_POINTS, experts, generator=generator, dtype=torch.float64)
+    expected = heads([tuple(map(float, w)) for w in checks])
+    deviation, interpolant = math.inf, None
+    for count in (c for c in NODE_COUNTS if c**experts <= MAX_GRID):
         nodes = chebyshev_nodes(low, high, count)
-        interpolant = HeadInterpolant(low, high, nodes, torch.stack([head(float(w)) for w in nodes]))
-        deviation = logit_deviation(interpolant(checks), expected, scale, seed)
+        grid = list(itertools.product(nodes.tolist(), repeat=experts))
+        candidate = HeadInterpolant(low, high, nodes, heads(grid), experts)
+        deviation = logit_deviation(candidate(checks), expected, scale, seed)
         if deviation <= tolerance:
+            interpolant = candidate
             break
-    else:
-        interpolant = None
     nodes = None if interpolant is None else len(interpolant.nodes)
-    summary = {"interval": [low, high], "nodes": nodes, "max_logit_deviation": deviation, "text_passes": len(cache)}
-    return interpolant, summary
+    return interpolant, box | {"nodes": nodes, "max_logit_deviation": deviation, "text_passes": len(cache)}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcube_lightning.engine.leaf_plan import FOLDED, PROJECTIONS, plan_leaves
-from tcube_lightning.engine.row_merge import RowWeightMerge, per_row_linear
+from tcube_lightning.engine.row_merge import RowWeightMerge, min_tokens
 from tcube_lightning.loading.lora import LowRankUpdate
 
 
@@ -82,8 +82,8 @@ class LeafWisePass:
     changed parameters (``dense``: a full expert's, or a LoRA adapter's replaced tensors) and low-rank updates
     (``low_rank``). Every leaf computes f(x; θ_pt) once and each expert's f(x; θ_k) only where that expert changes it:
     with one expert ``torch.lerp`` (θ_pt + w·Δ), with more f(x; θ_pt) + Σ_k w_ik·(f(x; θ_k) − f(x; θ_pt)). With
-    several full experts (``stacked``), a Linear or Conv2d leaf of many tokens per row merges its weight per row
-    instead (``row_merge``); one expert keeps the output mix, whose numbers the one-expert runs fix.
+    full experts alone (``stacked``), a Linear or Conv2d leaf of many tokens per row merges its weight per row instead,
+    by one rule for every K (``row_merge.min_tokens``).
 
     Args:
         pretrained: The generalist; its leaves' forwards are taken over during a pass, and given back after.
@@ -102,7 +102,7 @@ class LeafWisePass:
         stacked: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.pt, self.dense, self.count = pretrained, dense, len(dense)
-        self.row_weights = RowWeightMerge(stacked if stacked is not None and self.count > 1 else {})
+        self.row_weights = RowWeightMerge(stacked or {}, min_tokens(self.count))
         self.low_rank: list[dict[str, list[LowRankUpdate]]] = [defaultdict(list) for _ in dense]
         for k, updates in enumerate(low_rank or [[] for _ in dense]):
             for update in updates:
@@ -298,7 +298,7 @@ class LeafWisePass:
         names, tokens = (prefix + weight_name, prefix + bias_name), x.shape[1:-1].numel()
         if self.row_weights.serves(names[0], tokens):
             self._check_rows(x)
-            return self.row_weights(x, names, (weight, bias), self.weights, per_row_linear)
+            return self.row_weights.linear(x, names, (weight, bias), self.weights)
         y = F.linear(x, weight, bias)
         outputs = []
         for d in self.dense:

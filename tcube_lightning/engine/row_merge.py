@@ -9,11 +9,21 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-MIX_WEIGHTS_MIN_TOKENS = 16
-"""With several full experts, a Linear or Conv2d leaf whose rows each carry at least this many tokens merges its
-weight per row (θ_pt + Σ_k w_ik·Δ_k, one product per row) instead of running K + 1 products and mixing their outputs:
-mixing costs K·|W| per row against the K·T·|W| it saves. On CPU (2 threads) the two break even at 9 to 13 tokens for
-K = 2 to 4, for ViT-B/16's widths and for the tiny models' alike; ViTs' blocks carry 50 to 197 tokens."""
+PER_ROW_TOKENS = 64
+"""The rule between the two ways a leaf of full experts runs per row: a Linear or Conv2d leaf whose rows each carry at
+least ``PER_ROW_TOKENS / K`` tokens merges its weight per row (θ_pt + Σ_k w_ik·Δ_k, one batched product) instead of
+running K + 1 products and mixing their outputs. Mixing costs K extra products of T tokens per row; merging per row
+costs the merged weights' memory traffic (about 4·|W| per row) and a batched product less efficient than one GEMM.
+Measured on this project's 2-core CPU (benchmarks/bench_leaf_rule.py, docs/performance.md): break-even at about 64
+tokens per row for K = 1, 32 for K = 2, 16 for K = 4, at the tiny models' widths and at ViT-B/16's; a ViT-B/16 block
+carries 197 tokens, the tiny CLIP's 50, a text tower 32 to 77."""
+
+
+def min_tokens(experts: int) -> int:
+    """Tokens per row from which a leaf of ``experts`` full experts merges its weights per row."""
+    return -(-PER_ROW_TOKENS // experts)
+
+
 WORKSPACE_ELEMENTS = 2**24
 """The most elements the per-row merged weights of one leaf take at once (64 MiB in float32): rows are merged in
 chunks within it, in one buffer reused by every leaf (a fresh allocation per leaf costs page faults on CPU)."""
@@ -26,14 +36,14 @@ class RowWeightMerge:
         stacked: Per changed parameter, every expert's value stacked; empty: no leaf is merged per row.
     """
 
-    def __init__(self, stacked: dict[str, torch.Tensor]) -> None:
-        self.stacked = stacked
+    def __init__(self, stacked: dict[str, torch.Tensor], threshold: int) -> None:
+        self.stacked, self.threshold = stacked, threshold
         self.workspace: torch.Tensor | None = None
 
     def serves(self, weight_name: str, tokens: int) -> bool:
         """Whether the leaf of ``weight_name`` runs merged per row: its experts' values are stacked and each row
-        carries at least ``MIX_WEIGHTS_MIN_TOKENS`` tokens."""
-        return weight_name in self.stacked and tokens >= MIX_WEIGHTS_MIN_TOKENS
+        carries at least ``threshold`` tokens."""
+        return weight_name in self.stacked and tokens >= self.threshold
 
     def __call__(
         self,
@@ -47,6 +57,21 @@ class RowWeightMerge:
         ``weights`` (rows × experts)."""
         chunks = [apply(x[start : start + len(w)], w, b) for start, w, b in self._row_parameters(names, pt, weights)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        names: tuple[str, str],
+        pt: tuple[torch.Tensor, torch.Tensor | None],
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """A Linear leaf merged per row; runs of rows with the same weights of equal length (a head's prompts, in the
+        text passes that compute heads at many weights) share one merged weight and one product."""
+        unique, counts = torch.unique_consecutive(weights, dim=0, return_counts=True)
+        if len(unique) == len(weights) or not bool((counts == counts[0]).all()):
+            return self(x, names, pt, weights, per_row_linear)
+        grouped = x.reshape(len(unique), -1, x.shape[-1])  # each run's rows side by side
+        return self(grouped, names, pt, unique, per_row_linear).view(*x.shape[:-1], -1)
 
     def _row_parameters(
         self, names: tuple[str, str], pt: tuple[torch.Tensor, torch.Tensor | None], weights: torch.Tensor

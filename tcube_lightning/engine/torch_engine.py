@@ -20,12 +20,13 @@ from torch import nn
 from tcube_lightning.engine.heads import HeadInterpolant, fit_head_interpolant
 from tcube_lightning.engine.leaf_plan import leafwise_reason
 from tcube_lightning.engine.per_sample import LeafWisePass, per_sample_loop
+from tcube_lightning.engine.row_merge import min_tokens
 from tcube_lightning.engine.zero_shot import clip_logits, zero_shot_head
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.architecture import image_side
 from tcube_lightning.loading.contexts import uses_own_context
 from tcube_lightning.loading.lora import LoraAdapter
-from tcube_lightning.merging.batch_rules import BatchContext
+from tcube_lightning.merging.batch_rules import DAWIN_MTL_BUDGET, BatchContext
 from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, generalised_js
 from tcube_lightning.merging.methods import Method
 from tcube_lightning.merging.store import ExpertStore
@@ -112,12 +113,13 @@ class TCubeEngine(nn.Module):
             if all(lora)
             else ", full and low-rank"
             if any(lora)
-            else ", weights merged per row"
-            if self.count > 1
-            else ""
+            else f", weights merged per row in leaves of at least {min_tokens(self.count)} tokens per row"
         )
         changed = set().union(*(self.store.changed(k) for k in range(self.count)))
         changed |= set().union(*(e.changed_parameters() for e in experts if isinstance(e, LoraAdapter)))
+        self.text_changed = any(not n.startswith("visual.") and n not in ("logit_scale", "logit_bias") for n in changed)
+        """Some expert changes the text tower: merged models' heads differ from the generalist's (else its head is
+        exact for them all, and free)."""
         self.unsupported_reason = leafwise_reason(pretrained, changed)
         if samplewise == "vectorized" and self.unsupported_reason is not None:
             reason = self.unsupported_reason
@@ -129,7 +131,8 @@ class TCubeEngine(nn.Module):
         self.merged_context = context_tokens is not None
         """Merged text towers merge a learned context: their heads come from the context prompts."""
         self.class_counts = list(class_counts)
-        self.mapping, self.merge_text, self.samplewise, self.compile = mapping, merge_text, samplewise, compile
+        self.mapping, self.samplewise, self.compile = mapping, samplewise, compile
+        self.merge_text = merge_text and self.text_changed
         self.settings = {"": mapping, **(grid or {})}
         self.head_mode, self.head_tolerance = heads, head_tolerance
 
@@ -144,11 +147,11 @@ class TCubeEngine(nn.Module):
         can merge at). Returns the chosen path (``vectorized`` or ``loop``)."""
         # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
         self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
-        self.vectorized_logits = None
+        self.vectorized_logits, self.vectorized = None, None
         if self.unsupported_reason is None and self.samplewise != "loop":
-            vectorized = self._per_sample_pass()
-            if vectorized is not None:
-                self.vectorized_logits = self._compiled(vectorized.logits)
+            self.vectorized = self._per_sample_pass()
+            if self.vectorized is not None:
+                self.vectorized_logits = self._compiled(self.vectorized.logits)
         path = self.samplewise
         if path == "auto":  # by the benchmark's measurements (README)
             text_passes = self.merge_text and self.head_mode == "exact"
@@ -169,14 +172,18 @@ class TCubeEngine(nn.Module):
         }
         """Merged models' heads by (weights, class set): the λ extremes', computed once."""
         self.interpolants: list[HeadInterpolant | None] = [None] * len(sets)
-        interpolated = self.merge_text and self.head_mode == "interpolated" and self.count == 1
-        mode = "exact" if self.merge_text and self.count > 1 else self.head_mode  # heads in w: one expert's alone
-        self.head_summary: dict = {"mode": mode if self.merge_text else "fixed (merge_text false)"}
+        interpolated = self.merge_text and self.head_mode == "interpolated"
+        fixed = "fixed (merge_text false)" if self.text_changed else "fixed (no expert changes the text tower)"
+        self.head_summary: dict = {"mode": self.head_mode if self.merge_text else fixed}
         if interpolated and weight_range is not None:
-            expert_scale = self.store.expert_model(0).logit_scale
-            scale = float(torch.maximum(self.store.pretrained.logit_scale, expert_scale).exp())
-            head_at = [partial(self._float32_head, class_set=c) for c in sets]
-            fits = [fit_head_interpolant(head_at[c], *weight_range, self.head_tolerance, scale) for c in sets]
+            scales = [
+                self.store.pretrained.logit_scale,
+                *(self.store.expert_model(k).logit_scale for k in range(self.count)),
+            ]
+            scale = float(torch.stack([s.detach().reshape(()) for s in scales]).max().exp())
+            head_at = [partial(self._float32_heads, class_set=c) for c in sets]
+            tolerance, count = self.head_tolerance, self.count
+            fits = [fit_head_interpolant(head_at[c], *weight_range, tolerance, scale, experts=count) for c in sets]
             self.interpolants = [interpolant for interpolant, _ in fits]
             self.head_summary["class_sets"] = [summary for _, summary in fits]
         return path
@@ -225,10 +232,14 @@ class TCubeEngine(nn.Module):
         return error
 
     def weight_range(self, methods: Iterable[Method]) -> tuple[float, float] | None:
-        """The expert weights ``methods`` (the dynamic ones) can merge at, a little wider for float32 rounding of λ:
-        what the heads are interpolated over (``prepare``)."""
+        """The range each expert's weight can take in ``methods`` (the dynamic ones), a little wider for float32
+        rounding of λ: what the heads are interpolated over (``prepare``; with several experts, the box of that
+        range in every dimension)."""
+        ratios = (0.0, 1.0) if self.count == 1 else (0.0, DAWIN_MTL_BUDGET * self.count)  # DaWin's, DaWin-MTL's
         ranges = [
-            self.settings[m.setting].weight_range() if m.weight_source == "t3" else (0.0, 1.0)
+            self.k_experts.box(*self.settings[m.setting].weight_range(), self.count)
+            if m.weight_source == "t3"
+            else ratios
             for m in methods
             if m.weight_source is not None
         ]
@@ -244,11 +255,18 @@ class TCubeEngine(nn.Module):
         reason = self.unsupported_reason or asked
         return {"path": "loop", "reason": reason}
 
-    def _float32_head(self, weight: float, class_set: int) -> torch.Tensor:
-        """The direct head at ``weight`` in float32 even under mixed precision: the interpolant's tolerance is
-        about interpolation, not bf16 rounding, and node heads are few."""
+    def _float32_heads(self, points: list[tuple[float, ...]], class_set: int) -> torch.Tensor:
+        """Direct heads (points, classes, dim) of the text towers merged at ``points`` (weight vectors), in float32
+        even under mixed precision (the interpolant's tolerance is about interpolation, not bf16 rounding): in one
+        batched per-sample text pass where the model runs one, else one merge and text pass each."""
         with torch.autocast(self.store.pt_flat.device.type, enabled=False):
-            return self._head(self.store.merge(weight), class_set, self.merged_context).float()
+            if self.vectorized is not None:
+                weights = torch.tensor(points, dtype=self.store.pt_flat.dtype, device=self.store.pt_flat.device)
+                tokens, count = self._tokens(class_set, self.merged_context), self.class_counts[class_set]
+                return self.vectorized.zero_shot_heads(tokens, weights, count).float()
+            return torch.stack(
+                [self._head(self.store.merge(w), class_set, self.merged_context).float() for w in points]
+            )
 
     def _compiled(self, function: Callable) -> Callable:
         """``function`` through torch.compile when asked for; dynamic shapes, as batch sizes vary (last batch,
@@ -331,8 +349,8 @@ class TCubeEngine(nn.Module):
         if head is not None:
             return head
         interpolant = self.interpolants[class_set]
-        if interpolant is not None and interpolant.covers(weights[0]):
-            return interpolant(torch.tensor([weights[0]]))[0]
+        if interpolant is not None and interpolant.covers(weights):
+            return interpolant(torch.tensor([weights]))[0]
         return self._merged_head(model, class_set)
 
     def set_adapted(self, name: str, flat: torch.Tensor) -> None:
@@ -355,9 +373,9 @@ class TCubeEngine(nn.Module):
         fixed_head = None if self.merge_text else self.pt_heads[class_set]
         interpolant = self.interpolants[class_set]
         row_heads = None
-        covered = interpolant is not None and all(interpolant.covers(w) for w in weights[:, 0].tolist())
+        covered = interpolant is not None and all(interpolant.covers(w) for w in weights.tolist())
         if fixed_head is None and covered:
-            row_heads = interpolant(weights[:, 0])
+            row_heads = interpolant(weights)
         tokens, count = self._tokens(class_set, self.merged_context), self.class_counts[class_set]
         return self.vectorized_logits(images, weights, tokens, count, fixed_head, row_heads)
 

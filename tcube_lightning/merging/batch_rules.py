@@ -62,12 +62,16 @@ def batch_weights(ctx: BatchContext) -> torch.Tensor:
     return batch_coefficient(ctx.batch_t3_weights).expand(len(ctx.t3_weights), -1)
 
 
+DAWIN_MTL_BUDGET = 0.3
+"""DaWin-MTL's weight per task vector before routing (task arithmetic's budget): its weights lie in (0, 0.3·K)."""
+
+
 def dawin_mtl_weights(ctx: BatchContext) -> torch.Tensor:
     """DaWin-MTL's weights (naver-ai/dawin, ``dawin_mtl/src/main_dawin.py``, ``DaWin.lambdas``): per sample
     0.3·K·softmax_k(−H(p_k)) on each expert's task vector, the generalist's weight fixed at 1 (task arithmetic's
     budget 0.3 per task vector, routed by the experts' confidence)."""
     count = len(ctx.ft_logits)
-    return 0.3 * count * torch.softmax(-torch.stack([entropy(x) for x in ctx.ft_logits], dim=-1), dim=-1)
+    return DAWIN_MTL_BUDGET * count * torch.softmax(-torch.stack([entropy(x) for x in ctx.ft_logits], dim=-1), dim=-1)
 
 
 def m3_weight(seed: int) -> float:

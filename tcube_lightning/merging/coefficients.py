@@ -336,6 +336,16 @@ class KExperts:
         if self.scale is not None and not self.scale > 0:
             raise InputError(f"model.k_experts.scale must be > 0 (or null for 1/K), got {self.scale}")
 
+    def box(self, low: float, high: float, count: int) -> tuple[float, float]:
+        """The range each expert's weight w_k can take when each λ_k's weight lies in [low, high]: the independent
+        rule's s·[low, high], the routed rule's between 0 and high (its routing is in (0, 1))."""
+        if count == 1:
+            return low, high
+        if self.rule == "independent":
+            scale = self.scale if self.scale is not None else 1.0 / count
+            return scale * low, scale * high
+        return min(0.0, low), max(0.0, high)
+
     def combine(self, weights: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
         """The weights (rows × experts) each expert's task vector is merged with; one expert's as they are."""
         count = weights.shape[-1]

@@ -276,14 +276,16 @@ class ExpertStore(ParameterViews):
         return self.working
 
     def _merge_several(self, w: tuple[float, ...]) -> None:
-        """θ_pt + Σ_k w_k·τ_k: the full experts in one pass, (1 − Σ w_k)·θ_pt + Σ w_k·θ_k as a matrix-vector product
-        over their rows, then each LoRA expert's w_k·s·B·A added on its targets (and w_k times its replaced tensors'
-        change)."""
+        """θ_pt + Σ_k w_k·τ_k: the full experts as (1 − Σ w_k)·θ_pt + Σ w_k·θ_k, streamed over their rows (one scaled
+        copy, then one in-place add per expert: measured at its bandwidth floor for models that do not fit in cache,
+        where a matrix-vector product over the rows is 1.4–2× slower; docs/performance.md), then each LoRA expert's
+        w_k·s·B·A added on its targets (and w_k times its replaced tensors' change)."""
         full = [w[k] for k in self.full_rows]
         if full:
             rows = self.full_flats.view(len(full), -1)
-            vector = torch.tensor(full, dtype=rows.dtype, device=rows.device)
-            torch.addmv(self.pt_flat, rows.T, vector, beta=1.0 - sum(full), out=self.merged_flat)
+            torch.mul(self.pt_flat, 1.0 - sum(full), out=self.merged_flat)
+            for row, weight in zip(rows, full, strict=True):
+                self.merged_flat.add_(row, alpha=weight)
         else:
             self._reset_merged()
         self._add_lora_terms(w, self._merged_parameters())

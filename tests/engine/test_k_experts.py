@@ -19,7 +19,7 @@ from tcube_lightning.merging.coefficients import KExperts, LambdaMapping
 
 TEAMS = {1: ["full_a"], 2: ["full_a", "lora_a"], 4: ["full_a", "lora_a", "full_b", "lora_b"]}
 FULL_TEAM = ["full_a", "full_b"]
-"""Full experts alone: their leaves merge weights per row (``MIX_WEIGHTS_MIN_TOKENS``) rather than outputs."""
+"""Full experts alone: their leaves merge weights per row (``row_merge.min_tokens``) rather than outputs."""
 
 
 def float64_logits(pt_sd: dict, expert_sds: list[dict], weights: list[float], images, tokens, text_weights=None):
@@ -198,3 +198,33 @@ def test_with_one_expert_both_rules_are_t3_itself(clip_pair, expert_team, settin
     torch.testing.assert_close(ruled.weights[""], plain.weights[""], atol=0, rtol=0)
     torch.testing.assert_close(plain.weights[""], plain.lambdas[""], atol=0, rtol=0)  # λ weights the expert
     assert plain.generalised_js is None
+
+
+@pytest.mark.parametrize("team", [2, 3, 4])
+def test_interpolated_heads_of_several_experts_match_direct_text_passes(clip_pair, expert_team, setting, team):
+    """With merge_text, the merged head h(w) of a weight vector from the tensor-product grid over the box the run's
+    weights take, against direct text passes at seeded weight vectors in it (within the head tolerance)."""
+    _, images, _ = setting
+    names = TEAMS[team] if team != 3 else TEAMS[4][:3]
+    engines = {}
+    for heads in ("interpolated", "exact"):
+        plan = plan_models(ARCH, str(clip_pair[0]), None, experts={n: str(expert_team[n][0]) for n in names})
+        loaded = plan.load()
+        engines[heads] = TCubeEngine(
+            loaded.pretrained,
+            list(loaded.experts.values()),
+            [tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)],
+            [len(CLASSNAMES)],
+            LambdaMapping(gamma=GAMMA),
+            merge_text=True,
+            heads=heads,
+            head_tolerance=1e-4,
+            expert_names=names,
+        )
+        engines[heads].prepare({}, extremes=False, weight_range=(0.1, 0.2))
+    (summary,) = engines["interpolated"].head_summary["class_sets"]
+    assert summary["experts"] == len(names) and summary["nodes"] is not None  # a grid qualified
+    weights = 0.1 + 0.1 * torch.rand(6, len(names), generator=torch.Generator().manual_seed(team))
+    interpolated = engines["interpolated"].sample_merged_logits(images, weights)
+    exact = engines["exact"].sample_merged_logits(images, weights)
+    torch.testing.assert_close(interpolated, exact, atol=1e-4 + LOGITS_ATOL, rtol=0)
