@@ -292,7 +292,8 @@ class Row:
         self.images = torch.randn(self.batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(self.device)
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
         with torch.no_grad(), self.autocast:
-            self.engine.prepare({}, extremes=False, weight_range=MAPPING.weight_range())
+            box = self.engine.k_experts.box(*MAPPING.weight_range(), self.count)  # each expert's weights, as a run's
+            self.engine.prepare({}, extremes=False, weight_range=box)
             self.pt_head = zero_shot_head(self.engine.store.pretrained, tokens, args.classes)
 
     def t3_batch(self) -> torch.Tensor:

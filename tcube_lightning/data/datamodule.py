@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
+from tcube_lightning.data.calibration import CALIBRATION, VAL, held_out, split_rows
 from tcube_lightning.data.checks import check_classnames, check_labels, check_template, raise_problems
 from tcube_lightning.data.images import DicomFiles, ImageFolder
 from tcube_lightning.data.mixing import build_mixes, domain_experts
@@ -109,6 +110,10 @@ class EvaluationDataModule(L.LightningDataModule):
         expert_of: With several experts (``model.experts``), the expert of each split's domain, by split name or
             shell pattern, e.g. ``{'blood_*': blood}``; a mix's samples take their source split's. Gives each method's
             accuracy normalised by that expert's and the routing figure (which expert T³ weighted most).
+        calibration: Labelled data that fixes each method's deferral threshold and conformal sets before the splits
+            are seen (``model.guarantee``), not evaluated itself: ``val`` (the modality's MedMNIST val split), a
+            file or folder under ``root`` (its ``split_key`` split), or ``<split>:<fraction>`` (e.g.
+            ``in_domain:0.2``: a seeded fraction held out of a split, which is evaluated on the rest).
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class EvaluationDataModule(L.LightningDataModule):
         dicom_windowing: bool = True,
         mixes: dict[str, list[str]] | None = None,
         expert_of: dict[str, str] | None = None,
+        calibration: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged with the final metrics, by the module
@@ -170,6 +176,7 @@ class EvaluationDataModule(L.LightningDataModule):
             raise InputError(f"data.dicom must be 'suffix' or 'all', got {dicom!r}")
         self.dicom, self.dicom_windowing = dicom, dicom_windowing
         self.mixes, self.expert_of = dict(mixes or {}), dict(expert_of or {})
+        self.calibration = calibration
         flag = flag or (self.modality.medmnist_flag if self.modality else None)
         self.root, self.flag, self.size = Path(root), flag, size
         self.kinds = list(splits or SPLIT_KINDS) if self.modalities else []
@@ -222,8 +229,49 @@ class EvaluationDataModule(L.LightningDataModule):
             self.split_classnames[name] = classnames
             if getattr(dataset, "dicom", None):
                 self.dicom_records[name] = dataset.dicom
+        calibration = self._calibration_split(transform)  # a fraction held out of a split leaves it the rest
         self.domain_experts = domain_experts(self.expert_of, list(self.datasets))
         self.datasets.update(build_mixes(self.mixes, self.datasets, self.split_classnames, self.seed))
+        if calibration is not None:
+            self.datasets = {CALIBRATION: calibration, **self.datasets}
+
+    def _calibration_split(self, transform: Callable, predicting: bool = False) -> Dataset | None:
+        """``calibration``'s samples, checked as a split's (read first: they fix the rules the splits are judged by);
+        a fraction held out of a split is taken from it here (not in ``predicting``: its sources have no labels)."""
+        spec = self.calibration
+        if spec is None:
+            return None
+        if predicting and held_out(spec, list(self.datasets)) is not None:
+            raise InputError(
+                f"data.calibration: {spec!r} holds out part of a source predict reads, which has no labels; give "
+                "labelled data: val (the modality's MedMNIST val split), or a labelled file or folder"
+            )
+        if spec in self.datasets and held_out(spec, list(self.datasets)) is None:
+            raise InputError(
+                f"data.calibration: {spec!r} is a split of the run; calibrating on the samples it evaluates would "
+                f"judge the rule on its own data: hold a fraction out ({spec}:0.2), or name other data"
+            )
+        held = held_out(spec, list(self.datasets))
+        if held is not None:
+            name, fraction = held
+            calibration, rest = split_rows(self.datasets[name].base, fraction, self.seed, name)
+            self.datasets[name] = Preprocessed(rest, transform)
+            classnames = self.split_classnames[name]
+            self.split_templates.setdefault(CALIBRATION, self.templates_of(name))
+        elif spec == VAL:
+            if self.modality is None:
+                raise InputError(
+                    "data.calibration: 'val' is the MedMNIST val split of the run's modality; give data.modality, or "
+                    "a labelled file or folder under data.root, or a fraction of a split (in_domain:0.2)"
+                )
+            calibration = read_medmnist_npz(self.root / medmnist_filename(self.flag, self.size), VAL)
+            classnames = self.classnames
+        else:
+            calibration, classnames = self._read_source(CALIBRATION, self.root / spec)
+        check_classnames(CALIBRATION, classnames)
+        check_labels(CALIBRATION, calibration.labels, len(classnames))
+        self.split_classnames[CALIBRATION] = classnames
+        return Preprocessed(calibration, transform)
 
     def _setup_unlabelled(self, transform: Callable) -> None:
         """predict: every source as unlabelled images (each row named in ``identities``), all predicted among the
@@ -256,6 +304,9 @@ class EvaluationDataModule(L.LightningDataModule):
             if images.dicom:
                 self.dicom_records[name] = images.dicom
         raise_problems(problems)
+        calibration = self._calibration_split(transform, predicting=True)
+        if calibration is not None:  # labelled: the rule predict applies to every source
+            self.datasets = {CALIBRATION: calibration, **self.datasets}
 
     def templates_of(self, split: str) -> list[str]:
         """The prompt templates of ``split``'s class names."""
@@ -317,7 +368,10 @@ class EvaluationDataModule(L.LightningDataModule):
     def _source(self, name: str) -> tuple[Dataset, list[str]] | None:
         if name not in self.sources:
             return None
-        path = self.root / self.sources[name]
+        return self._read_source(name, self.root / self.sources[name])
+
+    def _read_source(self, name: str, path: Path) -> tuple[Dataset, list[str]]:
+        """A labelled source at ``path``: an npz, an image folder or a Hugging Face dataset, with its class names."""
         if path.suffix == ".npz" or not path.is_dir():
             return read_medmnist_npz(path, self.split_key), self.given_classnames(name, path)
         if dataset_folder_kind(path) == "imagefolder":

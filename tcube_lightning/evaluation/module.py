@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tcube_lightning.data.calibration import CALIBRATION
 from tcube_lightning.engine.torch_engine import TCubeEngine
 from tcube_lightning.engine.zero_shot import tokenize_prompts
 from tcube_lightning.evaluation.adaptation import adapt_methods, adaptation_split
@@ -36,6 +37,16 @@ from tcube_lightning.merging.methods import BaselineSettings, build_methods, wit
 from tcube_lightning.quiet import quiet_lightning
 from tcube_lightning.reporting.cost import CostMeter
 from tcube_lightning.reporting.deferral import coverage_columns, deferral
+from tcube_lightning.reporting.guarantee import (
+    NOT_MERGING,
+    CalibratedRules,
+    GuaranteeSettings,
+    accepted_columns,
+    calibrate,
+    calibration_columns,
+    guarantee_record,
+    set_columns,
+)
 from tcube_lightning.reporting.logged import log_batch_coefficients
 from tcube_lightning.reporting.metrics import RunMetrics
 from tcube_lightning.reporting.records import mix_record, split_record
@@ -128,6 +139,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
             forwards per batch, about 10 % of the demo's full evaluation (benchmarks/bench_demo.py).
         export_samples: Write each split's per-sample values to results_dir/samples/<split>.npz: index, label, JS,
             λ per setting, each dynamic method's expert weight, each method's predicted class and its probability.
+        guarantee: With ``data.calibration``: the selective risk α deferral promises to stay under with probability
+            1 − δ (Learn then Test), and the conformal sets' coverage 1 − α, each fixed on the calibration split.
     """
 
     def __init__(
@@ -164,6 +177,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         head_tolerance: float = 1e-4,
         diagnose_extremes: bool = True,
         export_samples: bool = False,
+        guarantee: GuaranteeSettings = GuaranteeSettings(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # logged at the end, with the final metrics
@@ -176,6 +190,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.expert_names = list(self.model_plan.experts)
         self.method_families = method_families(methods, len(self.expert_names))
         self.baselines, self.adamerging, self.k_experts = baselines, adamerging, k_experts
+        self.guarantee = guarantee
         self.engine: TCubeEngine | None = None
         self.started = time.time()
         """When this run began: files in its folder written since are its own (``runfolder``)."""
@@ -206,7 +221,7 @@ class TCubeModule(PredictHooks, L.LightningModule):
         self.weight_methods = {
             n: m for n, m in every.items() if m.merge_weights and (m.per_sample or m.family in families)
         }
-        self.all_split_names = data.split_names
+        self.all_split_names = [s for s in data.split_names if s != CALIBRATION]  # what results.json reports
         run_keys = {k: v for k, v in hp.items() if k[0] != "_" and k not in ("resume", "overwrite")}
         self.run_config = jsonable({"model": run_keys, "data": data.hparams, "trainer": trainer_settings(self.trainer)})
         self.previous = load_previous(hp.results_dir, self.run_config) if hp.resume else {}
@@ -251,12 +266,17 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self.expert_names,
             contexts,
         )
-        labelled = [] if self.predicting else self.split_names  # predicting: no labels, no metrics
+        labelled = [] if self.predicting else self.all_split_names  # predicting: no labels, no metrics
+        labelled = [s for s in labelled if s in self.split_names]  # the splits resume left
         splits = {s: [(x.name, len(x.classnames), x.labels) for x in self.split_sources[s]] for s in labelled}
         self.metrics = RunMetrics(splits, list(self.methods))
         # Every sample's values (gathered from all processes at the split's end): exact, order-free statistics,
         # the quadrants, the analysis figures and the export.
         self.tables = {split: SampleTable() for split in self.split_names}
+        self.rules: CalibratedRules | None = None
+        """What the calibration split fixed (``data.calibration``), once it is finished: it is read first."""
+        self.merging = {n: m.family not in NOT_MERGING for n, m in self.methods.items()}
+        """Each method: whether it merges weights (its deferral by −JS too)."""
 
     def _all_methods(self) -> dict:
         """Every method with the ``model.grid`` copies, evaluated or not."""
@@ -329,11 +349,18 @@ class TCubeModule(PredictHooks, L.LightningModule):
 
     def _record(self, split: str, group: GroupResult) -> None:
         """A group's probabilities into each method's metrics (each row's source in a mix), its columns into the
-        split's table."""
-        if not self.predicting:
+        split's table; with a calibration split, each sample's conformal scores there and its sets elsewhere."""
+        evaluated = not self.predicting and split != CALIBRATION
+        if evaluated:
             for method, probs in group.probabilities.items():
                 self.metrics.update(split, method, probs, group.labels, group.source)
-        self.tables[split].add(group.columns)
+        columns = group.columns
+        if split == CALIBRATION:
+            columns = columns | calibration_columns(group.probabilities, group.labels)
+        elif self.rules is not None:
+            labels = group.labels if evaluated else None  # predicting: a row's number, not its class
+            columns = columns | set_columns(group.probabilities, self.rules, labels)
+        self.tables[split].add(columns)
 
     def batch_position(self, split: str, labels: torch.Tensor) -> tuple[int, torch.Tensor]:
         """The batch's index in the one-process order (processes read whole batches in turn, see WholeBatchSampler)
@@ -341,7 +368,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         step = self.batches_seen[split] * self.trainer.world_size + self.global_rank
         self.batches_seen[split] += 1
         first = step * self.trainer.datamodule.batch_size
-        return step, labels if self.predicting else first + torch.arange(len(labels), device=labels.device)
+        positions = first + torch.arange(len(labels), device=labels.device)
+        return step, labels if self.predicting and split != CALIBRATION else positions
 
     def _adapt(self, split: str, dataset: torch.utils.data.Dataset, class_set: int) -> dict[str, dict]:
         logger = self.logger if self.trainer.is_global_zero else None
@@ -369,6 +397,11 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self.clustered.keep_nothing(split, self.widths[split], self.device)
         if self.clustered.methods:
             self._second_pass(index)
+        if split == CALIBRATION:  # the rules every later split is judged by, the same on every process
+            self.rules = calibrate(self.tables[split].gather(), self.merging, *vars(self.guarantee).values())
+            self.report.details["calibration"] = {"data": self.trainer.datamodule.calibration, **self.rules.record()}
+            rank_zero_info(f"Calibrated on {self.rules.samples} samples ({self.trainer.datamodule.calibration})")
+            return
         self.metrics.join_without_samples(split, self.device)
         if self.predicting:
             self._write_predictions(split)
@@ -381,8 +414,14 @@ class TCubeModule(PredictHooks, L.LightningModule):
         clusters, grid, experts = self.cluster_summaries[split], list(self.grid), self.expert_names
         record = split_record(metrics, table, grid, total, clusters, adaptation, classnames, experts)
         record["deferral"] = deferral(table, list(self.methods))
+        record["guarantee"] = {} if self.rules is None else guarantee_record(table, self.rules, self.merging)
+        if self.rules is not None:
+            table |= accepted_columns(table, self.rules, self.merging)  # each sample's decision, for the export
         if by_source:  # a mix: the same metrics for each source split's samples in it
             record["sources"] = mix_record(by_source, table)
+            for position, source in enumerate(record["sources"].values()):
+                rows = {name: values[table["source"] == position] for name, values in table.items()}
+                source["guarantee"] = {} if self.rules is None else guarantee_record(rows, self.rules, self.merging)
         if self.trainer.is_global_zero:
             self._remove_replaced_run()
             self.report.add_split(split, record, table)

@@ -17,11 +17,13 @@ class PredictHooks:
     the one-process order."""
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """A batch whose rows that could not be read (``readable``) are kept aside, the others predicted."""
+        """A batch whose rows that could not be read (``readable``) are kept aside, the others predicted (the
+        calibration split's are labelled, and all read)."""
         self._finish_splits_before(dataloader_idx)
         split = self.split_names[dataloader_idx]
-        self.skipped[split].append(batch["label"][~batch["readable"]].cpu())
-        batch = readable_rows(batch)
+        if "readable" in batch:
+            self.skipped[split].append(batch["label"][~batch["readable"]].cpu())
+            batch = readable_rows(batch)
         if len(batch["label"]):
             self._step(batch, dataloader_idx)
         else:  # every image of the batch unreadable

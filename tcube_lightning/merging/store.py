@@ -288,7 +288,8 @@ class ExpertStore(ParameterViews):
                 self.merged_flat.add_(row, alpha=weight)
         else:
             self._reset_merged()
-        self._add_lora_terms(w, self._merged_parameters())
+        if any(adapter is not None for adapter in self.adapters):  # their parameters' views are only built for them
+            self._add_lora_terms(w, self._merged_parameters())
 
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:

@@ -60,9 +60,10 @@ def plot(
     tables: dict[str, dict[str, np.ndarray]],
     diagnostics: dict[str, dict],
     routing: ExpertRouting,
+    guarantee: tuple[dict, dict, float] | None = None,
 ) -> None:
     """PNG files in ``folder``, and the same images in TensorBoard."""
-    images = render_figures(run_figures(accuracy, tables, diagnostics, routing))
+    images = render_figures(run_figures(accuracy, tables, diagnostics, routing, guarantee))
     save_images(folder, images)
     if isinstance(logger, TensorBoardLogger):
         for stem, image in images.items():

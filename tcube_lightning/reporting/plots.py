@@ -259,16 +259,91 @@ class ExpertRouting:
     mix_sources: dict[str, list[str]]
 
 
+GUARANTEE_HIGHLIGHT = ("t3", "t3_batch", "zeroshot", "expert")
+"""The methods the guarantee figure draws in colour (the others muted): T³, T³_B and the two models."""
+
+
+def guarantee_conditions(guarantee: dict[str, dict], sources: dict[str, dict]) -> list[tuple[str, dict]]:
+    """The conditions the guarantee figure shows, in order: each plain split, each corruption severity (the mean
+    over its corruptions), each mix's sources: (label, method → its rule's record by confidence)."""
+    by_severity: dict[int, list[dict]] = {}
+    conditions = []
+    for split, methods in guarantee.items():
+        if not methods or split in sources:
+            continue
+        parsed = parse_corrupted(split)
+        rules = {m: r["selective"]["confidence"] for m, r in methods.items()}
+        if parsed is None:
+            conditions.append((split, rules))
+        else:
+            by_severity.setdefault(parsed[1], []).append(rules)
+    for severity in sorted(by_severity):
+        parts = by_severity[severity]
+        mean = {
+            m: {
+                "coverage": float(np.mean([p[m]["coverage"] for p in parts])),
+                "risk": _mean_or_none([p[m]["risk"] for p in parts]),
+            }
+            for m in parts[0]
+        }
+        conditions.append((f"severity {severity}", mean))
+    for mix, parts in sources.items():
+        for source, record in parts.items():
+            rules = {m: r["selective"]["confidence"] for m, r in record.get("guarantee", {}).items()}
+            if rules:
+                conditions.append((f"{mix}: {source}", rules))
+    return conditions
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def guarantee_figure(guarantee: dict[str, dict], sources: dict[str, dict], alpha: float) -> Figure | None:
+    """Realised selective risk (α dashed) and coverage of each method's calibrated rule per condition: T³, T³_B and the
+    two models in colour, the other methods grey; None without a calibration."""
+    conditions = guarantee_conditions(guarantee, sources)
+    if not conditions:
+        return None
+    labels = [label for label, _ in conditions]
+    methods = list(conditions[0][1])
+    fig, (risk_ax, coverage_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=DPI)
+    colours = dict(zip(GUARANTEE_HIGHLIGHT, plt.get_cmap("tab10").colors, strict=False))
+    for method in sorted(methods, key=lambda m: m.split(":")[0] in GUARANTEE_HIGHLIGHT):  # highlighted on top
+        family = method.split(":")[0]
+        style = {"color": colours[family], "linewidth": 2.2, "marker": "o", "label": method, "zorder": 3}
+        if family not in colours:
+            style = {"color": "0.75", "linewidth": 1.0, "marker": ".", "zorder": 1}
+        risks = [np.nan if rules[method]["risk"] is None else 100 * rules[method]["risk"] for _, rules in conditions]
+        risk_ax.plot(labels, risks, **style)
+        coverage_ax.plot(labels, [100 * rules[method]["coverage"] for _, rules in conditions], **style)
+    risk_ax.axhline(100 * alpha, color="black", linestyle="--", linewidth=1.2, label=f"α = {alpha:g}")
+    risk_ax.set(ylabel="selective risk (%)", title="risk of the accepted samples", ylim=(0, None))
+    coverage_ax.set(ylabel="coverage (%)", title="samples accepted", ylim=(0, 100))
+    for ax in (risk_ax, coverage_ax):
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(alpha=0.3)
+    handles, names = risk_ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig
+
+
 def run_figures(
     accuracy: dict[str, dict[str, float]],
     tables: dict[str, dict[str, np.ndarray]],
     diagnostics: dict[str, dict],
     routing: ExpertRouting | None = None,
+    guarantee: tuple[dict, dict, float] | None = None,
 ) -> dict[str, Figure]:
     """Every figure of a run, by file stem; the per-split ones for the splits with a per-sample table. With several
     experts (``routing``) the expert-weight figure in place of the λ histograms, and no quadrant figures (those are of
-    the generalist and one expert)."""
+    the generalist and one expert). ``guarantee``: each split's calibrated rules, each mix's per source, and α."""
     figures = {"accuracy_heatmap": accuracy_heatmap(accuracy)}
+    calibrated = guarantee_figure(*guarantee) if guarantee is not None else None
+    if calibrated is not None:
+        figures["guarantee"] = calibrated
     several = routing is not None and len(routing.experts) > 1
     if tables and not several:
         figures["lambda_histograms"] = lambda_histograms({split: table["lambda"] for split, table in tables.items()})

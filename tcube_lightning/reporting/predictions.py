@@ -35,8 +35,9 @@ def prediction_table(
 ) -> dict[str, np.ndarray]:
     """A source's gathered per-sample table as written: the image; each selected method's predicted class (by name)
     and its probability; the models' own (``zeroshot``, ``expert`` or each ``expert:<name>``) if not selected; then
-    JS, λ and the weights; last, ``skipped``: why an image could not be read (``skipped``: row → why; its other cells
-    empty), else blank. Rows in the source's order."""
+    JS, λ and the weights; with a calibration split, each method's decision (``accepted/<method>``) and conformal
+    set (``set/<method>``, class names joined by "; ", and ``set_size/<kind>/<method>``); last, ``skipped``: why an
+    image could not be read (``skipped``: row → why; its other cells empty), else blank. Rows in the source's order."""
     skipped = skipped or {}
     if "index" not in table:  # no image of the source could be read: every row skipped, with why
         table = {"index": np.zeros(0, dtype=int)} | {
@@ -61,6 +62,8 @@ def prediction_table(
         columns[f"pred/{method}"] = with_skipped(np.asarray(classnames, dtype=object)[table[f"pred/{method}"]])
         columns[f"prob/{method}"] = with_skipped(table[f"prob/{method}"])
     for name, values in table.items():
+        if name.startswith("set/"):  # a calibrated prediction set (rows × classes): its classes' names
+            values = np.asarray(["; ".join(np.asarray(classnames)[row]) for row in values.astype(bool)], dtype=object)
         if name not in LEAVE_OUT and name not in columns:
             columns[name] = with_skipped(values)
     reasons = [""] * (len(rows) - len(skipped)) + list(skipped.values())

@@ -22,6 +22,7 @@ SPLIT_RECORD_KEYS = (
     "adaptation",
     "classnames",
     "deferral",
+    "guarantee",
 )
 """What results.json holds per split, each key mapping split → value."""
 

@@ -23,6 +23,7 @@ from tcube_lightning.reporting.plots import ExpertRouting
 from tcube_lightning.reporting.records import SPLIT_RECORD_KEYS
 from tcube_lightning.reporting.results import (
     corruption_errors,
+    guarantee_columns,
     normalised_accuracy,
     npz_bytes,
     summary_rows,
@@ -119,7 +120,8 @@ class RunReport:
         partial, missing = results.get("partial_splits", {}), results["missing_splits"]
         normalised = results.get("normalised_accuracy", {}) if len(self.experts) > 1 else None
         mixes = list(results.get("sources", {}))
-        return summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"), normalised, mixes)
+        rows = summary_rows(results["accuracy"], errors, partial, missing, results.get("deferral"), normalised, mixes)
+        return guarantee_columns(rows, results)
 
     def finish(
         self,
@@ -158,7 +160,19 @@ class RunReport:
             tables = {s: self.tables[s] for s in results["accuracy"] if s in self.tables}
             mixes = {split: list(sources) for split, sources in results.get("sources", {}).items()}
             routing = ExpertRouting(self.experts, self.domain_experts, mixes)
-            plot(self.results_dir / "plots", logger, results["accuracy"], tables, results["diagnostics"], routing)
+            calibrated = results.get("calibration")
+            guarantee = (
+                None if not calibrated else (results["guarantee"], results.get("sources", {}), calibrated["alpha"])
+            )
+            plot(
+                self.results_dir / "plots",
+                logger,
+                results["accuracy"],
+                tables,
+                results["diagnostics"],
+                routing,
+                guarantee,
+            )
         print_summary(rows, "Top-1 accuracy (%)")
         if cost and SHARED in cost:
             rank_zero_info(

@@ -126,6 +126,7 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
             flips = diag["flips_between_lambda_extremes"]
             markdown += f"\nSamples whose prediction differs between the models at λ_min and λ_max: {flips}\n"
     markdown += deferral_markdown(results.get("deferral", {}))
+    markdown += guarantee_markdown(results)
     markdown += mix_markdown(results)
     markdown += adaptation_markdown(results.get("adaptation", {}))
     write_atomic(json_path, json.dumps(results, indent=2, default=_encode) + "\n")
@@ -189,6 +190,39 @@ def normalised_accuracy(
         if reference:  # undefined where the expert's column was not evaluated, or scored nothing
             table[split] = {method: value / reference for method, value in by_method.items()}
     return table
+
+
+def guarantee_markdown(results: dict[str, Any]) -> str:
+    """Per split, each method's calibrated rule as it fared there: the coverage its threshold reached and the selective
+    risk it realised (by its top probability, and by −JS where it merges), whether that is at most α; and the
+    conformal sets' coverage and mean size."""
+    calibration = results.get("calibration")
+    if not calibration:
+        return ""
+    alpha, delta = calibration["alpha"], calibration["delta"]
+    text = (
+        f"\n## Deferral with a guarantee\n\nCalibrated on {calibration['samples']} samples ({calibration['data']}): "
+        f"each rule promises a selective risk ≤ {alpha:g} with probability ≥ {1 - delta:g} on data exchangeable with "
+        f"them (Learn then Test), and sets holding the true class with probability ≥ {1 - alpha:g} (split conformal).\n"
+    )
+    for split, methods in results.get("guarantee", {}).items():
+        if not methods:
+            continue
+        text += f"\n### {split}\n\n| method | coverage | risk | held | coverage (JS) | risk (JS) | held (JS) "
+        text += "| LAC coverage, size | APS coverage, size | RAPS coverage, size |\n|---|" + "---:|" * 9 + "\n"
+        for method, record in methods.items():
+            cells = []
+            for score in ("confidence", "js"):
+                rule = record["selective"].get(score)
+                cells += ["–"] * 3 if rule is None else _rule_cells(rule)
+            sets = [f"{100 * s['coverage']:.1f} %, {s['set_size']:.2f}" for s in record["sets"].values()]
+            text += f"| {method} | " + " | ".join(cells + sets) + " |\n"
+    return text
+
+
+def _rule_cells(rule: dict) -> list[str]:
+    risk = "–" if rule["risk"] is None else f"{100 * rule['risk']:.2f} %"
+    return [f"{100 * rule['coverage']:.1f} %", risk, "yes" if rule["held"] else "**no**"]
 
 
 def deferral_markdown(deferral: dict[str, dict[str, dict]]) -> str:
@@ -345,6 +379,27 @@ def write_summary(results_dir: str | Path, rows: list[dict[str, Any]], missing: 
     write_atomic(paths[1], buffer.getvalue())
     write_atomic(paths[2], json.dumps(rows, indent=2) + "\n")
     return paths
+
+
+def guarantee_columns(rows: list[dict[str, Any]], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` with each method's calibrated rule (by its top probability) as it fared in-domain (the ``in_domain``
+    split, else the first) and under shift (the mean over the other splits, mixes left out): the coverage reached
+    and the selective risk realised."""
+    records = {split: methods for split, methods in results.get("guarantee", {}).items() if methods}
+    if not records:
+        return rows
+    mixes = set(results.get("sources", {}))
+    home = "in_domain" if "in_domain" in records else next(iter(records))
+    shifted = [split for split in records if split != home and split not in mixes]
+    for row in rows:
+        rules = {split: records[split][row["method"]]["selective"]["confidence"] for split in records}
+        row["guaranteed coverage (in-domain)"] = rules[home]["coverage"]
+        row["guaranteed risk (in-domain)"] = rules[home]["risk"]
+        if shifted:
+            risks = [rules[s]["risk"] for s in shifted if rules[s]["risk"] is not None]
+            row["guaranteed coverage (shift)"] = math.fsum(rules[s]["coverage"] for s in shifted) / len(shifted)
+            row["guaranteed risk (shift)"] = math.fsum(risks) / len(risks) if risks else None
+    return rows
 
 
 def summary_cell(column: str, value: float) -> str:

@@ -21,7 +21,7 @@ from tcube_lightning.engine.torch_engine import BatchCoefficients
 from tcube_lightning.reporting.metrics import gather_objects
 
 INDEX = "index"
-EXPORT_ONLY = ("coverage/",)
+EXPORT_ONLY = ("coverage/", "score/", "set_size/", "covered/", "accepted/", "set/")
 """Column prefixes kept only for the export: each sample's place in the deferral orders (results.json has their
 summaries, and the figures recompute the orders from the predictions)."""
 
