@@ -31,15 +31,15 @@ class Rows(Dataset):
         return self.base[int(self.rows[index])]
 
 
-def held_out(spec: str, splits: list[str]) -> tuple[str, float] | None:
-    """``split:fraction`` → (split, fraction) where it names one of ``splits``; None for another form."""
-    match = re.fullmatch(r"(.+):(\d*\.?\d+)", spec)
-    if match is None or match.group(1) not in splits:
+def held_out(spec: str) -> tuple[str, float] | None:
+    """``split:fraction`` → (split, fraction); None for another form (``val``, a path)."""
+    match = re.fullmatch(r"([^/:]+):(\d*\.?\d+)", spec)
+    if match is None:
         return None
     fraction = float(match.group(2))
     if not 0 < fraction < 1:
         raise InputError(
-            f"data.calibration: {spec!r} holds out a fraction {fraction} of {match.group(1)!r}; give 0 < f < 1"
+            f"data.calibration: {spec!r} holds out {fraction} of {match.group(1)!r}; give a fraction 0 < f < 1"
         )
     return match.group(1), fraction
 

@@ -241,19 +241,23 @@ class EvaluationDataModule(L.LightningDataModule):
         spec = self.calibration
         if spec is None:
             return None
-        if predicting and held_out(spec, list(self.datasets)) is not None:
-            raise InputError(
-                f"data.calibration: {spec!r} holds out part of a source predict reads, which has no labels; give "
-                "labelled data: val (the modality's MedMNIST val split), or a labelled file or folder"
+        held = held_out(spec)
+        if predicting and held is not None:  # a test config's: its splits are not predict's sources
+            rank_zero_info(
+                f"predict leaves aside data.calibration {spec!r}: a part of a test split, which predict lacks"
             )
-        if spec in self.datasets and held_out(spec, list(self.datasets)) is None:
+            return None
+        if spec in self.datasets:
             raise InputError(
                 f"data.calibration: {spec!r} is a split of the run; calibrating on the samples it evaluates would "
                 f"judge the rule on its own data: hold a fraction out ({spec}:0.2), or name other data"
             )
-        held = held_out(spec, list(self.datasets))
         if held is not None:
             name, fraction = held
+            if name not in self.datasets:
+                raise InputError(
+                    f"data.calibration: {spec!r} names no split of the run; its splits: {list(self.datasets)}"
+                )
             calibration, rest = split_rows(self.datasets[name].base, fraction, self.seed, name)
             self.datasets[name] = Preprocessed(rest, transform)
             classnames = self.split_classnames[name]

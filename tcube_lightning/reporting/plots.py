@@ -312,9 +312,9 @@ def guarantee_figure(guarantee: dict[str, dict], sources: dict[str, dict], alpha
     colours = dict(zip(GUARANTEE_HIGHLIGHT, plt.get_cmap("tab10").colors, strict=False))
     for method in sorted(methods, key=lambda m: m.split(":")[0] in GUARANTEE_HIGHLIGHT):  # highlighted on top
         family = method.split(":")[0]
-        style = {"color": colours[family], "linewidth": 2.2, "marker": "o", "label": method, "zorder": 3}
-        if family not in colours:
-            style = {"color": "0.75", "linewidth": 1.0, "marker": ".", "zorder": 1}
+        style = {"color": "0.75", "linewidth": 1.0, "marker": ".", "zorder": 1}
+        if family in colours:
+            style = {"color": colours[family], "linewidth": 2.2, "marker": "o", "label": method, "zorder": 3}
         risks = [np.nan if rules[method]["risk"] is None else 100 * rules[method]["risk"] for _, rules in conditions]
         risk_ax.plot(labels, risks, **style)
         coverage_ax.plot(labels, [100 * rules[method]["coverage"] for _, rules in conditions], **style)

@@ -59,7 +59,8 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     printed = capsys.readouterr().out
     (results_file,) = (tmp_path / "runs").rglob("results.json")
     results = json.loads(results_file.read_text())
-    assert results["num_samples"] == {"in_domain": 30, "shifted": 30, "mixed": 60}
+    assert results["num_samples"] == {"in_domain": 21, "shifted": 30, "mixed": 51}  # 9 in-domain samples calibrate
+    assert results["calibration"]["samples"] == 9 and set(results["guarantee"]["shifted"]) == set(results["methods"])
     families = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"]["methods"]
     every = with_grid(build_methods(arch=demo.ARCH), ["gamma=8"])
     assert list(results["accuracy"]["shifted"]) == [n for n, m in every.items() if m.family in families]

@@ -231,6 +231,8 @@ def test_each_modality_config_runs_end_to_end(modality_runs, modality):
     assert [row["method"] for row in summary] == list(acc["in_domain"])
     assert summary[0]["corrupted_mean"] == pytest.approx(np.mean([acc[s]["zeroshot"] for s in splits[2:]]))
     columns = "method,in_domain,base_to_novel,stream,corrupted_mean,mCE,AURC,AURC (JS)"
+    columns += ",guaranteed coverage (in-domain),guaranteed risk (in-domain)"  # calibrated on MedMNIST's val split
+    columns += ",guaranteed coverage (shift),guaranteed risk (shift)"
     assert (run_dir / "summary.csv").read_text().splitlines()[0] == columns
     assert "| " + " | ".join(columns.split(",")) + " |" in (run_dir / "summary.md").read_text()
     metrics = results["metrics"]["base_to_novel"]["t3"]
