@@ -7,9 +7,10 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: install test demo docs docs-serve clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # the package itself: tcube-lightning, tcube-lightning-table
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,5 +32,6 @@ docs: install
 docs-serve: install
 	$(PY) -m mkdocs serve
 
+# What make builds: the environment, the demo's models and data, the site. Never runs/, where results go.
 clean:
-	rm -rf $(VENV) artifacts runs site
+	rm -rf $(VENV) artifacts site

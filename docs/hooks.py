@@ -1,5 +1,7 @@
-"""MkDocs hook: the CLI reference is generated from the command line's own parser at every build, so that it cannot
-drift from the code (``<!-- cli: test -->`` in a page becomes the options of ``python main.py test --help``)."""
+"""MkDocs hooks: the CLI reference is generated from the command line's own parser at every build, so that it cannot
+drift from the code (``<!-- cli: test -->`` in a page becomes the options of ``python main.py test --help``); every
+figure links to itself at full size; a page that writes Greek symbols names them once at its end, so that searching
+"gamma" finds the pages that write γ."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ import re
 import sys
 
 MARKER = re.compile(r"<!-- cli: (test|predict) -->")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+"""Bytes that are no text (argparse's help holds a backspace in ``--print_config``'s metavar)."""
+IMAGE = re.compile(r"(?<!\[)!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+SYMBOLS = {"γ": "gamma", "λ": "lambda", "θ": "theta", "δ": "delta", "α": "alpha", "τ": "tau", "σ": "sigma"}
 
 
 def cli_help(subcommand: str) -> str:
@@ -23,9 +29,14 @@ def cli_help(subcommand: str) -> str:
             main([subcommand, "--help"])
     finally:
         sys.argv[0] = program
-    text = buffer.getvalue()
+    text = CONTROL.sub("", buffer.getvalue())
     return text[text.index("\noptions:") + 1 :].rstrip()
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    return MARKER.sub(lambda match: f"```text\n{cli_help(match.group(1))}\n```", markdown)
+    markdown = MARKER.sub(lambda match: f"```text\n{cli_help(match.group(1))}\n```", markdown)
+    markdown = IMAGE.sub(r"[![\1](\2)](\2)", markdown)  # a click opens the figure at full size
+    named = [f"{symbol} {name}" for symbol, name in SYMBOLS.items() if symbol in markdown]
+    if named:
+        markdown += "\n\n---\n*Symbols on this page: " + ", ".join(named) + ".*\n"
+    return markdown

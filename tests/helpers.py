@@ -381,3 +381,7 @@ def interrupt_in_split(monkeypatch: pytest.MonkeyPatch, split: str, step: str = 
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(TCubeModule, step, interrupted)
+
+
+ONE_FULL_EXPERT = "leaf-wise, weights merged per row in leaves of at least 64 tokens per row"
+"""results.json's per-sample pass with one full expert (``engine.row_merge.min_tokens``)."""

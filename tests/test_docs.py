@@ -47,7 +47,17 @@ def test_the_site_builds_strictly(tmp_path):
     build(config)
     cli_page = (tmp_path / "site" / "cli" / "index.html").read_text()
     assert "--model.k_experts.rule" in cli_page and "--data.expert_of" in cli_page  # generated from the parser
+    assert cli_page.index("--model.arch") < cli_page.index("--trainer.devices")  # our options before the Trainer's
     assert "ExpertStore" in (tmp_path / "site" / "api" / "index.html").read_text()
+    for page in (tmp_path / "site").rglob("*.html"):
+        html = page.read_text()
+        runs_on = [p[:60] for p in re.findall(r"<p>(.*?)</p>", html, flags=re.S) if re.search(r"(^|\n)- ", p)]
+        assert not runs_on, f"{page}: list items rendered as a paragraph (a blank line is missing): {runs_on}"
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", html), f"{page}: a control byte"
+        for image in re.findall(r'<img [^>]*src="([^"]+\.png)"', html):
+            assert f'href="{image}"' in html, f"{page}: {image} does not open at full size"
+    methods = (tmp_path / "site" / "methods" / "index.html").read_text()
+    assert "γ gamma" in methods  # searching "gamma" finds the pages that write γ
 
 
 def test_every_command_runs_in_the_suite_or_says_what_it_needs():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -112,6 +112,39 @@ PREDICT_EXAMPLES = """examples:
 """
 
 
+SUBCOMMAND_HELP = {
+    "test": (
+        "Evaluate T³ and every baseline on labelled splits: a generalist CLIP and one expert (or several: our "
+        "extension of T³), each split's metrics, corruption errors, deferral and the figures, written to the run's "
+        "folder (results.json, results.md, summary.*). Options below: the models and methods (--model.*), then the "
+        "data (--data.*), then the Trainer's (--trainer.*: devices, precision, loggers).",
+        EXAMPLES,
+    ),
+    "predict": (
+        "Predict unlabelled images (folders, npz, Hugging Face datasets, DICOM) with T³ or any method, one CSV and "
+        "Parquet table per source in the run's folder. Options below: the models and methods (--model.*), then the "
+        "data (--data.*), then the Trainer's (--trainer.*).",
+        PREDICT_EXAMPLES,
+    ),
+}
+"""Each subcommand's help: its description, and its examples (printed line for line)."""
+
+
+class RawEpilogFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the examples' lines kept as written (argparse re-wraps them into one paragraph)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def subcommand_help(name: str) -> dict:
+    description, epilog = SUBCOMMAND_HELP[name]
+    usage = f"main.py {name} [--config CONFIG] [--model.* …] [--data.* …] [--trainer.* …]"
+    return {"description": description, "epilog": epilog, "usage": usage, "formatter_class": RawEpilogFormatter}
+
+
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -123,11 +156,12 @@ class TCubeCLI(LightningCLI):
         }
 
     def add_core_arguments_to_parser(self, parser: EvaluationParser) -> None:
-        """LightningCLI's, with the Trainer's training-only options left out."""
-        parser.add_trainer_arguments(self.trainer_class)
-        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        """LightningCLI's, in the order ``--help`` shows them: this tool's options (the models and methods, the data)
+        first, then the Trainer's, less those only training uses."""
         parser.add_lightning_class_args(self._model_class, "model")
         parser.add_lightning_class_args(self._datamodule_class, "data")
+        parser.add_trainer_arguments(self.trainer_class)
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def _run_subcommand(self, subcommand: str) -> None:
         """The run; stopped by a signal, it says what it left in its folder and how to complete it (``stopped_by``)."""
@@ -183,8 +217,7 @@ def main(args: list[str] | None = None) -> TCubeCLI | None:
                 "description": "T³ test-time merging of a generalist and an expert CLIP.",
                 "allow_abbrev": False,
                 "parser_mode": strict_yaml.MODE,  # a key given twice is an error, not silently the last
-                "test": {"epilog": EXAMPLES},
-                "predict": {"epilog": PREDICT_EXAMPLES},
+                **{name: subcommand_help(name) for name in SUBCOMMAND_HELP},
             },
         )
     except InputError as err:

@@ -149,25 +149,58 @@ def quadrant_scatter(
     return fig
 
 
+HIGHLIGHTED = ("t3", "t3_batch", "zeroshot", "expert")
+"""Drawn in colour in the per-split figures of many methods (with the best other baseline): the rest muted."""
+
+
+def highlighted(methods: list[str], scores: dict[str, float]) -> dict[str, str]:
+    """The methods drawn in colour, each with its colour: T³, T³_B, the two models (each expert's column with
+    several) and the other method with the lowest ``scores`` (the best baseline)."""
+    chosen = [m for m in methods if m.split(":")[0] in HIGHLIGHTED]
+    others = [m for m in methods if m not in chosen]
+    if others:
+        chosen.append(min(others, key=lambda m: scores[m]))
+    return dict(zip(chosen, plt.get_cmap("tab10").colors, strict=False))
+
+
 def risk_coverage(table: dict[str, np.ndarray], split: str) -> Figure:
     """Deferral's risk–coverage curves (``deferral.py``) of every method in the table: the samples ranked by the
-    method's own top probability (left) and by JS between the two models (right), most trusted first."""
+    method's own top probability (left) and by JS between the two models (right), most trusted first. T³, T³_B, the
+    two models and the best other method (lowest area under the curve by its own probability) in colour, in one
+    legend; the others thin and grey."""
     methods = [name.removeprefix("pred/") for name in table if name.startswith("pred/")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=DPI, sharey=True)
-    for ax, score, title in zip(axes, SCORES, ("by its own top probability", "by JS (the models agree first)")):
-        for method, style in zip(methods, line_styles()):
+    curves = {}
+    for score in SCORES:
+        for method in methods:
             correct = table[f"pred/{method}"] == table["label"]
-            risks = selective_risks(correct, ranking(table, method, score))
+            curves[score, method] = selective_risks(correct, ranking(table, method, score))
+    colours = highlighted(methods, {m: float(np.mean(curves[SCORES[0], m])) for m in methods})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), dpi=DPI, sharey=True)
+    for ax, score, title in zip(axes, SCORES, ("by its own top probability", "by JS (the models agree first)")):
+        for method in sorted(methods, key=lambda m: m in colours):  # the highlighted ones on top
+            risks = curves[score, method]
             coverage = np.arange(1, len(risks) + 1) / len(risks)
-            ax.plot(
-                coverage, risks, label=method, linewidth=1, markersize=3, markevery=max(1, len(risks) // 8), **style
-            )
+            style = {"color": "0.8", "linewidth": 0.8, "zorder": 1}
+            if method in colours:
+                style = {"color": colours[method], "linewidth": 1.8, "zorder": 3, "label": method}
+            ax.plot(coverage, risks, **style)
         ax.set_title(f"{split}: samples kept {title}", fontsize=9)
         ax.set_xlabel("coverage (fraction kept; the rest deferred)", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("selective risk (error on the kept)", fontsize=8)
-    axes[1].legend(fontsize=6, ncol=2, loc="upper left")
-    fixed_layout(fig, top=0.9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    others = len(methods) - len(colours)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=len(labels),
+        fontsize=7,
+        frameon=False,
+        title=f"grey: the {others} other methods" if others else None,
+        title_fontsize=7,
+    )
+    fixed_layout(fig, top=0.78)
     return fig
 
 
@@ -233,12 +266,14 @@ def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRout
                 ".0f",
             )
         )
-    for ax, values, labels, title, fmt in cells:
-        image = ax.imshow(values, cmap="viridis", aspect="auto")
+    scales = [max(float(means.max()), 1e-12), 100.0]  # both from 0: nearly equal weights look nearly equal
+    for (ax, values, labels, title, fmt), top in zip(cells, scales, strict=False):
+        image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0.0, vmax=top)
         ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7, color="white")
+        for (i, j), value in np.ndenumerate(values):  # black on viridis's light half, white on its dark half
+            colour = "black" if value / top > 0.55 else "white"
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7, color=colour)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax)
     axes[0].set_xlabel("expert", fontsize=8)
@@ -257,10 +292,6 @@ class ExpertRouting:
     experts: list[str]
     domains: dict[str, str]
     mix_sources: dict[str, list[str]]
-
-
-GUARANTEE_HIGHLIGHT = ("t3", "t3_batch", "zeroshot", "expert")
-"""The methods the guarantee figure draws in colour (the others muted): T³, T³_B and the two models."""
 
 
 def guarantee_conditions(guarantee: dict[str, dict], sources: dict[str, dict]) -> list[tuple[str, dict]]:
@@ -309,8 +340,8 @@ def guarantee_figure(guarantee: dict[str, dict], sources: dict[str, dict], alpha
     labels = [label for label, _ in conditions]
     methods = list(conditions[0][1])
     fig, (risk_ax, coverage_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=DPI)
-    colours = dict(zip(GUARANTEE_HIGHLIGHT, plt.get_cmap("tab10").colors, strict=False))
-    for method in sorted(methods, key=lambda m: m.split(":")[0] in GUARANTEE_HIGHLIGHT):  # highlighted on top
+    colours = dict(zip(HIGHLIGHTED, plt.get_cmap("tab10").colors, strict=False))
+    for method in sorted(methods, key=lambda m: m.split(":")[0] in HIGHLIGHTED):  # highlighted on top
         family = method.split(":")[0]
         style = {"color": "0.75", "linewidth": 1.0, "marker": ".", "zorder": 1}
         if family in colours:

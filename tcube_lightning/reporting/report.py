@@ -135,15 +135,16 @@ class RunReport:
         logger, a column of the table), the console table. ``lambda_spread``: the λ-spread warning's threshold and
         the λ range the settings allow; None skips that check."""
         results = self.results()
-        if logger is not None:
-            log_final_metrics(logger, results["metrics"], self.run_config)
         rows = self.summary_rows(results)
         if cost:
             write_atomic(self.results_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
-            if logger is not None:
-                scalars = {f"cost/{part}/{key}": value for part, row in cost.items() for key, value in row.items()}
-                logger.log_metrics(scalars, step=0)
             rows = [{**row, "ms/img": cost.get(row["method"], {}).get("ms_per_image", math.nan)} for row in rows]
+        if logger is not None:  # the run's tables as text panels, not a chart per number
+            summary = self.results_dir / "summary.md"
+            tables = {"results": summary.read_text()} if summary.is_file() else {}
+            if cost:
+                tables["cost"] = cost_markdown(cost)
+            log_final_metrics(logger, results["accuracy"], self.run_config, self.experts, tables)
         if results["partial_splits"]:
             rank_zero_warn(partial_note(results["partial_splits"]))
         affected = {s: n for s, n in results["nonfinite_samples"].items() if n}
@@ -183,6 +184,15 @@ class RunReport:
             f"Results written to {self.results_dir / 'results.json'}, {self.results_dir / 'results.md'} "
             "(every split) and summary.md/csv/json beside them"
         )
+
+
+def cost_markdown(cost: dict[str, dict[str, float]]) -> str:
+    """cost.json as a Markdown table (for TensorBoard's text panel)."""
+    lines = ["| part | ms per image | forward-equivalents |", "|---|---:|---:|"]
+    lines += [
+        f"| {part} | {row['ms_per_image']:.2f} | {row['forward_equivalents']:.2f} |" for part, row in cost.items()
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def partial_splits(records: dict[str, dict]) -> dict[str, dict[str, int]]:

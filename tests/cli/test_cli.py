@@ -1,6 +1,7 @@
 """The command line end to end on a tiny model pair and tiny npz splits, checked against independent oracles."""
 
 import json
+import re
 
 import numpy as np
 import open_clip
@@ -19,6 +20,7 @@ from helpers import (
     FRACTION_ATOL,
     GAMMA,
     JS_ATOL,
+    ONE_FULL_EXPERT,
     REPO,
     SPLITS,
     cli_args,
@@ -122,24 +124,27 @@ def test_results_markdown_and_tensorboard_tags(batch8_run):
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     histograms = set(events.Tags()["histograms"])
-    for split, batches in (("a", 5), ("b", 3)):
-        for tag in ("lambda_mean", "lambda_min", "lambda_max", "js_mean", "js_min", "js_max"):
-            assert len(events.Scalars(f"{split}/{tag}")) == batches
-        assert {f"{split}/lambda", f"{split}/js"} <= histograms
-        results = batch8_run[0]
-        for method, values in results["metrics"][split].items():
-            for name, value in values.items():
-                (event,) = events.Scalars(f"{split}/{name}/{method}")
-                assert event.value == pytest.approx(value)
-    # The HPARAMS tab: the run's configuration, and its final metrics as the columns to compare runs by.
+    for split, batches in (("a", 5), ("b", 3)):  # per batch, λ's group first (TensorBoard sorts groups by name)
+        for tag in ("lambda/{}_mean", "lambda/{}_min", "lambda/{}_max", "lambda_js/{}_mean", "lambda_js/{}_max"):
+            assert len(events.Scalars(tag.format(split))) == batches
+        assert {f"lambda/{split}", f"lambda_js/{split}"} <= histograms
+        for method in ("t3", "t3_batch", "zeroshot", "expert"):  # the headline metrics, beside the settings
+            (event,) = events.Scalars(f"top1/{split}/{method}")
+            assert event.value == pytest.approx(batch8_run[0]["accuracy"][split][method])
+    scalars = set(events.Tags()["scalars"])
+    assert not [tag for tag in scalars if re.search(r"[^0-9A-Za-z_./]", tag)]  # no spaces, colons or brackets
+    assert {tag.split("/")[0] for tag in scalars} == {"lambda", "lambda_js", "top1"}  # no chart per cost figure
+    # The HPARAMS tab: the run's method settings, and its headline metrics as the columns to compare runs by.
     content = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["model/gamma"].number_value == GAMMA
-    assert start.session_start_info.hparams["data/batch_size"].number_value == 8
+    assert start.session_start_info.hparams["gamma"].number_value == GAMMA
+    assert start.session_start_info.hparams["lambda_weights"].string_value == "expert"
+    assert "batch_size" in start.session_start_info.hparams and "classnames" not in start.session_start_info.hparams
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {"a/top1/t3", "b/balanced_accuracy/t3_batch"} <= {m.name.tag for m in experiment.metric_infos}
-    (event,) = events.Scalars("cost/t3/forward_equivalents")
-    assert event.value == pytest.approx(cost["t3"]["forward_equivalents"])
+    assert {"top1/a/t3", "top1/b/t3_batch"} <= {m.name.tag for m in experiment.metric_infos}
+    assert f"gamma: {GAMMA}" in (run_dir / "hparams.yaml").read_text()  # the same settings on disk
+    texts = set(events.Tags()["tensors"])  # the run's tables as text panels: results and cost
+    assert {"results/text_summary", "cost/text_summary"} <= texts
 
 
 def test_generalist_given_as_a_pretrained_tag_from_the_local_cache(
@@ -224,7 +229,7 @@ def test_exact_and_interpolated_heads_give_the_same_results(batch8_run, clip_pai
 
 
 def test_the_sample_wise_path_taken_is_recorded(batch8_run, clip_pair, npz_root, tmp_path, caplog):
-    assert batch8_run[0]["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
+    assert batch8_run[0]["samplewise"] == {"path": "vectorized", "pass": ONE_FULL_EXPERT}
     extra = ("--model.methods=[t3]", '--data.sources={"a": "tiny_a.npz"}', "--model.heads=exact")
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, *extra))
     assert results["samplewise"] == {"path": "loop", "reason": "exact heads on CPU"}

@@ -143,7 +143,7 @@ def test_tensorboard_logs_each_experts_lambda_and_weight(four_experts):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for expert in MODALITY_NAMES:
-        assert f"oct_in_domain/lambda/{expert}_mean" in tags and f"oct_in_domain/w/t3/{expert}_mean" in tags
+        assert f"lambda/oct_in_domain_{expert}_mean" in tags and f"lambda_t3_weight/oct_in_domain_{expert}_mean" in tags
 
 
 def test_several_experts_refuse_what_only_two_models_define(clip_pair, expert_team, data_root, tmp_path, capsys):

@@ -18,6 +18,7 @@ from helpers import (
     GAMMA,
     LOGIT_SCALE,
     LOGITS_ATOL,
+    ONE_FULL_EXPERT,
     TEMPLATES,
     lambda_atol,
     rounding_atol,
@@ -195,7 +196,7 @@ def test_biomedclip_from_an_offline_cache_end_to_end(
         "mapping": {"stripped": None, "layout": "open_clip"},
         "head": "templates",
     }
-    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
+    assert results["samplewise"] == {"path": "vectorized", "pass": ONE_FULL_EXPERT}
     images, _ = split_images(small_split / "small.npz", BIOMEDCLIP_SIZE, (0.5,) * 3, (0.5,) * 3)
     expert = torch.load(biomedclip["expert"], weights_only=True)
     oracle = OpenClipOracle(biomedclip_generalist, biomedclip_generalist.state_dict(), expert, biomedclip_tokens, 4)
@@ -401,7 +402,7 @@ def test_transformers_clip_checkpoints_run_every_path_as_transformers_computes_t
     )
     results, run = run_cli_in_process(cli(small_split, tmp_path / "run", size=28, extra=model_args))
     assert results["models"]["architecture"] == f"the CLIPModel config of {transformers_clips['pt']}"
-    assert results["samplewise"] == {"path": "vectorized", "pass": "leaf-wise"}
+    assert results["samplewise"] == {"path": "vectorized", "pass": ONE_FULL_EXPERT}
     check_against_oracle(run, oracle, images, LOGITS_ATOL)
     # A vision-only checkpoint, and an architecture that is not the checkpoint's, are refused before anything loads.
     for arch, expert, message in (
