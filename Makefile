@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # the package itself: tcube-lightning, tcube-lightning-table
+	$(PY) -m pip install -q --no-deps -e .  # the package itself: tcube-lightning, tcube-lightning-table
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +24,9 @@ demo: install
 	$(PY) -m tcube_lightning.data.demo --out artifacts/demo
 	$(PY) main.py test --config configs/demo.yaml
 	$(PY) main.py test --config configs/demo_experts.yaml
+	@echo "Where to look: each run's folder under runs/demo and runs/demo_experts (tensorboard/version_N/):"
+	@echo "  results.md and summary.md (every table), plots/ (the figures), results.json (everything)."
+	@echo "TensorBoard on them: $(VENV)/bin/tensorboard --logdir runs  (then open http://localhost:6006)"
 
 # The documentation site (docs/, mkdocs.yml), built as the suite builds it: strictly, warnings are errors.
 docs: install

@@ -42,6 +42,26 @@ def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
     assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli\.app:main", entry_points)
 
 
+def test_the_environment_make_builds_has_the_declared_commands(tmp_path):
+    """make installs the package into .venv (editable), so its commands run from any folder: the table's
+    (which imports no torch) answers its --help, and the main command reads a checkpoint's format."""
+    binaries = os.path.dirname(sys.executable)
+    table = subprocess.run(
+        [os.path.join(binaries, "tcube-lightning-table"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert table.returncode == 0 and "--overwrite" in table.stdout
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    main = subprocess.run(
+        [os.path.join(binaries, "tcube-lightning"), "inspect", "notes.txt"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=subprocess_env(),
+    )  # fmt: skip
+    assert main.returncode == 2 and "notes.txt is not a checkpoint file" in main.stderr
+    makefile = (REPO / "Makefile").read_text()
+    assert "-m pip install -q --no-deps -e ." in makefile
+    clean = next(line for line in makefile.splitlines() if line.startswith("\trm -rf"))
+    assert "runs" not in clean.split()  # results are never make's to remove
+
+
 def test_dockerfile_installs_the_pinned_files_and_copies_files_that_exist():
     dockerfile = (REPO / "Dockerfile").read_text()
     for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", dockerfile, flags=re.M):
