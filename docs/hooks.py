@@ -20,7 +20,7 @@ SYMBOLS = {"γ": "gamma", "λ": "lambda", "θ": "theta", "δ": "delta", "α": "a
 def cli_help(subcommand: str) -> str:
     """The options ``python main.py <subcommand> --help`` lists (its usage summary left out), from the same parser, in
     this process."""
-    from tcube_lightning.cli.app import main
+    from tcube_lightning.cli.entry import main
 
     buffer, program = io.StringIO(), sys.argv[0]
     sys.argv[0] = "main.py"

@@ -1,3 +1,3 @@
-from tcube_lightning.cli.app import main
+from tcube_lightning.cli.entry import main
 
 main()

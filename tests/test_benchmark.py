@@ -20,7 +20,6 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
         "biomedclip-tiny:lora",
         "clip-tiny:lora:2",
         "biomedclip-tiny:full:2",
-        "clip-tiny:full:2:text",
     ]
     options = ["--rows", *rows, "--batch-size", "3", "--classes", "2", "--repeats", "2", "--min-time", "0"]
     bench.main([*options, "--out", str(tmp_path), "--no-isolate"])  # peak memory in this process: coarser, quicker
@@ -33,7 +32,6 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
         "biomedclip-tiny lora K=1",
         "clip-tiny lora K=2",
         "biomedclip-tiny full K=2",
-        "clip-tiny full K=2 merged text",
     )
     for row, label in zip(report["rows"], labels, strict=True):
         ratio = row["t3_vs_t3_batch"]
@@ -62,7 +60,9 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
     assert (
         report["rows"][3]["path"]["pass"] == "leaf-wise, weights merged per row in leaves of at least 32 tokens per row"
     )
-    assert report["rows"][4]["heads"] == "merged text tower, interpolated"
+    assert report["rows"][3]["heads"] == "the generalist's (merge_text false)"
+    assert bench.parse_row("clip-tiny:full:2:text") == ("clip-tiny", "full", 2, True)  # a row that merges text
+    assert bench.row_label("clip-tiny:full:2:text") == "clip-tiny full K=2 merged text"
     assert report["rows"][1]["merge"]["floats"] < report["rows"][0]["merge"]["floats"]  # a LoRA merge: its targets
     assert report["rows"][1]["merge"]["computed_in_forwards"] and not report["rows"][3]["merge"]["computed_in_forwards"]
     assert not list((tmp_path / "system_temp").iterdir())  # the BiomedCLIP-shaped rows' config folders are gone

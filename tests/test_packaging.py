@@ -39,7 +39,7 @@ def test_wheel_contains_the_package_configs_and_console_script(tmp_path):
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tcube_lightning/model_configs/tcube-tiny-clip.json" in names
     assert "tcube_lightning/evaluation/module.py" in names
-    assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli\.app:main", entry_points)
+    assert re.search(r"tcube-lightning\s*=\s*tcube_lightning\.cli\.entry:main", entry_points)
 
 
 def test_the_environment_make_builds_has_the_declared_commands(tmp_path):

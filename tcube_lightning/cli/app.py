@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tcube_lightning.cli import inspect_command, strict_yaml
+from tcube_lightning.cli import strict_yaml
 from tcube_lightning.cli.configpaths import absolute_namespace_paths, inline_config_files
 from tcube_lightning.cli.parser import EvaluationParser
 from tcube_lightning.data.datamodule import EvaluationDataModule
@@ -185,17 +185,13 @@ class TCubeCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> TCubeCLI | None:
-    """Entry point of ``main.py``, ``python -m tcube_lightning`` and the ``tcube-lightning`` script: ``test`` and
-    ``predict`` through LightningCLI, ``inspect`` (what a checkpoint is) through its own parser.
+    """``test`` and ``predict`` through LightningCLI (``entry.main`` sends ``inspect`` to its own parser).
 
     Bad input (``InputError``) ends the run with its message and exit status 2, not a traceback. A run stopped by
     SIGTERM (a scheduler's preemption) exits 143 and by SIGINT (Ctrl+C) 130, each saying how to complete it:
     Lightning ends the first with a ``SystemExit`` that would say 0, the second with 1.
     """
     args = sys.argv[1:] if args is None else args
-    if args[:1] == ["inspect"]:  # no Trainer, model or data: a look at files
-        inspect_command.main(args[1:])
-        return None
     quiet_lightning()
     INTERRUPTS.clear()
 

@@ -8,6 +8,7 @@ back to random weights when the schema's own are missing) and every weights file
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,9 +105,16 @@ class Architecture:
         return model.eval().requires_grad_(False)
 
     def tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
-        if self.name is None:  # a transformers CLIP: OpenAI's BPE vocabulary (checked when the config was read)
-            return open_clip.SimpleTokenizer(context_length=self.model_cfg["text_cfg"]["context_length"])
-        return open_clip.get_tokenizer(self.name, cache_dir=self.cache_dir)
+        return tokenizer_of(self.name, self.cache_dir, self.model_cfg["text_cfg"].get("context_length", 77))
+
+
+@functools.cache
+def tokenizer_of(name: str | None, cache_dir: str | None, context_length: int) -> Callable[[list[str]], torch.Tensor]:
+    """A tokenizer, built once per process (open_clip reads its BPE vocabulary anew each time, a quarter second):
+    a tokenizer keeps no state between calls, so every run in the process can share it."""
+    if name is None:  # a transformers CLIP: OpenAI's BPE vocabulary (checked when the config was read)
+        return open_clip.SimpleTokenizer(context_length=context_length)
+    return open_clip.get_tokenizer(name, cache_dir=cache_dir)
 
 
 def image_side(size: int | tuple[int, ...] | list[int]) -> int:

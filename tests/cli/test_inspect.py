@@ -10,7 +10,7 @@ import torch
 
 from helpers import ARCH
 from model_sources import write_robustmedclip, write_transformers_clips
-from tcube_lightning.cli.app import main
+from tcube_lightning.cli.entry import main
 
 
 def inspect(capsys, *args) -> tuple[int, list[dict], str]:
