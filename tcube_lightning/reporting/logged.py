@@ -51,9 +51,10 @@ def log_batch_coefficients(
 
 
 def log_adaptation(logger: Logger, split: str, method: str, adaptation: Adaptation) -> None:
-    """AdaMerging's entropy at every step as ``adamerging/<split>_<method>_entropy`` and, with TensorBoard, a
-    histogram of the coefficients it learnt (one per image-tower tensor, layer-wise)."""
-    tag = f"adamerging/{tag_part(split)}_{tag_part(method)}"
+    """AdaMerging's entropy at every step as ``steps_adamerging/<split>_<method>_entropy`` and, with TensorBoard, a
+    histogram of the coefficients it learnt (one per image-tower tensor, layer-wise). TensorBoard orders groups by
+    name: the group's name puts it after the λ groups, which a run opens on."""
+    tag = f"steps_adamerging/{tag_part(split)}_{tag_part(method)}"
     for step, value in enumerate(adaptation.entropy):
         logger.log_metrics({f"{tag}_entropy": value}, step=step)
     if isinstance(logger, TensorBoardLogger):

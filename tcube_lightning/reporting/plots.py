@@ -225,16 +225,11 @@ def analysis_figures(split: str, table: dict[str, np.ndarray], quadrants: dict[s
 
 
 def domain_of_samples(table: dict[str, np.ndarray], split: str, routing: ExpertRouting) -> np.ndarray | None:
-    """Each sample's domain expert (an index into ``routing.experts``, −1 where unknown): its split's, or in a mix
-    its source split's; None where no sample has one."""
-    domains, positions = routing.domains, {name: k for k, name in enumerate(routing.experts)}
-    if split in domains:
-        return np.full(len(table["index"]), positions[domains[split]])
-    sources = routing.mix_sources.get(split)
-    if not sources or not any(source in domains for source in sources):
+    """Each sample's domain expert (an index into ``routing.experts``): its split's; None where the split has none,
+    and for a mix, whose samples are counted in its source splits."""
+    if split in routing.mix_sources or split not in routing.domains:
         return None
-    per_source = np.array([positions.get(domains.get(source, ""), -1) for source in sources])
-    return per_source[table["source"]]
+    return np.full(len(table["index"]), routing.experts.index(routing.domains[split]))
 
 
 def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRouting) -> Figure:
@@ -247,8 +242,7 @@ def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRout
     for split, table in tables.items():
         domain = domain_of_samples(table, split, routing)
         if domain is not None:
-            known = domain >= 0
-            np.add.at(confusion, (domain[known], weights[split][known].argmax(-1)), 1)
+            np.add.at(confusion, (domain, weights[split].argmax(-1)), 1)
     panels = 2 if confusion.any() else 1
     fig, axes = plt.subplots(1, panels, figsize=(4 + 5 * panels, 3 + 0.4 * max(len(splits), len(experts))), dpi=DPI)
     axes = np.atleast_1d(axes)
@@ -287,7 +281,7 @@ def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRout
 @dataclass(frozen=True)
 class ExpertRouting:
     """What the figures of a run with several experts need besides the tables: the experts, each split's domain
-    expert (``data.expert_of``) and each mix's source splits in the order of its ``source`` column."""
+    expert (``data.expert_of``) and each mix's source splits (a mix's samples are counted once, in its sources)."""
 
     experts: list[str]
     domains: dict[str, str]

@@ -8,6 +8,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import (
     ARCH,
@@ -171,6 +172,10 @@ def test_the_command_line_records_what_was_learnt(clip_pair, npz_root, tmp_path,
         assert len(layer["coefficients"]) == sum(1 for n in torch.load(clip_pair[0]) if n.startswith("visual."))
     assert "## AdaMerging" in (folder / "results.md").read_text()
     assert {"adamerging_task", "adamerging_layer"} <= set((folder / "cost.json").read_text().split('"'))
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    groups = sorted({tag.split("/")[0] for tag in events.Tags()["scalars"]})  # TensorBoard's order of groups
+    assert groups[0] == "lambda" and len(events.Scalars("steps_adamerging/a_adamerging_task_entropy")) == 3
     once = (*extra, "--model.adamerging.adapt_on=b")  # learnt on split b, used for both
     shared, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "once", *once))
     assert shared["adaptation"]["a"] == shared["adaptation"]["b"] == results["adaptation"]["b"]

@@ -5,9 +5,11 @@ import numpy as np
 from helpers import random_sample_table
 from tcube_lightning.reporting.diagnostics import QUADRANTS, decision_diagnostics
 from tcube_lightning.reporting.plots import (
+    ExpertRouting,
     accuracy_heatmap,
     analysis_figures,
     close_figures,
+    expert_weights,
     lambda_histograms,
     risk_coverage,
     run_figures,
@@ -123,3 +125,18 @@ def test_risk_coverage_draws_each_models_selective_risk_by_both_scores():
             np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-12)
             np.testing.assert_allclose(line.get_xdata(), np.arange(1, 61) / 60)
     close_figures({"risk": figure})
+
+
+def test_routing_counts_each_sample_once_and_the_colour_scale_starts_at_zero():
+    """Two splits with a domain expert each and a mix of both: the routing panel counts the splits' samples (the
+    mix's are theirs again), each row in percent of its domain's samples."""
+    a = {"index": np.arange(4), "w/t3/a": np.array([0.3, 0.3, 0.3, 0.1]), "w/t3/b": np.array([0.1, 0.1, 0.1, 0.2])}
+    b = {"index": np.arange(2), "w/t3/a": np.array([0.1, 0.1]), "w/t3/b": np.array([0.2, 0.2])}
+    mix = {key: np.concatenate([a[key], b[key]]) for key in a}
+    routing = ExpertRouting(["a", "b"], {"split_a": "a", "split_b": "b"}, {"mix": ["split_a", "split_b"]})
+    figure = expert_weights({"split_a": a, "split_b": b, "mix": mix}, routing)
+    weights_panel, routing_panel = figure.axes[:2]  # then their colour bars
+    assert [t.get_text() for t in routing_panel.get_yticklabels()] == ["a (4)", "b (2)"]
+    np.testing.assert_allclose(routing_panel.images[0].get_array(), [[75.0, 25.0], [0.0, 100.0]])
+    assert weights_panel.images[0].get_clim()[0] == 0.0 and routing_panel.images[0].get_clim() == (0.0, 100.0)
+    close_figures({"weights": figure})
