@@ -1,5 +1,9 @@
 """Session fixtures, built once: a tiny open_clip pair (generalist and a perturbed expert), MedMNIST-format npz
-splits, and one command-line run over them that several test files check."""
+splits, and one command-line run over them that several test files check.
+
+Torch, open_clip and the package (Lightning) are imported in the fixtures, not here: pytest-xdist's controller loads
+this file too, before it starts the workers, and never runs a test (those imports cost it about 10 s of a 2-core
+machine, serially before the suite starts)."""
 
 from __future__ import annotations
 
@@ -11,26 +15,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from pathlib import Path
 
-import open_clip
 import pytest
-import torch
-
-from helpers import (
-    ARCH,
-    CLASSNAMES,
-    GAMMA,
-    LOGIT_SCALE,
-    cli_args,
-    make_expert_state_dict,
-    run_cli_in_process,
-    write_medmnist_npz,
-)
-from model_sources import build_biomedclip
 
 
 @pytest.fixture(scope="session")
 def clip_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Checkpoint files (plain open_clip state_dicts) of a tiny generalist and expert."""
+    import open_clip
+    import torch
+
+    from helpers import ARCH, LOGIT_SCALE, make_expert_state_dict
+
     folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
     pretrained = open_clip.create_model(ARCH).state_dict()
@@ -45,6 +40,9 @@ def clip_pair(tmp_path_factory) -> tuple[Path, Path]:
 def expert_team(clip_pair, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """Four experts of the tiny generalist, full and LoRA alternating: name → (checkpoint, θ_k as a state_dict; a
     LoRA expert's from peft's own merge). ``full_a`` is the tiny pair's expert."""
+    import torch
+
+    from helpers import ARCH, make_expert_state_dict
     from model_sources import write_peft_adapter
     from tcube_lightning.loading import load_clip
 
@@ -64,6 +62,8 @@ def expert_team(clip_pair, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 @pytest.fixture(scope="session")
 def npz_root(tmp_path_factory) -> Path:
     """A folder with two 28-px test splits: 37 RGB images and 21 grayscale images."""
+    from helpers import CLASSNAMES, write_medmnist_npz
+
     root = tmp_path_factory.mktemp("data")
     write_medmnist_npz(root / "tiny_a.npz", 37, len(CLASSNAMES), seed=0)
     write_medmnist_npz(root / "tiny_b.npz", 21, len(CLASSNAMES), rgb=False, seed=1)
@@ -73,6 +73,8 @@ def npz_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def batch8_run(clip_pair, npz_root, tmp_path_factory) -> tuple[dict, Path]:
     """Every method through the command line, batches of 8, γ = 20: (results.json, run folder)."""
+    from helpers import GAMMA, cli_args, run_cli_in_process
+
     out = tmp_path_factory.mktemp("run8")
     extra = ("--data.batch_size=8", f"--model.gamma={GAMMA}", "--model.diagnose_extremes=true")
     return run_cli_in_process(cli_args(clip_pair, npz_root, out, *extra))
@@ -93,4 +95,6 @@ def hf_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def biomedclip(hf_cache, tmp_path_factory) -> dict[str, Path]:
     """A BiomedCLIP-shaped generalist (local-dir: folder and hf-hub: repository) and a full expert file."""
+    from model_sources import build_biomedclip
+
     return build_biomedclip(tmp_path_factory.mktemp("biomedclip"), hf_cache)

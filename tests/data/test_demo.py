@@ -26,12 +26,13 @@ def test_demo_config_matches_the_builder(name):
 def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys, caplog, monkeypatch):
     first, second = tmp_path / "demo1", tmp_path / "demo2"
     for out in (first, second):
-        demo.main(["--out", str(out), "--generalist-steps", "1", "--expert-steps", "10", "--per-class", "5"])
-    progress = capsys.readouterr().out  # the build says how far it got; any step count works (10 once divided by 0)
-    assert "demo: training the generalist, step 1/1" in progress and "training the expert, step 10/10" in progress
+        demo.main(["--out", str(out), "--generalist-steps", "1", "--expert-steps", "3", "--per-class", "5"])
+    # the build says how far it got; any step count works (fewer than 10 once divided by 0)
+    progress = capsys.readouterr().out
+    assert "demo: training the generalist, step 1/1" in progress and "training the expert, step 3/3" in progress
     assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]  # trained next
     assert demo.demo_is_built(first)
-    assert "training the second expert, step 10/10" in progress
+    assert "training the second expert, step 3/3" in progress
     for name in ("generalist.pt", "expert.pt", "expert_shifted.pt"):
         a, b = torch.load(first / name, weights_only=True), torch.load(second / name, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -54,6 +54,20 @@ def test_lambda_histograms_count_every_sample_and_run_figures_names_them():
     close_figures({**figures, "histograms": figure})
 
 
+def test_several_experts_get_the_routing_figure_in_place_of_lambda_histograms_and_quadrants():
+    """What a run with several experts draws (our extension of T³): the figures a run with one expert draws of the
+    generalist and that expert are left out."""
+    tables = {
+        split: random_sample_table(20, seed) | {"w/t3/a": np.full(20, 0.3), "w/t3/b": np.full(20, 0.2)}
+        for seed, split in enumerate(("in_domain", "blur@1"))
+    }
+    routing = ExpertRouting(["a", "b"], {"in_domain": "a", "blur@1": "b"}, {})
+    figures = run_figures(ACCURACY, tables, {}, routing)
+    per_split = {f"{split}/{name}" for split in tables for name in ("coefficients", "risk_coverage")}
+    assert set(figures) == {"accuracy_heatmap", "expert_weights", "severity_blur", *per_split}
+    close_figures(figures)
+
+
 def test_no_per_sample_figure_without_tables():
     figures = run_figures(ACCURACY, {}, {})
     assert set(figures) == {"accuracy_heatmap", "severity_blur"}
