@@ -25,6 +25,7 @@ FIGURES = {  # (config, the run's plots/ file) → docs/figures/ name
     ("demo.yaml", "shifted/js_vs_dawin.png"): "js_vs_dawin.png",
     ("demo.yaml", "shifted/confidence_vs_js.png"): "confidence_vs_js.png",
     ("demo.yaml", "mixed/risk_coverage.png"): "risk_coverage.png",
+    ("demo.yaml", "guarantee.png"): "guarantee.png",
     ("demo_experts.yaml", "expert_weights.png"): "expert_weights.png",
 }
 

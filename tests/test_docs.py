@@ -58,6 +58,12 @@ def test_the_site_builds_strictly(tmp_path):
             assert f'href="{image}"' in html, f"{page}: {image} does not open at full size"
     methods = (tmp_path / "site" / "methods" / "index.html").read_text()
     assert "γ gamma" in methods  # searching "gamma" finds the pages that write γ
+    # Widths: a code line longer than its block scrolls in it, identifiers in table cells do not break mid-word.
+    style = (tmp_path / "site" / "stylesheets" / "extra.css").read_text()
+    assert re.search(r"pre > code \{[^}]*overflow-x: auto", style)
+    assert re.search(r"td code[^{]*\{[^}]*white-space: nowrap", style)
+    for page in (tmp_path / "site").rglob("index.html"):
+        assert "stylesheets/extra.css" in page.read_text(), f"{page}: without the width rules"
 
 
 def test_every_command_runs_in_the_suite_or_says_what_it_needs():
