@@ -74,7 +74,7 @@ class TCubeEngine(nn.Module):
         merge_text: Merged models get their own text tower's zero-shot head; False keeps the pretrained head.
         samplewise: ``vectorized``, ``loop`` or ``auto`` (vectorized where a pass runs the model exactly, except
             exact heads on CPU, where a text pass per sample makes the loop faster).
-        compile: Run the forwards through ``torch.compile``.
+        compile: Run the forwards, and the merge of several full experts, through ``torch.compile``.
         heads: ``interpolated``: the zero-shot heads of merged text towers come from an interpolant in w fitted
             once per run (``heads.py``); ``exact``: a text pass over every class prompt per merged weight.
         head_tolerance: The largest change of a logit the interpolated heads may cause at the check points.
@@ -147,6 +147,8 @@ class TCubeEngine(nn.Module):
         can merge at). Returns the chosen path (``vectorized`` or ``loop``)."""
         # Set here, not in __init__: ddp_spawn pickles the module, and compiled functions do not pickle.
         self.image_logits, self.text_head = self._compiled(clip_logits), self._compiled(zero_shot_head)
+        if self.compile:
+            self.store.compile_merge()
         self.vectorized_logits, self.vectorized = None, None
         if self.unsupported_reason is None and self.samplewise != "loop":
             self.vectorized = self._per_sample_pass()

@@ -118,8 +118,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
             (one fused merge per distinct weight) or ``auto``: vectorized wherever a pass runs the model exactly,
             except exact heads on CPU (a text pass per sample), where the loop is faster. The choice is recorded
             in results.json (``samplewise``).
-        compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) through
-            ``torch.compile``: faster on long runs once compiled (see the benchmark), slower to start.
+        compile: Run the forwards (image logits, zero-shot heads, the vectorized pass) and the merge of several
+            full experts through ``torch.compile``: faster on long runs once compiled (see the benchmark), slower
+            to start.
         mce_reference: The method whose errors normalise the corruption errors (CE, mCE).
         clusters: Components of the Beta mixture that groups the coefficients of the clustered methods
             (``t3_cluster``, ``dawin_cluster``): one merged model per component.

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -11,24 +13,48 @@ def interpolate(pt: torch.Tensor, ft: torch.Tensor, weight: float) -> torch.Tens
     return torch.lerp(pt, ft, weight)
 
 
+def add_task_vectors(
+    pt: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
+    """θ_pt + Σ_k w_k·(θ_k − θ_pt) into ``out``: the one merge of several task vectors (T³_B-K, task arithmetic, the
+    soup, the store). It is bandwidth-bound, so what it costs is its passes over memory. With one expert, or convex
+    weights (w_k ≥ 0, Σ_k w_k ≤ 1: T³'s rules and the soup), a chain of K ``lerp`` passes: after expert k the running
+    vector is the generalist and experts 1..k at their weights divided by c_k = 1 − Σ_{j>k} w_j, so expert k enters
+    as ``lerp(P, θ_k, w_k / c_k)`` and c_K = 1 leaves nothing to rescale; each step is a convex combination, rounded
+    as one lerp. Other weights (task arithmetic's scale once Σ_k w_k > 1) could make some c_k pass through 0: there
+    the generalist is scaled by 1 − Σ_k w_k and each expert added (K + 1 passes)."""
+    generalist = 1.0 - sum(weights)
+    if len(weights) > 1 and (generalist < 0 or min(weights) < 0):
+        torch.mul(pt, generalist, out=out)
+        for expert, weight in zip(experts, weights, strict=True):
+            out.add_(expert, alpha=weight)
+        return out
+    source = pt
+    for k, (expert, weight) in enumerate(zip(experts, weights, strict=True)):
+        if weight != 0:  # a zero weight leaves the chain as it is
+            carried = 1.0 - sum(weights[k + 1 :])  # ≥ w_k > 0; exactly 1 at the last expert (one expert: at w)
+            torch.lerp(source, expert, weight / carried, out=out)
+            source = out
+    return out if source is out else out.copy_(pt)
+
+
+def stacked_task_vectors(pt: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """``add_task_vectors`` as one expression over the stacked experts (K × N) and the weights as a tensor: what
+    ``torch.compile`` turns into a single kernel reading the K + 1 vectors once and writing ``out`` (the merge's
+    K-aware floor, which K eager passes cannot reach; docs/performance.md), one compilation per run."""
+    out.copy_(pt * (1 - weights.sum()) + (experts * weights[:, None]).sum(0))
+
+
 def task_arithmetic(pt: torch.Tensor, experts: list[torch.Tensor], scale: float) -> torch.Tensor:
-    """θ_pt + s·Σ_k (θ_k − θ_pt) (Ilharco et al., ICLR 2023). With one task vector this is interpolation at s,
-    computed by the same fused ``lerp`` (which also extrapolates for s outside [0, 1])."""
-    if len(experts) == 1:
-        return torch.lerp(pt, experts[0], scale)
-    merged = pt.clone()
-    for ft in experts:
-        merged.add_(ft - pt, alpha=scale)
-    return merged
+    """θ_pt + s·Σ_k (θ_k − θ_pt) (Ilharco et al., ICLR 2023). With one task vector this is interpolation at s, one
+    ``lerp`` (which also extrapolates for s outside [0, 1])."""
+    return add_task_vectors(pt, experts, [scale] * len(experts), torch.empty_like(pt))
 
 
 def model_soup(pt: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
     """The uniform soup of the generalist and its experts, (θ_pt + Σ_k θ_k) / (K + 1) (Wortsman et al., ICML 2022,
     "Model soups"): θ_pt + Σ_k τ_k / (K + 1)."""
-    merged = pt.clone()
-    for ft in experts:
-        merged.add_(ft)
-    return merged / (len(experts) + 1)
+    return add_task_vectors(pt, experts, [1 / (len(experts) + 1)] * len(experts), torch.empty_like(pt))
 
 
 def ties(pt: torch.Tensor, experts: list[torch.Tensor], density: float, scale: float) -> torch.Tensor:

@@ -8,13 +8,14 @@ import copy
 import dataclasses
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading.lora import LoraAdapter, LowRankUpdate
+from tcube_lightning.merging.rules import add_task_vectors, stacked_task_vectors
 
 
 class ParameterViews(nn.Module):
@@ -75,9 +76,9 @@ class ExpertStore(ParameterViews):
     at a time (``computed``), so the store is the generalist and the adapters: nothing else; where a target is read
     outside any module's forward (open_clip's ``text_projection``) they are written into ``merged_flat`` instead. Both
     use the same operations, so their numbers are the same, bit for bit. With one expert the merge is ``torch.lerp``
-    (θ_pt + w·Δ, a LoRA expert's values written first); with more, the full experts in one matrix-vector pass and
-    each LoRA expert's low-rank update added on its targets. Buffers (non-learned tensors) are not merged: the
-    working model keeps the pretrained model's.
+    (θ_pt + w·Δ, a LoRA expert's values written first); with more, the full experts folded in by a chain of lerps
+    (``add_task_vectors``) and each LoRA expert's low-rank update added on its targets. Buffers (non-learned tensors)
+    are not merged: the working model keeps the pretrained model's.
 
     Args:
         pretrained: The generalist.
@@ -119,6 +120,8 @@ class ExpertStore(ParameterViews):
             module.register_forward_hook(functools.partial(self._targets_out, names), always_call=True)
         self.working_parameters = {n: p for n, p in self.working.named_parameters() if self.computed and n in targets}
         """With targets computed: the working model's own parameters of them, put back after each forward."""
+        self.merge_kernel: Callable[..., None] | None = None
+        """Several full experts' merge compiled (``compile_merge``), or None: the eager chain of lerps."""
         self.full_rows = [k for k, a in enumerate(self.adapters) if a is None]
         """The full experts, in the order of their rows of ``full_flats``."""
         self._flat("full_flats", len(self.full_rows) * self.num_parameters, reference)
@@ -262,34 +265,39 @@ class ExpertStore(ParameterViews):
             return self.working
         if self.computed:
             pass  # computed in the forwards that read the targets
-        elif self.count == 1 and self.adapters[0] is None:
-            torch.lerp(self.pt_flat, self.full_flats, w[0], out=self.merged_flat)
-        elif self.count == 1:  # the expert's values written (unless they are there), then interpolated in place
+        elif self.count == 1 and self.adapters[0] is not None:
+            # the expert's values written (unless they are there), then interpolated in place
             if self.weight != (1.0,):
                 self._reset_merged()
                 self._apply_adapter(0, self._merged_parameters())
             for pt, merged in self._merged_pairs():  # lerp is elementwise: as one pass over their union
                 torch.lerp(pt, merged, w[0], out=merged)
         else:
-            self._merge_several(w)
+            self._merge_task_vectors(w)
         self.weight, self.source = w, "merge"
         return self.working
 
-    def _merge_several(self, w: tuple[float, ...]) -> None:
-        """θ_pt + Σ_k w_k·τ_k: the full experts as (1 − Σ w_k)·θ_pt + Σ w_k·θ_k, streamed over their rows (one scaled
-        copy, then one in-place add per expert: measured at its bandwidth floor for models that do not fit in cache,
-        where a matrix-vector product over the rows is 1.4–2× slower; docs/performance.md), then each LoRA expert's
+    def _merge_task_vectors(self, w: tuple[float, ...]) -> None:
+        """θ_pt + Σ_k w_k·τ_k: the full experts' rows streamed by ``add_task_vectors`` (with one expert a single
+        ``lerp``; docs/performance.md has the measurements against the bandwidth floor), then each LoRA expert's
         w_k·s·B·A added on its targets (and w_k times its replaced tensors' change)."""
         full = [w[k] for k in self.full_rows]
-        if full:
-            rows = self.full_flats.view(len(full), -1)
-            torch.mul(self.pt_flat, 1.0 - sum(full), out=self.merged_flat)
-            for row, weight in zip(rows, full, strict=True):
-                self.merged_flat.add_(row, alpha=weight)
+        rows = self.full_flats.view(len(full), -1) if full else None
+        if self.merge_kernel is not None and len(full) > 1:
+            weights = torch.tensor(full, dtype=rows.dtype, device=rows.device)
+            self.merge_kernel(self.pt_flat, rows, weights, self.merged_flat)
+        elif full:
+            add_task_vectors(self.pt_flat, rows, full, self.merged_flat)
         else:
             self._reset_merged()
         if any(adapter is not None for adapter in self.adapters):  # their parameters' views are only built for them
             self._add_lora_terms(w, self._merged_parameters())
+
+    def compile_merge(self) -> None:
+        """Merge several full experts in one kernel ``torch.compile`` generates (``stacked_task_vectors``): at the
+        K-aware floor, where the eager chain makes K passes (docs/performance.md). Set on the device, once per run
+        (compiled functions do not pickle); numbers change at float rounding."""
+        self.merge_kernel = torch.compile(stacked_task_vectors, dynamic=False)
 
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> nn.Module:

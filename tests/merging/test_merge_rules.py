@@ -7,7 +7,15 @@ import torch
 
 from helpers import ARCH, sum_atol
 from tcube_lightning.loading import load_clip
-from tcube_lightning.merging.rules import dare, model_soup, slerp, task_arithmetic, ties
+from tcube_lightning.merging.rules import (
+    add_task_vectors,
+    dare,
+    model_soup,
+    slerp,
+    stacked_task_vectors,
+    task_arithmetic,
+    ties,
+)
 from tcube_lightning.merging.store import ExpertStore
 
 
@@ -137,6 +145,38 @@ def test_task_arithmetic_and_the_soup_sum_the_task_vectors(vectors):
     np.testing.assert_allclose(task_arithmetic(pt, experts, 0.3).double().numpy(), expected, atol=sum_atol(pt, 9))
     soup = (p + sum(e)) / 5  # the uniform soup of all five models
     np.testing.assert_allclose(model_soup(pt, experts).double().numpy(), soup, atol=sum_atol(pt, 6), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [0.1, 0.25, 0.2, 0.3],  # convex (T³'s rules): the chain of lerps
+        [0.0, 0.4, 0.0, 0.6],  # zero weights skipped, the generalist's weight 0
+        [0.0, 0.0, 0.0, 0.0],  # the generalist itself
+        [0.3, 0.3, 0.3, 0.3],  # Σ w > 1 (task arithmetic): scaled, then added
+        [0.5, -0.2, 0.3, 0.1],  # a negative weight: the same
+    ],
+)
+def test_several_task_vectors_add_up_to_the_formula_whichever_passes_compute_it(vectors, weights):
+    """θ_pt + Σ_k w_k·(θ_k − θ_pt) in float64 NumPy; float32 rounds each of the at most 3 operations per expert
+    and pass once."""
+    pt, experts = vectors
+    p = pt.double().numpy()
+    expected = p + sum(w * (x.double().numpy() - p) for w, x in zip(weights, experts))
+    merged = add_task_vectors(pt, experts, weights, torch.empty_like(pt))
+    np.testing.assert_allclose(merged.double().numpy(), expected, atol=sum_atol(pt, 3 * len(experts) + 1), rtol=0)
+    if not any(weights):
+        assert torch.equal(merged, pt)
+    stacked = torch.empty_like(pt)  # the expression --model.compile turns into one kernel
+    stacked_task_vectors(pt, torch.stack(experts), torch.tensor(weights), stacked)
+    np.testing.assert_allclose(stacked.double().numpy(), expected, atol=sum_atol(pt, 3 * len(experts) + 1), rtol=0)
+
+
+@pytest.mark.parametrize("weight", [0.3, 1.4, -0.5])
+def test_one_task_vector_is_one_lerp_extrapolating_too(vectors, weight):
+    pt, experts = vectors
+    merged = add_task_vectors(pt, experts[:1], [weight], torch.empty_like(pt))
+    assert torch.equal(merged, torch.lerp(pt, experts[0], weight))
 
 
 def test_dare_drops_each_task_vector_with_its_own_mask(vectors):

@@ -61,9 +61,10 @@ def test_mismatched_architectures_are_rejected_with_the_differences(clip_pair):
         ExpertStore(load_clip(ARCH, clip_pair[0]), [other])
 
 
-def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, expert_team):
+def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, expert_team, monkeypatch):
     """θ_pt + Σ_k w_k·(θ_k − θ_pt) for two full and two LoRA experts, each parameter against the state_dicts'
-    arithmetic in float64; every expert's own model is its θ_k."""
+    arithmetic in float64, eager and compiled (``--model.compile``: dynamo's eager backend here, the generated
+    kernel's own check is the merge benchmark's); every expert's own model is its θ_k."""
     names = ["full_a", "lora_a", "full_b", "lora_b"]
     loaded = plan_models(ARCH, str(clip_pair[0]), None, experts={n: str(expert_team[n][0]) for n in names}).load()
     store = ExpertStore(loaded.pretrained, list(loaded.experts.values()))
@@ -78,11 +79,19 @@ def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, exper
             torch.testing.assert_close(param, states[k][name], atol=sum_atol(states[k][name], 3), rtol=0)
             piece = flat[store.offsets[name] : store.offsets[name] + param.numel()].view_as(param)
             torch.testing.assert_close(piece, param, atol=0, rtol=0)
-    weights = [0.3, 0.7, -0.2, 0.45]
-    for name, param in store.merge(weights).named_parameters():
-        deltas = [sd[name].double() - pt_sd[name].double() for sd in states]
-        expected = pt_sd[name].double() + sum(w * delta for w, delta in zip(weights, deltas))
-        torch.testing.assert_close(param.double(), expected, atol=sum_atol(pt_sd[name], 2 * len(states) + 1), rtol=0)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_(function, backend="eager", **options))
+    for compiled in (False, True):
+        if compiled:
+            store.compile_merge()
+        # scaled and added; convex: a chain of lerps (eager)
+        for weights in ([0.3, 0.7, -0.2, 0.45], [0.1, 0.2, 0.3, 0.15]):
+            for name, param in store.merge(weights).named_parameters():
+                deltas = [sd[name].double() - pt_sd[name].double() for sd in states]
+                expected = pt_sd[name].double() + sum(w * delta for w, delta in zip(weights, deltas))
+                atol = sum_atol(pt_sd[name], 3 * len(states) + 1)  # at most 3 roundings per expert, and the scaling
+                torch.testing.assert_close(param.double(), expected, atol=atol, rtol=0)
+    assert store.merge_kernel is not None
     first = store.merge([0.0] * 4)
     for name, param in first.named_parameters():
         torch.testing.assert_close(param, pt_sd[name], atol=0, rtol=0)
