@@ -381,17 +381,23 @@ class Row:
 
     def merge_times(self) -> dict:
         """What T³_B and every static method pay per merge: the store's fused merge (alternating weights, so that each
-        call computes), its bandwidth floor (one ``torch.add`` over as many floats: 2 reads and a write; a merge of K
-        task vectors reads K + 1 and writes one, so its floor is (K + 2)/3 of that add, ``floor_k_s``) and a
-        state_dict merge with ``load_state_dict``, interleaved; medians of the repeats, in seconds."""
+        call computes), its bandwidth floor (one ``torch.add`` over as many floats: 2 reads and a write), the K-aware
+        floor (a merge of K task vectors reads K + 1 vectors and writes one: one ``torch.add`` over (K + 2)/3 times as
+        many floats, the same bytes through a working set of the same size, so that caches favour neither,
+        ``floor_k_s``; with one expert the floor itself) and a state_dict merge with ``load_state_dict``,
+        interleaved; medians of the repeats, in seconds."""
         store = self.engine.store
         floats = sum(store.shapes[name].numel() for name in store.merged_names)  # all, or the LoRA targets
-        a, b, out = (torch.randn(floats, generator=torch.Generator().manual_seed(i)).to(self.device) for i in range(3))
-        weights = itertools.cycle(([0.3] * self.count, [0.7] * self.count))
+        k_floats = math.ceil(floats * (self.count + 2) / 3)
+        a, b, out = (
+            torch.randn(k_floats, generator=torch.Generator().manual_seed(seed)).to(self.device) for seed in range(3)
+        )
+        weights = itertools.cycle(([0.3 / self.count] * self.count, [0.7 / self.count] * self.count))  # T³'s: convex
         pt, experts = self.reference_states
         paths = {
             "fused": lambda: store.merge(next(weights)),  # with LoRA targets computed in the forwards: nothing to time
-            "floor": lambda: torch.add(a, b, alpha=0.3, out=out),
+            "floor": lambda: torch.add(a[:floats], b[:floats], alpha=0.3, out=out[:floats]),
+            "floor_k": lambda: torch.add(a, b, alpha=0.3, out=out),
             "state_dict": lambda: self.reference_model.load_state_dict(
                 state_dict_merge(pt, experts, [0.3] * self.count)
             ),
@@ -406,7 +412,6 @@ class Row:
                 for name, function in paths.items():
                     seconds[name].append(seconds_per_call(function, self.device, calls[name]))
         medians = {f"{name}_s": statistics.median(values) for name, values in seconds.items()}
-        medians["floor_k_s"] = medians["floor_s"] * (self.count + 2) / 3
         return {"floats": floats, "computed_in_forwards": store.computed, **medians}
 
 

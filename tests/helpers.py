@@ -287,11 +287,11 @@ def cli_arguments(command: str) -> list[str] | None:
     return None
 
 
-def load_benchmark():
-    """benchmarks/bench_merging.py as a module, to call its ``main`` in-process."""
+def load_benchmark(name: str = "bench_merging"):
+    """benchmarks/<name>.py as a module, to call its ``main`` in-process."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_merging", REPO / "benchmarks" / "bench_merging.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -5,6 +5,9 @@ import json
 import re
 import tempfile
 
+import pytest
+import torch
+
 from helpers import LOGITS_ATOL, load_benchmark
 
 HEAD_TOLERANCE = 1e-4
@@ -66,3 +69,20 @@ def test_benchmark_runs_and_reports_every_row(tmp_path, capsys, monkeypatch):
     assert report["rows"][1]["merge"]["floats"] < report["rows"][0]["merge"]["floats"]  # a LoRA merge: its targets
     assert report["rows"][1]["merge"]["computed_in_forwards"] and not report["rows"][3]["merge"]["computed_in_forwards"]
     assert not list((tmp_path / "system_temp").iterdir())  # the BiomedCLIP-shaped rows' config folders are gone
+
+
+def test_the_merge_passes_benchmark_times_every_way_against_the_floor(capsys):
+    bench = load_benchmark("bench_merge_passes")
+    bench.main(["--floats", "1000", "--experts", "1", "3", "--chunk", "300", "--repeats", "1", "--min-time", "0"])
+    printed = capsys.readouterr().out
+    for count in (1, 3):
+        assert re.search(rf"^K-aware floor \[1000 K={count}\]: \d+\.\d{{3}} ms$", printed, flags=re.M)
+        for way in ("chain of lerps \\(the store's\\)", "matrix-vector product", "chain over chunks of 300"):
+            assert re.search(rf"^{way} / K-aware floor \[1000 K={count}\]: \d+\.\d\dx$", printed, flags=re.M)
+
+
+def test_the_merge_passes_benchmark_times_no_way_that_computes_another_merge(monkeypatch):
+    bench = load_benchmark("bench_merge_passes")
+    monkeypatch.setattr(bench, "add_task_vectors", lambda pt, rows, weights, out: torch.add(pt, rows[0], out=out))
+    with pytest.raises(AssertionError, match="chain of lerps"):
+        bench.ways(1000, 2, 300, inductor=False)
