@@ -11,3 +11,5 @@ for batch in 32 128; do
       --repeats 5 --min-time 0.5 "$@"
   done
 done
+# The ways to merge K task vectors against their floor (#37), at the tiny models' sizes and ViT-B/16's (149,620,737).
+"$python" benchmarks/bench_merge_passes.py --device cuda --inductor --floats 3379009 1320641 149620737

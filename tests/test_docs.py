@@ -143,15 +143,20 @@ def test_make_targets_run_what_the_pages_say():
         assert done.returncode == 0 and all(e in done.stdout for e in expected), done.stdout + done.stderr
 
 
-def test_benchmark_options_in_the_pages_and_the_gpu_script_exist(capsys):
-    commands = [c for _, _, c in COMMANDS if "bench_merging.py" in c]
-    gpu_script = (REPO / "benchmarks" / "gpu_rows.sh").read_text()
+@pytest.mark.parametrize("script", ["bench_merging", "bench_merge_passes"])
+def test_benchmark_options_in_the_pages_and_the_gpu_script_exist(script, capsys):
+    gpu_lines = (REPO / "benchmarks" / "gpu_rows.sh").read_text().replace("\\\n", " ").splitlines()
+    passes = [line for line in gpu_lines if "bench_merge_passes.py" in line]  # the rest is the rows' loop
+    gpu = {"bench_merge_passes": passes, "bench_merging": [line for line in gpu_lines if line not in passes]}
+    commands = [c for _, _, c in COMMANDS if f"{script}.py" in c] + gpu[script]
     with pytest.raises(SystemExit) as done:
-        load_benchmark().main(["--help"])
+        load_benchmark(script).main(["--help"])
     assert done.value.code == 0
     help_text = capsys.readouterr().out
-    options = re.findall(r"--[\w-]+", " ".join(commands) + gpu_script)
-    assert {"--device", "--bf16", "--compile", "--batch-size", "--rows"} <= set(options)
+    options = re.findall(r"--[\w-]+", " ".join(commands))
+    assert {"--device"} <= set(options)
+    if script == "bench_merging":
+        assert {"--bf16", "--compile", "--batch-size", "--rows"} <= set(options)
     for option in options:
         assert option in help_text, option
 
