@@ -1,5 +1,6 @@
-"""Static merge rules: pure functions of the flat parameter buffers, computed once per run. ``segments`` lists
-(offset, numel) of every parameter tensor, for rules that work tensor by tensor. Each names its source."""
+"""Merge rules: pure functions of the flat parameter buffers. The static rules are computed once per run; the merge of
+task vectors (``add_task_vectors``, ``stacked_task_vectors``) also serves the store's merge per batch. ``segments``
+lists (offset, numel) of every parameter tensor, for rules that work tensor by tensor. Each names its source."""
 
 from __future__ import annotations
 
