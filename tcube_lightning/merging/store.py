@@ -279,7 +279,8 @@ class ExpertStore(ParameterViews):
 
     def _merge_task_vectors(self, w: tuple[float, ...]) -> None:
         """θ_pt + Σ_k w_k·τ_k: the full experts' rows streamed by ``add_task_vectors`` (with one expert a single
-        ``lerp``; docs/performance.md has the measurements against the bandwidth floor), then each LoRA expert's
+        ``lerp``), or with several by the compiled kernel where ``compile_merge`` made one (docs/performance.md has
+        the measurements against the K-aware floor), then each LoRA expert's
         w_k·s·B·A added on its targets (and w_k times its replaced tensors' change)."""
         full = [w[k] for k in self.full_rows]
         rows = self.full_flats.view(len(full), -1) if full else None

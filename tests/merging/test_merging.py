@@ -84,7 +84,7 @@ def test_several_experts_merge_to_the_sum_of_their_task_vectors(clip_pair, exper
     for compiled in (False, True):
         if compiled:
             store.compile_merge()
-        # scaled and added; convex: a chain of lerps (eager)
+        # eager: scaled and added, then convex (a chain of lerps); compiled: both one kernel
         for weights in ([0.3, 0.7, -0.2, 0.45], [0.1, 0.2, 0.3, 0.15]):
             for name, param in store.merge(weights).named_parameters():
                 deltas = [sd[name].double() - pt_sd[name].double() for sd in states]
