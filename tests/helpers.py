@@ -383,5 +383,5 @@ def interrupt_in_split(monkeypatch: pytest.MonkeyPatch, split: str, step: str = 
     monkeypatch.setattr(TCubeModule, step, interrupted)
 
 
-ONE_FULL_EXPERT = "leaf-wise, weights merged per row in leaves of at least 64 tokens per row"
+ONE_FULL_EXPERT = "leaf-wise, weights merged per row in leaves of at least 48 tokens per row"
 """results.json's per-sample pass with one full expert (``engine.row_merge.min_tokens``)."""

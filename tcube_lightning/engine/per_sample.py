@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcube_lightning.engine.leaf_plan import FOLDED, PROJECTIONS, plan_leaves
-from tcube_lightning.engine.row_merge import RowWeightMerge, min_tokens
+from tcube_lightning.engine.row_merge import RowWeightMerge, equal_runs, min_tokens
 from tcube_lightning.loading.lora import LowRankUpdate
 
 
@@ -118,6 +118,8 @@ class LeafWisePass:
         }
         """Each changed leaf's per-row forward, built once; it reads the rows' weights of the pass under way."""
         self.weights: torch.Tensor | None = None
+        self.runs: torch.Tensor | None = None
+        """The pass's rows in runs of equal weights (``row_merge.equal_runs``), for the leaves merged per row."""
 
     # ------------------------------------------------------------------------------------------------ towers
     def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -198,6 +200,7 @@ class LeafWisePass:
         leaves are per-row tensors, and the changed raw projections are taken out (yielded, by name, to be applied
         per row); everything is given back after."""
         self.weights = weights
+        self.runs = equal_runs(weights) if self.row_weights.stacked else None
         saved: dict[str, torch.Tensor] = {}
         try:
             for name, forward in self.forwards.items():
@@ -213,7 +216,7 @@ class LeafWisePass:
                 self.modules[name].__dict__.pop("forward", None)
             for name, value in saved.items():
                 self._set(name, value)
-            self.weights = None
+            self.weights = self.runs = None
 
     def _set(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
         """Put ``value`` in place of the parameter ``name`` (None: leave it, or take it out); returns what was there."""
@@ -302,7 +305,7 @@ class LeafWisePass:
         names, tokens = (prefix + weight_name, prefix + bias_name), x.shape[1:-1].numel()
         if self.row_weights.serves(names[0], tokens):
             self._check_rows(x)
-            return self.row_weights.linear(x, names, (weight, bias), self.weights)
+            return self.row_weights.linear(x, names, (weight, bias), self.weights, self.runs)
         y = F.linear(x, weight, bias)
         outputs = []
         for d in self.dense:

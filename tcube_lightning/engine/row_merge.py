@@ -11,17 +11,21 @@ import torch
 
 PER_ROW_TOKENS = 64
 """The rule between the two ways a leaf of full experts runs per row: a Linear or Conv2d leaf whose rows each carry at
-least ``PER_ROW_TOKENS / K`` tokens merges its weight per row (θ_pt + Σ_k w_ik·Δ_k, one batched product) instead of
-running K + 1 products and mixing their outputs. Mixing costs K extra products of T tokens per row; merging per row
-costs the merged weights' memory traffic (about 4·|W| per row) and a batched product less efficient than one GEMM.
-Measured on this project's 2-core CPU (benchmarks/bench_leaf_rule.py, docs/performance.md): break-even at about 64
-tokens per row for K = 1, 32 for K = 2, 16 for K = 4, at the tiny models' widths and at ViT-B/16's; a ViT-B/16 block
-carries 197 tokens, the tiny CLIP's 50, a text tower 32 to 77."""
+least ``PER_ROW_TOKENS / K`` tokens (``ONE_EXPERT_TOKENS`` for one expert) merges its weight per row (θ_pt + Σ_k
+w_ik·Δ_k, one batched product) instead of running K + 1 products and mixing their outputs. Mixing costs K extra
+products of T tokens per row; merging per row costs the merged weights' memory traffic (one ``lerp`` pass over |W|
+per row with one expert, a scaled copy and a product over the experts with more) and a batched product less efficient
+than one GEMM. Measured on this project's 2-core CPU (benchmarks/bench_leaf_rule.py, docs/performance.md): break-even
+at about 50 tokens per row for K = 1 (32 to 64 across widths 64 to 768), 32 for K = 2, 16 for K = 4; a ViT-B/16
+block carries 197 tokens, a ViT-B/32's and the tiny CLIP's 50, a text tower 32 to 77."""
+
+ONE_EXPERT_TOKENS = 48
+"""The rule's threshold with one expert, whose per-row merge is a single ``lerp`` pass (``merge_rows``)."""
 
 
 def min_tokens(experts: int) -> int:
     """Tokens per row from which a leaf of ``experts`` full experts merges its weights per row."""
-    return -(-PER_ROW_TOKENS // experts)
+    return ONE_EXPERT_TOKENS if experts == 1 else -(-PER_ROW_TOKENS // experts)
 
 
 WORKSPACE_ELEMENTS = 2**24
@@ -64,14 +68,15 @@ class RowWeightMerge:
         names: tuple[str, str],
         pt: tuple[torch.Tensor, torch.Tensor | None],
         weights: torch.Tensor,
+        runs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A Linear leaf merged per row; runs of rows with the same weights of equal length (a head's prompts, in the
-        text passes that compute heads at many weights) share one merged weight and one product."""
-        unique, counts = torch.unique_consecutive(weights, dim=0, return_counts=True)
-        if len(unique) == len(weights) or not bool((counts == counts[0]).all()):
+        """A Linear leaf merged per row; where the rows come in ``runs`` of equal weights (``equal_runs``: a head's
+        prompts, in the text passes that compute heads at many weights), each run shares one merged weight and one
+        product."""
+        if runs is None:
             return self(x, names, pt, weights, per_row_linear)
-        grouped = x.reshape(len(unique), -1, x.shape[-1])  # each run's rows side by side
-        return self(grouped, names, pt, unique, per_row_linear).view(*x.shape[:-1], -1)
+        grouped = x.reshape(len(runs), -1, x.shape[-1])  # each run's rows side by side
+        return self(grouped, names, pt, runs, per_row_linear).view(*x.shape[:-1], -1)
 
     def _row_parameters(
         self, names: tuple[str, str], pt: tuple[torch.Tensor, torch.Tensor | None], weights: torch.Tensor
@@ -87,11 +92,33 @@ class RowWeightMerge:
         biases = None if bias is None else self.stacked.get(names[1], bias.expand(count, -1))
         for start in range(0, len(weights), chunk):
             w = weights[start : start + chunk].to(weight.dtype)
-            keep = 1.0 - w.sum(dim=1)
-            rows = torch.outer(keep, weight.view(-1), out=self.workspace[: len(w) * size].view(len(w), size))
-            rows.addmm_(w, experts)
-            row_bias = None if bias is None else torch.outer(keep, bias).addmm_(w, biases)
+            rows = self.workspace[: len(w) * size].view(len(w), size)
+            merge_rows(weight.view(-1), experts, w, rows)
+            row_bias = None if bias is None else merge_rows(bias, biases, w, bias.new_empty(len(w), len(bias)))
             yield start, rows.view(len(w), *weight.shape), row_bias
+
+
+def equal_runs(weights: torch.Tensor) -> torch.Tensor | None:
+    """The weights of each run where the rows of ``weights`` come in runs of one length above one, each run's rows
+    the same, else None. Found once per pass (vectorised: ``torch.unique_consecutive`` over rows costs more than a
+    small leaf's product)."""
+    starts = torch.ones(len(weights), dtype=torch.bool, device=weights.device)
+    starts[1:] = (weights[1:] != weights[:-1]).any(dim=1)
+    runs = int(starts.sum())
+    if runs == len(weights) or len(weights) % runs or not bool(starts[:: len(weights) // runs].all()):
+        return None
+    return weights[starts]
+
+
+def merge_rows(pt: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Row i of ``out`` = (1 − Σ_k w_ik)·pt + Σ_k w_ik·experts[k]. With one expert one ``lerp`` (one pass writing the
+    rows, as the store's merge: θ_pt + w·Δ); with more a scaled copy and one product over the experts (measured
+    quicker on this CPU than a chain of lerps at ViT-B/16's widths, docs/performance.md)."""
+    rows = (len(weights), pt.numel())
+    if len(experts) == 1:
+        return torch.lerp(pt.expand(rows), experts[0].expand(rows), weights, out=out)
+    torch.outer(1.0 - weights.sum(dim=1), pt, out=out)
+    return out.addmm_(weights, experts)
 
 
 def per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -19,7 +19,8 @@ from tcube_lightning.merging.coefficients import KExperts, LambdaMapping
 
 TEAMS = {1: ["full_a"], 2: ["full_a", "lora_a"], 4: ["full_a", "lora_a", "full_b", "lora_b"]}
 FULL_TEAM = ["full_a", "full_b"]
-"""Full experts alone: their leaves merge weights per row (``row_merge.min_tokens``) rather than outputs."""
+"""Full experts alone (and one full expert: team 1): their 50-token leaves merge weights per row
+(``row_merge.min_tokens``) rather than outputs."""
 
 
 def float64_logits(pt_sd: dict, expert_sds: list[dict], weights: list[float], images, tokens, text_weights=None):
@@ -99,7 +100,7 @@ def test_each_sample_runs_through_its_own_k_expert_merge(
     weights = row_weights(count)
     ours = engine.sample_merged_logits(images, weights)
     if samplewise == "vectorized":  # which mix ran: the weights' per row only with full experts alone
-        assert (engine.vectorized_logits.__self__.row_weights.workspace is not None) == (team == "full")
+        assert (engine.vectorized_logits.__self__.row_weights.workspace is not None) == (team in (1, "full"))
     for i, w in enumerate(weights.tolist()):
         expected = float64_logits(pt_sd, expert_sds, w, images[i : i + 1], tokens)
         torch.testing.assert_close(ours[i : i + 1], expected, atol=k_experts_atol(LOGITS_ATOL, count), rtol=0)
