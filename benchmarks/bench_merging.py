@@ -5,7 +5,9 @@ experts K (``model:kind:K``, K = 1 without the suffix; with several, T³-K, our 
 heads: the generalist's, ``merge_text`` false):
 - T³ / T³_B: throughput of T³ (each sample its own merge, through the run's engine, on the path ``samplewise:
   auto`` takes) over that of T³_B (one merge per batch at the mean λ), measured interleaved (T³_B, T³, T³_B, T³,
-  …) so that the machine's load falls on both alike; the median ratio of the repeats, with their spread;
+  …) so that the machine's load falls on both alike; the median ratio of the repeats, with their spread. Both take
+  two seeded batches in turn, as a stream, so that T³_B merges at every call as in a run (until 2026-12-07 one batch
+  was repeated, and the store kept T³_B's merge from one call to the next: T³_B's figures left its merge out);
 - T³ / reference: over a per-sample reference loop (a state_dict merge θ_pt + Σ_k w_k·τ_k of what the run merges,
   ``load_state_dict`` and, with one expert, a text pass per sample, as DaWin's code does; with several, the image
   tower and logit scale alone, as DaWin-MTL merges its image encoder), which also gives the largest |logit|
@@ -289,30 +291,38 @@ class Row:
         )
         self.tokens = tokens
         size = image_side(pretrained.visual.image_size)
-        self.images = torch.randn(self.batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(self.device)
+        self.images, other = (
+            torch.randn(self.batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(self.device)
+            for seed in (1, 2)
+        )
+        self.stream = itertools.cycle((self.images, other))
+        """T³_B and T³ take two batches in turn, as a run's stream: each batch's mean λ differs from the last, so T³_B
+        merges at every call as it does in a run (on one batch repeated the store would keep the merge it made)."""
         self.autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
         with torch.no_grad(), self.autocast:
             box = self.engine.k_experts.box(*MAPPING.weight_range(), self.count)  # each expert's weights, as a run's
             self.engine.prepare({}, extremes=False, weight_range=box)
             self.pt_head = zero_shot_head(self.engine.store.pretrained, tokens, args.classes)
 
-    def t3_batch(self) -> torch.Tensor:
+    def t3_batch(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        images = next(self.stream) if images is None else images
         with torch.no_grad(), self.autocast:
-            weights = self.engine.coefficients(self.images, 0).weights[""]
-            return self.engine.merged_logits(self.images, batch_coefficient(weights))
+            weights = self.engine.coefficients(images, 0).weights[""]
+            return self.engine.merged_logits(images, batch_coefficient(weights))
 
-    def t3(self) -> torch.Tensor:
-        return self.t3_pass(self.lambda_forwards())
+    def t3(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        images = next(self.stream) if images is None else images
+        return self.t3_pass(self.lambda_forwards(images), images)
 
-    def t3_pass(self, weights: torch.Tensor) -> torch.Tensor:
+    def t3_pass(self, weights: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """T³'s per-sample stage alone: each sample through its own merge, at given weights."""
         with torch.no_grad(), self.autocast:
-            return self.engine.sample_merged_logits(self.images, weights)
+            return self.engine.sample_merged_logits(self.images if images is None else images, weights)
 
-    def lambda_forwards(self) -> torch.Tensor:
+    def lambda_forwards(self, images: torch.Tensor | None = None) -> torch.Tensor:
         """What T³, T³_B and the reference all run first: the K + 1 forwards that give each sample's weights."""
         with torch.no_grad(), self.autocast:
-            return self.engine.coefficients(self.images, 0).weights[""]
+            return self.engine.coefficients(self.images if images is None else images, 0).weights[""]
 
     def reference(self) -> torch.Tensor:
         """Per sample: the state_dict merge of what the run merges, load_state_dict, with one expert a text pass for
@@ -353,7 +363,7 @@ class Row:
             for _ in range(STAGE_REPEATS)
         ]
         merge = self.merge_times()
-        difference = float((self.t3().float() - self.reference().float()).abs().max())
+        difference = float((self.t3(self.images).float() - self.reference().float()).abs().max())
         return {
             "row": self.row,
             "experts": self.count,

@@ -324,7 +324,7 @@ class LeafWisePass:
             weight = self._mix(module.weight.expand(rows), self._values(f"{name}.weight"))
             if module.bias is None:
                 return normed * weight
-            return normed * weight + self._mix(module.bias.expand(rows), self._values(f"{name}.bias"))
+            return torch.addcmul(self._mix(module.bias.expand(rows), self._values(f"{name}.bias")), normed, weight)
 
         return forward
 
