@@ -51,11 +51,6 @@ def per_sample_loop(
     return logits
 
 
-def row_weights(weights: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Per-row weights shaped to broadcast against a tensor of ``ndim`` dimensions."""
-    return weights.view(-1, *([1] * (ndim - 1)))
-
-
 def self_attention(
     x: torch.Tensor,
     qkv: Callable[[torch.Tensor], torch.Tensor],
@@ -120,6 +115,10 @@ class LeafWisePass:
         self.weights: torch.Tensor | None = None
         self.runs: torch.Tensor | None = None
         """The pass's rows in runs of equal weights (``row_merge.equal_runs``), for the leaves merged per row."""
+        self.columns: dict[tuple, list[torch.Tensor]] = {}
+        """The pass's per-row weights of each expert, and their complement 1 − Σ_k w_ik last, shaped and typed for
+        one kind of tensor (dimensions, dtype), made once per pass: at the tiny models' widths an operation's fixed
+        cost is what a leaf pays, so the pass does not repeat them per leaf."""
 
     # ------------------------------------------------------------------------------------------------ towers
     def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -217,6 +216,7 @@ class LeafWisePass:
             for name, value in saved.items():
                 self._set(name, value)
             self.weights = self.runs = None
+            self.columns = {}
 
     def _set(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
         """Put ``value`` in place of the parameter ``name`` (None: leave it, or take it out); returns what was there."""
@@ -230,8 +230,17 @@ class LeafWisePass:
     # ----------------------------------------------------------------------------------------------- per row
     def _w(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """Expert k's per-row weights, shaped to broadcast against ``like`` (rows first)."""
+        return self._columns(like)[k]
+
+    def _columns(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """Every expert's per-row weights, then 1 − Σ_k w_ik, shaped to broadcast against ``like`` (rows first)."""
         self._check_rows(like)
-        return row_weights(self.weights[:, k], like.ndim).to(like.dtype)
+        key = (like.ndim, like.dtype)
+        if key not in self.columns:
+            weights = self.weights.to(like.dtype)
+            columns = torch.cat([weights, 1.0 - weights.sum(dim=1, keepdim=True)], dim=1).T
+            self.columns[key] = list(columns.reshape(len(columns), -1, *([1] * (like.ndim - 1))).unbind())
+        return self.columns[key]
 
     def _check_rows(self, x: torch.Tensor) -> None:
         """A leaf's input has the batch's rows first, or the model's code mixes rows (the probe then says so)."""
@@ -245,10 +254,12 @@ class LeafWisePass:
         rows first (a parameter expanded to them)."""
         if self.count == 1:
             return base if values[0] is None else torch.lerp(base, values[0], self._w(0, base))
-        changed = [(self._w(k, base), value) for k, value in enumerate(values) if value is not None]
+        columns = self._columns(base)
+        changed = [(columns[k], value) for k, value in enumerate(values) if value is not None]
         if not changed:
             return base
-        mixed = base * (1.0 - sum(w for w, _ in changed))
+        keep = columns[-1] if len(changed) == self.count else 1.0 - sum(w for w, _ in changed)
+        mixed = base * keep
         for w, value in changed:
             mixed.addcmul_(w, value)
         return mixed

@@ -92,9 +92,10 @@ class RowWeightMerge:
         biases = None if bias is None else self.stacked.get(names[1], bias.expand(count, -1))
         for start in range(0, len(weights), chunk):
             w = weights[start : start + chunk].to(weight.dtype)
+            keep = None if count == 1 else 1.0 - w.sum(dim=1)
             rows = self.workspace[: len(w) * size].view(len(w), size)
-            merge_rows(weight.view(-1), experts, w, rows)
-            row_bias = None if bias is None else merge_rows(bias, biases, w, bias.new_empty(len(w), len(bias)))
+            merge_rows(weight.view(-1), experts, w, keep, rows)
+            row_bias = None if bias is None else merge_rows(bias, biases, w, keep, bias.new_empty(len(w), len(bias)))
             yield start, rows.view(len(w), *weight.shape), row_bias
 
 
@@ -110,14 +111,16 @@ def equal_runs(weights: torch.Tensor) -> torch.Tensor | None:
     return weights[starts]
 
 
-def merge_rows(pt: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Row i of ``out`` = (1 − Σ_k w_ik)·pt + Σ_k w_ik·experts[k]. With one expert one ``lerp`` (one pass writing the
-    rows, as the store's merge: θ_pt + w·Δ); with more a scaled copy and one product over the experts (measured
-    quicker on this CPU than a chain of lerps at ViT-B/16's widths, docs/performance.md)."""
-    rows = (len(weights), pt.numel())
+def merge_rows(
+    pt: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """Row i of ``out`` = keep_i·pt + Σ_k w_ik·experts[k], keep_i = 1 − Σ_k w_ik. With one expert one ``lerp`` (one
+    pass writing the rows, as the store's merge: θ_pt + w·Δ; ``keep`` unused); with more a scaled copy and one product
+    over the experts (measured quicker on this CPU than a chain of lerps at ViT-B/16's widths, docs/performance.md)."""
     if len(experts) == 1:
+        rows = (len(weights), pt.numel())
         return torch.lerp(pt.expand(rows), experts[0].expand(rows), weights, out=out)
-    torch.outer(1.0 - weights.sum(dim=1), pt, out=out)
+    torch.outer(keep, pt, out=out)
     return out.addmm_(weights, experts)
 
 
