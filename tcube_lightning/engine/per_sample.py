@@ -115,10 +115,11 @@ class LeafWisePass:
         self.weights: torch.Tensor | None = None
         self.runs: torch.Tensor | None = None
         """The pass's rows in runs of equal weights (``row_merge.equal_runs``), for the leaves merged per row."""
-        self.columns: dict[tuple, list[torch.Tensor]] = {}
-        """The pass's per-row weights of each expert, and their complement 1 − Σ_k w_ik last, shaped and typed for
-        one kind of tensor (dimensions, dtype), made once per pass: at the tiny models' widths an operation's fixed
-        cost is what a leaf pays, so the pass does not repeat them per leaf."""
+        self.columns: torch.Tensor | None = None
+        """The pass's per-row weights of each expert, and their complement 1 − Σ_k w_ik last ((K + 1) × rows)."""
+        self.shaped_columns: dict[int, tuple[torch.Tensor, ...]] = {}
+        """``columns`` shaped to broadcast against tensors of 1 to 4 dimensions, made once per pass: at the tiny
+        models' widths an operation's fixed cost is what a leaf pays, so the pass does not repeat them per leaf."""
 
     # ------------------------------------------------------------------------------------------------ towers
     def encode_image(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -149,12 +150,9 @@ class LeafWisePass:
 
     def logit_scale(self, weights: torch.Tensor) -> torch.Tensor:
         """exp of the per-row merged logit scale (it enters through exp, so it is merged before)."""
-        self.weights = weights
-        try:
+        with self._weights(weights):
             pt = self.pt.logit_scale
             scale = self._mix(pt.expand(len(weights)), [d.get("logit_scale") for d in self.dense])
-        finally:
-            self.weights = None
         return scale.exp()
 
     def zero_shot_heads(
@@ -194,29 +192,44 @@ class LeafWisePass:
         return self.logit_scale(weights).unsqueeze(1) * scores
 
     @contextlib.contextmanager
+    def _weights(self, weights: torch.Tensor) -> Iterator[None]:
+        """During the block, the rows' weights are ``weights`` (rows × experts), with their ``columns`` and
+        ``shaped_columns``; none after."""
+        columns = torch.cat([weights, 1.0 - weights.sum(dim=1, keepdim=True)], dim=1).T.contiguous()
+        self.weights, self.columns = weights, columns
+        self.shaped_columns = {ndim: self._shape_columns(ndim) for ndim in range(1, 5)}
+        try:
+            yield
+        finally:
+            self.weights = self.columns = None
+            self.shaped_columns = {}
+
+    def _shape_columns(self, ndim: int) -> tuple[torch.Tensor, ...]:
+        return self.columns.view(len(self.columns), -1, *([1] * (ndim - 1))).unbind()
+
+    @contextlib.contextmanager
     def _rows(self, weights: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
         """During the block, the changed leaves run per row with ``weights``, the changed parameters held outside
         leaves are per-row tensors, and the changed raw projections are taken out (yielded, by name, to be applied
         per row); everything is given back after."""
-        self.weights = weights
         self.runs = equal_runs(weights) if self.row_weights.stacked else None
         saved: dict[str, torch.Tensor] = {}
-        try:
-            for name, forward in self.forwards.items():
-                self.modules[name].forward = forward
-            for name in self.per_row:
-                saved[name] = self._set(name, None)
-                self._set(name, self._per_row_value(name, saved[name]))
-            for name in self.projections:
-                saved[name] = self._set(name, None)
-            yield {name: saved[name] for name in self.projections}
-        finally:
-            for name in self.forwards:
-                self.modules[name].__dict__.pop("forward", None)
-            for name, value in saved.items():
-                self._set(name, value)
-            self.weights = self.runs = None
-            self.columns = {}
+        with self._weights(weights):
+            try:
+                for name, forward in self.forwards.items():
+                    self.modules[name].forward = forward
+                for name in self.per_row:
+                    saved[name] = self._set(name, None)
+                    self._set(name, self._per_row_value(name, saved[name]))
+                for name in self.projections:
+                    saved[name] = self._set(name, None)
+                yield {name: saved[name] for name in self.projections}
+            finally:
+                for name in self.forwards:
+                    self.modules[name].__dict__.pop("forward", None)
+                for name, value in saved.items():
+                    self._set(name, value)
+                self.runs = None
 
     def _set(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
         """Put ``value`` in place of the parameter ``name`` (None: leave it, or take it out); returns what was there."""
@@ -232,15 +245,11 @@ class LeafWisePass:
         """Expert k's per-row weights, shaped to broadcast against ``like`` (rows first)."""
         return self._columns(like)[k]
 
-    def _columns(self, like: torch.Tensor) -> list[torch.Tensor]:
+    def _columns(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every expert's per-row weights, then 1 − Σ_k w_ik, shaped to broadcast against ``like`` (rows first)."""
         self._check_rows(like)
-        key = (like.ndim, like.dtype)
-        if key not in self.columns:
-            weights = self.weights.to(like.dtype)
-            columns = torch.cat([weights, 1.0 - weights.sum(dim=1, keepdim=True)], dim=1).T
-            self.columns[key] = list(columns.reshape(len(columns), -1, *([1] * (like.ndim - 1))).unbind())
-        return self.columns[key]
+        columns = self.shaped_columns.get(like.ndim) or self._shape_columns(like.ndim)
+        return columns if columns[0].dtype == like.dtype else tuple(c.to(like.dtype) for c in columns)
 
     def _check_rows(self, x: torch.Tensor) -> None:
         """A leaf's input has the batch's rows first, or the model's code mixes rows (the probe then says so)."""

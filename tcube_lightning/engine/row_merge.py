@@ -82,18 +82,28 @@ class RowWeightMerge:
         self, names: tuple[str, str], pt: tuple[torch.Tensor, torch.Tensor | None], weights: torch.Tensor
     ) -> Iterator:
         """(first row, weights, biases) merged per row, in chunks of rows that fit ``WORKSPACE_ELEMENTS``: the weights
-        in the shared workspace, so each chunk is used before the next is asked for."""
+        in the shared workspace, so each chunk is used before the next is asked for. Under ``torch.compile`` the
+        compiler plans the memory: a fresh tensor per chunk, as a shared workspace's size would be one more guard
+        to recompile on."""
         weight, bias = pt
         size, count = weight.numel(), len(self.stacked[names[0]])
         chunk = max(1, min(len(weights), WORKSPACE_ELEMENTS // size))
-        if self.workspace is None or self.workspace.numel() < chunk * size or self.workspace.device != weight.device:
-            self.workspace = weight.new_empty(chunk * size)
+        if torch.compiler.is_compiling():
+            workspace = weight.new_empty(chunk * size)
+        else:
+            if (
+                self.workspace is None
+                or self.workspace.numel() < chunk * size
+                or self.workspace.device != weight.device
+            ):
+                self.workspace = weight.new_empty(chunk * size)
+            workspace = self.workspace
         experts = self.stacked[names[0]].view(count, -1)
         biases = None if bias is None else self.stacked.get(names[1], bias.expand(count, -1))
         for start in range(0, len(weights), chunk):
             w = weights[start : start + chunk].to(weight.dtype)
             keep = None if count == 1 else 1.0 - w.sum(dim=1)
-            rows = self.workspace[: len(w) * size].view(len(w), size)
+            rows = workspace[: len(w) * size].view(len(w), size)
             merge_rows(weight.view(-1), experts, w, keep, rows)
             row_bias = None if bias is None else merge_rows(bias, biases, w, keep, bias.new_empty(len(w), len(bias)))
             yield start, rows.view(len(w), *weight.shape), row_bias

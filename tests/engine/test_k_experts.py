@@ -229,3 +229,17 @@ def test_interpolated_heads_of_several_experts_match_direct_text_passes(clip_pai
     interpolated = engines["interpolated"].sample_merged_logits(images, weights)
     exact = engines["exact"].sample_merged_logits(images, weights)
     torch.testing.assert_close(interpolated, exact, atol=1e-4 + LOGITS_ATOL, rtol=0)
+
+
+def test_successive_passes_each_merge_at_their_own_weights(clip_pair, expert_team, setting):
+    # the pass keeps each batch's per-row weights while it runs (leaves, then the logit scale): none may outlive it
+    pt_sd, images, tokens = setting
+    engine = make_engine(clip_pair, expert_team, ["full_a"])
+    expert_sds = [expert_team["full_a"][1]]
+    assert not torch.equal(expert_sds[0]["logit_scale"], pt_sd["logit_scale"])  # merged per row, as every leaf
+    for seed in (1, 2):
+        weights = torch.rand(3, 1, generator=torch.Generator().manual_seed(seed))
+        ours = engine.sample_merged_logits(images[:3], weights)
+        for i, w in enumerate(weights.tolist()):
+            expected = float64_logits(pt_sd, expert_sds, w, images[i : i + 1], tokens)
+            torch.testing.assert_close(ours[i : i + 1], expected, atol=LOGITS_ATOL, rtol=0)
