@@ -78,6 +78,12 @@ class RowWeightMerge:
         grouped = x.reshape(len(runs), -1, x.shape[-1])  # each run's rows side by side
         return self(grouped, names, pt, runs, per_row_linear).view(*x.shape[:-1], -1)
 
+    def _workspace(self, size: int, like: torch.Tensor) -> torch.Tensor:
+        """The shared workspace, grown to ``size`` elements on ``like``'s device where it is smaller or elsewhere."""
+        if self.workspace is None or self.workspace.numel() < size or self.workspace.device != like.device:
+            self.workspace = like.new_empty(size)
+        return self.workspace
+
     def _row_parameters(
         self, names: tuple[str, str], pt: tuple[torch.Tensor, torch.Tensor | None], weights: torch.Tensor
     ) -> Iterator:
@@ -88,16 +94,9 @@ class RowWeightMerge:
         weight, bias = pt
         size, count = weight.numel(), len(self.stacked[names[0]])
         chunk = max(1, min(len(weights), WORKSPACE_ELEMENTS // size))
-        if torch.compiler.is_compiling():
-            workspace = weight.new_empty(chunk * size)
-        else:
-            if (
-                self.workspace is None
-                or self.workspace.numel() < chunk * size
-                or self.workspace.device != weight.device
-            ):
-                self.workspace = weight.new_empty(chunk * size)
-            workspace = self.workspace
+        workspace = (
+            weight.new_empty(chunk * size) if torch.compiler.is_compiling() else self._workspace(chunk * size, weight)
+        )
         experts = self.stacked[names[0]].view(count, -1)
         biases = None if bias is None else self.stacked.get(names[1], bias.expand(count, -1))
         for start in range(0, len(weights), chunk):
