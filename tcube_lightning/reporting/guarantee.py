@@ -61,17 +61,18 @@ def ltt_threshold(scores: np.ndarray, wrong: np.ndarray, alpha: float, delta: fl
     "selective risk > α" at level δ on the calibration samples (``scores``, and ``wrong``: the prediction is wrong);
     thresholds that accept too few calibration samples for any outcome to reject (fewer than log δ / log(1 − α): a
     function of the scores alone, not of the labels) are passed over, never chosen; +inf (accept nothing) if the first
-    tested is not rejected."""
-    chosen = math.inf
-    for threshold in threshold_grid(score):
-        accepted = scores >= threshold
-        count, errors = int(accepted.sum()), int(wrong[accepted].sum())
-        if binom.cdf(0, count, alpha) > delta:  # untestable: even no error would not reject
-            continue
-        if binom.cdf(errors, count, alpha) > delta:
-            break
-        chosen = float(threshold)
-    return chosen
+    tested is not rejected. Every threshold's counts come from one sort and its p-values from one vectorised call
+    (a threshold at a time, SciPy's per-call cost made calibration 20 ms per method and score on a small split)."""
+    thresholds, order = threshold_grid(score), np.argsort(scores, kind="stable")
+    first = np.searchsorted(scores[order].astype(np.float64), thresholds)  # samples from here on score ≥ threshold
+    errors_from = np.concatenate([np.cumsum(wrong[order][::-1])[::-1], [0]])  # the wrong ones from each position on
+    count, errors = len(scores) - first, errors_from[first]
+    testable = binom.cdf(0, count, alpha) <= delta  # untestable: even no error would not reject
+    rejected = binom.cdf(errors, count, alpha) <= delta
+    stops = np.flatnonzero(testable & ~rejected)  # the sequence stops at the first testable threshold not rejected
+    end = stops[0] if len(stops) else len(thresholds)
+    chosen = np.flatnonzero(testable[:end] & rejected[:end])
+    return float(thresholds[chosen[-1]]) if len(chosen) else math.inf
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
