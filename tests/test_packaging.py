@@ -86,7 +86,8 @@ def test_sigterm_stops_the_run_with_a_failing_exit_status(clip_pair, npz_root, t
         "--data.num_workers=2",
         f"--model.results_dir={out}",
         "--model.methods=[zeroshot, t3, t3_batch]",
-    )  # split b: 21 batches, far longer than one poll
+        '--data.sources={"short": "tiny_b.npz", "long": "tiny_a.npz"}',
+    )  # the split under way when the signal comes: 37 batches, far longer than one poll
     env = subprocess_env()
     run = subprocess.Popen(
         [sys.executable, "-m", "tcube_lightning", *args],
@@ -100,11 +101,11 @@ def test_sigterm_stops_the_run_with_a_failing_exit_status(clip_pair, npz_root, t
     deadline = time.monotonic() + 300
     while not (out / "results.json").exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGTERM)  # split "a" (37 batches) is written; split "b" (21) is under way
+    os.killpg(run.pid, signal.SIGTERM)  # split "short" (21 batches) is written; split "long" (37) is under way
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert f"stopped by SIGTERM before the last split; {out}/results.json holds the splits finished so far" in stderr
     results = json.loads((out / "results.json").read_text())
-    assert list(results["accuracy"]) == ["a"]
-    assert results["complete"] is False and results["missing_splits"] == ["b"]
+    assert list(results["accuracy"]) == ["short"]
+    assert results["complete"] is False and results["missing_splits"] == ["long"]
