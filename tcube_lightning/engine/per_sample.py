@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcube_lightning.engine.leaf_plan import FOLDED, PROJECTIONS, plan_leaves
-from tcube_lightning.engine.row_merge import RowWeightMerge, equal_runs, min_tokens
+from tcube_lightning.engine.row_merge import RowWeightMerge, min_tokens
 from tcube_lightning.loading.lora import LowRankUpdate
 
 
@@ -114,7 +114,8 @@ class LeafWisePass:
         """Each changed leaf's per-row forward, built once; it reads the rows' weights of the pass under way."""
         self.weights: torch.Tensor | None = None
         self.runs: torch.Tensor | None = None
-        """The pass's rows in runs of equal weights (``row_merge.equal_runs``), for the leaves merged per row."""
+        """Where the pass's rows come in runs of equal weights (a text pass's prompts of each head), each run's
+        weights: the leaves merged per row then merge once per run."""
         self.columns: torch.Tensor | None = None
         """The pass's per-row weights of each expert, and their complement 1 − Σ_k w_ik last ((K + 1) × rows)."""
         self.shaped_columns: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -126,12 +127,17 @@ class LeafWisePass:
         """Normalised image embeddings; row i uses the experts' weights ``weights[i]`` (rows × experts)."""
         return self._encode("encode_image", images, weights)
 
-    def encode_text(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Normalised text embeddings; row i uses the experts' weights ``weights[i]`` (rows × experts)."""
-        return self._encode("encode_text", tokens, weights)
+    def encode_text(self, tokens: torch.Tensor, weights: torch.Tensor, rows_per_weight: int = 1) -> torch.Tensor:
+        """Normalised text embeddings; row i uses the experts' weights ``weights[i // rows_per_weight]`` (each weight
+        vector's rows side by side, as a head's prompts: its leaves merged per row merge once per weight vector)."""
+        if rows_per_weight == 1:
+            return self._encode("encode_text", tokens, weights)
+        return self._encode("encode_text", tokens, weights.repeat_interleave(rows_per_weight, dim=0), weights)
 
-    def _encode(self, encoder: str, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        with self._rows(weights) as projections:
+    def _encode(
+        self, encoder: str, inputs: torch.Tensor, weights: torch.Tensor, runs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        with self._rows(weights, runs) as projections:
             features = getattr(self.pt, encoder)(inputs)
             for name, pt in projections.items():
                 if PROJECTIONS[name] == encoder:
@@ -158,12 +164,12 @@ class LeafWisePass:
     def zero_shot_heads(
         self, prompt_tokens: torch.Tensor, weights: torch.Tensor, num_classes: int, chunk: int = 4096
     ) -> torch.Tensor:
-        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight vector."""
+        """Heads (len(weights), classes, dim): every prompt through the text tower merged at each weight vector, in
+        passes of about ``chunk`` rows (whole heads' prompts)."""
         prompts = len(prompt_tokens)
-        tokens = prompt_tokens.repeat(len(weights), 1)
-        rows = weights.repeat_interleave(prompts, dim=0)
+        step = max(1, chunk // prompts)
         text = torch.cat(
-            [self.encode_text(tokens[i : i + chunk], rows[i : i + chunk]) for i in range(0, len(tokens), chunk)]
+            [self.encode_text(prompt_tokens.repeat(len(w), 1), w, rows_per_weight=prompts) for w in weights.split(step)]
         )
         text = text.view(len(weights), num_classes, prompts // num_classes, -1).mean(dim=2)
         return F.normalize(text, dim=-1)
@@ -208,11 +214,11 @@ class LeafWisePass:
         return self.columns.view(len(self.columns), -1, *([1] * (ndim - 1))).unbind()
 
     @contextlib.contextmanager
-    def _rows(self, weights: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-        """During the block, the changed leaves run per row with ``weights``, the changed parameters held outside
-        leaves are per-row tensors, and the changed raw projections are taken out (yielded, by name, to be applied
-        per row); everything is given back after."""
-        self.runs = equal_runs(weights) if self.row_weights.stacked else None
+    def _rows(self, weights: torch.Tensor, runs: torch.Tensor | None) -> Iterator[dict[str, torch.Tensor]]:
+        """During the block, the changed leaves run per row with ``weights`` (and ``runs``: see ``self.runs``), the
+        changed parameters held outside leaves are per-row tensors, and the changed raw projections are taken out
+        (yielded, by name, to be applied per row); everything is given back after."""
+        self.runs = runs
         saved: dict[str, torch.Tensor] = {}
         with self._weights(weights):
             try:

@@ -70,9 +70,9 @@ class RowWeightMerge:
         weights: torch.Tensor,
         runs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A Linear leaf merged per row; where the rows come in ``runs`` of equal weights (``equal_runs``: a head's
-        prompts, in the text passes that compute heads at many weights), each run shares one merged weight and one
-        product."""
+        """A Linear leaf merged per row; where the rows come in ``runs`` of equal weights (a head's prompts, in the
+        text passes that compute heads at many weights: ``runs`` holds each run's weights), each run shares one merged
+        weight and one product."""
         if runs is None:
             return self(x, names, pt, weights, per_row_linear)
         grouped = x.reshape(len(runs), -1, x.shape[-1])  # each run's rows side by side
@@ -106,18 +106,6 @@ class RowWeightMerge:
             merge_rows(weight.view(-1), experts, w, keep, rows)
             row_bias = None if bias is None else merge_rows(bias, biases, w, keep, bias.new_empty(len(w), len(bias)))
             yield start, rows.view(len(w), *weight.shape), row_bias
-
-
-def equal_runs(weights: torch.Tensor) -> torch.Tensor | None:
-    """The weights of each run where the rows of ``weights`` come in runs of one length above one, each run's rows
-    the same, else None. Found once per pass (vectorised: ``torch.unique_consecutive`` over rows costs more than a
-    small leaf's product)."""
-    starts = torch.ones(len(weights), dtype=torch.bool, device=weights.device)
-    starts[1:] = (weights[1:] != weights[:-1]).any(dim=1)
-    runs = int(starts.sum())
-    if runs == len(weights) or len(weights) % runs or not bool(starts[:: len(weights) // runs].all()):
-        return None
-    return weights[starts]
 
 
 def merge_rows(

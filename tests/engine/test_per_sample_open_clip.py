@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import EMBEDDING_ATOL, LOGIT_SCALE, make_expert_state_dict, oracle_model, rounding_atol
+from tcube_lightning.engine import row_merge
 from tcube_lightning.engine.leaf_plan import leafwise_reason
 from tcube_lightning.engine.per_sample import LeafWisePass, changed_parameters
 from tcube_lightning.merging.store import ExpertStore
@@ -52,10 +53,16 @@ def pair(request, tmp_path_factory):
     return name, ExpertStore(pt, [ft])
 
 
-def per_sample_pass(store):
+def per_sample_pass(store, merged_per_row=False):
+    """The pass over the store's generalist and expert; ``merged_per_row``: every Linear leaf merges its weight per
+    row however few tokens its rows carry (the tiny towers' rows are below the rule's threshold)."""
     changed = changed_parameters(store.pretrained, store.expert_model(0))
     assert leafwise_reason(store.pretrained, set(changed)) is None  # open_clip's own towers: every tensor differs
-    return LeafWisePass(store.pretrained, [changed])
+    if not merged_per_row:
+        return LeafWisePass(store.pretrained, [changed])
+    vectorized = LeafWisePass(store.pretrained, [changed], stacked={n: store.stacked(n) for n in changed})
+    vectorized.row_weights.threshold = 0
+    return vectorized
 
 
 def oracle(name, store, w):
@@ -87,13 +94,19 @@ def test_image_and_text_towers_match_per_sample_models(pair):
             torch.testing.assert_close(scales[i], model.logit_scale.exp(), atol=0, rtol=SCALE_RTOL)
 
 
-def test_heads_for_many_weights_match_per_weight_heads(pair):
+@pytest.mark.parametrize("merged_per_row", [False, True], ids=["outputs-mixed", "weights-merged-per-head"])
+def test_heads_for_many_weights_match_per_weight_heads(pair, merged_per_row, monkeypatch):
     name, store = pair
-    vectorized = per_sample_pass(store)
+    vectorized = per_sample_pass(store, merged_per_row)
+    merged_rows = []  # how many weights each per-row merge was asked for
+    merge_rows = row_merge.merge_rows
+    monkeypatch.setattr(row_merge, "merge_rows", lambda *a: merged_rows.append(len(a[2])) or merge_rows(*a))
     tokens = open_clip.get_tokenizer(name)([f"{t} {c}" for c in ("cat", "dog", "eel") for t in ("a", "the")])
     weights = torch.tensor([0.0, 0.3, 1.0])
     with torch.no_grad():
-        heads = vectorized.zero_shot_heads(tokens, weights[:, None], num_classes=3, chunk=4)  # chunks cut across
+        heads = vectorized.zero_shot_heads(tokens, weights[:, None], num_classes=3, chunk=12)  # 2 heads, then 1
+    assert set(merged_rows) == ({2, 1} if merged_per_row else set())  # once per head, not once per prompt
+    with torch.no_grad():
         for k, w in enumerate(weights.tolist()):
             text = oracle(name, store, w).encode_text(tokens, normalize=True).view(3, 2, -1).mean(1)
             expected = text / text.norm(dim=-1, keepdim=True)
