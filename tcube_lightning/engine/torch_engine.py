@@ -29,7 +29,7 @@ from tcube_lightning.loading.lora import LoraAdapter
 from tcube_lightning.merging.batch_rules import DAWIN_MTL_BUDGET, BatchContext
 from tcube_lightning.merging.coefficients import KExperts, LambdaMapping, generalised_js
 from tcube_lightning.merging.methods import Method
-from tcube_lightning.merging.store import ExpertStore
+from tcube_lightning.merging.store import ExpertStore, image_tower_parameter
 
 SampleWisePath = Literal["auto", "vectorized", "loop"]
 HeadMode = Literal["interpolated", "exact"]
@@ -104,7 +104,7 @@ class TCubeEngine(nn.Module):
     ) -> None:
         super().__init__()
         experts = experts if isinstance(experts, list) else [experts]
-        self.store = ExpertStore(pretrained, experts)
+        self.store = ExpertStore(pretrained, experts, text_tower=merge_text)
         self.count, self.k_experts = len(experts), k_experts
         self.expert_names = list(expert_names or (["expert"] if self.count == 1 else map(str, range(self.count))))
         lora = [isinstance(e, LoraAdapter) for e in experts]
@@ -117,7 +117,7 @@ class TCubeEngine(nn.Module):
         )
         changed = set().union(*(self.store.changed(k) for k in range(self.count)))
         changed |= set().union(*(e.changed_parameters() for e in experts if isinstance(e, LoraAdapter)))
-        self.text_changed = any(not n.startswith("visual.") and n not in ("logit_scale", "logit_bias") for n in changed)
+        self.text_changed = not all(map(image_tower_parameter, changed))
         """Some expert changes the text tower: merged models' heads differ from the generalist's (else its head is
         exact for them all, and free)."""
         self.unsupported_reason = leafwise_reason(pretrained, changed)
@@ -213,8 +213,9 @@ class TCubeEngine(nn.Module):
         return vectorized
 
     def _probe_error(self, vectorized: LeafWisePass) -> float:
-        """The largest difference of image and text embeddings between ``vectorized`` and per-sample merges, on three
-        seeded images and prompts, each row with its own weight, in the models' dtype without autocast."""
+        """The largest difference of image embeddings (and text embeddings, with merged text towers) between
+        ``vectorized`` and per-sample merges, on three seeded images and prompts, each row with its own weight, in the
+        models' dtype without autocast."""
         device = self.store.pt_flat.device
         size = image_side(self.store.pretrained.visual.image_size)
         dtype = self.store.pt_flat.dtype  # the models' own (16-true, bf16-true: the probe runs in theirs)
@@ -222,7 +223,7 @@ class TCubeEngine(nn.Module):
         tokens = self._tokens(0, self.merged_context)[:3]
         rows = torch.tensor([1.0, 0.37, 0.0])[: len(tokens)]  # the experts' weights differ per row and expert
         weights = torch.stack([rows.roll(k) for k in range(self.count)], dim=-1).to(device)
-        inputs = {"encode_image": images[: len(weights)], "encode_text": tokens}
+        inputs = {"encode_image": images[: len(weights)], **({"encode_text": tokens} if self.merge_text else {})}
         with torch.autocast(device.type, enabled=False):
             ours = {encode: getattr(vectorized, encode)(rows, weights) for encode, rows in inputs.items()}
             error = 0.0

@@ -70,22 +70,26 @@ class ExpertStore(ParameterViews):
 
     A full expert is a row of every parameter in ``full_flats``, with a model of its own (views into it). A LoRA
     expert (θ_k = θ_pt + s·B·A on its targets, and tensors peft's ``modules_to_save`` replaces) keeps only its factors
-    and replaced tensors, the adapter itself. The merge runs over the parameters some expert changes: every one with a
-    full expert among them (``merged_flat``: the working model's values), else the LoRA targets' union. With LoRA
-    experts alone, the working model's values of their targets are computed when a forward reads them, one module's
-    at a time (``computed``), so the store is the generalist and the adapters: nothing else; where a target is read
-    outside any module's forward (open_clip's ``text_projection``) they are written into ``merged_flat`` instead. Both
-    use the same operations, so their numbers are the same, bit for bit. With one expert the merge is ``torch.lerp``
-    (θ_pt + w·Δ, a LoRA expert's values written first); with more, the full experts folded in by a chain of lerps
-    (``add_task_vectors``) and each LoRA expert's low-rank update added on its targets. Buffers (non-learned tensors)
-    are not merged: the working model keeps the pretrained model's.
+    and replaced tensors, the adapter itself. The merge runs over the parameters some expert changes (``merged_flat``:
+    the working model's values; a full expert's text tower only where merged models read it), the others staying
+    views into the generalist's. With LoRA experts alone, the working model's values of their targets are computed
+    when a forward reads them, one module's at a time (``computed``), so the store is the generalist and the adapters:
+    nothing else; where a target is read outside any module's forward (open_clip's ``text_projection``) they are
+    written into ``merged_flat`` instead. Both use the same operations, so their numbers are the same, bit for bit.
+    With one expert the merge is ``torch.lerp`` (θ_pt + w·Δ, a LoRA expert's values written first); with more, the
+    full experts folded in by a chain of lerps (``add_task_vectors``) and each LoRA expert's low-rank update added on
+    its targets. Buffers (non-learned tensors) are not merged: the working model keeps the pretrained model's.
 
     Args:
         pretrained: The generalist.
         experts: Each expert: a model of the same architecture, or a LoRA adapter on the generalist.
+        text_tower: Whether merged models run their text towers (``merge_text``); without, the full experts' changes
+            to the text tower are not merged.
     """
 
-    def __init__(self, pretrained: nn.Module, experts: Sequence[nn.Module | LoraAdapter]) -> None:
+    def __init__(
+        self, pretrained: nn.Module, experts: Sequence[nn.Module | LoraAdapter], text_tower: bool = True
+    ) -> None:
         super().__init__(pretrained)
         if not experts:
             raise InputError("at least one expert is needed")
@@ -97,14 +101,29 @@ class ExpertStore(ParameterViews):
         self.count = len(experts)
         targets = set().union(*(a.changed_parameters() for a in self.adapters if a is not None))
         self.full = any(a is None for a in self.adapters)
-        self.merged_names = list(self.names) if self.full else [n for n in self.names if n in targets]
-        """The parameters the merge changes, in ``named_parameters`` order."""
+        changed_by_full = {
+            name
+            for expert in experts
+            if not isinstance(expert, LoraAdapter)
+            for name, value in expert.named_parameters()
+            if not torch.equal(value, params[name])
+        }
+        self.merged_names = [
+            n for n in self.names if n in targets or (n in changed_by_full and (text_tower or image_tower_parameter(n)))
+        ]
+        """The parameters the merge changes, in ``named_parameters`` order: the LoRA experts' targets (the working
+        model is also each LoRA expert's own model, text tower included) and the parameters a full expert changes
+        (elsewhere every merge is the generalist, exactly), less the text tower's where merged models keep the
+        generalist's head (no forward of theirs reads it)."""
         runners = None if self.full else _runners(pretrained, self.merged_names)
         self.computed = runners is not None
         """LoRA experts alone, each target read in the forward of a module of the model's: the working model's
         values of their targets are computed when that forward runs, not kept (``_targets_in``)."""
         sizes = [0 if self.computed else self.shapes[n].numel() for n in self.merged_names]
         self.merged_offsets = dict(zip(self.merged_names, itertools.accumulate(sizes, initial=0)))
+        self.merged_ranges = [] if self.computed else _contiguous_ranges(self.merged_names, self.offsets, self.shapes)
+        """The merged parameters as runs of neighbours in ``pt_flat`` (offset there, offset in ``merged_flat``, size):
+        every merge is a few passes over each run, one run where every parameter is merged."""
         reference = next(pretrained.parameters())
         self._flat("pt_flat", sum(n for _, n in self.segments), reference)
         self._flat("merged_flat", sum(sizes), reference)
@@ -139,23 +158,18 @@ class ExpertStore(ParameterViews):
         """What the working model is at ``weight``: a merge, a LoRA expert (``expert``, written as its code writes it),
         or a static merge's flat vector (``weight`` None)."""
 
-    def _merged_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(the generalist's values, the working model's) of each merged parameter, flat: views into the buffers
-        where they are now. With LoRA experts alone the generalist's values of their targets are read where they
-        are, in ``pt_flat``: no copy of them is kept."""
-        for name in self.merged_names:
-            yield (
-                self._slice(self.pt_flat, self.offsets, name),
-                self._slice(self.merged_flat, self.merged_offsets, name),
-            )
+    def _merged_pairs(self, flat: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(the generalist's values, or those of a full flat vector ``flat``, and the working model's) of each run of
+        merged parameters (``merged_ranges``): views into the buffers where they are now. With LoRA experts alone the
+        generalist's values of their targets are read where they are, in ``pt_flat``: no copy of them is kept."""
+        source = self.pt_flat if flat is None else flat
+        for start, merged_start, size in self.merged_ranges:
+            yield source[start : start + size], self.merged_flat[merged_start : merged_start + size]
 
     def _reset_merged(self) -> None:
         """The working model's merged parameters back to the generalist's values."""
-        if self.full:
-            self.merged_flat.copy_(self.pt_flat)
-        else:
-            for pt, merged in self._merged_pairs():
-                merged.copy_(pt)
+        for pt, merged in self._merged_pairs():
+            merged.copy_(pt)
 
     def _slice(self, buffer: torch.Tensor, offsets: dict[str, int], name: str) -> torch.Tensor:
         return buffer[offsets[name] : offsets[name] + self.shapes[name].numel()]
@@ -283,14 +297,18 @@ class ExpertStore(ParameterViews):
         the measurements against the K-aware floor), then each LoRA expert's
         w_k·s·B·A added on its targets (and w_k times its replaced tensors' change)."""
         full = [w[k] for k in self.full_rows]
-        rows = self.full_flats.view(len(full), -1) if full else None
-        if self.merge_kernel is not None and len(full) > 1:
-            weights = torch.tensor(full, dtype=rows.dtype, device=rows.device)
-            self.merge_kernel(self.pt_flat, rows, weights, self.merged_flat)
-        elif full:
-            add_task_vectors(self.pt_flat, rows, full, self.merged_flat)
-        else:
+        if not full:
             self._reset_merged()
+        else:
+            rows = self.full_flats.view(len(full), -1)
+            weights = rows.new_tensor(full) if self.merge_kernel is not None and len(full) > 1 else None
+            for start, merged_start, size in self.merged_ranges:
+                pt, experts = self.pt_flat[start : start + size], rows[:, start : start + size]
+                merged = self.merged_flat[merged_start : merged_start + size]
+                if weights is None:
+                    add_task_vectors(pt, experts, full, merged)
+                else:
+                    self.merge_kernel(pt, experts, weights, merged)
         if any(adapter is not None for adapter in self.adapters):  # their parameters' views are only built for them
             self._add_lora_terms(w, self._merged_parameters())
 
@@ -305,13 +323,9 @@ class ExpertStore(ParameterViews):
         """Set the working model to a precomputed full flat parameter vector (a static merge) and return it: only the
         merged parameters can differ from θ_pt (every static rule leaves a tensor no expert changes as it is). With
         targets computed in the forwards, they are read from ``flat``, which must then stay as it is while in use."""
-        if self.computed:
-            pass
-        elif self.merged_flat.numel() == flat.numel():
-            self.merged_flat.copy_(flat)
-        else:
-            for name in self.merged_names:
-                self._slice(self.merged_flat, self.merged_offsets, name).copy_(self._slice(flat, self.offsets, name))
+        if not self.computed:
+            for value, merged in self._merged_pairs(flat):
+                merged.copy_(value)
         self.weight, self.source = None, flat
         return self.working
 
@@ -350,6 +364,28 @@ class ExpertStore(ParameterViews):
             return dict(self.adapter(k).replacements)
         pt = dict(self.pretrained.named_parameters())
         return {n: p for n, p in self.expert_model(k).named_parameters() if not torch.equal(p, pt[n])}
+
+
+def image_tower_parameter(name: str) -> bool:
+    """Whether parameter ``name`` (open_clip's names) is read by the image tower's forward and the logits: the image
+    tower's own, and the logit scale and bias."""
+    return name.startswith("visual.") or name in ("logit_scale", "logit_bias")
+
+
+def _contiguous_ranges(
+    names: list[str], offsets: dict[str, int], shapes: dict[str, torch.Size]
+) -> list[tuple[int, int, int]]:
+    """``names`` (in flat order) as runs of neighbours: (offset in the flat buffer, offset packed, size) each."""
+    ranges: list[list[int]] = []
+    packed = 0
+    for name in names:
+        size = shapes[name].numel()
+        if ranges and ranges[-1][0] + ranges[-1][2] == offsets[name]:
+            ranges[-1][2] += size
+        else:
+            ranges.append([offsets[name], packed, size])
+        packed += size
+    return [(start, merged_start, size) for start, merged_start, size in ranges]
 
 
 def _runners(model: nn.Module, names: list[str]) -> dict[str, list[str]] | None:

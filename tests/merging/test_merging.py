@@ -28,6 +28,49 @@ def test_merged_forward_equals_interpolated_state_dict(store, clip_pair, w):
     torch.testing.assert_close(ours, oracle_logits(pt_sd, ft_sd, w, images, tokens), atol=LOGITS_ATOL, rtol=0)
 
 
+def image_tower_only(pt_sd: dict, ft_sd: dict) -> dict:
+    """The expert's image tower and logit scale on the generalist's text tower: an expert fine-tuned on images alone."""
+    return {k: ft_sd[k] if k.startswith("visual.") or k == "logit_scale" else pt_sd[k] for k in pt_sd}
+
+
+def test_a_text_tower_no_expert_changed_is_not_merged(clip_pair):
+    """The common case, an expert fine-tuned on its image tower alone: the merge runs over what it changed (elsewhere
+    every merge is the generalist, exactly), and merged models, static merges loaded from a flat vector included,
+    still equal the interpolated state_dict."""
+    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
+    expert_sd = image_tower_only(pt_sd, ft_sd)
+    expert = open_clip.create_model(ARCH).eval()
+    expert.load_state_dict(expert_sd)
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [expert])
+    assert store.merged_names and all(n.startswith("visual.") or n == "logit_scale" for n in store.merged_names)
+    assert store.merged_flat.numel() == sum(pt_sd[n].numel() for n in store.merged_names) < store.pt_flat.numel()
+    images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    tokens = tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
+    for w, model in ((0.3, lambda: store.merge(0.3)), (1.0, lambda: store.load(store.expert_flat(0)))):
+        with torch.no_grad():
+            merged = model()
+            ours = clip_logits(merged, images, zero_shot_head(merged, tokens, len(CLASSNAMES)))
+        expected = oracle_logits(pt_sd, expert_sd, w, images, tokens)
+        torch.testing.assert_close(ours, expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_without_merged_text_towers_the_text_tower_stays_the_generalists(clip_pair):
+    """``text_tower=False`` (``merge_text`` false): merged models classify with the generalist's head, so their text
+    tower is not merged; the image tower is, as the interpolated state_dict's."""
+    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [load_clip(ARCH, clip_pair[1])], text_tower=False)
+    assert {n for n in store.names if n.startswith("visual.")} < set(store.merged_names)
+    images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    tokens = tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
+    with torch.no_grad():
+        merged = store.merge(0.4)
+        text = merged.encode_text(tokens)
+        torch.testing.assert_close(text, store.pretrained.encode_text(tokens), atol=0, rtol=0)
+        ours = clip_logits(merged, images, zero_shot_head(merged, tokens, len(CLASSNAMES)))
+    expected = oracle_logits(pt_sd, ft_sd, 0.4, images, tokens, text_model=store.pretrained)
+    torch.testing.assert_close(ours, expected, atol=LOGITS_ATOL, rtol=0)
+
+
 def test_source_models_are_views_of_the_flat_buffers(store, clip_pair):
     pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
     for name, param in store.pretrained.named_parameters():
