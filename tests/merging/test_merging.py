@@ -54,6 +54,23 @@ def test_a_text_tower_no_expert_changed_is_not_merged(clip_pair):
         torch.testing.assert_close(ours, expected, atol=LOGITS_ATOL, rtol=0)
 
 
+def test_small_tensors_an_expert_left_unchanged_do_not_split_the_merge(clip_pair):
+    """Biases the expert left as the generalist's lie between tensors it changed: they are merged too (to the
+    generalist's values), so the merge stays one run of passes, and equals the interpolated state_dict."""
+    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
+    expert_sd = {k: pt_sd[k] if k.endswith(".bias") else ft_sd[k] for k in pt_sd}
+    expert = open_clip.create_model(ARCH).eval()
+    expert.load_state_dict(expert_sd)
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [expert])
+    assert len(store.merged_ranges) == 1 and "visual.transformer.resblocks.0.mlp.c_fc.bias" in store.merged_names
+    images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    tokens = tokenize_prompts(open_clip.get_tokenizer(ARCH), CLASSNAMES, TEMPLATES)
+    with torch.no_grad():
+        merged = store.merge(0.3)
+        ours = clip_logits(merged, images, zero_shot_head(merged, tokens, len(CLASSNAMES)))
+    torch.testing.assert_close(ours, oracle_logits(pt_sd, expert_sd, 0.3, images, tokens), atol=LOGITS_ATOL, rtol=0)
+
+
 def test_without_merged_text_towers_the_text_tower_stays_the_generalists(clip_pair):
     """``text_tower=False`` (``merge_text`` false): merged models classify with the generalist's head, so their text
     tower is not merged; the image tower is, as the interpolated state_dict's."""
