@@ -107,13 +107,15 @@ class ExpertStore(ParameterViews):
         self.count = len(experts)
         targets = set().union(*(a.changed_parameters() for a in self.adapters if a is not None))
         self.full = any(a is None for a in self.adapters)
-        changed_by_full = {
-            name
+        self.full_changes = [
+            set()
+            if isinstance(expert, LoraAdapter)
+            else {n for n, value in expert.named_parameters() if not torch.equal(value, params[n])}
             for expert in experts
-            if not isinstance(expert, LoraAdapter)
-            for name, value in expert.named_parameters()
-            if not torch.equal(value, params[name])
-        }
+        ]
+        """Per expert, the parameters it changes if it is a full expert (found once: ``changed`` reads them, the merge
+        covers them)."""
+        changed_by_full = set().union(*self.full_changes)
         merged = {n for n in changed_by_full if text_tower or image_tower_parameter(n)} | targets
         self.merged_names = (
             _with_small_gaps(self.names, merged, changed_by_full | targets, self.shapes)
@@ -311,9 +313,8 @@ class ExpertStore(ParameterViews):
         else:
             rows = self.full_flats.view(len(full), -1)
             weights = rows.new_tensor(full) if self.merge_kernel is not None and len(full) > 1 else None
-            for start, merged_start, size in self.merged_ranges:
-                pt, experts = self.pt_flat[start : start + size], rows[:, start : start + size]
-                merged = self.merged_flat[merged_start : merged_start + size]
+            for (start, _, size), (pt, merged) in zip(self.merged_ranges, self._merged_pairs(), strict=True):
+                experts = rows[:, start : start + size]
                 if weights is None:
                     add_task_vectors(pt, experts, full, merged)
                 else:
@@ -371,8 +372,7 @@ class ExpertStore(ParameterViews):
         expert's replaced tensors (its low-rank targets are ``updates``)."""
         if self.adapters[k] is not None:
             return dict(self.adapter(k).replacements)
-        pt = dict(self.pretrained.named_parameters())
-        return {n: p for n, p in self.expert_model(k).named_parameters() if not torch.equal(p, pt[n])}
+        return {n: p for n, p in self.expert_model(k).named_parameters() if n in self.full_changes[k]}
 
 
 def image_tower_parameter(name: str) -> bool:
