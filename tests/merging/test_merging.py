@@ -108,11 +108,18 @@ def test_merge_writes_in_place_without_new_storage(store):
 
 
 def test_moving_the_store_rebinds_the_views(clip_pair):
-    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [load_clip(ARCH, clip_pair[1])]).double()
-    store.merge(0.4)
-    param = next(store.working.parameters())
-    assert param.dtype == torch.float64
-    assert param.untyped_storage().data_ptr() == store.merged_flat.untyped_storage().data_ptr()
+    """After a move (here to float64, after the merges of set-up) the working model's parameters are views into the
+    moved buffers and a merge writes them: θ_pt + w·Δ of the state_dicts, in float64."""
+    pt_sd, ft_sd = (torch.load(p, weights_only=True) for p in clip_pair)
+    store = ExpertStore(load_clip(ARCH, clip_pair[0]), [load_clip(ARCH, clip_pair[1])])
+    store.merge(0.7)
+    store = store.double()
+    params = dict(store.merge(0.4).named_parameters())
+    assert params["visual.proj"].dtype == torch.float64
+    assert params["visual.proj"].untyped_storage().data_ptr() == store.merged_flat.untyped_storage().data_ptr()
+    for name, param in params.items():
+        expected = pt_sd[name].double() + 0.4 * (ft_sd[name].double() - pt_sd[name].double())
+        torch.testing.assert_close(param, expected, atol=sum_atol(expected, 2), rtol=0)
 
 
 def test_mismatched_architectures_are_rejected_with_the_differences(clip_pair):
