@@ -66,6 +66,11 @@ def self_attention(
     return out(attended.transpose(1, 2).reshape(rows, length, width))
 
 
+def with_complement(weights: torch.Tensor) -> torch.Tensor:
+    """Rows of the experts' weights (rows × K) with the generalist's 1 − Σ_k w_ik after them (rows × (K + 1))."""
+    return torch.cat([weights, 1.0 - weights.sum(dim=1, keepdim=True)], dim=1)
+
+
 def changed_parameters(pretrained: nn.Module, expert: nn.Module) -> dict[str, torch.Tensor]:
     """A full expert's parameters that differ from the generalist's, by name: the others need no second pass."""
     ft = dict(expert.named_parameters())
@@ -115,7 +120,8 @@ class LeafWisePass:
         self.weights: torch.Tensor | None = None
         self.runs: torch.Tensor | None = None
         """Where the pass's rows come in runs of equal weights (a text pass's prompts of each head), each run's
-        weights: the leaves merged per row then merge once per run."""
+        weights and their complement 1 − Σ_k w_ik last (runs × (K + 1)): the leaves merged per row then merge once per
+        run."""
         self.columns: torch.Tensor | None = None
         """The pass's per-row weights of each expert, and their complement 1 − Σ_k w_ik last ((K + 1) × rows)."""
         self.shaped_columns: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -201,8 +207,7 @@ class LeafWisePass:
     def _weights(self, weights: torch.Tensor) -> Iterator[None]:
         """During the block, the rows' weights are ``weights`` (rows × experts), with their ``columns`` and
         ``shaped_columns``; none after."""
-        columns = torch.cat([weights, 1.0 - weights.sum(dim=1, keepdim=True)], dim=1).T.contiguous()
-        self.weights, self.columns = weights, columns
+        self.weights, self.columns = weights, with_complement(weights).T.contiguous()
         self.shaped_columns = {ndim: self._shape_columns(ndim) for ndim in range(1, 5)}
         try:
             yield
@@ -218,7 +223,7 @@ class LeafWisePass:
         """During the block, the changed leaves run per row with ``weights`` (and ``runs``: see ``self.runs``), the
         changed parameters held outside leaves are per-row tensors, and the changed raw projections are taken out
         (yielded, by name, to be applied per row); everything is given back after."""
-        self.runs = runs
+        self.runs = None if runs is None else with_complement(runs)
         saved: dict[str, torch.Tensor] = {}
         with self._weights(weights):
             try:
@@ -331,7 +336,7 @@ class LeafWisePass:
         names, tokens = (prefix + weight_name, prefix + bias_name), x.shape[1:-1].numel()
         if self.row_weights.serves(names[0], tokens):
             self._check_rows(x)
-            return self.row_weights.linear(x, names, (weight, bias), self.weights, self.runs)
+            return self.row_weights.linear(x, names, (weight, bias), self.columns.T, self.runs)
         y = F.linear(x, weight, bias)
         outputs = []
         for d in self.dense:
@@ -383,7 +388,7 @@ class LeafWisePass:
             names = (f"{name}.weight", f"{name}.bias")
             if self.row_weights.serves(names[0], tokens):
                 self._check_rows(x)
-                return self.row_weights(x, names, (module.weight, module.bias), self.weights, per_row)
+                return self.row_weights(x, names, (module.weight, module.bias), self.columns.T, per_row)
             y = module._conv_forward(x, module.weight, module.bias)
             outputs = []
             for d in self.dense:

@@ -58,7 +58,7 @@ class RowWeightMerge:
         apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
     ) -> torch.Tensor:
         """``apply(rows of x, their weights, their biases)`` with the leaf's (weight, bias) merged per row with
-        ``weights`` (rows × experts)."""
+        ``weights`` (rows × (experts + 1): each expert's weight, then the generalist's 1 − Σ_k w_ik)."""
         chunks = [apply(x[start : start + len(w)], w, b) for start, w, b in self._row_parameters(names, pt, weights)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
@@ -71,8 +71,8 @@ class RowWeightMerge:
         runs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A Linear leaf merged per row; where the rows come in ``runs`` of equal weights (a head's prompts, in the
-        text passes that compute heads at many weights: ``runs`` holds each run's weights), each run shares one merged
-        weight and one product."""
+        text passes that compute heads at many weights: ``runs`` holds each run's weights, as ``weights``), each run
+        shares one merged weight and one product."""
         if runs is None:
             return self(x, names, pt, weights, per_row_linear)
         grouped = x.reshape(len(runs), -1, x.shape[-1])  # each run's rows side by side
@@ -101,24 +101,22 @@ class RowWeightMerge:
         biases = None if bias is None else self.stacked.get(names[1], bias.expand(count, -1))
         for start in range(0, len(weights), chunk):
             w = weights[start : start + chunk].to(weight.dtype)
-            keep = None if count == 1 else 1.0 - w.sum(dim=1)
             rows = workspace[: len(w) * size].view(len(w), size)
-            merge_rows(weight.view(-1), experts, w, keep, rows)
-            row_bias = None if bias is None else merge_rows(bias, biases, w, keep, bias.new_empty(len(w), len(bias)))
+            merge_rows(weight.view(-1), experts, w, rows)
+            row_bias = None if bias is None else merge_rows(bias, biases, w, bias.new_empty(len(w), len(bias)))
             yield start, rows.view(len(w), *weight.shape), row_bias
 
 
-def merge_rows(
-    pt: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor
-) -> torch.Tensor:
-    """Row i of ``out`` = keep_i·pt + Σ_k w_ik·experts[k], keep_i = 1 − Σ_k w_ik. With one expert one ``lerp`` (one
-    pass writing the rows, as the store's merge: θ_pt + w·Δ; ``keep`` unused); with more a scaled copy and one product
-    over the experts (measured quicker on this CPU than a chain of lerps at ViT-B/16's widths, docs/performance.md)."""
+def merge_rows(pt: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Row i of ``out`` = keep_i·pt + Σ_k w_ik·experts[k], ``weights`` row i holding w_i1 … w_iK then keep_i =
+    1 − Σ_k w_ik (made once per pass, not per leaf). With one expert one ``lerp`` (one pass writing the rows, as the
+    store's merge: θ_pt + w·Δ); with more a scaled copy and one product over the experts (measured quicker on this
+    CPU than a chain of lerps at ViT-B/16's widths, docs/performance.md)."""
     if len(experts) == 1:
         rows = (len(weights), pt.numel())
-        return torch.lerp(pt.expand(rows), experts[0].expand(rows), weights, out=out)
-    torch.outer(keep, pt, out=out)
-    return out.addmm_(weights, experts)
+        return torch.lerp(pt.expand(rows), experts[0].expand(rows), weights[:, :1], out=out)
+    torch.outer(weights[:, -1], pt, out=out)
+    return out.addmm_(weights[:, :-1], experts)
 
 
 def per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
