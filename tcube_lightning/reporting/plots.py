@@ -274,6 +274,7 @@ def expert_weights(tables: dict[str, dict[str, np.ndarray]], routing: ExpertRout
     if panels == 2:
         axes[1].set_xlabel("expert T³ weighted most", fontsize=8)
         axes[1].set_ylabel("domain expert (data.expert_of; samples)", fontsize=8)
+    fig.suptitle("T³ with several experts (our extension of the paper)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -153,4 +153,5 @@ def test_routing_counts_each_sample_once_and_the_colour_scale_starts_at_zero():
     assert [t.get_text() for t in routing_panel.get_yticklabels()] == ["a (4)", "b (2)"]
     np.testing.assert_allclose(routing_panel.images[0].get_array(), [[75.0, 25.0], [0.0, 100.0]])
     assert weights_panel.images[0].get_clim()[0] == 0.0 and routing_panel.images[0].get_clim() == (0.0, 100.0)
+    assert "our extension" in figure.get_suptitle()  # K-expert T³ is not the paper's
     close_figures({"weights": figure})
