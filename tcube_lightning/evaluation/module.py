@@ -403,11 +403,10 @@ class TCubeModule(PredictHooks, L.LightningModule):
             self.report.details["calibration"] = {"data": self.trainer.datamodule.calibration, **self.rules.record()}
             rank_zero_info(f"Calibrated on {self.rules.samples} samples ({self.trainer.datamodule.calibration})")
             return
-        self.metrics.join_without_samples(split, self.device)
         if self.predicting:
             self._write_predictions(split)
             return
-        metrics, by_source = self.metrics.compute(split), self.metrics.compute_sources(split)
+        metrics, by_source = self.metrics.compute(split)
         table = self.tables[split].gather()
         table |= coverage_columns(table, list(self.methods))  # each sample's place in each deferral order
         total = len(self.trainer.datamodule.datasets[split])

@@ -1,9 +1,10 @@
-"""Per-split metrics (torchmetrics, reduced across processes in ``compute``) and the one gather the
-clustered methods need beyond them."""
+"""Per-split metrics (torchmetrics, every metric of a split reduced across processes in one gather) and the gathers
+the per-sample tables and the clustered methods need beyond them."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -31,8 +32,8 @@ class NegativeLogLikelihood(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("values", [], dist_reduce_fx="cat")
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -58,17 +59,21 @@ def gather_from_all_ranks(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_objects(values.cpu())).to(values.device)
 
 
+REDUCED_BY_RUN_METRICS = {"sync_on_compute": False}
+"""Each metric's ``compute`` keeps to its own states: ``RunMetrics`` reduces them across processes beforehand."""
+
+
 def split_metrics(num_classes: int, labels) -> MetricCollection:
     """Top-1, balanced accuracy (macro recall), calibration (ECE, 15 bins, L1; negative log-likelihood) and,
     where every class occurs in the split, macro AUC."""
     metrics = {
-        "top1": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-        "balanced_accuracy": MulticlassAccuracy(num_classes=num_classes, average="macro"),
-        "ece": ExactCalibrationError(num_classes=num_classes, n_bins=15, norm="l1"),
-        "nll": NegativeLogLikelihood(),
+        "top1": MulticlassAccuracy(num_classes=num_classes, average="micro", **REDUCED_BY_RUN_METRICS),
+        "balanced_accuracy": MulticlassAccuracy(num_classes=num_classes, average="macro", **REDUCED_BY_RUN_METRICS),
+        "ece": ExactCalibrationError(num_classes=num_classes, n_bins=15, norm="l1", **REDUCED_BY_RUN_METRICS),
+        "nll": NegativeLogLikelihood(**REDUCED_BY_RUN_METRICS),
     }
     if len({int(v) for v in labels}) == num_classes:
-        metrics["auc"] = MulticlassAUROC(num_classes=num_classes, average="macro")
+        metrics["auc"] = MulticlassAUROC(num_classes=num_classes, average="macro", **REDUCED_BY_RUN_METRICS)
     return MetricCollection(metrics)
 
 
@@ -79,8 +84,8 @@ class ClassAgnosticMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, bins: int = 15) -> None:
-        super().__init__()
+    def __init__(self, bins: int = 15, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.bins = bins
         for name in ("confidences", "correct", "nll"):
             self.add_state(name, [], dist_reduce_fx="cat")
@@ -105,11 +110,6 @@ class ClassAgnosticMetrics(Metric):
         }
 
 
-PER_SAMPLE_STATES = (MulticlassAUROC, ExactCalibrationError, NegativeLogLikelihood, ClassAgnosticMetrics)
-"""Metrics that gather per-sample states: a process that read no batch of a split updates them with empty
-tensors, so that every process takes part in the gather."""
-
-
 class RunMetrics(nn.Module):
     """Every evaluated (split, method)'s metrics, updated batch by batch and reduced across processes when a split is
     computed: ``split_metrics`` of the split's classes; for a mixed split, ``ClassAgnosticMetrics`` over it and
@@ -129,14 +129,12 @@ class RunMetrics(nn.Module):
         for split, sources in splits.items():
             for method in self.methods:
                 if sources[0][0] is not None:  # a mix: over every sample, and per source
-                    collections[self._key(split, method)] = ClassAgnosticMetrics()
+                    collections[self._key(split, method)] = ClassAgnosticMetrics(**REDUCED_BY_RUN_METRICS)
                     self.classes[self._key(split, method)] = max(classes for _, classes, _ in sources)
                 for source, classes, labels in sources:
                     collections[self._key(split, method, source)] = split_metrics(classes, labels)
                     self.classes[self._key(split, method, source)] = classes
         self.collections = nn.ModuleDict(collections)
-        self.updated: set[str] = set()
-        """The collections this process updated: the others join each reduction with empty states."""
 
     @staticmethod
     def _key(split: str, method: str, source: str | None = None) -> str:
@@ -147,43 +145,53 @@ class RunMetrics(nn.Module):
         self, split: str, method: str, probs: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
     ) -> None:
         """A batch's (or a mixed batch's group's) probabilities; ``source``: each row's source, in a mixed split."""
-        if source is None:
-            self._update(self._key(split, method), probs, labels)
-            return
-        self._update(self._key(split, method), probs, labels)
-        for index in torch.unique(source).tolist():
+        self.collections[self._key(split, method)].update(probs, labels)
+        for index in [] if source is None else torch.unique(source).tolist():
             rows = source == index
-            self._update(self._key(split, method, self.sources[split][index]), probs[rows], labels[rows])
+            self.collections[self._key(split, method, self.sources[split][index])].update(probs[rows], labels[rows])
 
-    def _update(self, key: str, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        self.collections[key].update(probs, labels)
-        self.updated.add(key)
-
-    def join_without_samples(self, split: str, device: torch.device) -> None:
-        """Every collection of ``split`` this process got no sample of joins the reductions with empty, correctly
-        shaped states (counting metrics need nothing, the per-sample ones do)."""
-        for method in self.methods:
-            for key in {self._key(split, method), *(self._key(split, method, s) for s in self.sources.get(split, ()))}:
-                if key in self.collections and key not in self.updated:
-                    empty = torch.empty(0, self.classes[key], device=device)
-                    collection = self.collections[key]
-                    metrics = collection.values() if isinstance(collection, MetricCollection) else [collection]
-                    for metric in metrics:
-                        if isinstance(metric, PER_SAMPLE_STATES):
-                            metric.update(empty, torch.empty(0, dtype=torch.long, device=device))
-
-    def compute(self, split: str) -> dict[str, dict[str, float]]:
-        """The split's metrics by method, reduced over every process (every process must call it)."""
-        return {method: self._compute(self._key(split, method)) for method in self.methods}
-
-    def compute_sources(self, split: str) -> dict[str, dict[str, dict[str, float]]]:
-        """A mixed split's metrics per source split, by method (every process must call it); empty for a plain one."""
-        if self.sources.get(split, [None])[0] is None:
-            return {}
-        return {
-            source: {method: self._compute(self._key(split, method, source)) for method in self.methods}
-            for source in self.sources[split]
+    def compute(self, split: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """The split's metrics by method and, for a mixed split, by source split and method (empty for a plain one),
+        reduced over every process. Every process must call it, once per split."""
+        mixed_sources = [] if self.sources[split][0] is None else self.sources[split]
+        keys = {method: self._key(split, method) for method in self.methods}
+        source_keys = {source: {m: self._key(split, m, source) for m in self.methods} for source in mixed_sources}
+        self._reduce([*keys.values(), *(key for per_method in source_keys.values() for key in per_method.values())])
+        by_source = {
+            source: {m: self._compute(key) for m, key in per_method.items()}
+            for source, per_method in source_keys.items()
         }
+        return {method: self._compute(key) for method, key in keys.items()}, by_source
+
+    def _reduce(self, keys: list[str]) -> None:
+        """Every process's states of these collections, in rank order, into this process's, in one gather:
+        torchmetrics would gather each state of each metric on its own, thousands of collectives a run. As its "cat"
+        and "sum" reductions (the only ones here): list states (per-sample values) joined, tensor states (counts)
+        summed. A process without samples of a collection contributes its empty or zero states."""
+        metrics = [metric for key in keys for metric in self._metrics(key)]
+        local = [{name: _to_cpu(value) for name, value in metric.metric_state.items()} for metric in metrics]
+        parts = gather_objects(local)
+        if len(parts) == 1:
+            return
+        for position, metric in enumerate(metrics):
+            for name, value in metric.metric_state.items():
+                states = [part[position][name] for part in parts]
+                if isinstance(value, list):
+                    merged = [tensor.to(metric.device) for state in states for tensor in state]
+                else:
+                    merged = torch.stack(states).sum(0).to(metric.device)
+                setattr(metric, name, merged)
+
+    def _metrics(self, key: str) -> list[Metric]:
+        collection = self.collections[key]
+        return list(collection.values(copy_state=False)) if isinstance(collection, MetricCollection) else [collection]
 
     def _compute(self, key: str) -> dict[str, float]:
-        return {name: float(value) for name, value in self.collections[key].compute().items()}
+        with warnings.catch_warnings():  # a process that read none of its samples holds the others' states now
+            warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
+            return {name: float(value) for name, value in self.collections[key].compute().items()}
+
+
+def _to_cpu(state: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """A state as sent to the other processes: on the host (a pickled CUDA tensor would load on its sender's device)."""
+    return [tensor.cpu() for tensor in state] if isinstance(state, list) else state.cpu()
