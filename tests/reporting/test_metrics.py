@@ -56,6 +56,7 @@ def test_negative_log_likelihood_matches_numpy_and_not_the_arrival_order():
     assert values[0] == values[1]
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # nor does the process that read none of "b" warn of it
 def test_a_split_reduced_over_processes_in_one_gather_scores_what_one_process_scores(monkeypatch):
     """Two processes' states (batches dealt in turn; the second reads no batch of split "b") reduced in one gather
     give every metric of a plain and a mixed split exactly as one process that read every batch, in rank order,
