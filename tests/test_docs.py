@@ -15,15 +15,17 @@ import pytest
 
 from helpers import REPO, cli_arguments, load_benchmark, shell_blocks
 from tcube_lightning.cli import inspect_command
-from tcube_lightning.cli.app import main
+from tcube_lightning.cli.entry import main
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_BY_THE_SUITE = {
     "make test": "the suite itself (CI runs it)",
     "make demo": "test_make_targets_run_what_the_pages_say; both demo configs run in tests/data/test_demo.py",
     ".venv/bin/python main.py test --config configs/demo.yaml": "tests/data/test_demo.py, on a tiny build",
+    "python main.py --help": "test_help_commands_print_the_options",
     "python main.py test --help": "test_help_commands_print_the_options",
     "python main.py predict --help": "test_help_commands_print_the_options",
+    "python main.py inspect --help": "test_help_commands_print_the_options",
     "python main.py predict --config configs/demo.yaml --data.root clinic --data.sources '{scans: scans}' "
     "--model.results_dir my_predictions": "tests/data/test_demo.py, with the tiny build's models",
 }
@@ -77,6 +79,9 @@ def test_every_command_line_parses(command, capsys, monkeypatch):
     # "my.yaml" stands for the reader's own config: any modality config takes its place here.
     arguments = [a.replace("my.yaml", "configs/blood.yaml") for a in cli_arguments(command) if a != "--help"]
     monkeypatch.chdir(REPO)
+    if arguments[:1] in ([], ["inspect"]) and "--help" in command:  # test_help_commands_print_the_options
+        assert cli_help(arguments[0] if arguments else None, capsys)
+        return
     if arguments[0] == "inspect":  # its own parser, which reads files only when run
         inspect_command.parser().parse_args(arguments[1:])
         return
@@ -87,9 +92,10 @@ def test_every_command_line_parses(command, capsys, monkeypatch):
     assert "lambda_min" in printed.out
 
 
-def cli_help(subcommand: str, capsys) -> str:
+def cli_help(command: str | None, capsys) -> str:
+    """What ``main.py <command> --help`` prints (``main.py --help`` without a command)."""
     with pytest.raises(SystemExit) as done:
-        main([subcommand, "--help"])
+        main([command, "--help"] if command else ["--help"])
     assert done.value.code == 0
     return capsys.readouterr().out
 
@@ -97,6 +103,8 @@ def cli_help(subcommand: str, capsys) -> str:
 def test_help_commands_print_the_options(capsys):
     for subcommand in ("test", "predict"):
         assert "--model.lambda_weights" in cli_help(subcommand, capsys)
+    assert "--generalist" in cli_help("inspect", capsys)
+    assert all(f"\n  {name} " in cli_help(None, capsys) for name in ("test", "predict", "inspect"))
 
 
 def test_every_option_a_page_names_exists(capsys):

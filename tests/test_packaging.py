@@ -56,6 +56,12 @@ def test_the_environment_make_builds_has_the_declared_commands(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=subprocess_env(),
     )  # fmt: skip
     assert main.returncode == 2 and "notes.txt is not a checkpoint file" in main.stderr
+    listing = subprocess.run(  # the list of commands, without importing Lightning or torch (Python's import log)
+        [sys.executable, "-X", "importtime", "-m", "tcube_lightning", "--help"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env=subprocess_env(),
+    )  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in listing.stderr.splitlines()}
+    assert listing.returncode == 0 and "inspect" in listing.stdout and not imported & {"lightning", "torch"}
     makefile = (REPO / "Makefile").read_text()
     assert "-m pip install -q --no-deps -e ." in makefile
     clean = next(line for line in makefile.splitlines() if line.startswith("\trm -rf"))

@@ -31,7 +31,8 @@ from helpers import (
     write_hub_cache,
     write_medmnist_npz,
 )
-from tcube_lightning.cli.app import main
+from tcube_lightning.cli.app import TCubeCLI, main
+from tcube_lightning.cli.entry import main as entry_main
 from tcube_lightning.engine import torch_engine as engine
 from tcube_lightning.engine.per_sample import per_sample_loop
 from tcube_lightning.merging.batch_rules import m3_weight
@@ -243,6 +244,21 @@ def test_method_selection(clip_pair, npz_root, tmp_path, caplog):
     one, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "one", "--model.methods=zeroshot"))
     assert list(one["accuracy"]["a"]) == ["zeroshot"]  # one family without brackets
     assert not [r for r in caplog.records if r.getMessage().startswith("💡 Tip")]  # Lightning's advertisements
+
+
+def test_the_list_of_commands_names_every_command_and_a_wrong_one_is_refused(capsys):
+    """``main.py --help`` lists LightningCLI's commands and ``inspect`` (LightningCLI's own list lacks it, and describes
+    its commands by the Trainer's docstrings); a missing or misspelt command is one line naming them, exit status 2."""
+    with pytest.raises(SystemExit) as done:
+        entry_main(["--help"])
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if re.match(r"  \S", line)]
+    assert done.value.code == 0 and listed == [*TCubeCLI.subcommands(), "inspect"]
+    for args, said in (([], "a command is required"), (["tset"], "unknown command 'tset' (did you mean test?)")):
+        with pytest.raises(SystemExit) as done:
+            entry_main(args)
+        error = capsys.readouterr().err.splitlines()
+        assert done.value.code == 2 and said in error[0] and "test, predict, inspect" in error[0]
+        assert error[1] == "See `main.py --help` for the commands."
 
 
 def test_help_and_print_config_list_the_options(capsys, monkeypatch):
