@@ -1,12 +1,16 @@
 """The commands and what each does: the list ``main.py --help`` prints, answered here without importing Lightning or
 torch (LightningCLI's own list knows only its ``test`` and ``predict``, described by the Trainer's generic
-docstrings), and the error for a missing or unknown command, with the closest one."""
+docstrings); the error for a missing or unknown command, with the closest one; and the form of every command line
+error (``fail``)."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import re
 import sys
 import textwrap
+from collections.abc import Sequence
 from typing import NoReturn
 
 COMMANDS = {
@@ -48,10 +52,33 @@ def print_help() -> NoReturn:
 
 
 def refuse(given: str | None) -> NoReturn:
-    """A missing or unknown command: one line naming the commands (and the closest to ``given``), exit status 2."""
+    """A missing or unknown command: the commands named (and the closest to ``given``)."""
     close = difflib.get_close_matches(given, list(COMMANDS), n=1) if given else []
     cause = f"unknown command {given!r}" if given else "a command is required"
     hint = f" (did you mean {close[0]}?)" if close else ""
-    sys.stderr.write(f"tcube-lightning: error: {cause}{hint}: one of {', '.join(COMMANDS)}\n")
-    sys.stderr.write("See `main.py --help` for the commands.\n")
+    fail(f"{cause}{hint}: one of {', '.join(COMMANDS)}", "main.py", "the commands")
+
+
+def fail(cause: str, prog: str, about: str = "the options", known: Sequence[str] = ()) -> NoReturn:
+    """A command line refused, as every command says it: one line with its cause (and, for options or config keys it
+    does not know, the closest of the ``known`` options), then where the help is; exit status 2."""
+    close = [match for name in _unknown_names(cause) for match in difflib.get_close_matches(f"--{name}", known, n=1)]
+    hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
+    sys.stderr.write(f"tcube-lightning: error: {cause}{hint}\nSee `{prog} --help` for {about}.\n")
     sys.exit(2)
+
+
+def long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every ``--option`` a parser knows."""
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+UNKNOWN_NAMES = (r"--([\w.]+)", r'[Kk]ey "([\w.]+)"', r"option '([\w.]+)'")
+"""Where argparse's and jsonargparse's messages name an option or config key they do not know."""
+
+
+def _unknown_names(message: str) -> list[str]:
+    """The option or config key names an error message says are unknown (without their values)."""
+    if not re.search(r"[Uu]nrecognized|not expected|[Nn]o action|does not accept", message):
+        return []
+    return [name for pattern in UNKNOWN_NAMES for name in re.findall(pattern, message)]

@@ -15,12 +15,13 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import open_clip
 import torch
 from torch import nn
 
+from tcube_lightning.cli.commands import fail, long_options
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import layouts, lora, openclip_files, transformers_clip
 from tcube_lightning.loading.architecture import Architecture, register_model_config
@@ -39,9 +40,16 @@ FIELD = "checkpoint"
 """How errors name what they are about (with the file's path)."""
 
 
+class InspectParser(argparse.ArgumentParser):
+    """argparse's parser, its errors said as every command's (one line, then where the help is)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message, self.prog, known=long_options(self))
+
+
 def parser() -> argparse.ArgumentParser:
     """The command's options (``main`` parses with it)."""
-    parser = argparse.ArgumentParser(
+    parser = InspectParser(
         prog="main.py inspect",
         description="Say what each checkpoint is, read as `test` reads it (format, architecture, mapping, learned "
         "context, LoRA ranks and targets; with --generalist, how far each tower moved).",

@@ -4,12 +4,12 @@ since this tool only evaluates."""
 
 from __future__ import annotations
 
-import difflib
 import re
-import sys
 from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
+
+from tcube_lightning.cli.commands import fail, long_options
 
 TRAINING_ONLY = (
     "max_epochs",
@@ -33,8 +33,9 @@ TRAINING_ONLY = (
     "reload_dataloaders_every_n_epochs",
 )
 """Trainer arguments that change nothing in an evaluation (epochs, optimisation, validation, checkpoints)."""
-UNKNOWN_NAMES = (r"--([\w.]+)", r'[Kk]ey "([\w.]+)"', r"option '([\w.]+)'")
-"""Where jsonargparse's messages name an option or config key it does not know."""
+SUBCOMMAND_KEY = re.compile(r"\b(test|predict)\.([\w.]+)")
+"""A subcommand's option as the top-level parser names it (``test.data.root``: ``main.py test`` without
+``--data.root``), said as the option and with that subcommand's help."""
 
 
 class EvaluationParser(LightningArgumentParser):
@@ -44,27 +45,17 @@ class EvaluationParser(LightningArgumentParser):
         if not self.exit_on_error:  # parsing from Python (tests, tools): raise, as jsonargparse does
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        cause = one_line(message)
-        known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
-        names = _unknown_names(message)
-        close = [match for name in names for match in difflib.get_close_matches(f"--{name}", known, n=1)]
-        hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"tcube-lightning: error: {cause}{hint}\nSee `{prog} --help` for the options.\n")
-        sys.exit(2)
+        named = SUBCOMMAND_KEY.search(message)  # the top-level parser names a subcommand's missing options by key
+        if parser is self and named:
+            prog, message = f"{prog} {named.group(1)}", SUBCOMMAND_KEY.sub(r"--\2", message)
+        fail(one_line(message), prog, known=long_options(parser))
 
     def add_trainer_arguments(self, trainer_class: type) -> None:
         """The Trainer's arguments less ``TRAINING_ONLY`` (LightningCLI instantiates the Trainer itself)."""
         self.add_class_arguments(
             trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip=set(TRAINING_ONLY)
         )
-
-
-def _unknown_names(message: str) -> list[str]:
-    """The option or config key names an error message says are unknown (without their values)."""
-    if not re.search(r"[Uu]nrecognized|not expected|[Nn]o action|does not accept", message):
-        return []
-    return [name for pattern in UNKNOWN_NAMES for name in re.findall(pattern, message)]
 
 
 def one_line(message: str, limit: int = 400) -> str:

@@ -104,3 +104,9 @@ def test_what_cannot_be_read_is_one_line_each_and_exit_2(clip_pair, files, capsy
     assert "notes.txt is not a checkpoint file" in lines[0]
     assert "cut.pt could not be read as a checkpoint (PytorchStreamReader failed" in lines[1]
     assert "pickled.pt is a whole pickled module (open_clip.model.CLIP)" in lines[2]
+    code, reports, said = inspect(capsys, clip_pair[0], "--jsn")  # a misspelt option: as every command says it
+    assert code == 2 and not reports
+    assert said.splitlines() == [
+        "tcube-lightning: error: unrecognized arguments: --jsn (did you mean --json?)",
+        "See `main.py inspect --help` for the options.",
+    ]

@@ -147,6 +147,8 @@ def test_errors_are_one_line_with_a_suggestion_and_help_is_about_evaluating(clip
     assert "--model.gamma" in in_file and len(in_file.strip().splitlines()) == 2
     missing = run_cli_expecting_error(["test", "--config", str(tmp_path / "nowhere.yaml")], capsys)
     assert "nowhere.yaml" in missing and len(missing.strip().splitlines()) == 2
+    no_data = run_cli_expecting_error(["test"], capsys).strip().splitlines()  # said as the option, with test's help
+    assert no_data[0].endswith("required: --data.root") and no_data[1].endswith(" test --help` for the options.")
     with pytest.raises(SystemExit):
         main(["test", "--help"])
     help_text = capsys.readouterr().out
