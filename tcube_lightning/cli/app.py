@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from tcube_lightning.cli import strict_yaml
 from tcube_lightning.cli.configpaths import absolute_namespace_paths, inline_config_files
@@ -162,6 +163,19 @@ class TCubeCLI(LightningCLI):
         parser.add_lightning_class_args(self._datamodule_class, "data")
         parser.add_trainer_arguments(self.trainer_class)
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """LightningCLI's Trainer; Trainer settings this machine cannot honour (``--trainer.accelerator gpu`` without
+        one, more GPUs than it has, an accelerator whose package is not installed) are bad input, said in one line
+        before any model loads."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ModuleNotFoundError) as err:
+            gpus = torch.cuda.device_count()
+            raise InputError(
+                f"trainer: {err} (check --trainer.accelerator and --trainer.devices: torch sees {gpus} "
+                f"GPU{'' if gpus == 1 else 's'} here; docs/distributed.md)"
+            ) from err
 
     def _run_subcommand(self, subcommand: str) -> None:
         """The run; stopped by a signal, it says what it left in its folder and how to complete it (``stopped_by``)."""

@@ -516,6 +516,10 @@ def bad(tmp_path_factory):
         ),
         (["--data.expert_of={{a: expert}}"], "data.expert_of names each split's domain expert among several"),
         (['--data.sources={{"h": "{bad}/hf_nan"}}'], "hf_nan, row 1: 1 of the image's 784 values are NaN or infinite"),
+        (  # one GPU more than this machine has (CI's: none)
+            ["--trainer.accelerator=cuda", f"--trainer.devices={torch.cuda.device_count() + 1}"],
+            f"(check --trainer.accelerator and --trainer.devices: torch sees {torch.cuda.device_count()} GPU",
+        ),
     ],
     ids=[
         "lambda-range",
@@ -563,6 +567,7 @@ def bad(tmp_path_factory):
         "single-class",
         "expert-of-with-one-expert",
         "nan-pixel",
+        "more-gpus-than-here",
     ],
 )
 def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, overrides, message):
