@@ -13,6 +13,7 @@ from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from tcube_lightning.cli import strict_yaml
 from tcube_lightning.cli.configpaths import absolute_namespace_paths, inline_config_files
@@ -238,7 +239,8 @@ def main(args: list[str] | None = None) -> TCubeCLI | None:
 
 
 def stopped_by(name: str, number: int, subcommand: str, module: LightningModule) -> NoReturn:
-    """Exit 128 + the signal's number, saying what the stopped run left in its folder and how to complete it."""
+    """Exit 128 + the signal's number, saying what the stopped run left in its folder and how to complete it: once,
+    from rank 0 (a scheduler signals every process of a multi-GPU run, and their logs are often one)."""
     report = getattr(module, "report", None)  # the run's folder, once the run has started
     folder = report.results_dir if report else module.hparams.results_dir
     written = getattr(module, "results_written", False)
@@ -255,5 +257,6 @@ def stopped_by(name: str, number: int, subcommand: str, module: LightningModule)
             f"the last split; {folder}/results.json holds the splits finished so far (its missing_splits names the "
             f"rest): run again with --model.resume true --model.results_dir {folder} to complete it"
         )
-    print(f"tcube-lightning: stopped by {name} before {left}", file=sys.stderr)
+    if rank_zero_only.rank == 0:
+        print(f"tcube-lightning: stopped by {name} before {left}", file=sys.stderr)
     sys.exit(128 + number)

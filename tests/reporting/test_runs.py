@@ -171,6 +171,22 @@ def test_ctrl_c_stops_the_run_like_sigterm_saying_how_to_resume(clip_pair, npz_r
     assert "Missing splits (not evaluated yet, left out of every mean): b" in (out / "summary.md").read_text()
 
 
+def test_a_stopped_run_is_said_once_from_rank_zero_and_every_process_exits_with_the_signal(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from tcube_lightning.cli.app import stopped_by
+
+    module = SimpleNamespace(hparams=SimpleNamespace(results_dir="runs/x"))  # stopped before its first split
+    for rank, says in ((0, True), (1, False)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(SystemExit) as stop:
+            stopped_by("SIGTERM", signal.SIGTERM, "test", module)
+        said = capsys.readouterr().err
+        assert stop.value.code == 143 and ("stopped by SIGTERM before its first split" in said) == says
+
+
 def test_sigterm_during_adamergings_adaptation_stops_within_a_step(clip_pair, npz_root, tmp_path, capsys, monkeypatch):
     """A real SIGTERM, to this process, while the first split adapts (hundreds of steps inside one batch): the run
     stops at the next step and says that nothing was written."""
