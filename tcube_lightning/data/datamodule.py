@@ -172,6 +172,8 @@ class EvaluationDataModule(L.LightningDataModule):
             raise InputError(f"data.corruption_source must be 'files' or 'on_the_fly', got {corruption_source!r}")
         if batch_size < 1:
             raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise InputError(f"data.num_workers must be >= 0 (0: read in the main process), got {num_workers}")
         if dicom not in ("suffix", "all"):
             raise InputError(f"data.dicom must be 'suffix' or 'all', got {dicom!r}")
         self.dicom, self.dicom_windowing = dicom, dicom_windowing

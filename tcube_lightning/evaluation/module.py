@@ -21,6 +21,7 @@ from tcube_lightning.evaluation.adaptation import adapt_methods, adaptation_spli
 from tcube_lightning.evaluation.batches import BatchEvaluation, GroupResult, readable_rows
 from tcube_lightning.evaluation.clustered import ClusteredPass
 from tcube_lightning.evaluation.options import (
+    check_batch_limit,
     check_data_fits,
     check_precision,
     check_prediction_options,
@@ -206,6 +207,8 @@ class TCubeModule(PredictHooks, L.LightningModule):
         hp = self.hparams
         self.predicting = stage == "predict"
         check_precision(str(self.trainer.precision), self.trainer.strategy.root_device.type)
+        command = "predict" if self.predicting else "test"
+        check_batch_limit(getattr(self.trainer, f"limit_{command}_batches"), command)
         if self.predicting:
             check_prediction_options(hp.results_dir, hp.resume, hp.overwrite)
         # Built here rather than in __init__: the methods hold closures, and ddp_spawn pickles the module.

@@ -73,6 +73,16 @@ def check_precision(precision: str, device: str) -> None:
         )
 
 
+def check_batch_limit(limit: int | float, stage: str) -> None:
+    """A run reads at least one batch of every split: with ``limit_<stage>_batches`` 0 Lightning would read none and
+    the run end as if it had succeeded, having evaluated nothing."""
+    if limit == 0:
+        raise InputError(
+            f"trainer.limit_{stage}_batches: 0 reads no batch, so nothing would be evaluated; give a number of batches "
+            "or a fraction of each split > 0, or leave it out"
+        )
+
+
 def check_prediction_options(results_dir: str | None, resume: bool, overwrite: bool) -> None:
     """predict writes each source's table whole, into a folder of its own run."""
     if resume:

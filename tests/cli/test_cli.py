@@ -516,6 +516,8 @@ def bad(tmp_path_factory):
         ),
         (["--data.expert_of={{a: expert}}"], "data.expert_of names each split's domain expert among several"),
         (['--data.sources={{"h": "{bad}/hf_nan"}}'], "hf_nan, row 1: 1 of the image's 784 values are NaN or infinite"),
+        (["--trainer.limit_test_batches=0"], "trainer.limit_test_batches: 0 reads no batch"),
+        (["--data.num_workers=-1"], "data.num_workers must be >= 0 (0: read in the main process), got -1"),
         (  # one GPU more than this machine has (CI's: none)
             ["--trainer.accelerator=cuda", f"--trainer.devices={torch.cuda.device_count() + 1}"],
             f"(check --trainer.accelerator and --trainer.devices: torch sees {torch.cuda.device_count()} GPU",
@@ -567,6 +569,8 @@ def bad(tmp_path_factory):
         "single-class",
         "expert-of-with-one-expert",
         "nan-pixel",
+        "no-batch",
+        "negative-workers",
         "more-gpus-than-here",
     ],
 )
