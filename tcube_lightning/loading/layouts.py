@@ -67,6 +67,8 @@ class MappedWeights:
 def read_checkpoint(path: Path, field_name: str) -> dict:
     """A checkpoint file as tensors and containers (safetensors, or torch's format read with ``weights_only``); a
     whole pickled module is refused before anything is unpickled, with the two lines that re-save it."""
+    if not path.is_file():
+        raise InputError(f"{field_name}: file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)

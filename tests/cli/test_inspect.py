@@ -110,3 +110,8 @@ def test_what_cannot_be_read_is_one_line_each_and_exit_2(clip_pair, files, capsy
         "tcube-lightning: error: unrecognized arguments: --jsn (did you mean --json?)",
         "See `main.py inspect --help` for the options.",
     ]
+    code, _, said = inspect(capsys, clip_pair[0], "--generalist", files / "nowhere.pt")
+    assert (
+        code == 2
+        and said.strip() == f"tcube-lightning inspect: error: --generalist: file not found: {files}/nowhere.pt"
+    )
