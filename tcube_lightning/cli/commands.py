@@ -46,6 +46,10 @@ HELP = "\n".join(
 )
 
 
+UNKNOWN_NAMES = (r"--([\w.]+)", r'[Kk]ey "([\w.]+)"', r"option '([\w.]+)'")
+"""Where argparse's and jsonargparse's messages name an option or config key they do not know."""
+
+
 def print_help() -> NoReturn:
     print(HELP)
     sys.exit(0)
@@ -71,10 +75,6 @@ def fail(cause: str, prog: str, about: str = "the options", known: Sequence[str]
 def long_options(parser: argparse.ArgumentParser) -> list[str]:
     """Every ``--option`` a parser knows."""
     return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
-
-
-UNKNOWN_NAMES = (r"--([\w.]+)", r'[Kk]ey "([\w.]+)"', r"option '([\w.]+)'")
-"""Where argparse's and jsonargparse's messages name an option or config key they do not know."""
 
 
 def _unknown_names(message: str) -> list[str]:
