@@ -13,6 +13,8 @@ import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
+from tcube_lightning import __version__
+
 COMMANDS = {
     "test": "evaluate T³ and every baseline on labelled splits (metrics, corruptions, deferral, figures)",
     "predict": "predict unlabelled images with T³ or any method (a CSV and Parquet table per source)",
@@ -41,6 +43,7 @@ HELP = "\n".join(
         ),
         "",
         "Each command's options and examples: main.py <command> --help.",
+        "The version: main.py --version.",
         "tcube-lightning and python -m tcube_lightning take the same commands.",
     ]
 )
@@ -52,6 +55,11 @@ UNKNOWN_NAMES = (r"--([\w.]+)", r'[Kk]ey "([\w.]+)"', r"option '([\w.]+)'")
 
 def print_help() -> NoReturn:
     print(HELP)
+    sys.exit(0)
+
+
+def print_version() -> NoReturn:
+    print(f"tcube-lightning {__version__}")
     sys.exit(0)
 
 

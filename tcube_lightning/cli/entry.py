@@ -13,6 +13,8 @@ def main(args: list[str] | None = None) -> object:
     args = sys.argv[1:] if args is None else args
     if args in (["--help"], ["-h"]):
         commands.print_help()
+    if args == ["--version"]:
+        commands.print_version()
     if not args or (not args[0].startswith("-") and args[0] not in commands.COMMANDS):
         commands.refuse(args[0] if args else None)  # before LightningCLI, whose list lacks inspect
     if args[0] == "inspect":

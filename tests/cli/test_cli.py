@@ -2,6 +2,7 @@
 
 import json
 import re
+from importlib import metadata
 
 import numpy as np
 import open_clip
@@ -253,6 +254,10 @@ def test_the_list_of_commands_names_every_command_and_a_wrong_one_is_refused(cap
         entry_main(["--help"])
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if re.match(r"  \S", line)]
     assert done.value.code == 0 and listed == [*TCubeCLI.subcommands(), "inspect"]
+    with pytest.raises(SystemExit) as done:
+        entry_main(["--version"])
+    installed = metadata.version("tcube-lightning")  # pyproject.toml's, as the package's metadata has it
+    assert done.value.code == 0 and capsys.readouterr().out == f"tcube-lightning {installed}\n"
     for args, said in (([], "a command is required"), (["tset"], "unknown command 'tset' (did you mean test?)")):
         with pytest.raises(SystemExit) as done:
             entry_main(args)
