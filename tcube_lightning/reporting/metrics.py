@@ -124,16 +124,13 @@ class RunMetrics(nn.Module):
         super().__init__()
         self.methods = list(methods)
         self.sources = {split: [name for name, _, _ in sources] for split, sources in splits.items()}
-        self.classes: dict[str, int] = {}
         collections = {}
         for split, sources in splits.items():
             for method in self.methods:
                 if sources[0][0] is not None:  # a mix: over every sample, and per source
                     collections[self._key(split, method)] = ClassAgnosticMetrics(**REDUCED_BY_RUN_METRICS)
-                    self.classes[self._key(split, method)] = max(classes for _, classes, _ in sources)
                 for source, classes, labels in sources:
                     collections[self._key(split, method, source)] = split_metrics(classes, labels)
-                    self.classes[self._key(split, method, source)] = classes
         self.collections = nn.ModuleDict(collections)
 
     @staticmethod
