@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from tcube_lightning.cli import strict_yaml
+from tcube_lightning.cli.commands import say_error
 from tcube_lightning.cli.configpaths import absolute_namespace_paths, inline_config_files
 from tcube_lightning.cli.parser import EvaluationParser
 from tcube_lightning.data.datamodule import EvaluationDataModule
@@ -232,7 +233,7 @@ def main(args: list[str] | None = None) -> TCubeCLI | None:
             },
         )
     except InputError as err:
-        print(f"tcube-lightning: error: {err}", file=sys.stderr)
+        say_error(str(err))
         sys.exit(2)
     finally:
         signal.signal(signal.SIGINT, previous_handler)

@@ -71,12 +71,17 @@ def refuse(given: str | None) -> NoReturn:
     fail(f"{cause}{hint}: one of {', '.join(COMMANDS)}", "main.py", "the commands")
 
 
+def say_error(cause: str) -> None:
+    """One refused input on standard error, worded as every command of ``main.py`` words it."""
+    print(f"tcube-lightning: error: {cause}", file=sys.stderr)
+
+
 def fail(cause: str, prog: str, about: str = "the options", known: Sequence[str] = ()) -> NoReturn:
     """A command line refused, as every command says it: one line with its cause (and, for options or config keys it
     does not know, the closest of the ``known`` options), then where the help is; exit status 2."""
     close = [match for name in _unknown_names(cause) for match in difflib.get_close_matches(f"--{name}", known, n=1)]
     hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
-    sys.stderr.write(f"tcube-lightning: error: {cause}{hint}\nSee `{prog} --help` for {about}.\n")
+    say_error(f"{cause}{hint}\nSee `{prog} --help` for {about}.")
     sys.exit(2)
 
 

@@ -21,7 +21,7 @@ import open_clip
 import torch
 from torch import nn
 
-from tcube_lightning.cli.commands import fail, long_options
+from tcube_lightning.cli.commands import fail, long_options, say_error
 from tcube_lightning.errors import InputError
 from tcube_lightning.loading import layouts, lora, openclip_files, transformers_clip
 from tcube_lightning.loading.architecture import Architecture, register_model_config
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
         try:
             report = inspect_checkpoint(Path(path), architecture, generalist, args.key_prefix)
         except InputError as err:
-            print(f"tcube-lightning inspect: error: {err}", file=sys.stderr)
+            say_error(str(err))
             failed = True
             continue
         print(json.dumps(report) if args.json else as_text(report))
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
 
 
 def _refuse(err: InputError) -> None:
-    print(f"tcube-lightning inspect: error: {err}", file=sys.stderr)
+    say_error(str(err))
     sys.exit(2)
 
 

@@ -100,7 +100,7 @@ def test_what_cannot_be_read_is_one_line_each_and_exit_2(clip_pair, files, capsy
     code, reports, said = inspect(capsys, files / "notes.txt", files / "cut.pt", files / "pickled.pt", clip_pair[0])
     assert code == 2 and len(reports) == 1  # the readable file is still reported
     lines = said.splitlines()
-    assert len(lines) == 3 and all(line.startswith("tcube-lightning inspect: error: checkpoint: ") for line in lines)
+    assert len(lines) == 3 and all(line.startswith("tcube-lightning: error: checkpoint: ") for line in lines)
     assert "notes.txt is not a checkpoint file" in lines[0]
     assert "cut.pt could not be read as a checkpoint (PytorchStreamReader failed" in lines[1]
     assert "pickled.pt is a whole pickled module (open_clip.model.CLIP)" in lines[2]
@@ -111,7 +111,4 @@ def test_what_cannot_be_read_is_one_line_each_and_exit_2(clip_pair, files, capsy
         "See `main.py inspect --help` for the options.",
     ]
     code, _, said = inspect(capsys, clip_pair[0], "--generalist", files / "nowhere.pt")
-    assert (
-        code == 2
-        and said.strip() == f"tcube-lightning inspect: error: --generalist: file not found: {files}/nowhere.pt"
-    )
+    assert code == 2 and said.strip() == f"tcube-lightning: error: --generalist: file not found: {files}/nowhere.pt"
