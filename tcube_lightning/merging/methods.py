@@ -143,6 +143,9 @@ def _ratio(coefficient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) ->
 
 T3 = "T³ (arXiv 2510.27265)"
 T3_K = "T³ with several experts (our extension of arXiv 2510.27265: model.k_experts)"
+EXTENSION = "our extension of T³ to several experts"
+"""In the description of each method that is T³ with several experts (the paper merges one generalist with one
+expert): what the tables' note under them looks for."""
 ADAMERGING = "AdaMerging (Yang et al., ICLR 2024), image tower"
 DAWIN = "DaWin (Oh et al., ICLR 2025)"
 TWO_MODEL = ("wise_ft", "slerp", "m3", "dawin", "maxconf", "xent", "t3_cluster", "dawin_cluster")
@@ -245,7 +248,7 @@ def build_methods(
             "t3",
             "T³: weights merged per sample with λ(x) from JS"
             if count == 1
-            else "T³-K (our extension of T³ to several experts): per sample, each expert's task vector with its own "
+            else f"T³-K ({EXTENSION}): per sample, each expert's task vector with its own "
             "λ_k(x) from JS(p_pt ‖ p_k), combined by model.k_experts' rule",
             T3 if count == 1 else T3_K,
             weight_source="t3",
@@ -256,8 +259,7 @@ def build_methods(
             "t3_batch",
             "T³_B: one merge per batch at the batch's mean λ"
             if count == 1
-            else "T³_B-K (our extension of T³ to several experts): one merge per batch at the batch's mean weight "
-            "vector",
+            else f"T³_B-K ({EXTENSION}): one merge per batch at the batch's mean weight vector",
             T3 if count == 1 else T3_K,
             batch_merge,
             weight_source="t3",

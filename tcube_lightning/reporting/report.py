@@ -15,6 +15,7 @@ import numpy as np
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tcube_lightning.merging.methods import EXTENSION
 from tcube_lightning.reporting.console import print_summary
 from tcube_lightning.reporting.cost import SHARED
 from tcube_lightning.reporting.diagnostics import lambda_spread_warning
@@ -109,8 +110,9 @@ class RunReport:
 
     def write(self) -> tuple[Path, Path]:
         results = self.results()
-        paths = write_results(self.results_dir, results)
-        write_summary(self.results_dir, self.summary_rows(results), results["missing_splits"])
+        note = extension_note(results.get("methods", {}))
+        paths = write_results(self.results_dir, results, note)
+        write_summary(self.results_dir, self.summary_rows(results), results["missing_splits"], note)
         order = [s for s in self.split_order if s in self.tables]
         write_atomic(self.results_dir / ANALYSIS_FILE, npz_bytes(flatten_tables({s: self.tables[s] for s in order})))
         return paths
@@ -175,6 +177,9 @@ class RunReport:
                 guarantee,
             )
         print_summary(rows, "Top-1 accuracy (%)")
+        note = extension_note(results.get("methods", {}))
+        if note:
+            rank_zero_info(note)
         if cost and SHARED in cost:
             rank_zero_info(
                 f"ms/img: each method's own time, beyond the shared pretrained and expert forwards with JS and λ "
@@ -184,6 +189,18 @@ class RunReport:
             f"Results written to {self.results_dir / 'results.json'}, {self.results_dir / 'results.md'} "
             "(every split) and summary.md/csv/json beside them"
         )
+
+
+def extension_note(descriptions: dict[str, str]) -> str | None:
+    """The line under an accuracy table that names its columns that are T³ with several experts, so that nobody reads
+    them as the paper's method; None where there are none."""
+    ours = [method for method, description in descriptions.items() if EXTENSION in description]
+    if not ours:
+        return None
+    return (
+        f"{', '.join(ours)}: T³ with several experts, our extension of the paper (which merges one generalist with one "
+        "expert); see docs/experts.md."
+    )
 
 
 def cost_markdown(cost: dict[str, dict[str, float]]) -> str:

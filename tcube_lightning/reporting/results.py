@@ -96,8 +96,8 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=_encode))
 
 
-def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Path, Path]:
-    """``results.json`` (everything) and ``results.md`` (the accuracy table and λ summary)."""
+def write_results(results_dir: str | Path, results: dict[str, Any], note: str | None = None) -> tuple[Path, Path]:
+    """``results.json`` (everything) and ``results.md`` (the accuracy table, ``note`` under it, and λ summary)."""
     results_dir = Path(results_dir)
     json_path, md_path = results_dir / "results.json", results_dir / "results.md"
     markdown = ""
@@ -109,6 +109,8 @@ def write_results(results_dir: str | Path, results: dict[str, Any]) -> tuple[Pat
         markdown += "".join(f"- {s}: {n['evaluated']} of {n['total']}\n" for s, n in results["partial_splits"].items())
         markdown += "\n"
     markdown += "## Top-1 accuracy (%)\n\n" + accuracy_table(results["accuracy"])
+    if note:
+        markdown += f"\n{note}\n"
     if results.get("normalised_accuracy"):
         markdown += "\n## Normalised accuracy (%): over the accuracy of each split's domain expert (data.expert_of)\n\n"
         markdown += accuracy_table(results["normalised_accuracy"])
@@ -359,9 +361,11 @@ def summary_rows(
     return rows
 
 
-def write_summary(results_dir: str | Path, rows: list[dict[str, Any]], missing: list[str] | None = None) -> list[Path]:
+def write_summary(
+    results_dir: str | Path, rows: list[dict[str, Any]], missing: list[str] | None = None, note: str | None = None
+) -> list[Path]:
     """summary.md, summary.csv and summary.json (accuracies in percent in the Markdown table); summary.md names the
-    splits an interrupted run still lacks under its table."""
+    splits an interrupted run still lacks under its table, then ``note``."""
     results_dir = Path(results_dir)
     columns = list(rows[0]) if rows else ["method"]
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
@@ -375,6 +379,8 @@ def write_summary(results_dir: str | Path, rows: list[dict[str, Any]], missing: 
     paths = [results_dir / "summary.md", results_dir / "summary.csv", results_dir / "summary.json"]
     if missing:
         lines += ["", f"Missing splits (not evaluated yet, left out of every mean): {', '.join(missing)}"]
+    if note:
+        lines += ["", note]
     write_atomic(paths[0], "\n".join(lines) + "\n")
     write_atomic(paths[1], buffer.getvalue())
     write_atomic(paths[2], json.dumps(rows, indent=2) + "\n")

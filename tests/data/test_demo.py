@@ -70,6 +70,7 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     expected = [f"{100 * results['accuracy'][split]['t3']:.2f}" for split in ("in_domain", "shifted", "mixed")]
     assert t3_row is not None and list(t3_row.groups()) == expected, printed[-2000:]
     assert "│ t3[gamma=8] " in printed  # the config's grid column, named as in results.json
+    assert not [r for r in caplog.records if "our extension" in r.getMessage()]  # one expert: the paper's T³
 
     # configs/demo_experts.yaml: both experts, the K = 2 rows (T³ with several experts, our extension)
     main(
@@ -92,6 +93,16 @@ def test_demo_builds_deterministically_and_runs_through_the_cli(tmp_path, capsys
     assert list(results["models"]["experts"]) == ["noisy", "shifted"]
     assert {"expert:noisy", "expert:shifted", "t3", "t3_batch", "dawin_mtl"} <= set(results["accuracy"]["mixed"])
     assert "│ expert:shifted " in printed and "normalised mean (2 splits)" in printed
+    # the table's T³ columns (and their grid's) are said to be our extension, under it and in the files
+    ours = [m for m in results["accuracy"]["mixed"] if m.partition("[")[0] in ("t3", "t3_batch")]
+    note = (
+        f"{', '.join(ours)}: T³ with several experts, our extension of the paper (which merges one generalist with "
+        "one expert); see docs/experts.md."
+    )
+    assert ours == ["t3", "t3[gamma=8]", "t3_batch", "t3_batch[gamma=8]"]
+    assert note in [r.getMessage() for r in caplog.records]
+    for name in ("results.md", "summary.md"):
+        assert note in (results_file.parent / name).read_text().splitlines(), name
 
     # docs/predict.md's command, as the page writes it, on a folder of images with the demo config as it is
     (command,) = [c for marked, cs in shell_blocks(REPO / "docs" / "predict.md") for c in cs if "predict --config" in c]
