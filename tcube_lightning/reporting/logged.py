@@ -109,9 +109,10 @@ def plot(
     diagnostics: dict[str, dict],
     routing: ExpertRouting,
     guarantee: tuple[dict, dict, float] | None = None,
+    note: str | None = None,
 ) -> None:
-    """PNG files in ``folder``, and the same images in TensorBoard."""
-    images = render_figures(run_figures(accuracy, tables, diagnostics, routing, guarantee))
+    """PNG files in ``folder``, and the same images in TensorBoard (``note``: the accuracy heatmap's caption)."""
+    images = render_figures(run_figures(accuracy, tables, diagnostics, routing, guarantee, note))
     save_images(folder, images)
     if isinstance(logger, TensorBoardLogger):
         for stem, image in images.items():

@@ -8,6 +8,7 @@ Each function returns a matplotlib Figure; ``render_figures`` draws each once, f
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +81,17 @@ def line_styles():
         index += 1
 
 
-def accuracy_heatmap(accuracy: dict[str, dict[str, float]]) -> Figure:
-    """Top-1 of every method (rows) on every split (columns)."""
+def accuracy_heatmap(accuracy: dict[str, dict[str, float]], note: str | None = None) -> Figure:
+    """Top-1 of every method (rows) on every split (columns); ``note`` (with several experts, which rows are our
+    extension of T³) as a caption under it, as under the run's tables."""
     splits = list(accuracy)
     methods = list(next(iter(accuracy.values())))
     values = np.array([[100 * accuracy[s][m] for s in splits] for m in methods])
-    fig, ax = plt.subplots(figsize=(max(5.0, 2 + 0.6 * len(splits)), 1 + 0.35 * len(methods)), dpi=DPI)
+    width = max(5.0, 2 + 0.6 * len(splits))
+    caption = textwrap.fill(note, width=int(20 * width)) if note else ""  # some 20 characters an inch at 6 pt
+    caption_height = 0.15 + 0.1 * len(caption.splitlines()) if caption else 0.0
+    height = 1 + 0.35 * len(methods) + caption_height
+    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(splits)), splits, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(methods)), methods, fontsize=7)
@@ -96,7 +102,9 @@ def accuracy_heatmap(accuracy: dict[str, dict[str, float]]) -> Figure:
             light = high > low and (value - low) / (high - low) > 0.55
             ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7, color="black" if light else "white")
     fig.colorbar(image, ax=ax, label="top-1 (%)")
-    fig.tight_layout()
+    if caption:
+        fig.text(0.02, 0.02, caption, fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, caption_height / height, 1, 1))
     return fig
 
 
@@ -362,11 +370,13 @@ def run_figures(
     diagnostics: dict[str, dict],
     routing: ExpertRouting | None = None,
     guarantee: tuple[dict, dict, float] | None = None,
+    note: str | None = None,
 ) -> dict[str, Figure]:
     """Every figure of a run, by file stem; the per-split ones for the splits with a per-sample table. With several
     experts (``routing``) the expert-weight figure in place of the λ histograms, and no quadrant figures (those are of
-    the generalist and one expert). ``guarantee``: each split's calibrated rules, each mix's per source, and α."""
-    figures = {"accuracy_heatmap": accuracy_heatmap(accuracy)}
+    the generalist and one expert). ``guarantee``: each split's calibrated rules, each mix's per source, and α.
+    ``note``: the caption under the accuracy heatmap."""
+    figures = {"accuracy_heatmap": accuracy_heatmap(accuracy, note)}
     calibrated = guarantee_figure(*guarantee) if guarantee is not None else None
     if calibrated is not None:
         figures["guarantee"] = calibrated

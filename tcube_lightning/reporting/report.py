@@ -138,6 +138,7 @@ class RunReport:
         the λ range the settings allow; None skips that check."""
         results = self.results()
         rows = self.summary_rows(results)
+        note = extension_note(results.get("methods", {}))
         if cost:
             write_atomic(self.results_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
             rows = [{**row, "ms/img": cost.get(row["method"], {}).get("ms_per_image", math.nan)} for row in rows]
@@ -175,9 +176,9 @@ class RunReport:
                 results["diagnostics"],
                 routing,
                 guarantee,
+                note,
             )
         print_summary(rows, "Top-1 accuracy (%)")
-        note = extension_note(results.get("methods", {}))
         if note:
             rank_zero_info(note)
         if cost and SHARED in cost:

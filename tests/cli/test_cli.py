@@ -394,7 +394,9 @@ def test_a_run_resumes_from_its_default_folder_given_by_a_relative_path(
 def test_results_file_grows_split_by_split(clip_pair, npz_root, tmp_path, monkeypatch):
     seen = []
     original = report.write_results
-    monkeypatch.setattr(report, "write_results", lambda d, r: seen.append(list(r["accuracy"])) or original(d, r))
+    monkeypatch.setattr(
+        report, "write_results", lambda d, r, *note: seen.append(list(r["accuracy"])) or original(d, r, *note)
+    )
     run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--data.batch_size=8", "--model.methods=[zeroshot]"))
     assert seen == [["a"], ["a", "b"]]  # once per split
 

@@ -38,6 +38,20 @@ def test_heatmap_holds_every_method_and_split():
     data = figure.axes[0].images[0].get_array()
     np.testing.assert_allclose(data, [[80.0, 40.0, 60.0], [90.0, 60.0, 70.0]])
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["zeroshot", "t3"]
+    assert not figure.texts  # no caption without a note
+    close_figures({"heatmap": figure})
+
+
+def test_the_heatmaps_caption_is_the_note_and_stays_below_its_rows():
+    note = "t3: T³ with several experts, our extension of the paper (which merges one generalist with one expert). " * 3
+    figure = accuracy_heatmap(ACCURACY, note)
+    (caption,) = figure.texts
+    assert " ".join(caption.get_text().split()) == note.strip()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    below = caption.get_window_extent(renderer).y1  # the caption's top edge, in pixels from the bottom
+    assert below < figure.axes[0].get_tightbbox(renderer).y0  # under the tick labels of the splits
+    assert caption.get_window_extent(renderer).x1 <= figure.bbox.x1  # not cut at the right edge
     close_figures({"heatmap": figure})
 
 
