@@ -54,7 +54,12 @@ def parser() -> argparse.ArgumentParser:
         description="Say what each checkpoint is, read as `test` reads it (format, architecture, mapping, learned "
         "context, LoRA ranks and targets; with --generalist, how far each tower moved).",
     )
-    parser.add_argument("paths", nargs="+", help="checkpoint files or folders (peft adapters, transformers CLIPModels)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="checkpoint files or folders (peft adapters, transformers CLIPModels)",
+    )
     parser.add_argument("--arch", help="check each file against this architecture (as --model.arch)")
     parser.add_argument("--generalist", help="the generalist: each tower's relative change from it")
     parser.add_argument("--key_prefix", help="the prefix to read under, where a file holds weights under several")
