@@ -224,6 +224,7 @@ def main(args: list[str] | None = None) -> TCubeCLI | None:
             save_config_callback=RunFolder,
             parser_class=EvaluationParser,
             auto_configure_optimizers=False,  # it never trains: no --optimizer / --lr_scheduler
+            seed_everything_default=0,  # the seed Lightning falls back to, without its "No seed found" warning
             # No abbreviated options: `--model.gamm 2` must be an error, not gamma = 2.
             parser_kwargs={
                 "description": "T³ test-time merging of a generalist and an expert CLIP.",

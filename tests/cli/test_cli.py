@@ -592,6 +592,17 @@ def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, o
     assert not list(tmp_path.rglob("version_*"))  # no empty run folder left behind
 
 
+@pytest.mark.filterwarnings("error:No seed found")  # Lightning's fallback, a warning before every run
+def test_a_run_without_a_seed_is_seeded_with_0_and_says_so_in_its_config(clip_pair, npz_root, tmp_path):
+    args = [
+        a
+        for a in cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot]")
+        if not a.startswith("--seed_everything")
+    ]
+    _, run_dir = run_cli_in_process(args)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == 0
+
+
 def test_same_config_and_seed_give_identical_results_files(clip_pair, npz_root, tmp_path):
     # The sample-wise path named: auto chooses by timing, and the two paths agree only to float rounding.
     extra = ("--data.batch_size=8", "--model.methods=[zeroshot, dare, m3, t3, t3_cluster]", "--model.samplewise=loop")
