@@ -51,7 +51,7 @@ from tcube_lightning.reporting.guarantee import (
 from tcube_lightning.reporting.logged import log_batch_coefficients
 from tcube_lightning.reporting.metrics import RunMetrics
 from tcube_lightning.reporting.records import mix_record, split_record
-from tcube_lightning.reporting.report import RunReport
+from tcube_lightning.reporting.report import RunReport, extension_note
 from tcube_lightning.reporting.results import jsonable
 from tcube_lightning.reporting.resume import load_previous, trainer_settings
 from tcube_lightning.reporting.runfolder import clear_earlier_run
@@ -218,6 +218,9 @@ class TCubeModule(PredictHooks, L.LightningModule):
         if self.predicting:
             chosen = "as model.methods names them" if hp.methods is not None else "the default; model.methods chooses"
             rank_zero_info(f"predict runs {list(self.methods)} ({chosen})")
+            note = extension_note({n: m.description for n, m in self.methods.items()})
+            if note:
+                rank_zero_info(note)
         self.adapted = {n: m for n, m in self.methods.items() if m.is_adapted}
         self.adapt_on = adaptation_split(self.adamerging.adapt_on, data) if self.adapted else None
         """(split, its data, its class names, replaced by its class set's index below) to adapt on once."""

@@ -161,7 +161,7 @@ def test_several_experts_refuse_what_only_two_models_define(clip_pair, expert_te
     assert "model.expert_checkpoint and model.experts exclude each other" in run_cli_expecting_error(both, capsys)
 
 
-def test_predict_with_several_experts_writes_each_experts_columns(clip_pair, expert_team, data_root, tmp_path):
+def test_predict_with_several_experts_writes_each_experts_columns(clip_pair, expert_team, data_root, tmp_path, caplog):
     import pyarrow.parquet as pq
 
     experts = {modality: str(expert_team[name][0]) for modality, name in TEAM.items()}
@@ -183,3 +183,5 @@ def test_predict_with_several_experts_writes_each_experts_columns(clip_pair, exp
     table = pq.read_table(tmp_path / "predictions" / "cells.parquet").to_pydict()
     assert {"pred/t3", "pred/zeroshot", *(f"pred/expert:{m}" for m in TEAM), "w/t3/oct", "lambda/oct"} <= set(table)
     assert len(table["pred/t3"]) == 8 and not any(table["skipped"])
+    said = [record.getMessage() for record in caplog.records]  # predict's default method is our extension here
+    assert "t3: T³ with several experts, our extension of the paper" in " ".join(said)
