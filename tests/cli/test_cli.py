@@ -238,13 +238,17 @@ def test_the_sample_wise_path_taken_is_recorded(batch8_run, clip_pair, npz_root,
     assert any("T³ sample-wise: the loop (exact heads on CPU)" in r.getMessage() for r in caplog.records)
 
 
-def test_method_selection(clip_pair, npz_root, tmp_path, caplog):
+@pytest.mark.filterwarnings("error:No seed found")  # Lightning's fallback seed, a warning before every run
+def test_method_selection(clip_pair, npz_root, tmp_path, caplog, monkeypatch):
     results, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot, t3_batch]"))
     assert list(results["accuracy"]["a"]) == ["zeroshot", "t3_batch"]
     assert "flips_between_lambda_extremes" not in results["diagnostics"]["a"]
-    one, _ = run_cli_in_process(cli_args(clip_pair, npz_root, tmp_path / "one", "--model.methods=zeroshot"))
+    args = cli_args(clip_pair, npz_root, tmp_path / "one", "--model.methods=zeroshot")
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # where Lightning keeps an earlier run's seed, as its default
+    one, folder = run_cli_in_process([a for a in args if not a.startswith("--seed_everything")])
     assert list(one["accuracy"]["a"]) == ["zeroshot"]  # one family without brackets
     assert not [r for r in caplog.records if r.getMessage().startswith("💡 Tip")]  # Lightning's advertisements
+    assert yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"] == 0  # without a seed given
 
 
 def test_the_list_of_commands_names_every_command_and_a_wrong_one_is_refused(capsys):
@@ -590,17 +594,6 @@ def test_bad_input_through_the_cli(clip_pair, npz_root, tmp_path, bad, capsys, o
     assert len(said) < 1000  # a summary, not every key of a model
     assert not list(tmp_path.rglob("results.json"))
     assert not list(tmp_path.rglob("version_*"))  # no empty run folder left behind
-
-
-@pytest.mark.filterwarnings("error:No seed found")  # Lightning's fallback, a warning before every run
-def test_a_run_without_a_seed_is_seeded_with_0_and_says_so_in_its_config(clip_pair, npz_root, tmp_path):
-    args = [
-        a
-        for a in cli_args(clip_pair, npz_root, tmp_path, "--model.methods=[zeroshot]")
-        if not a.startswith("--seed_everything")
-    ]
-    _, run_dir = run_cli_in_process(args)
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == 0
 
 
 def test_same_config_and_seed_give_identical_results_files(clip_pair, npz_root, tmp_path):
