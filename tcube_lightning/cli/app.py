@@ -59,7 +59,7 @@ class RunFolder(SaveConfigCallback):
         folder = pl_module.report.results_dir
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(
-            self.config, str(folder / self.config_filename), skip_none=False, overwrite=True, multifile=self.multifile
+            self.config, str(folder / self.config_filename), skip_unset=False, overwrite=True, multifile=self.multifile
         )
         self.already_saved = True
 
