@@ -3,6 +3,7 @@ never trains)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
@@ -148,6 +149,10 @@ def subcommand_help(name: str) -> dict:
     return {"description": description, "epilog": epilog, "usage": usage, "formatter_class": RawEpilogFormatter}
 
 
+DEVICE_WORDS = re.compile(r"accelerator|device|gpu|cuda|mps|tpu|hpu|xla", re.IGNORECASE)
+"""What a Trainer's refusal says when it is about the machine rather than another setting (``limit_test_batches``)."""
+
+
 class TCubeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -167,17 +172,20 @@ class TCubeCLI(LightningCLI):
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """LightningCLI's Trainer; Trainer settings this machine cannot honour (``--trainer.accelerator gpu`` without
-        one, more GPUs than it has, an accelerator whose package is not installed) are bad input, said in one line
-        before any model loads."""
+        """LightningCLI's Trainer; settings it refuses are bad input, said in one line before any model loads. Where
+        the machine cannot honour them (``--trainer.accelerator gpu`` without one, more GPUs than it has, an
+        accelerator whose package is not installed) the line says how many GPUs torch sees."""
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ModuleNotFoundError) as err:
-            gpus = torch.cuda.device_count()
-            raise InputError(
-                f"trainer: {err} (check --trainer.accelerator and --trainer.devices: torch sees {gpus} "
-                f"GPU{'' if gpus == 1 else 's'} here; docs/distributed.md)"
-            ) from err
+            hint = ""
+            if isinstance(err, ModuleNotFoundError) or DEVICE_WORDS.search(str(err)):
+                gpus = torch.cuda.device_count()
+                hint = (
+                    f" (check --trainer.accelerator and --trainer.devices: torch sees {gpus} "
+                    f"GPU{'' if gpus == 1 else 's'} here; docs/distributed.md)"
+                )
+            raise InputError(f"trainer: {err}{hint}") from err
 
     def _run_subcommand(self, subcommand: str) -> None:
         """The run; stopped by a signal, it says what it left in its folder and how to complete it (``stopped_by``)."""

@@ -643,6 +643,9 @@ def test_settings_refused_before_any_model_loads(clip_pair, npz_root, tmp_path, 
         "--data.corruptions=[pixelate]",
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
     ]
+    # a Trainer setting it refuses: one line, without the hint about GPUs meant for the accelerator and devices
+    said = run_cli_expecting_error([*args[:-1], "--trainer.limit_test_batches=-1"], capsys).splitlines()[0]
+    assert said.endswith("invalid value -1 for limit_test_batches, it has to be in [0.0, 1.0] or an int."), said
     message = run_cli_expecting_error(corrupted, capsys)  # refused before any model loads, not only warned about
     assert "model.mce_reference: 'ensemble' is not among the evaluated methods" in message
     assert "unrecognized arguments: --model.gamm" in run_cli_expecting_error(
